@@ -1,0 +1,40 @@
+"""Frame constants and the one preprocessing function shared by every loader and by evaluation.
+
+DALI and the plain-PyTorch path both hand decoded uint8 frames to `to_model_input`, so the two
+backends cannot drift apart: a test holds them against each other and against PIL.
+"""
+from __future__ import annotations
+
+import torch
+
+FRAME_HEIGHT = 210
+FRAME_WIDTH = 160
+GRID = (7, 5)          # latent code grid (rows, cols) for a 210 x 160 frame
+CODEBOOK_SIZE = 256
+
+# ITU-R 601 luma in PIL's fixed-point form: L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16.
+# Using PIL's exact integer arithmetic (not float 0.299/0.587/0.114) makes the gray frames
+# bit-identical to Image.convert("L"), on any device.
+_LUMA_WEIGHTS = (19595, 38470, 7471)
+
+
+def rgb_to_gray_uint8(rgb: torch.Tensor) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> (..., H, W, 1) uint8, identical to PIL's convert("L")."""
+    weights = torch.tensor(_LUMA_WEIGHTS, dtype=torch.int32, device=rgb.device)
+    luma = (rgb.to(torch.int32) * weights).sum(dim=-1, keepdim=True)
+    return ((luma + 0x8000) >> 16).to(torch.uint8)
+
+
+def to_model_input(frames: torch.Tensor, grayscale: bool = True) -> torch.Tensor:
+    """Decoded frames (..., H, W, 3) uint8 (HWC, as decoders give them) -> float32 (..., C, H, W) in [0, 1].
+
+    Runs wherever `frames` lives: on the GPU the conversion and normalisation happen on the device.
+    A (..., H, W, 1) input is taken as already gray.
+    """
+    if frames.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 frames, got {frames.dtype}")
+    if grayscale and frames.shape[-1] == 3:
+        frames = rgb_to_gray_uint8(frames)
+    elif not grayscale and frames.shape[-1] != 3:
+        raise ValueError(f"RGB output asked for, but frames have {frames.shape[-1]} channel(s)")
+    return frames.movedim(-1, -3).to(torch.float32).div_(255.0)

@@ -1,0 +1,247 @@
+"""Tar shards in webdataset layout: reproducible, atomic writing with a DALI index beside each tar,
+random access through that index, manifests, and atomic small-file writes.
+
+Shared by pack.py (pair shards), extract.py (latent shards) and the loaders, so every stage writes
+and reads shards the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.errors import UserError
+
+INDEX_VERSION = "v1.2"      # the format DALI's wds2idx writes and fn.readers.webdataset reads
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """'00003_000012.cur.png' -> ('00003_000012', 'cur.png'): webdataset and DALI split at the first dot."""
+    base = name.rsplit("/", 1)[-1]
+    dot = base.find(".")
+    if dot <= 0:
+        raise ValueError(f"tar member {name!r} has no extension")
+    prefix = name[: len(name) - len(base)]
+    return prefix + base[:dot], base[dot + 1:]
+
+
+# --------------------------------------------------------------------------------------- writing
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_path_for(path: Path) -> Path:
+    """A hidden sibling name: never matched by `*.tar` globs, so a half-written file never looks complete."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+@dataclass
+class WrittenShard:
+    tar: Path
+    index: Path
+    samples: int
+    sha256: str
+
+
+class TarShardWriter:
+    """Writes one webdataset tar byte-for-byte reproducibly (fixed mtime, owner, mode, member order)
+    under a temp name, and its `.idx` alongside; `close()` renames both into place (index first,
+    tar last), so a crash at any point leaves no tar that looks complete.
+
+        with TarShardWriter(Path("out/pairs-000000.tar")) as w:
+            w.add("00000_000000", {"cur.png": b"...", "next.png": b"...", "json": b"{...}"})
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = temp_path_for(self.path)
+        self._file = open(self._tmp, "wb")
+        self._hash = hashlib.sha256()
+        self._tar = tarfile.open(fileobj=_HashingWriter(self._file, self._hash), mode="w",
+                                 format=tarfile.USTAR_FORMAT)
+        self._index_lines: list[str] = []
+        self.samples = 0
+        self.result: WrittenShard | None = None
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        if "." in key or "/" in key or not key:
+            raise ValueError(f"sample key {key!r} must be non-empty and contain no dot or slash")
+        parts = []
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            header = info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors)
+            data_offset = self._tar.offset + len(header)
+            self._tar.addfile(info, io.BytesIO(data))
+            parts.append(f"{ext} {data_offset} {len(data)} {info.name}")
+        self._index_lines.append(" ".join(parts))
+        self.samples += 1
+
+    def close(self) -> WrittenShard:
+        if self.result is not None:
+            return self.result
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        index_path = self.path.with_suffix(".idx")
+        atomic_write_bytes(index_path, self.index_text().encode())
+        os.replace(self._tmp, self.path)
+        fsync_dir(self.path.parent)
+        self.result = WrittenShard(self.path, index_path, self.samples, self._hash.hexdigest())
+        return self.result
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def index_text(self) -> str:
+        return f"{INDEX_VERSION} {len(self._index_lines)}\n" + "".join(line + "\n" for line in self._index_lines)
+
+    def __enter__(self) -> "TarShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class _HashingWriter:
+    """File wrapper that hashes what passes through, so a shard's sha256 costs no second read."""
+
+    def __init__(self, file, digest):
+        self._file, self._digest = file, digest
+
+    def write(self, data: bytes) -> int:
+        self._digest.update(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
+# --------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class IndexedSample:
+    key: str
+    members: dict[str, tuple[int, int]]     # ext -> (byte offset of the data, size)
+
+
+def read_index(index_path: Path) -> list[IndexedSample]:
+    """Parse a `.idx` in wds2idx's v1.2 format (`ext offset size name` per member, one sample a line)."""
+    index_path = Path(index_path)
+    if not index_path.is_file():
+        raise UserError(f"{index_path}: shard index is missing (run `wds2idx` on its tar, or re-pack)")
+    lines = index_path.read_text().splitlines()
+    try:
+        version, count = lines[0].split()
+        if version != INDEX_VERSION or int(count) != len(lines) - 1:
+            raise ValueError
+        samples = []
+        for line in lines[1:]:
+            fields = line.split()
+            members, key = {}, None
+            for i in range(0, len(fields), 4):
+                ext, offset, size, name = fields[i:i + 4]
+                key = split_member_name(name)[0]
+                members[ext] = (int(offset), int(size))
+            samples.append(IndexedSample(key, members))
+    except (ValueError, IndexError):
+        raise UserError(f"{index_path}: not a {INDEX_VERSION} webdataset index") from None
+    return samples
+
+
+def read_member(tar_path: Path, offset: int, size: int) -> bytes:
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise UserError(f"{tar_path}: truncated (member at byte {offset} runs past the end)")
+    return data
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(shard_dir: Path, expected_format: str) -> dict:
+    """Read `<shard_dir>/manifest.json`, with one clear error for a missing, unreadable or foreign manifest."""
+    path = Path(shard_dir) / "manifest.json"
+    if not Path(shard_dir).is_dir():
+        raise UserError(f"{shard_dir}: shard directory not found")
+    if not path.is_file():
+        raise UserError(f"{path}: manifest not found (is {shard_dir} a finished shard directory?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: unreadable manifest ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{path}: format is {found!r}, expected {expected_format!r}")
+    return manifest
+
+
+def split_shards(shard_dir: Path, manifest: dict, split: str) -> list[dict]:
+    """The manifest's shard entries for `split`, with `tar`/`idx` resolved to paths that exist."""
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise UserError(f"{Path(shard_dir) / 'manifest.json'}: no split {split!r} (has {', '.join(splits) or 'none'})")
+    entries = []
+    for shard in splits[split]["shards"]:
+        tar, index = Path(shard_dir) / shard["file"], Path(shard_dir) / shard["index"]
+        if not tar.is_file():
+            raise UserError(f"{tar}: shard listed in the manifest is missing")
+        if not index.is_file():
+            raise UserError(f"{index}: shard index listed in the manifest is missing")
+        entries.append({**shard, "tar": tar, "idx": index})
+    return entries
+
+
+def iter_samples(tar_path: Path, index_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every sample of one shard in order, as (key, {ext: bytes}), read through its index."""
+    samples = read_index(index_path)
+    with open(tar_path, "rb") as f:
+        for sample in samples:
+            members = {}
+            for ext, (offset, size) in sample.members.items():
+                f.seek(offset)
+                members[ext] = f.read(size)
+                if len(members[ext]) != size:
+                    raise UserError(f"{tar_path}: truncated at sample {sample.key}")
+            yield sample.key, members

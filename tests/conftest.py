@@ -1,0 +1,51 @@
+"""Shared test data, made by the tests themselves: a few short real ALE Breakout episodes, packed
+into pair shards, and a `tiny` model trained on them. Session-scoped, so each is built once."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+TEST_EPISODES = 6
+TEST_MAX_STEPS = 48
+TEST_PAIRS_PER_SHARD = 16
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory) -> Path:
+    """`bulk_videos/` with TEST_EPISODES real Breakout episodes (PNG frames + meta.jsonl)."""
+    from pipeline.record import record
+
+    out = tmp_path_factory.mktemp("recorded") / "bulk_videos"
+    record(out, episodes=TEST_EPISODES, max_steps=TEST_MAX_STEPS, seed=0, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pair_shards(videos, tmp_path_factory) -> Path:
+    """`shards/pairs/` packed from `videos` (several shards per split, with .idx and manifest.json)."""
+    from pipeline.pack import pack
+
+    out = tmp_path_factory.mktemp("shards") / "pairs"
+    pack(videos, out, seed=0, pairs_per_shard=TEST_PAIRS_PER_SHARD, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(pair_shards, tmp_path_factory) -> Path:
+    """A `tiny` model trained 20 steps on `pair_shards`; returns the path of step-000020.pt."""
+    import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    code = train.main(["--shards", str(pair_shards), "--preset", "tiny", "--out", str(root / "ckpt"),
+                       "--run-dir", str(root / "run"), "--iters", "20", "--no-compile",
+                       "--wandb", "disabled", "--set", "ckpt_every=10"])
+    assert code == 0
+    return root / "ckpt" / "step-000020.pt"
