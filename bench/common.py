@@ -1,0 +1,82 @@
+"""What every benchmark shares: the machine description, a recorded Breakout set and its pair shards
+(made once under bench/out/ and reused), and peak-memory measurement in a child process."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_OUT = ROOT / "bench" / "out"
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{os.cpu_count()} CPU cores ({cpu}), {mem_gb:.0f} GiB RAM, {gpu}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def recorded_videos(episodes: int = 16, max_steps: int = 400, seed: int = 0) -> Path:
+    """A real Breakout recording for benchmarks, made once and reused (keyed by its size and seed)."""
+    from pipeline.record import record
+
+    out = BENCH_OUT / f"videos-e{episodes}-s{max_steps}-seed{seed}"
+    done = out / ".complete"
+    if not done.exists():
+        record(out, episodes=episodes, max_steps=max_steps, seed=seed, workers=os.cpu_count() or 1)
+        done.touch()
+    return out
+
+
+def pair_shards(videos: Path, pairs_per_shard: int = 1000) -> Path:
+    """Pair shards packed from `videos`, made once and reused."""
+    from pipeline.pack import pack
+
+    out = videos.with_name(videos.name + f"-pairs{pairs_per_shard}")
+    if not (out / "manifest.json").exists():
+        pack(videos, out, pairs_per_shard=pairs_per_shard, workers=os.cpu_count() or 1)
+    return out
+
+
+def run_child(code: str, timeout: float = 1800) -> dict:
+    """Run `code` in a fresh Python so its peak memory is its own; it must print one JSON dict as its
+    last line. Returns that dict with `peak_rss_mb` (the child's ru_maxrss) added."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # RUSAGE_CHILDREN keeps the maximum over all children so far; a child that peaks lower than an
+    # earlier one would be hidden, so each child also reports its own peak (see child_peak_rss_mb).
+    result.setdefault("peak_rss_mb", max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024)
+    return result
+
+
+CHILD_PEAK_RSS = (
+    "import resource as _r\n"
+    "def child_peak_rss_mb():\n"
+    "    # this process plus its own finished children (DataLoader workers, pool processes)\n"
+    "    return (_r.getrusage(_r.RUSAGE_SELF).ru_maxrss + _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss) / 1024\n"
+)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
