@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -54,25 +53,21 @@ def pair_shards(videos: Path, pairs_per_shard: int = 1000) -> Path:
 
 
 def run_child(code: str, timeout: float = 1800) -> dict:
-    """Run `code` in a fresh Python so its peak memory is its own; it must print one JSON dict as its
-    last line. Returns that dict with `peak_rss_mb` (the child's ru_maxrss) added."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    """Run `code` in a fresh Python so that its memory peak is its own. `code` may call
+    `child_peak_rss_mb()` (defined for it) and must print one JSON dict as its last line."""
+    proc = subprocess.run([sys.executable, "-c", CHILD_PRELUDE + code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    # RUSAGE_CHILDREN keeps the maximum over all children so far; a child that peaks lower than an
-    # earlier one would be hidden, so each child also reports its own peak (see child_peak_rss_mb).
-    result.setdefault("peak_rss_mb", max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024)
-    return result
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-CHILD_PEAK_RSS = (
-    "import resource as _r\n"
+CHILD_PRELUDE = (
+    "import resource as _resource\n"
     "def child_peak_rss_mb():\n"
-    "    # this process plus its own finished children (DataLoader workers, pool processes)\n"
-    "    return (_r.getrusage(_r.RUSAGE_SELF).ru_maxrss + _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss) / 1024\n"
+    "    # peak of this process plus the peak of its largest finished child (DataLoader workers)\n"
+    "    return (_resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss\n"
+    "            + _resource.getrusage(_resource.RUSAGE_CHILDREN).ru_maxrss) / 1024\n"
 )
 
 
