@@ -5,7 +5,10 @@ backends cannot drift apart: a test holds them against each other and against PI
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:      # torch is imported where it is used: the packer needs only the constants
+    import torch
 
 FRAME_HEIGHT = 210
 FRAME_WIDTH = 160
@@ -20,6 +23,8 @@ _LUMA_WEIGHTS = (19595, 38470, 7471)
 
 def rgb_to_gray_uint8(rgb: torch.Tensor) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> (..., H, W, 1) uint8, identical to PIL's convert("L")."""
+    import torch
+
     weights = torch.tensor(_LUMA_WEIGHTS, dtype=torch.int32, device=rgb.device)
     luma = (rgb.to(torch.int32) * weights).sum(dim=-1, keepdim=True)
     return ((luma + 0x8000) >> 16).to(torch.uint8)
@@ -31,6 +36,8 @@ def to_model_input(frames: torch.Tensor, grayscale: bool = True) -> torch.Tensor
     Runs wherever `frames` lives: on the GPU the conversion and normalisation happen on the device.
     A (..., H, W, 1) input is taken as already gray.
     """
+    import torch
+
     if frames.dtype != torch.uint8:
         raise TypeError(f"expected uint8 frames, got {frames.dtype}")
     if grayscale and frames.shape[-1] == 3:

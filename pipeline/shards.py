@@ -7,7 +7,6 @@ and reads shards the same way.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -83,8 +82,8 @@ class TarShardWriter:
         self._tmp = temp_path_for(self.path)
         self._file = open(self._tmp, "wb")
         self._hash = hashlib.sha256()
-        self._tar = tarfile.open(fileobj=_HashingWriter(self._file, self._hash), mode="w",
-                                 format=tarfile.USTAR_FORMAT)
+        self._out = _HashingWriter(self._file, self._hash)
+        self._offset = 0
         self._index_lines: list[str] = []
         self.samples = 0
         self.result: WrittenShard | None = None
@@ -94,23 +93,23 @@ class TarShardWriter:
             raise ValueError(f"sample key {key!r} must be non-empty and contain no dot or slash")
         parts = []
         for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            header = info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors)
-            data_offset = self._tar.offset + len(header)
-            self._tar.addfile(info, io.BytesIO(data))
-            parts.append(f"{ext} {data_offset} {len(data)} {info.name}")
+            name = f"{key}.{ext}"
+            header = member_header(name, len(data))
+            padding = -len(data) % tarfile.BLOCKSIZE
+            self._out.write(header)
+            self._out.write(data)
+            self._out.write(tarfile.NUL * padding)
+            parts.append(f"{ext} {self._offset + len(header)} {len(data)} {name}")
+            self._offset += len(header) + len(data) + padding
         self._index_lines.append(" ".join(parts))
         self.samples += 1
 
     def close(self) -> WrittenShard:
         if self.result is not None:
             return self.result
-        self._tar.close()
+        # End of archive as tarfile writes it: two zero blocks, then zeros up to a whole record.
+        end = self._offset + 2 * tarfile.BLOCKSIZE
+        self._out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -138,6 +137,36 @@ class TarShardWriter:
             self.abort()
 
 
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _blank_header() -> bytearray:
+    header = bytearray(_tarinfo("", 0).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+    header[148:156] = b" " * 8          # the checksum is summed over the header with this field blank
+    return header
+
+
+_BLANK_HEADER = _blank_header()
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The ustar header tarfile writes for a regular file with mtime 0, mode 0644 and owner 0, built
+    from a template: tarfile's generic builder (TarInfo.tobuf) is most of the cost of a small sample."""
+    encoded = name.encode(tarfile.ENCODING, "surrogateescape")
+    if len(encoded) > 100 or size >= 8 ** 11:      # needs a name prefix or a large size field
+        return _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+    header = bytearray(_BLANK_HEADER)
+    header[:len(encoded)] = encoded
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
 class _HashingWriter:
     """File wrapper that hashes what passes through, so a shard's sha256 costs no second read."""
 
@@ -147,9 +176,6 @@ class _HashingWriter:
     def write(self, data: bytes) -> int:
         self._digest.update(data)
         return self._file.write(data)
-
-    def tell(self) -> int:
-        return self._file.tell()
 
 
 # --------------------------------------------------------------------------------------- reading
