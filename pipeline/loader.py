@@ -1,0 +1,352 @@
+"""Training/extraction loader over pair shards: `build_loader(...)` (DESIGN.md, "Loader").
+
+    loader = build_loader("shards/pairs", "train", 32, backend="dali", device="cuda")
+    for batch in loader:                       # one pass is one epoch
+        batch["cur"], batch["next"]            # float32 (B, C, 210, 160) in [0, 1] on the device
+
+How it works, shared by both backends (they differ only in the decoder, pipeline/frame_decoders.py):
+
+- Index (pipeline/pair_index.py): every pair of the split and every unique frame, from the `.idx`
+  files. A frame appears in two pairs (t-1, t) and (t, t+1) but has one frame id.
+- Sampling (EpochSchedule): epoch e visits the split in a fresh permutation drawn from (seed, e) over
+  the whole split, so a batch mixes episodes; shuffle=False keeps manifest order. Each DDP rank takes
+  a contiguous slice of that order; with drop_last every rank gets the same number of batches.
+- Frames: if the split's unique frames fit `cache_budget_gb` (uint8, gray frames take a third of RGB),
+  the first pass decodes each unique frame exactly once into a cache on the device and every batch
+  afterwards is a gather from it; otherwise each batch decodes its unique frames (in-order batches
+  share frames, so an in-order pass decodes about one frame per pair). Either way the batch is the
+  same (frames are decoded losslessly), and `frames.to_model_input` makes the model input.
+- DDP: each rank caches the whole split, not its share, because the permutation, and so the share,
+  changes every epoch; the budget is per rank.
+- Batches are made in a background thread (BackgroundIterator), `prefetch` ahead of the consumer.
+- State: (epoch, batches already yielded in it). A loader that loads a state yields on its next pass
+  exactly what the saved loader would have yielded next; any other pass starts at an epoch boundary
+  (a pass left half-way counts as a finished epoch).
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from pipeline.frame_decoders import DaliFrameDecoder, FrameDecoder, PilFrameDecoder, default_threads
+from pipeline.frames import rgb_to_gray_uint8, to_model_input
+from pipeline.pair_index import PairIndex, build_pair_index
+
+BACKENDS = ("dali", "torch")
+STATE_FORMAT = "lam-loader/1"
+DEFAULT_CACHE_BUDGET_GB = 4.0
+CACHE_FILL_FRAMES = 128          # frames per decoder job while filling the cache
+GRAY_FRAMES_PER_STEP = 2         # see PairLoader._kept
+
+
+@dataclass(frozen=True)
+class EpochSchedule:
+    """Which pairs this rank gets, in which batches, in every epoch: pure function of its fields."""
+
+    num_pairs: int
+    batch_size: int
+    shuffle: bool
+    seed: int
+    rank: int
+    world_size: int
+    drop_last: bool
+
+    def pair_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_pairs)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
+
+    def _share_bounds(self) -> tuple[int, int]:
+        if self.drop_last:       # equal shares, so every DDP rank steps the same number of times
+            share = self.num_pairs // self.world_size
+            return self.rank * share, self.rank * share + self.batches_per_epoch * self.batch_size
+        base, extra = divmod(self.num_pairs, self.world_size)     # np.array_split's sizes
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        if self.drop_last:
+            return (self.num_pairs // self.world_size) // self.batch_size
+        start, end = self._share_bounds()
+        return math.ceil((end - start) / self.batch_size)
+
+    def batches(self, epoch: int, start: int = 0) -> list[np.ndarray]:
+        """Pair ids of this rank's batches `start`, `start`+1, ... of `epoch`."""
+        first, last = self._share_bounds()
+        share = self.pair_order(epoch)[first:last]
+        size = self.batch_size
+        return [share[i * size:(i + 1) * size] for i in range(start, self.batches_per_epoch)]
+
+
+class PairLoader:
+    """Iterable over batches of pairs; see the module docstring. Built by `build_loader`."""
+
+    def __init__(self, index: PairIndex, schedule: EpochSchedule, decoder: FrameDecoder, *,
+                 grayscale: bool, device: torch.device, with_keys: bool, cache: bool, prefetch: int = 2):
+        self.index, self.schedule, self.decoder, self.prefetch = index, schedule, decoder, prefetch
+        self.grayscale, self.device, self.with_keys = grayscale, device, with_keys
+        self.cached = cache
+        self._cache: torch.Tensor | None = None
+        self._epoch, self._batch = 0, 0          # the next batch to yield
+        self._resume_pending = False
+        self._assembling: BackgroundIterator | None = None
+        self._cur_frame = torch.from_numpy(index.cur).to(device)
+        self._next_frame = torch.from_numpy(index.next).to(device)
+
+    # ------------------------------------------------------------------------------- public
+    def __len__(self) -> int:
+        return self.schedule.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory the decoded-frame cache takes (or would take) on the device."""
+        return self.index.num_frames * self.index.height * self.index.width * self.channels
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.grayscale else 3
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._assembling is not None:         # a pass still open elsewhere shares the decoder: end it
+            self._assembling.close()
+        epoch, start = self._begin_pass()
+        batches = self.schedule.batches(epoch, start)
+        assembled = self._assembling = BackgroundIterator(lambda: self._model_inputs(batches),
+                                                          depth=self.prefetch, device=self.device)
+        try:
+            for number, batch in enumerate(assembled, start + 1):
+                # the position moves before the yield: a state taken while the caller holds this
+                # batch already counts it as consumed
+                self._epoch, self._batch = (epoch + 1, 0) if number == len(self) else (epoch, number)
+                yield batch
+        finally:
+            assembled.close()
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "epoch": self._epoch, "batch": self._batch, **asdict(self.schedule)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise UserError(f"loader state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        mine = asdict(self.schedule)
+        # rank may differ: in DDP every rank loads the state rank 0 saved, and all ranks stand at
+        # the same batch number
+        different = [f"{name} {state.get(name)!r} != {mine[name]!r}" for name in mine
+                     if name != "rank" and state.get(name) != mine[name]]
+        if different:
+            raise UserError("loader state was saved by a differently built loader: " + ", ".join(different))
+        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+        self._resume_pending = True
+
+    # ------------------------------------------------------------------------------ internals
+    def _begin_pass(self) -> tuple[int, int]:
+        if self._resume_pending:
+            self._resume_pending = False
+        elif self._batch:                        # the last pass stopped half-way: next epoch
+            self._epoch, self._batch = self._epoch + 1, 0
+        return self._epoch, self._batch
+
+    def _model_inputs(self, batches: Sequence[np.ndarray]) -> Iterator[dict]:
+        """The batches of this pass, as the model takes them (runs in the BackgroundIterator's thread)."""
+        frame_batches = self._cached_frames(batches) if self.cached else self._streamed_frames(batches)
+        try:
+            for pairs, (cur, nxt) in zip(batches, frame_batches):
+                batch = {"cur": to_model_input(cur, self.grayscale), "next": to_model_input(nxt, self.grayscale)}
+                if self.with_keys:
+                    batch["key"] = [self.index.keys[pair] for pair in pairs]
+                yield batch
+        finally:
+            frame_batches.close()
+
+    def _kept(self, frames: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoded RGB -> the form the loader keeps: gray is reduced once, by the same function
+        to_model_input would apply, so keeping gray frames changes nothing but memory."""
+        if not self.grayscale:
+            return frames if out is None else out.copy_(frames)
+        if out is None:
+            out = torch.empty((*frames.shape[:-1], 1), dtype=torch.uint8, device=frames.device)
+        # On the CPU a few frames at a time: the reduction's int32 temporaries then stay small
+        # enough for malloc to reuse, where whole-batch temporaries fragment the heap (+300 MB RSS).
+        step = GRAY_FRAMES_PER_STEP if frames.device.type == "cpu" else max(1, len(frames))
+        for start in range(0, len(frames), step):
+            out[start:start + step] = rgb_to_gray_uint8(frames[start:start + step])
+        return out
+
+    def _cached_frames(self, batches: Sequence[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._cache is None and batches:
+            self._cache = self._fill_cache()
+        for pairs in batches:
+            pairs = torch.from_numpy(pairs).to(self.device)
+            yield self._cache[self._cur_frame[pairs]], self._cache[self._next_frame[pairs]]
+
+    def _fill_cache(self) -> torch.Tensor:
+        """Decode every unique frame of the split once, in big multi-threaded jobs."""
+        index = self.index
+        cache = torch.empty((index.num_frames, index.height, index.width, self.channels),
+                            dtype=torch.uint8, device=self.device)
+        jobs = [np.arange(start, min(start + CACHE_FILL_FRAMES, index.num_frames))
+                for start in range(0, index.num_frames, CACHE_FILL_FRAMES)]
+        decoded = self.decoder.decode(jobs)
+        try:
+            for job, frames in zip(jobs, decoded):
+                self._kept(frames, out=cache[job[0]:job[-1] + 1])
+        finally:
+            decoded.close()
+            self.decoder.close()                 # never needed again: free its threads and buffers
+        return cache
+
+    def _streamed_frames(self, batches: Sequence[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # each batch decodes its unique frames once; `where` maps cur then next back into them
+        plans = [np.unique(np.concatenate([self.index.cur[pairs], self.index.next[pairs]]), return_inverse=True)
+                 for pairs in batches]
+        decoded = self.decoder.decode([unique for unique, _ in plans])
+        try:
+            for (_, where), frames in zip(plans, decoded):
+                frames = self._kept(frames)
+                where = torch.from_numpy(where.reshape(2, -1)).to(self.device)
+                yield frames[where[0]], frames[where[1]]
+        finally:
+            decoded.close()
+
+
+class BackgroundIterator:
+    """Runs an iterator in a thread of its own, up to `depth` items ahead of the consumer.
+
+    Like DataLoader's pin-memory thread, the thread uses one intra-op thread: the loader's tensor
+    work is small memory-bound ops, which gain nothing from threads, and on a busy box torch's
+    thread team waits on descheduled members (measured 7x slower on the shared 2-core box). It
+    also overlaps loading with the consumer's own work. On a GPU each batch is complete before it
+    is handed over, so the consumer may use it on any stream.
+    """
+
+    def __init__(self, make_items: Callable[[], Iterator], *, depth: int, device: torch.device):
+        # set_num_threads(1) in the thread also becomes the default of threads that have not used
+        # torch yet: make sure the caller's thread has settled its own count first
+        torch.get_num_threads()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(make_items, device),
+                                        name="pair-loader", daemon=True)
+        self._thread.start()
+
+    def _produce(self, make_items: Callable[[], Iterator], device: torch.device) -> None:
+        torch.set_num_threads(1)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        items = None
+        try:
+            items = make_items()
+            for item in items:
+                if device.type == "cuda":
+                    torch.cuda.current_stream(device).synchronize()
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as error:          # handed to the consumer, raised there
+            self._put(("error", error))
+        finally:
+            if items is not None:
+                items.close()                     # frees decoder threads/workers now, in this thread
+
+    def _put(self, entry: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self) -> Iterator:
+        while True:
+            try:
+                kind, value = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set() or (not self._thread.is_alive() and self._queue.empty()):
+                    return                        # closed (a newer pass took over)
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+    def close(self) -> None:
+        """Stop the thread and wait for it (it finishes the item in hand first)."""
+        self._stop.set()
+        self._thread.join()
+
+
+def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: bool = True,
+                 shuffle: bool = True, seed: int = 0, backend: str = "dali", device: str | torch.device | None = None,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True, with_keys: bool = False,
+                 cache: bool | None = None, cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB,
+                 threads: int | None = None, prefetch: int = 2) -> PairLoader:
+    """Loader over `<shards>/<split>` pair shards (DESIGN.md, "Loader").
+
+    Extra tuning:
+      cache            None (default): cache decoded frames when they fit `cache_budget_gb`;
+                       True: always; False: never (decode per batch).
+      cache_budget_gb  device memory the cache may take, per rank (default 4 GiB; a frame takes
+                       210*160 bytes gray, three times that RGB).
+      threads          DALI decoding threads, or torch DataLoader workers (default: CPU count, at most 8).
+      prefetch         batches made ahead of the consumer (and decoder jobs in flight ahead of those).
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"unknown loader backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is outside world_size {world_size}")
+    if seed < 0:
+        raise UserError(f"seed must be non-negative, got {seed}")
+    device = resolve_device(device)
+    index = build_pair_index(Path(shards), split)
+    schedule = EpochSchedule(num_pairs=index.num_pairs, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                             rank=rank, world_size=world_size, drop_last=drop_last)
+    threads = threads or default_threads()
+    if backend == "dali":
+        _require_dali()
+        decoder = DaliFrameDecoder(index, device, max_frames=max(2 * batch_size, CACHE_FILL_FRAMES),
+                                   threads=threads, prefetch=prefetch)
+    else:
+        decoder = PilFrameDecoder(index, device, workers=threads, prefetch=prefetch)
+    cache_bytes = index.num_frames * index.height * index.width * (1 if grayscale else 3)
+    use_cache = cache if cache is not None else cache_bytes <= cache_budget_gb * 2**30
+    return PairLoader(index, schedule, decoder, grayscale=grayscale, device=device, with_keys=with_keys,
+                      cache=use_cache, prefetch=prefetch)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' asked for, but torch sees no GPU (use device='cpu')")
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"device {device} is not supported; use 'cuda' or 'cpu'")
+    if device.type == "cuda" and device.index is None:
+        # pin the caller's current GPU (its DDP rank's): the loader's thread would otherwise see GPU 0
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _require_dali() -> None:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        raise UserError("backend 'dali' needs NVIDIA DALI (pip install nvidia-dali-cuda130), "
+                        "or use backend='torch'") from None

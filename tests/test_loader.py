@@ -1,0 +1,271 @@
+"""pipeline/loader.py: both backends against a PIL reference read straight from the tars, sampling
+(every pair once, episode mixing, DDP shares), exact resume, cache on == cache off, and clear errors.
+Real DALI and real DataLoader workers throughout; the shards are the session's `pair_shards`."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.errors import UserError
+from pipeline.loader import build_loader
+from pipeline.shards import read_index
+
+BACKENDS = ["dali", "torch"]
+
+
+# ------------------------------------------------------------------------------------- helpers
+def load(shards, split="train", batch_size=16, **options):
+    options = {"device": "cpu", "threads": 2, **options}
+    return build_loader(shards, split, batch_size, **options)
+
+
+def take(loader, count=None) -> list[dict]:
+    """Batches (copied, so later batches cannot alias them) from a fresh pass over `loader`."""
+    batches = []
+    for batch in loader:
+        batches.append({name: value.clone() if torch.is_tensor(value) else value for name, value in batch.items()})
+        if count is not None and len(batches) == count:
+            break
+    return batches
+
+
+def assert_same_batches(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a["key"] == b["key"]
+        assert torch.equal(a["cur"], b["cur"]) and torch.equal(a["next"], b["next"])
+
+
+def split_pairs_from_tars(shards: Path, split: str) -> list[tuple[str, bytes, bytes]]:
+    """(key, cur.png, next.png) of every pair in manifest order, read with tarfile: independent of the loader."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    pairs = []
+    for shard in manifest["splits"][split]["shards"]:
+        with tarfile.open(shards / shard["file"]) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        keys = list(dict.fromkeys(name.split(".", 1)[0] for name in members))      # tar order
+        pairs += [(key, members[f"{key}.cur.png"], members[f"{key}.next.png"]) for key in keys]
+    return pairs
+
+
+def pil_reference(pngs: list[bytes], grayscale: bool) -> torch.Tensor:
+    """PIL's convert("L"/"RGB") / 255 as (N, C, H, W), built in one go (many tiny torch ops are slow
+    on a busy 2-core box)."""
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("L" if grayscale else "RGB")) for png in pngs])
+    tensor = torch.from_numpy(pixels).float() / 255
+    return tensor[:, None] if grayscale else tensor.permute(0, 3, 1, 2)
+
+
+def episode_of(key: str) -> str:
+    return key.rsplit("_", 1)[0]
+
+
+def mean_distinct_episodes(batches: list[dict]) -> float:
+    return float(np.mean([len({episode_of(key) for key in batch["key"]}) for batch in batches]))
+
+
+# ------------------------------------------------------------------------------ pixels and order
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grayscale", [True, False], ids=["gray", "rgb"])
+def test_in_order_pass_matches_pil_reference(pair_shards, backend, grayscale):
+    """The extraction walk (shuffle=False, drop_last=False, keys): every pair, in manifest order,
+    bit-identical to PIL's convert("L"/"RGB") / 255, shaped (B, C, 210, 160) float32."""
+    expected = split_pairs_from_tars(pair_shards, "val")
+    loader = load(pair_shards, "val", batch_size=16, backend=backend, grayscale=grayscale,
+                  shuffle=False, drop_last=False, with_keys=True)
+    batches = take(loader)
+    assert len(batches) == len(loader) == -(-len(expected) // 16)
+    assert [key for batch in batches for key in batch["key"]] == [key for key, _, _ in expected]
+    channels = 1 if grayscale else 3
+    cur = torch.cat([batch["cur"] for batch in batches])
+    nxt = torch.cat([batch["next"] for batch in batches])
+    assert cur.dtype == torch.float32 and cur.shape == (len(expected), channels, 210, 160)
+    assert torch.equal(cur, pil_reference([png for _, png, _ in expected], grayscale))
+    assert torch.equal(nxt, pil_reference([png for _, _, png in expected], grayscale))
+
+
+def test_every_pair_once_per_epoch_in_a_fresh_order(pair_shards):
+    all_keys = sorted(key for key, _, _ in split_pairs_from_tars(pair_shards, "train"))
+    loader = load(pair_shards, batch_size=16, backend="torch", drop_last=False, with_keys=True)
+    epochs = [[key for batch in take(loader) for key in batch["key"]] for _ in range(2)]
+    for keys in epochs:
+        assert sorted(keys) == all_keys
+    assert epochs[0] != epochs[1]
+
+    dropping = load(pair_shards, batch_size=16, backend="torch", drop_last=True, with_keys=True)
+    keys = [key for batch in take(dropping) for key in batch["key"]]
+    assert len(dropping) == len(all_keys) // 16 and len(keys) == len(dropping) * 16
+    assert len(set(keys)) == len(keys) and set(keys) <= set(all_keys)
+
+
+def test_shuffle_mixes_episodes(pair_shards):
+    """Shards hold episodes in order, so reading them in order puts one or two episodes in a batch;
+    the global permutation draws a batch from all of them."""
+    episodes = len({episode_of(key) for key, _, _ in split_pairs_from_tars(pair_shards, "train")})
+    shuffled = take(load(pair_shards, batch_size=32, backend="torch", with_keys=True))
+    in_order = take(load(pair_shards, batch_size=32, backend="torch", with_keys=True, shuffle=False))
+    assert mean_distinct_episodes(in_order) < 2.0
+    assert mean_distinct_episodes(shuffled) >= min(episodes, 32) - 1
+    assert mean_distinct_episodes(shuffled) >= 1.5 * mean_distinct_episodes(in_order)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_shares_are_disjoint_and_complete(pair_shards, world_size):
+    all_keys = sorted(key for key, _, _ in split_pairs_from_tars(pair_shards, "train"))
+    ranks = range(world_size)
+    complete = [load(pair_shards, backend="dali", rank=r, world_size=world_size, drop_last=False, with_keys=True)
+                for r in ranks]
+    equal = [load(pair_shards, backend="dali", rank=r, world_size=world_size, drop_last=True, with_keys=True)
+             for r in ranks]
+    assert len({len(loader) for loader in equal}) == 1              # DDP needs the same step count
+    for _ in range(2):                                               # shares are re-drawn every epoch
+        shares = [[key for batch in take(loader) for key in batch["key"]] for loader in complete]
+        assert sorted(key for share in shares for key in share) == all_keys
+        shares = [[key for batch in take(loader) for key in batch["key"]] for loader in equal]
+        flat = [key for share in shares for key in share]
+        assert len(flat) == len(set(flat)) == len(equal[0]) * 16 * world_size
+
+
+# ------------------------------------------------------------------------------------ resume
+def forever(loader):
+    """Epoch after epoch, as train.py walks its loader."""
+    while True:
+        yield from loader
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["mid-epoch", "epoch-end", "next-epoch"])
+def test_resume_yields_what_the_uninterrupted_loader_would(pair_shards, backend, where):
+    options = dict(split="val", batch_size=8, backend=backend, seed=7, with_keys=True)   # val: small and quick
+    reference = load(pair_shards, **options)
+    per_epoch = len(reference)
+    uninterrupted = take(reference) + take(reference)                # epochs 0 and 1
+    stop = {"mid-epoch": per_epoch // 2, "epoch-end": per_epoch, "next-epoch": per_epoch + 2}[where]
+
+    interrupted = load(pair_shards, **options)
+    batches = forever(interrupted)
+    for _ in range(stop):
+        next(batches)
+    state = interrupted.state_dict()
+
+    resumed = load(pair_shards, **options)
+    resumed.load_state_dict(state)
+    end_of_epoch = (stop // per_epoch + 1) * per_epoch
+    assert_same_batches(take(resumed), uninterrupted[stop:end_of_epoch])
+    if end_of_epoch == per_epoch:                                    # and the next epoch follows
+        assert_same_batches(take(resumed), uninterrupted[per_epoch:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pass_left_half_way_ends_its_epoch(pair_shards, tmp_path, backend):
+    """train.py's validation stops after a few batches; the next pass starts the next epoch (the
+    decoder, stopped mid-pass, starts afresh), and the state survives torch.load(weights_only=True)."""
+    options = dict(split="val", batch_size=8, backend=backend, with_keys=True, cache=False)
+    reference = load(pair_shards, **options)
+    epochs = [take(reference), take(reference)]
+    loader = load(pair_shards, **options)
+    assert "key" not in next(iter(load(pair_shards, "val", 8, backend="torch")))
+    assert_same_batches(take(loader, 2), epochs[0][:2])
+    torch.save(loader.state_dict(), tmp_path / "state.pt")
+    assert_same_batches(take(loader), epochs[1])
+    resumed = load(pair_shards, **options)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert_same_batches(take(resumed), epochs[0][2:])
+
+
+def test_loading_a_state_from_another_loader_configuration_is_refused(pair_shards):
+    state = load(pair_shards, backend="torch", batch_size=16).state_dict()
+    other = load(pair_shards, backend="torch", batch_size=8)
+    with pytest.raises(UserError, match="batch_size"):
+        other.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------- backends and the cache
+def test_dali_and_torch_backends_give_identical_batches(pair_shards):
+    dali = take(load(pair_shards, backend="dali", seed=3, with_keys=True, drop_last=False))
+    plain = take(load(pair_shards, backend="torch", seed=3, with_keys=True, drop_last=False))
+    assert_same_batches(dali, plain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_on_equals_cache_off(pair_shards, backend):
+    options = dict(split="val", backend=backend, with_keys=True, grayscale=False)
+    cached, streamed = load(pair_shards, cache=True, **options), load(pair_shards, cache=False, **options)
+    assert cached.cached and not streamed.cached
+    for _ in range(2):                     # the first pass fills the cache, the second reads it
+        assert_same_batches(take(cached), take(streamed))
+
+
+def test_cache_follows_the_budget(pair_shards):
+    index_frames = load(pair_shards, backend="torch").index.num_frames
+    assert load(pair_shards, backend="torch").cached                       # small split, default budget
+    assert not load(pair_shards, backend="torch", cache_budget_gb=1e-6).cached
+    # every frame sits in two pairs but is decoded (and cached) once
+    pairs = load(pair_shards, backend="torch").index.num_pairs
+    assert index_frames < 1.2 * pairs
+
+
+# ----------------------------------------------------------------------------------- errors
+@pytest.fixture
+def shard_copy(pair_shards, tmp_path) -> Path:
+    copy = tmp_path / "pairs"
+    shutil.copytree(pair_shards, copy)
+    return copy
+
+
+def first_train_shard(shards: Path) -> dict:
+    return json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+
+
+def test_missing_shard_directory(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path / "nowhere")):
+        load(tmp_path / "nowhere")
+
+
+def test_missing_split(pair_shards):
+    with pytest.raises(UserError, match="no split 'holdout'"):
+        load(pair_shards, "holdout")
+
+
+def test_manifest_of_another_format(shard_copy):
+    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    (shard_copy / "manifest.json").write_text(json.dumps({**manifest, "format": "lam-latent/1"}))
+    with pytest.raises(UserError, match="lam-latent/1"):
+        load(shard_copy)
+
+
+@pytest.mark.parametrize("member", ["file", "index"])
+def test_missing_shard_or_index(shard_copy, member):
+    missing = shard_copy / first_train_shard(shard_copy)[member]
+    missing.unlink()
+    with pytest.raises(UserError, match=str(missing)):
+        load(shard_copy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "stream"])
+@pytest.mark.parametrize("damage", ["zeroed", "flipped-byte"])
+def test_corrupt_png_is_named(shard_copy, backend, cache, damage):
+    shard = first_train_shard(shard_copy)
+    sample = read_index(shard_copy / shard["index"])[3]
+    offset, size = sample.members["next.png"]
+    with open(shard_copy / shard["file"], "r+b") as tar:     # same size, so the index still fits
+        if damage == "zeroed":
+            tar.seek(offset)
+            tar.write(b"\0" * size)
+        else:                                                 # one byte inside the image data
+            tar.seek(offset + size // 2)
+            byte = tar.read(1)[0]
+            tar.seek(offset + size // 2)
+            tar.write(bytes([byte ^ 0x40]))
+    loader = load(shard_copy, backend=backend, cache=cache)
+    with pytest.raises(UserError, match=rf"{shard['file']}: member {sample.key}\.next\.png is not a readable PNG"):
+        take(loader)
