@@ -1,0 +1,337 @@
+"""Evaluate a trained latent action model on one split: metrics.json, report.md and figures.
+
+    python evaluate.py --shards shards/pairs --checkpoint checkpoints/latent_action/best.pt \
+        [--split test] [--out reports/test]
+
+One batched pass over every pair of the split (the project loader, manifest order) scores the
+model's prediction of frame t+1 beside copying frame t and beside decoding random codes, counts code
+use, and detects ball, paddle and bricks in the true and predicted frames (pipeline/events.py).
+Then: codes by gameplay event (NMI), the action probe (pipeline/code_analysis.py; fitted on the train
+split, whose codes come from the latent shards when they were extracted by this checkpoint), figures,
+and the report. `reports/summary.md` puts every split evaluated so far side by side.
+Conventions are DESIGN.md's ("Evaluation"); see pipeline/metrics.py.
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.code_analysis import (ProbeData, action_probe, event_code_analysis, has_action_labels,
+                                    visible_effect)
+from pipeline.errors import UserError, run_cli
+from pipeline.events import Elements, count_events, detect_elements, transition_events
+from pipeline.figures import Example, code_tsne, codebook_histogram, codes_by_event, reconstruction_grid
+from pipeline.inference import CheckpointIdentity, autocast_for, default_backend, load_model
+from pipeline.metrics import ElementMeter, ReconstructionMeter, code_counts, codebook_stats
+from pipeline.pair_index import episode_and_step
+from pipeline.report import write_report, write_summary
+from pipeline.shards import atomic_write_json, load_manifest, read_index, split_shards
+
+PAIRS_FORMAT = "lam-pairs/1"
+LATENT_FORMAT = "lam-latent/1"
+EXAMPLES = 6                   # pairs in the reconstruction grid
+FEATURE_POOL = 10              # frame-t probe features: frames average-pooled 10 x 10 (21 x 16 cells)
+
+
+# ------------------------------------------------------------------------------------ reading
+def read_members(entries: Sequence[dict], exts: Sequence[str], keys: set[str] | None = None) -> dict[str, dict]:
+    """key -> {ext: bytes} of the given members, for every pair (or those in `keys`) of the shards."""
+    out = {}
+    for entry in entries:
+        wanted = [s for s in read_index(entry["idx"]) if keys is None or s.key in keys]
+        with open(entry["tar"], "rb") as tar:
+            for sample in wanted:
+                members = {}
+                for ext in exts:
+                    if ext not in sample.members:
+                        raise UserError(f"{entry['tar']}: sample {sample.key} has no {ext} member")
+                    offset, size = sample.members[ext]
+                    tar.seek(offset)
+                    members[ext] = tar.read(size)
+                out[sample.key] = members
+    return out
+
+
+def read_metas(entries: Sequence[dict]) -> dict[str, dict]:
+    return {key: json.loads(m["json"]) for key, m in read_members(entries, ("json",)).items()}
+
+
+# ------------------------------------------------------------------------------------ the pass
+@dataclass
+class SplitPass:
+    """Everything one pass over the split collects."""
+
+    model: ReconstructionMeter
+    copy: ReconstructionMeter
+    random: ReconstructionMeter
+    model_elements: ElementMeter = field(default_factory=ElementMeter)
+    copy_elements: ElementMeter = field(default_factory=ElementMeter)
+    keys: list = field(default_factory=list)
+    codes: list = field(default_factory=list)                # uint8 (B, 7, 5) per batch
+    features: list = field(default_factory=list)             # float (B, f) per batch: frame t, pooled
+    cur_elements: list = field(default_factory=list)
+    next_elements: list = field(default_factory=list)
+    examples: list = field(default_factory=list)             # heap of (changed pixels, n, Example)
+
+
+def frame_features(frames: torch.Tensor) -> np.ndarray:
+    """Frame t for the frame-only action probe: (B, C, 210, 160) -> (B, C * 21 * 16) average-pooled."""
+    return F.avg_pool2d(frames.float(), FEATURE_POOL).flatten(1).cpu().numpy()
+
+
+def as_image(frame: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> (H, W) gray or (H, W, 3) RGB, for figures."""
+    return frame[0] if frame.shape[0] == 1 else frame.transpose(1, 2, 0)
+
+
+def evaluate_pass(loader, lam, device: torch.device, seed: int, progress: bool) -> SplitPass:
+    # random codes serve ΔPSNR only: no SSIM for them
+    state = SplitPass(ReconstructionMeter(device), ReconstructionMeter(device), ReconstructionMeter(device, ssim=False))
+    generator = torch.Generator().manual_seed(seed)           # random codes for ΔPSNR, the same every run
+    size = lam.config.codebook_size
+    for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+        cur, nxt = batch["cur"], batch["next"]
+        with torch.inference_mode(), autocast_for(device):
+            codes = lam.encode(cur, nxt)
+            pred = lam.decode(cur, codes).float().clamp(0, 1)
+            random_codes = torch.randint(0, size, codes.shape, generator=generator).to(device)
+            pred_random = lam.decode(cur, random_codes).float().clamp(0, 1)
+        state.model.update(pred, nxt, cur)
+        state.copy.update(cur, nxt, cur)
+        state.random.update(pred_random, nxt, cur)
+        state.keys += batch["key"]
+        state.codes.append(codes.to("cpu", torch.uint8).numpy())
+        state.features.append(frame_features(cur))
+        collect_elements(state, cur.cpu().numpy(), nxt.cpu().numpy(), pred.cpu().numpy(), batch["key"])
+    return state
+
+
+def collect_elements(state: SplitPass, cur: np.ndarray, nxt: np.ndarray, pred: np.ndarray, keys: list[str]) -> None:
+    for key, frame_t, frame_next, frame_pred in zip(keys, cur, nxt, pred):
+        elements_t, elements_next = detect_elements(frame_t), detect_elements(frame_next)
+        state.model_elements.update(detect_elements(frame_pred), elements_next, elements_t)
+        state.copy_elements.update(elements_t, elements_next, elements_t)
+        state.cur_elements.append(elements_t)
+        state.next_elements.append(elements_next)
+        changed = int((frame_t != frame_next).sum())
+        example = Example(key, as_image(frame_t), as_image(frame_next), as_image(frame_pred), changed)
+        # the pairs where most pixels change: where copying fails and the codes must carry the change
+        item = (changed, len(state.cur_elements), example)       # the count breaks ties
+        if len(state.examples) < EXAMPLES:
+            heapq.heappush(state.examples, item)
+        else:
+            heapq.heappushpop(state.examples, item)
+
+
+# ------------------------------------------------------------------------------------ events
+def split_events(keys: Sequence[str], cur: Sequence[Elements], nxt: Sequence[Elements], metas: dict[str, dict]):
+    """Gameplay events of every pair; a bounce needs frame t-1, taken from the pair (episode, t-1)."""
+    position = {episode_and_step(key): i for i, key in enumerate(keys)}
+    events = []
+    for i, key in enumerate(keys):
+        where = episode_and_step(key)
+        before = position.get((where[0], where[1] - 1)) if where else None
+        events.append(transition_events(cur[before] if before is not None else None, cur[i], nxt[i], metas.get(key)))
+    return events
+
+
+# ------------------------------------------------------------------------------------ actions
+def latent_codes(latent_dir: Path | None, identity: CheckpointIdentity, keys: set[str]) -> dict[str, np.ndarray] | None:
+    """Codes of `keys` from the train split's latent shards, if they were made by this checkpoint."""
+    if latent_dir is None or not (latent_dir / "manifest.json").is_file():
+        return None
+    manifest = load_manifest(latent_dir, LATENT_FORMAT)
+    if manifest.get("checkpoint", {}).get("sha256") != identity.sha256 or "train" not in manifest["splits"]:
+        return None
+    import io
+
+    members = read_members(split_shards(latent_dir, manifest, "train"), ("codes.npy",), keys)
+    return {key: np.load(io.BytesIO(m["codes.npy"]), allow_pickle=False) for key, m in members.items()}
+
+
+def train_probe_data(shards: Path, manifest: dict, lam, identity: CheckpointIdentity, device: torch.device,
+                     latent_dir: Path | None, limit: int, batch_size: int) -> tuple[ProbeData, str] | None:
+    """The train split's visible-effect transitions (at most `limit`, spread evenly) as probe data,
+    and where their codes came from. None when the train split has no action labels."""
+    from pipeline.frames import to_model_input
+    from pipeline.stream import decode_png
+
+    entries = split_shards(shards, manifest, "train")
+    metas = read_metas(entries)
+    if not has_action_labels(list(metas.values())):
+        return None
+    chosen = [key for key, meta in metas.items() if visible_effect(meta)]
+    chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, min(limit, len(chosen))).astype(int)] if chosen else []
+    stored = latent_codes(latent_dir, identity, set(chosen))
+    source = "latent shards" if stored is not None and len(stored) == len(chosen) else "encoded now"
+    members = read_members(entries, ("cur.png", "next.png"), set(chosen))
+    gray = identity.color == "gray"
+
+    def frames(keys: list[str], member: str) -> torch.Tensor:
+        decoded = torch.stack([decode_png(members[key][member]) for key in keys])
+        return to_model_input(decoded.to(device), grayscale=gray)
+
+    codes, features = [], []
+    for start in range(0, len(chosen), batch_size):
+        keys = chosen[start:start + batch_size]
+        cur = frames(keys, "cur.png")
+        features.append(frame_features(cur))
+        if source == "latent shards":
+            codes.append(np.stack([stored[k] for k in keys]))
+            continue
+        nxt = frames(keys, "next.png")
+        with torch.inference_mode(), autocast_for(device):
+            codes.append(lam.encode(cur, nxt).to("cpu", torch.uint8).numpy())
+    if not chosen:
+        return None
+    actions = np.array([metas[k]["action"] for k in chosen])
+    return ProbeData(np.concatenate(codes), np.concatenate(features), actions), source
+
+
+def actions_section(state: SplitPass, codes: np.ndarray, metas: dict[str, dict], train: tuple[ProbeData, str] | None,
+                    codebook_size: int, seed: int) -> dict | None:
+    split_metas = [metas.get(key, {}) for key in state.keys]
+    if train is None or not has_action_labels(split_metas):
+        return None
+    scored = np.array([visible_effect(meta) for meta in split_metas])
+    if not scored.any():
+        return None
+    features = np.concatenate(state.features)
+    test = ProbeData(codes[scored], features[scored], np.array([m["action"] for m in split_metas])[scored])
+    names = {int(m["action"]): m.get("action_name", str(m["action"])) for m in split_metas}
+    result = action_probe(train[0], test, names, codebook_size, seed)
+    return {**result, "train_codes_from": train[1]}
+
+
+# ------------------------------------------------------------------------------------ metrics
+def elements_section(state: SplitPass) -> dict:
+    model, copy = state.model_elements.compute(), state.copy_elements.compute()
+    return {name: {"model": model[name], "copy_baseline": copy[name]} for name in model}
+
+
+def build_metrics(split: str, state: SplitPass, identity: CheckpointIdentity, codes: np.ndarray,
+                  codebook_size: int, events, event_analysis: dict, actions: dict | None) -> dict:
+    model, random = state.model.compute(), state.random.compute()
+    delta = None if model["psnr"] is None or random["psnr"] is None else model["psnr"] - random["psnr"]
+    metrics = {"split": split, "pairs": len(state.keys), "color": identity.color,
+               "checkpoint": {"sha256": identity.sha256, "step": identity.step},
+               "model": model, "copy_baseline": state.copy.compute(),
+               "delta_psnr": delta,
+               "codebook": codebook_stats(code_counts(codes, codebook_size)),
+               "elements": elements_section(state),
+               "random_codes": random,
+               "events": {"counts": count_events(events), "codes": event_analysis}}
+    if actions is not None:
+        metrics["actions"] = actions
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ figures
+def draw_figures(out: Path, state: SplitPass, lam, metrics: dict, seed: int) -> dict[str, str]:
+    counts = metrics["codebook"]["counts"]
+    examples = [example for _, _, example in sorted(state.examples, key=lambda item: -item[0])]
+    paths = {"codebook_histogram": codebook_histogram(counts, out / "codebook_histogram.png",
+                                                      f"code use, {metrics['split']} ({metrics['pairs']} pairs)"),
+             "code_tsne": code_tsne(lam.codebook.float().cpu().numpy(), counts, out / "code_tsne.png", seed),
+             "reconstructions": reconstruction_grid(examples, out / "reconstructions.png"),
+             "codes_by_event": codes_by_event(metrics["events"]["codes"], out / "codes_by_event.png")}
+    return {name: path.name for name, path in paths.items()}
+
+
+# ------------------------------------------------------------------------------------ cli
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate a latent action model on one split.")
+    parser.add_argument("--shards", type=Path, required=True, help="pair shard directory (lam-pairs/1)")
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--out", type=Path, default=None, help="report directory (default reports/<split>)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--latent", type=Path, default=Path("shards/latent"),
+                        help="latent shards whose train codes the action probe may reuse (if this checkpoint made them)")
+    parser.add_argument("--probe-limit", type=int, default=1500, help="train transitions for the action probe")
+    parser.add_argument("--seed", type=int, default=0, help="random codes for ΔPSNR, t-SNE, probes")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--backend", choices=("dali", "torch"), default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    args.out = args.out or Path("reports") / args.split
+    return args
+
+
+def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
+    from pipeline.loader import build_loader, resolve_device
+
+    started = time.perf_counter()
+    manifest = load_manifest(args.shards, PAIRS_FORMAT)
+    entries = split_shards(args.shards, manifest, args.split)
+    device = resolve_device(args.device)
+    lam, identity = load_model(args.checkpoint, device)
+    loader = build_loader(args.shards, args.split, args.batch_size, grayscale=identity.color == "gray",
+                          shuffle=False, drop_last=False, with_keys=True, backend=args.backend or default_backend(),
+                          device=device, cache=False)
+    if len(loader) == 0:
+        raise UserError(f"{args.shards}: split {args.split!r} has no pairs")
+    state = evaluate_pass(loader, lam, device, args.seed, not args.no_progress)
+    codes = np.concatenate(state.codes)
+    metas = read_metas(entries)
+    events = split_events(state.keys, state.cur_elements, state.next_elements, metas)
+    analysis = event_code_analysis(codes, events)
+    train = train_probe_data(args.shards, manifest, lam, identity, device, args.latent, args.probe_limit,
+                             args.batch_size) if "train" in manifest["splits"] else None
+    actions = actions_section(state, codes, metas, train, lam.config.codebook_size, args.seed)
+    metrics = build_metrics(args.split, state, identity, codes, lam.config.codebook_size, events, analysis, actions)
+    args.out.mkdir(parents=True, exist_ok=True)
+    figures = draw_figures(args.out, state, lam, metrics, args.seed)
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    atomic_write_json(args.out / "metrics.json", metrics)
+    report = write_report(args.out, metrics, figures, checkpoint_path=str(args.checkpoint))
+    write_summary(args.out.parent)
+    return metrics, report
+
+
+def headline(metrics: dict) -> str:
+    model, copy = metrics["model"], metrics["copy_baseline"]
+    fmt = lambda value: "n/a" if value is None else f"{value:.2f}"  # noqa: E731
+    parts = [f"PSNR {fmt(model['psnr'])} dB (copy frame t: {fmt(copy['psnr'])})",
+             f"changed pixels {fmt(model['psnr_changed'])} dB (copy: {fmt(copy['psnr_changed'])})",
+             f"ΔPSNR {fmt(metrics['delta_psnr'])} dB",
+             f"codes used {metrics['codebook']['used_fraction']:.0%}, perplexity {metrics['codebook']['perplexity']:.1f}"]
+    actions = metrics.get("actions") or {}
+    if actions.get("codes_probe") is not None:
+        frame = "n/a" if actions["frame_probe"] is None else f"{actions['frame_probe']:.0%}"
+        parts.append(f"action probe {actions['codes_probe']:.0%} (frame t alone {frame}, "
+                     f"majority {actions['majority']:.0%})")
+    return "; ".join(parts)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    metrics, report = evaluate(args)
+    print(f"{metrics['split']}: {metrics['pairs']} pairs in {metrics['seconds']} s; {headline(metrics)}")
+    print(f"report: {report}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry; returns the exit code (a user's mistake: one `error:` line on stderr, 2)."""
+    try:
+        return run_cli(run, argv)
+    except SystemExit as exit_:            # --help, or argparse's own usage error
+        return int(exit_.code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

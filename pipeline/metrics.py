@@ -1,0 +1,171 @@
+"""Evaluation numbers: reconstruction quality over a whole split, codebook usage, and per-element
+errors (ball, paddle, bricks) of a predicted frame against the true one.
+
+Conventions (DESIGN, "Evaluation"): frames in [0, 1] in the model's colour mode; PSNR is
+10·log10(1 / MSE) with the MSE taken over every pixel of the split (sums accumulated across batches,
+never a mean of per-batch PSNRs, which would weight easy batches up); L2 is that MSE, L1 the mean
+absolute error over the split; SSIM is the mean over frames (torchmetrics' default); `psnr_changed`
+is the PSNR over the pixels where frame t and frame t+1 differ, the ones a model must get right to
+beat copying frame t.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from pipeline.events import Elements
+
+
+def psnr_from_mse(mse: float) -> float | None:
+    """10·log10(1/MSE) for frames in [0, 1]; None (JSON null) for a perfect match, where it is infinite."""
+    return None if mse <= 0 else 10.0 * math.log10(1.0 / mse)
+
+
+class ReconstructionMeter:
+    """PSNR, SSIM, L1, L2 and changed-pixel PSNR of predictions of frame t+1, accumulated over a split."""
+
+    def __init__(self, device: str | torch.device = "cpu", ssim: bool = True):
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)       # sums SSE and count: whole-split MSE
+        # SSIM's 11 x 11 Gaussian filtering is most of the metric cost on a CPU: optional
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device) if ssim else None
+        self.abs_error = 0.0
+        self.pixels = 0
+        self.changed_sq_error = 0.0
+        self.changed_pixels = 0
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor, cur: torch.Tensor) -> None:
+        """pred, target, cur: float (B, C, H, W) in [0, 1]; `cur` (frame t) marks the changed pixels."""
+        pred, target = pred.float().clamp(0, 1), target.float()
+        self.psnr.update(pred, target)
+        if self.ssim is not None:
+            self.ssim.update(pred, target)
+        error = pred - target
+        self.abs_error += float(error.abs().sum(dtype=torch.float64))
+        self.pixels += error.numel()
+        changed = cur.float() != target
+        self.changed_sq_error += float(error[changed].pow(2).sum(dtype=torch.float64))
+        self.changed_pixels += int(changed.sum())
+
+    def compute(self) -> dict[str, float | None]:
+        if self.pixels == 0:
+            raise ValueError("no frames were scored")
+        changed_mse = self.changed_sq_error / self.changed_pixels if self.changed_pixels else 0.0
+        mse = float(self.psnr.sum_squared_error) / float(self.psnr.total)
+        return {"psnr": psnr_from_mse(mse), "ssim": None if self.ssim is None else float(self.ssim.compute()),
+                "l1": self.abs_error / self.pixels, "l2": mse,
+                "psnr_changed": psnr_from_mse(changed_mse) if self.changed_pixels else None}
+
+
+# ----------------------------------------------------------------------------------- codebook
+def code_counts(codes: torch.Tensor | np.ndarray, codebook_size: int) -> np.ndarray:
+    """How often each code index occurs in `codes` (any shape), int64 (codebook_size,)."""
+    flat = np.asarray(codes.cpu() if isinstance(codes, torch.Tensor) else codes).ravel().astype(np.int64)
+    return np.bincount(flat, minlength=codebook_size)[:codebook_size]
+
+
+def codebook_stats(counts: np.ndarray) -> dict:
+    """Fraction of codes used at least once and the perplexity exp(H) of the code distribution
+    (1 when one code does everything, codebook_size when all are used equally)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = counts.sum()
+    if total == 0:
+        raise ValueError("no codes were counted")
+    p = counts[counts > 0] / total
+    return {"used_fraction": float((counts > 0).mean()), "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+            "counts": counts.tolist()}
+
+
+# ----------------------------------------------------------------------------------- elements
+def _rate(hits: int, n: int) -> float | None:
+    return hits / n if n else None
+
+
+@dataclass
+class ElementMeter:
+    """Ball, paddle and brick errors of one kind of prediction (the model's, or copying frame t),
+    detected from pixels in the predicted and the true frame t+1 (`pipeline.events`)."""
+
+    tolerance_px: int = 2
+    paddle_errors: list = field(default_factory=list)       # |x error| per pair where both show a paddle
+    paddle_pairs: int = 0
+    paddle_missing: int = 0
+    paddle_moved: int = 0
+    paddle_moved_hits: int = 0
+    ball_errors: list = field(default_factory=list)         # distance per pair where both show the ball
+    ball_pairs: int = 0
+    ball_missing: int = 0
+    ball_spurious: int = 0
+    no_ball_pairs: int = 0
+    brick_cells_equal: int = 0
+    brick_cells: int = 0
+    brick_maps_equal: int = 0
+    brick_pairs: int = 0
+    broken_pairs: int = 0
+    broken_shown: int = 0
+
+    def update(self, pred: Elements, truth: Elements, cur: Elements) -> None:
+        self._update_paddle(pred, truth, cur)
+        self._update_ball(pred, truth)
+        self._update_bricks(pred, truth, cur)
+
+    def _update_paddle(self, pred: Elements, truth: Elements, cur: Elements) -> None:
+        if truth.paddle_x is None:
+            return
+        self.paddle_pairs += 1
+        moved = cur.paddle_x is not None and cur.paddle_x != truth.paddle_x
+        self.paddle_moved += moved
+        if pred.paddle_x is None:
+            self.paddle_missing += 1
+            return
+        error = abs(pred.paddle_x - truth.paddle_x)
+        self.paddle_errors.append(error)
+        self.paddle_moved_hits += moved and error <= self.tolerance_px
+
+    def _update_ball(self, pred: Elements, truth: Elements) -> None:
+        if truth.ball is None:
+            self.no_ball_pairs += 1
+            self.ball_spurious += pred.ball is not None
+            return
+        self.ball_pairs += 1
+        if pred.ball is None:
+            self.ball_missing += 1
+            return
+        self.ball_errors.append(math.dist(pred.ball, truth.ball))
+
+    def _update_bricks(self, pred: Elements, truth: Elements, cur: Elements) -> None:
+        equal = pred.bricks == truth.bricks
+        self.brick_cells_equal += int(equal.sum())
+        self.brick_cells += equal.size
+        self.brick_maps_equal += bool(equal.all())
+        self.brick_pairs += 1
+        broken = cur.bricks & ~truth.bricks
+        if broken.any():
+            self.broken_pairs += 1
+            self.broken_shown += bool((~pred.bricks[broken]).all())
+
+    def compute(self) -> dict:
+        tol = self.tolerance_px
+        paddle_errors, ball_errors = np.array(self.paddle_errors, float), np.array(self.ball_errors, float)
+        return {
+            "paddle": {"pairs": self.paddle_pairs,
+                       "mean_abs_error_px": float(paddle_errors.mean()) if paddle_errors.size else None,
+                       f"within_{tol}px": _rate(int((paddle_errors <= tol).sum()), self.paddle_pairs),
+                       "missing": _rate(self.paddle_missing, self.paddle_pairs),
+                       "moved_pairs": self.paddle_moved,
+                       f"moved_within_{tol}px": _rate(self.paddle_moved_hits, self.paddle_moved)},
+            "ball": {"pairs": self.ball_pairs,
+                     "mean_error_px": float(ball_errors.mean()) if ball_errors.size else None,
+                     f"within_{tol}px": _rate(int((ball_errors <= tol).sum()), self.ball_pairs),
+                     "missing": _rate(self.ball_missing, self.ball_pairs),
+                     "spurious": _rate(self.ball_spurious, self.no_ball_pairs)},
+            "bricks": {"pairs": self.brick_pairs,
+                       "cell_accuracy": _rate(self.brick_cells_equal, self.brick_cells),
+                       "map_accuracy": _rate(self.brick_maps_equal, self.brick_pairs),
+                       "broken_pairs": self.broken_pairs,
+                       "broken_shown": _rate(self.broken_shown, self.broken_pairs)},
+        }

@@ -1,0 +1,233 @@
+"""report.md for one evaluated split, and reports/summary.md with every evaluated split side by side.
+
+The wording is plain on purpose: if the model does not beat copying frame t, the report says so
+first, before any other number."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.shards import atomic_write_bytes
+
+SEED_PSNR_TARGET = 28.0        # the seed's success criterion, stated for RGB frames
+SEED_USED_TARGET = 0.5         # at least half the codebook in use
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+
+
+def num(value, digits: int = 2, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def pct(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+# ------------------------------------------------------------------------------------ verdicts
+def copy_verdict(metrics: dict) -> str:
+    model, copy = metrics["model"], metrics["copy_baseline"]
+    if model["psnr"] is None or copy["psnr"] is None:
+        return "One of the predictions matches frame t+1 exactly (infinite PSNR); see the table."
+    gap = model["psnr"] - copy["psnr"]
+    changed = ""
+    if model["psnr_changed"] is not None and copy["psnr_changed"] is not None:
+        better = model["psnr_changed"] > copy["psnr_changed"]
+        changed = (f" On the pixels that change between t and t+1 it scores {num(model['psnr_changed'])} dB against "
+                   f"{num(copy['psnr_changed'])} dB for the copy: it {'does' if better else 'does not'} "
+                   f"predict the change better than leaving it out.")
+    if gap <= 0:
+        return (f"**The model does not beat copying frame t.** Its predictions of frame t+1 score "
+                f"{num(model['psnr'])} dB PSNR; simply repeating frame t scores {num(copy['psnr'])} dB "
+                f"({num(-gap)} dB better than the model).{changed}")
+    return (f"**The model beats copying frame t** by {num(gap)} dB PSNR ({num(model['psnr'])} against "
+            f"{num(copy['psnr'])} dB).{changed}")
+
+
+def codes_verdict(metrics: dict) -> str:
+    delta = metrics["delta_psnr"]
+    if delta is None:
+        return "ΔPSNR is undefined (a perfect prediction)."
+    if delta <= 0.1:
+        return (f"Decoding random codes scores about as well as the inferred codes (ΔPSNR {num(delta)} dB): "
+                f"the decoder makes little use of the codes.")
+    return f"The inferred codes are worth {num(delta)} dB over random codes (ΔPSNR): the decoder uses them."
+
+
+def criteria_lines(metrics: dict) -> list[str]:
+    psnr, used = metrics["model"]["psnr"], metrics["codebook"]["used_fraction"]
+    if metrics["color"] == "rgb":
+        met = psnr is not None and psnr > SEED_PSNR_TARGET
+        psnr_line = f"PSNR > {SEED_PSNR_TARGET:.0f} dB (RGB): {num(psnr)} dB, {'met' if met else 'not met'}."
+    else:
+        psnr_line = (f"PSNR > {SEED_PSNR_TARGET:.0f} dB is stated for RGB frames; this model is gray and scores "
+                     f"{num(psnr)} dB (the copy baseline alone scores {num(metrics['copy_baseline']['psnr'])} dB, "
+                     f"so the target says little on Breakout).")
+    used_line = (f"At least {SEED_USED_TARGET:.0%} of the codebook used: {pct(used)}, "
+                 f"{'met' if used >= SEED_USED_TARGET else 'not met'}.")
+    return [psnr_line, used_line]
+
+
+# ------------------------------------------------------------------------------------ sections
+def reconstruction_section(metrics: dict) -> str:
+    rows = []
+    for label, name in (("model", "model"), ("copy frame t", "copy_baseline"), ("random codes", "random_codes")):
+        m = metrics.get(name)
+        if m:
+            rows.append([label, num(m["psnr"]), num(m["ssim"], 4), num(m["l1"], 5), num(m["l2"], 6),
+                         num(m["psnr_changed"])])
+    return "\n".join([
+        "## Reconstruction of frame t+1", "",
+        table(["prediction", "PSNR dB", "SSIM", "L1", "L2 (MSE)", "PSNR on changed pixels dB"], rows), "",
+        "PSNR = 10·log10(1/MSE), MSE over every pixel of the split, frames in [0, 1], "
+        f"{metrics['color']}. Changed pixels: where frame t and frame t+1 differ.", "",
+        codes_verdict(metrics), "",
+        "![reconstructions](reconstructions.png)", "",
+        "Rows are the pairs of the split where most pixels change.", ""])
+
+
+def codebook_section(metrics: dict) -> str:
+    book = metrics["codebook"]
+    return "\n".join([
+        "## Codebook", "",
+        f"{pct(book['used_fraction'])} of the {len(book['counts'])} codes are used on this split; "
+        f"perplexity {num(book['perplexity'], 1)} (the number of equally used codes with the same entropy).", "",
+        "![codebook histogram](codebook_histogram.png)", "", "![t-SNE of code vectors](code_tsne.png)", ""])
+
+
+def elements_section(metrics: dict) -> str:
+    elements = metrics["elements"]
+    rows = []
+    for element, fields in (("paddle", ("mean_abs_error_px", "within_2px", "missing", "moved_within_2px")),
+                            ("ball", ("mean_error_px", "within_2px", "missing", "spurious")),
+                            ("bricks", ("cell_accuracy", "map_accuracy", "broken_shown"))):
+        model, copy = elements[element]["model"], elements[element]["copy_baseline"]
+        for name in fields:
+            fmt = (lambda v: num(v)) if name.endswith("_px") else pct
+            rows.append([element, name.replace("_", " "), fmt(model.get(name)), fmt(copy.get(name))])
+    paddle, ball, bricks = (elements[k]["model"] for k in ("paddle", "ball", "bricks"))
+    return "\n".join([
+        "## Game elements", "",
+        "Detected from pixels (pipeline/events.py) in the true and the predicted frame t+1: paddle left edge, "
+        "ball top-left, and the 6 × 18 brick map.", "",
+        table(["element", "measure", "model", "copy frame t"], rows), "",
+        f"Pairs: paddle {paddle['pairs']} (moved in {paddle['moved_pairs']}), ball visible in {ball['pairs']}, "
+        f"a brick broken in {bricks['broken_pairs']}. 'within 2px' counts a missing object as a miss; "
+        "'broken shown' = the prediction shows the brick that broke as gone.", ""])
+
+
+def events_section(metrics: dict) -> str:
+    analysis = metrics["events"]["codes"]
+    rows = [[kind, info["transitions"], num(info["nmi_max"], 3), num(info["nmi_mean"], 3), tuple(info["best_cell"]),
+             ", ".join(f"{c['code']} (×{c['lift']:.1f})" for c in info["top_codes"][:3]) or "-"]
+            for kind, info in analysis.items()]
+    return "\n".join([
+        "## Codes by gameplay event", "",
+        "Events from pixels (life lost from the recorder's labels when present). NMI between each grid cell's "
+        "code and the event; 0 means the code says nothing about the event, 1 that it determines it.", "",
+        table(["event", "transitions", "NMI max", "NMI mean", "best cell", "top codes at best cell (lift)"], rows), "",
+        "![codes by event](codes_by_event.png)", ""])
+
+
+def actions_section(metrics: dict) -> str:
+    actions = metrics.get("actions")
+    if not actions:
+        return "## Actions\n\nThe pairs carry no action labels: no action probe.\n"
+    codes, frame, majority = actions["codes_probe"], actions["frame_probe"], actions["majority"]
+    if codes is None:
+        verdict = "The train split has a single action class among visible-effect transitions: no probe."
+    elif codes <= majority:
+        verdict = (f"The codes predict the action no better than always answering {actions['majority_class']} "
+                   f"({pct(codes)} against {pct(majority)}): no sign that they encode the action.")
+    elif frame is not None and codes > frame:
+        verdict = (f"The codes predict the action better than frame t alone ({pct(codes)} against {pct(frame)}) "
+                   f"and than the majority class ({pct(majority)}): they carry information about the action itself.")
+    else:
+        verdict = (f"The codes beat the majority class ({pct(codes)} against {pct(majority)}) but not frame t alone "
+                   f"({pct(frame)}): no sign that they encode the action beyond what the frame already shows.")
+    classes = ", ".join(f"{name} {count}" for name, count in actions["classes"].items())
+    return "\n".join([
+        "## Actions", "",
+        f"Scored on the {actions['transitions']} transitions where the action had a visible effect "
+        f"({actions['effect']}); classes: {classes}. Fitted on {actions['train_transitions']} such train "
+        f"transitions (codes {actions['train_codes_from']}).", "",
+        table(["predictor", "accuracy"], [["linear probe on one-hot codes", pct(codes)],
+                                          ["linear probe on frame t (pooled pixels)", pct(frame)],
+                                          [f"majority class ({actions['majority_class']})", pct(actions["majority"])]]),
+        "", verdict, ""])
+
+
+# ------------------------------------------------------------------------------------ files
+def write_report(out: Path, metrics: dict, figures: dict[str, str], checkpoint_path: str) -> Path:
+    checkpoint = metrics["checkpoint"]
+    others = [m for m in sibling_metrics(out.parent) if m["split"] != metrics["split"]]
+    parts = [f"# Latent action model on the {metrics['split']} split", "",
+             f"Checkpoint `{checkpoint_path}` (sha256 {checkpoint['sha256'][:12]}, step {checkpoint['step']}), "
+             f"{metrics['color']} frames, {metrics['pairs']} pairs.", "",
+             copy_verdict(metrics), "",
+             "Seed success criteria: " + " ".join(criteria_lines(metrics)), "",
+             reconstruction_section(metrics), codebook_section(metrics), elements_section(metrics),
+             events_section(metrics), actions_section(metrics)]
+    if others:
+        parts += ["## Splits side by side", "", summary_table(sorted([metrics, *others], key=split_rank)), "",
+                  "Also in `../summary.md`.", ""]
+    path = out / "report.md"
+    atomic_write_bytes(path, "\n".join(parts).encode())
+    return path
+
+
+def sibling_metrics(root: Path) -> list[dict]:
+    found = []
+    for path in sorted(Path(root).glob("*/metrics.json")):
+        try:
+            metrics = json.loads(path.read_text())
+            metrics["_dir"] = path.parent.name
+            found.append(metrics)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return found
+
+
+def split_rank(metrics: dict) -> tuple:
+    return SPLIT_ORDER.get(metrics["split"], 9), metrics.get("_dir", "")
+
+
+def summary_table(all_metrics: list[dict]) -> str:
+    rows = []
+    for m in all_metrics:
+        actions = m.get("actions") or {}
+        rows.append([m.get("_dir", m["split"]), m["split"], m["pairs"], m["checkpoint"]["sha256"][:12],
+                     num(m["model"]["psnr"]), num(m["copy_baseline"]["psnr"]),
+                     num(m["model"]["psnr_changed"]), num(m["copy_baseline"]["psnr_changed"]),
+                     num(m["model"]["ssim"], 4), num(m["delta_psnr"]), pct(m["codebook"]["used_fraction"]),
+                     num(m["codebook"]["perplexity"], 1), pct(actions.get("codes_probe")), pct(actions.get("frame_probe"))])
+    return table(["report", "split", "pairs", "checkpoint", "PSNR", "copy PSNR", "PSNR changed", "copy changed",
+                  "SSIM", "ΔPSNR", "codes used", "perplexity", "action probe", "frame-t probe"], rows)
+
+
+def write_summary(root: Path) -> Path | None:
+    """`root/summary.md`: every `root/*/metrics.json` side by side, and how far the splits differ."""
+    found = sorted(sibling_metrics(root), key=split_rank)
+    if not found:
+        return None
+    lines = ["# Evaluation summary", "", "Every split evaluated under this folder, side by side "
+             "(PSNR in dB; 'changed' = PSNR on the pixels that change between t and t+1).", "",
+             summary_table(found), ""]
+    same_model = {m["checkpoint"]["sha256"] for m in found}
+    psnrs = [m["model"]["psnr"] for m in found if m["model"]["psnr"] is not None]
+    if len(found) > 1 and len(same_model) == 1 and psnrs:
+        spread = max(psnrs) - min(psnrs)
+        lines += [f"Across splits the model's PSNR varies by {spread:.2f} dB "
+                  f"({'consistent' if spread <= 1.0 else 'not consistent'}: within 1 dB counts as consistent).", ""]
+    elif len(same_model) > 1:
+        lines += ["These reports come from different checkpoints; compare rows of the same checkpoint only.", ""]
+    beaten = [m["_dir"] for m in found if m["model"]["psnr"] is not None and m["copy_baseline"]["psnr"] is not None
+              and m["model"]["psnr"] <= m["copy_baseline"]["psnr"]]
+    if beaten:
+        lines += [f"The model does not beat copying frame t on: {', '.join(beaten)}.", ""]
+    path = Path(root) / "summary.md"
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path

@@ -1,0 +1,179 @@
+"""extract.py: latent shards that round-trip to the model's codes and the pair shards' bytes, resume
+by skipping finished shards, refuse to mix checkpoints, and fail with one clear line on bad input."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+import extract
+from _latent import extracted_latents
+from pipeline.frames import to_model_input
+from pipeline.shards import iter_samples, read_index, sha256_file
+
+
+def run_extract(pair_shards, checkpoint, out, *extra):
+    return extract.main(["--shards", str(pair_shards), "--checkpoint", str(checkpoint), "--out", str(out),
+                         "--batch-size", "24", "--backend", "torch", "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def latent_dir(pair_shards, tiny_checkpoint, tmp_path_factory):
+    """Extracted with --zstd (by tests/_latent.py, once per session); tests that change it copy it first."""
+    return extracted_latents(pair_shards, tiny_checkpoint, tmp_path_factory)
+
+
+def pair_manifest(pair_shards):
+    return json.loads((pair_shards / "manifest.json").read_text())
+
+
+def output_files(out):
+    return {path: path.stat().st_mtime_ns for path in sorted(out.rglob("*")) if path.is_file()}
+
+
+def decode(png: bytes) -> torch.Tensor:
+    from PIL import Image
+
+    return to_model_input(torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB"))))
+
+
+def test_one_latent_shard_per_pair_shard_with_the_same_pairs(pair_shards, latent_dir, tiny_checkpoint):
+    pairs = pair_manifest(pair_shards)
+    latent = json.loads((latent_dir / "manifest.json").read_text())
+    assert latent["format"] == "lam-latent/1"
+    assert latent["checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
+    assert latent["checkpoint"]["step"] == 20 and latent["checkpoint"]["color"] == "gray"
+    assert set(latent["splits"]) == set(pairs["splits"]) == {"train", "val", "test"}
+    for split, info in pairs["splits"].items():
+        mine = latent["splits"][split]
+        assert mine["pairs"] == info["pairs"] and mine["episodes"] == info["episodes"]
+        assert [s["pairs"] for s in mine["shards"]] == [s["pairs"] for s in info["shards"]]
+        assert [s["source"] for s in mine["shards"]] == [s["file"] for s in info["shards"]]
+        for shard in mine["shards"]:
+            assert sha256_file(latent_dir / shard["file"]) == shard["sha256"]
+            assert len(read_index(latent_dir / shard["index"])) == shard["pairs"]
+
+
+def test_samples_hold_the_pair_bytes_and_the_models_codes(pair_shards, latent_dir, tiny_checkpoint):
+    from model import load_checkpoint
+
+    lam = load_checkpoint(tiny_checkpoint, "cpu")
+    checkpoint_sha = sha256_file(tiny_checkpoint)
+    latent = json.loads((latent_dir / "manifest.json").read_text())
+    checked = 0
+    for split, info in pair_manifest(pair_shards)["splits"].items():
+        for source, mine in zip(info["shards"], latent["splits"][split]["shards"]):
+            originals = list(iter_samples(pair_shards / source["file"], pair_shards / source["index"]))
+            written = list(iter_samples(latent_dir / mine["file"], latent_dir / mine["index"]))
+            assert [k for k, _ in written] == [k for k, _ in originals]
+            cur = torch.stack([decode(m["cur.png"]) for _, m in originals])
+            nxt = torch.stack([decode(m["next.png"]) for _, m in originals])
+            expected = lam.encode(cur, nxt)
+            for (key, members), (_, original), want in zip(written, originals, expected):
+                assert set(members) == {"cur.png", "next.png", "codes.npy", "json"}
+                assert members["cur.png"] == original["cur.png"] and members["next.png"] == original["next.png"]
+                codes = np.load(io.BytesIO(members["codes.npy"]), allow_pickle=False)
+                assert codes.dtype == np.uint8 and codes.shape == (7, 5) and codes.flags.c_contiguous
+                assert np.array_equal(codes, want.numpy()), key
+                meta = json.loads(members["json"])
+                assert meta == {**json.loads(original["json"]), "checkpoint": {"sha256": checkpoint_sha, "step": 20}}
+                checked += 1
+    assert checked == sum(info["pairs"] for info in pair_manifest(pair_shards)["splits"].values())
+
+
+def test_zstd_copies_decompress_to_the_tars(latent_dir, capsys):
+    latent = json.loads((latent_dir / "manifest.json").read_text())
+    for info in latent["splits"].values():
+        for shard in info["shards"]:
+            packed = (latent_dir / shard["zstd"]["file"]).read_bytes()
+            assert shard["zstd"]["bytes"] == len(packed)
+            assert zstandard.ZstdDecompressor().decompress(packed) == (latent_dir / shard["file"]).read_bytes()
+
+
+def test_rerun_with_the_same_checkpoint_touches_nothing(pair_shards, latent_dir, tiny_checkpoint, capsys):
+    before = output_files(latent_dir)
+    assert run_extract(pair_shards, tiny_checkpoint, latent_dir, "--zstd") == 0
+    assert "0 shards written" in capsys.readouterr().out
+    after = output_files(latent_dir)
+    assert after.keys() == before.keys()
+    # the manifest is rewritten (same content); every shard, index and record keeps its mtime
+    assert {p: t for p, t in after.items() if p.name != "manifest.json"} == \
+           {p: t for p, t in before.items() if p.name != "manifest.json"}
+
+
+def test_resume_redoes_only_missing_or_damaged_shards(pair_shards, tiny_checkpoint, latent_dir, tmp_path, capsys):
+    out = tmp_path / "latent"
+    shutil.copytree(latent_dir, out)
+    missing = out / "train" / "latent-000001.tar"
+    damaged = out / "val" / "latent-000000.tar"
+    want_missing, want_damaged = missing.read_bytes(), damaged.read_bytes()
+    missing.unlink()
+    middle = len(want_damaged) // 2
+    damaged.write_bytes(want_damaged[:middle] + bytes([want_damaged[middle] ^ 0xFF]) + want_damaged[middle + 1:])
+    (out / "manifest.json").unlink()                      # as after a crash
+    before = output_files(out)
+    assert run_extract(pair_shards, tiny_checkpoint, out) == 0
+    assert "2 shards written" in capsys.readouterr().out
+    assert missing.read_bytes() == want_missing           # reproducible, byte for byte
+    assert damaged.read_bytes() == want_damaged
+    untouched = [p for p in before if p.suffix == ".tar" and p != damaged]
+    assert all(p.stat().st_mtime_ns == before[p] for p in untouched)
+    assert (out / "manifest.json").is_file()
+
+
+def test_another_checkpoint_is_refused_without_overwrite(pair_shards, tiny_checkpoint, latent_dir, tmp_path, capsys):
+    out = tmp_path / "latent"
+    shutil.copytree(latent_dir, out)
+    other = tiny_checkpoint.parent / "step-000010.pt"
+    before = output_files(out)
+    assert run_extract(pair_shards, other, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another checkpoint" in err and "--overwrite" in err
+    assert output_files(out) == before
+
+    assert run_extract(pair_shards, other, out, "--overwrite") == 0
+    latent = json.loads((out / "manifest.json").read_text())
+    assert latent["checkpoint"]["sha256"] == sha256_file(other) and latent["checkpoint"]["step"] == 10
+    assert not list(out.rglob("*.tar.zst"))               # the old model's copies went with it
+    records = [json.loads(p.read_text()) for p in out.rglob("*.done.json")]
+    assert records and all(r["checkpoint"]["sha256"] == sha256_file(other) for r in records)
+
+
+@pytest.mark.parametrize("problem", ["no_shards", "foreign_manifest", "no_checkpoint", "corrupt_checkpoint"])
+def test_bad_input_is_one_clear_line(problem, pair_shards, tiny_checkpoint, tmp_path, capsys):
+    shards, checkpoint = pair_shards, tiny_checkpoint
+    if problem == "no_shards":
+        shards = tmp_path / "nowhere"
+    elif problem == "foreign_manifest":
+        shards = tmp_path / "shards"
+        shards.mkdir()
+        (shards / "manifest.json").write_text(json.dumps({"format": "something-else/9"}))
+    elif problem == "no_checkpoint":
+        checkpoint = tmp_path / "missing.pt"
+    else:
+        checkpoint = tmp_path / "corrupt.pt"
+        checkpoint.write_bytes(tiny_checkpoint.read_bytes()[:2000])
+    out = tmp_path / "out"
+    assert run_extract(shards, checkpoint, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert {"no_shards": "not found", "foreign_manifest": "lam-pairs/1", "no_checkpoint": "checkpoint not found",
+            "corrupt_checkpoint": "not a readable checkpoint"}[problem] in err
+    assert not (out / "manifest.json").exists()
+
+
+def test_dali_and_torch_loaders_give_byte_identical_shards(pair_shards, tiny_checkpoint, latent_dir, tmp_path):
+    """Reproducible output whatever decodes the frames: the DALI path writes the same bytes."""
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "latent"
+    assert extract.main(["--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                         "--backend", "dali", "--batch-size", "40", "--no-progress"]) == 0
+    mine = json.loads((out / "manifest.json").read_text())
+    reference = json.loads((latent_dir / "manifest.json").read_text())
+    for split, info in reference["splits"].items():
+        assert [s["sha256"] for s in mine["splits"][split]["shards"]] == [s["sha256"] for s in info["shards"]]

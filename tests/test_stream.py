@@ -1,0 +1,141 @@
+"""pipeline/stream.py: the downstream webdataset reader of latent shards, `.tar` and `.tar.zst`."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _latent import extracted_latents
+from pipeline.errors import UserError
+from pipeline.frames import to_model_input
+from pipeline.shards import iter_samples
+from pipeline.stream import decode_png, latent_dataset, latent_urls
+
+
+@pytest.fixture(scope="module")
+def latent_dir(pair_shards, tiny_checkpoint, tmp_path_factory):
+    return extracted_latents(pair_shards, tiny_checkpoint, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def manifest(latent_dir):
+    return json.loads((latent_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def raw_samples(latent_dir, manifest):
+    """key -> members, every split, read straight from the tars through their indexes."""
+    samples = {}
+    for split in ("train", "val", "test"):
+        for shard in manifest["splits"][split]["shards"]:
+            samples.update(iter_samples(latent_dir / shard["file"], latent_dir / shard["index"]))
+    return samples
+
+
+def keys(dataset):
+    return [sample["key"] for sample in dataset]
+
+
+def test_reads_every_sample_in_manifest_order_with_the_right_tensors(latent_dir, raw_samples):
+    samples = list(latent_dataset(latent_dir, split_workers=False, split_nodes=False))
+    assert [s["key"] for s in samples] == list(raw_samples)
+    for sample in samples[:: max(1, len(samples) // 12)]:
+        raw = raw_samples[sample["key"]]
+        assert sample["cur"].dtype == torch.float32 and sample["cur"].shape == (1, 210, 160)
+        assert sample["next"].shape == (1, 210, 160)
+        assert 0 <= float(sample["cur"].min()) and float(sample["cur"].max()) <= 1
+        assert sample["codes"].dtype == torch.int64 and sample["codes"].shape == (7, 5)
+        assert np.array_equal(sample["codes"].numpy(), np.load(io.BytesIO(raw["codes.npy"])))
+        rgb = torch.from_numpy(np.array(Image.open(io.BytesIO(raw["next.png"])).convert("RGB")))
+        assert torch.equal(sample["next"], to_model_input(rgb, grayscale=True))   # the shared preprocessing
+
+
+def test_decoding_and_shared_gray_match_pil(raw_samples):
+    for raw in list(raw_samples.values())[:20]:
+        rgb = torch.from_numpy(np.array(Image.open(io.BytesIO(raw["cur.png"])).convert("RGB")))
+        assert torch.equal(decode_png(raw["cur.png"]), rgb)
+        gray = torch.from_numpy(np.array(Image.open(io.BytesIO(raw["cur.png"])).convert("L")))[..., None]
+        assert torch.equal(to_model_input(decode_png(raw["cur.png"]), grayscale=True), to_model_input(gray))
+
+
+def test_zstd_shards_read_the_same_as_tars(latent_dir, manifest):
+    plain = list(latent_dataset(latent_dir, split="val"))
+    packed = list(latent_dataset(latent_dir, split="val", compressed=True))
+    zst_urls = [str(latent_dir / s["zstd"]["file"]) for s in manifest["splits"]["val"]["shards"]]
+    assert all(url.endswith(".tar.zst") for url in zst_urls)
+    explicit = list(latent_dataset(zst_urls))
+    assert len(plain) == manifest["splits"]["val"]["pairs"] > 0
+    for a, b, c in zip(plain, packed, explicit):
+        assert a["key"] == b["key"] == c["key"]
+        for name in ("cur", "codes", "next"):
+            assert torch.equal(a[name], b[name]) and torch.equal(a[name], c[name])
+
+
+def test_sources_dir_split_list_brace_and_single_file(latent_dir, manifest):
+    test_shards = manifest["splits"]["test"]["shards"]
+    files = [str(latent_dir / s["file"]) for s in test_shards]
+    everything = keys(latent_dataset(latent_dir, split="test"))
+    assert len(everything) == manifest["splits"]["test"]["pairs"]
+    assert keys(latent_dataset(files)) == everything
+    assert keys(latent_dataset(files[0])) == everything[:test_shards[0]["pairs"]]
+    assert len(test_shards) >= 2
+    pattern = str(latent_dir / "test" / f"latent-{{000000..{len(test_shards) - 1:06d}}}.tar")
+    assert latent_urls(pattern) == files
+    assert keys(latent_dataset(pattern)) == everything
+
+
+def test_batches_and_rgb(latent_dir, manifest):
+    batches = list(latent_dataset(latent_dir, split="val", batch_size=16, with_meta=True))
+    pairs = manifest["splits"]["val"]["pairs"]
+    assert sum(len(b["key"]) for b in batches) == pairs
+    first = batches[0]
+    assert first["cur"].shape == (16, 1, 210, 160) and first["codes"].shape == (16, 7, 5)
+    assert first["meta"][0]["checkpoint"]["step"] == 20
+    dropped = list(latent_dataset(latent_dir, split="val", batch_size=pairs - 1, partial_batches=False))
+    assert len(dropped) == 1
+    rgb = next(iter(latent_dataset(latent_dir, grayscale=False, split="val")))
+    assert rgb["cur"].shape == (3, 210, 160)
+
+
+def test_ddp_ranks_get_disjoint_shares(latent_dir, monkeypatch):
+    everything = keys(latent_dataset(latent_dir, split="train"))
+    shares = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        shares.append(keys(latent_dataset(latent_dir, split="train")))
+    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    assert sorted(shares[0] + shares[1]) == sorted(everything)
+
+
+def test_dataloader_workers_split_the_shards(latent_dir):
+    everything = keys(latent_dataset(latent_dir, split="train"))
+    loader = torch.utils.data.DataLoader(latent_dataset(latent_dir, split="train", batch_size=8),
+                                         batch_size=None, num_workers=2)
+    seen = [key for batch in loader for key in batch["key"]]
+    assert sorted(seen) == sorted(everything) and len(seen) == len(set(seen))
+
+
+def test_shuffle_is_seeded_and_complete(latent_dir):
+    ordered = keys(latent_dataset(latent_dir, split="train"))
+    first = keys(latent_dataset(latent_dir, split="train", shuffle=64, seed=1))
+    again = keys(latent_dataset(latent_dir, split="train", shuffle=64, seed=1))
+    other = keys(latent_dataset(latent_dir, split="train", shuffle=64, seed=2))
+    assert first == again and first != ordered and first != other
+    assert sorted(first) == sorted(ordered)
+
+
+def test_clear_errors(tmp_path, latent_dir):
+    with pytest.raises(UserError, match="manifest not found"):
+        latent_urls(tmp_path)
+    with pytest.raises(UserError, match="no split 'dev'"):
+        latent_urls(latent_dir, split="dev")
+    pairs_like = tmp_path / "pairs"
+    pairs_like.mkdir()
+    (pairs_like / "manifest.json").write_text(json.dumps({"format": "lam-pairs/1", "splits": {}}))
+    with pytest.raises(UserError, match="lam-latent/1"):
+        latent_urls(pairs_like)
