@@ -1,0 +1,142 @@
+"""Training step speed and memory: eager fp32 vs torch.compile (and bf16 autocast), a batch-size
+sweep, gradient checkpointing, FLOPs per step and MFU on a GPU.
+
+Pure step speed on synthetic batches (uniform random frames; the loader is benchmarked on its own in
+bench_loader): one optimiser step = forward + backward + Adam, as train.py does it. Every
+configuration runs in its own child process so its peak memory is its own.
+
+    python -m bench train
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench.common import markdown_table, run_child
+
+DEMO_WIDTH = 0.25          # train.py's demo preset
+H100_BF16_PEAK_FLOPS = 989e12      # dense bf16 tensor-core peak, for MFU
+
+CHILD = """
+import json, time, torch
+from model import LatentActionModel, ModelConfig
+cfg = json.loads({cfg!r})
+torch.manual_seed(0)
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+model = LatentActionModel(ModelConfig(width=cfg["width"], grad_checkpoint=cfg["grad_checkpoint"])).to(device).train()
+optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+step_model = torch.compile(model) if cfg["compile"] else model
+autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg["bf16"]
+            else torch.autocast(device.type, enabled=False))
+cur = torch.rand(cfg["batch"], 1, 210, 160, device=device)
+nxt = (cur + 0.05 * torch.rand_like(cur)).clamp(0, 1)
+
+def step():
+    with autocast:
+        loss = step_model(cur, nxt)["loss"]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+started = time.perf_counter()
+for _ in range(cfg["warmup"]):
+    step()
+if device.type == "cuda":
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+warmup_s = time.perf_counter() - started
+started = time.perf_counter()
+for _ in range(cfg["steps"]):
+    loss = step()
+loss.item()
+if device.type == "cuda":
+    torch.cuda.synchronize()
+elapsed = time.perf_counter() - started
+print(json.dumps({{"steps_per_s": cfg["steps"] / elapsed, "warmup_s": warmup_s, "peak_rss_mb": child_peak_rss_mb(),
+                  "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}}))
+"""
+
+
+def measure(width: float, batch: int, compile: bool = False, bf16: bool = False, grad_checkpoint: bool = False,
+            steps: int = 10, warmup: int = 3) -> dict:
+    cfg = dict(width=width, batch=batch, compile=compile, bf16=bf16, grad_checkpoint=grad_checkpoint,
+               steps=steps, warmup=warmup)
+    return run_child(CHILD.format(cfg=json.dumps(cfg)))
+
+
+def train_step_flops(width: float, batch: int = 1) -> float:
+    """FLOPs of one training step (forward + backward) counted by FlopCounterMode (convs and matmuls;
+    elementwise ops are left out, as usual for MFU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model import LatentActionModel, ModelConfig
+
+    model = LatentActionModel(ModelConfig(width=width)).train()
+    cur = torch.rand(batch, 1, 210, 160)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(cur, cur)["loss"].backward()
+    return counter.get_total_flops()
+
+
+def run() -> str:
+    on_gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if on_gpu else "CPU"
+    flops_demo, flops_full = train_step_flops(DEMO_WIDTH), train_step_flops(1.0)
+    parts = ["## Training step (train.py)\n",
+             f"Synthetic batches (random 210×160 gray frames), {device}; one step = forward + backward + Adam. "
+             f"Each row is its own child process. FLOPs per training step and sample (FlopCounterMode, "
+             f"forward + backward): demo preset (width {DEMO_WIDTH}) {flops_demo / 1e9:.2f} GFLOP, "
+             f"full preset {flops_full / 1e9:.1f} GFLOP.\n"]
+
+    # 1. eager vs compiled vs bf16, demo preset at its batch size
+    modes = [("eager fp32", False, False), ("compiled fp32", True, False),
+             ("eager bf16 autocast", False, True), ("compiled bf16 autocast", True, True)]
+    results = {name: measure(DEMO_WIDTH, 32, compile=c, bf16=b) for name, c, b in modes}
+    base = results["eager fp32"]["steps_per_s"]
+    rows = [[name, f"{r['steps_per_s']:.2f}", f"{r['steps_per_s'] / base:.2f}×", f"{32 * r['steps_per_s']:.0f}",
+             f"{r['warmup_s']:.0f}", f"{r['peak_rss_mb']:.0f}"] for name, r in results.items()]
+    parts += [f"### Demo preset (width {DEMO_WIDTH}), batch 32: eager vs torch.compile vs bf16\n",
+              markdown_table(["mode", "steps/s", "vs eager fp32", "samples/s", "warm-up s (3 steps, incl. compile)",
+                              "peak RSS MB"], rows), ""]
+    best_name = max(results, key=lambda name: results[name]["steps_per_s"])
+    best = next(m for m in modes if m[0] == best_name)
+
+    # 2. batch sweep in the fastest mode
+    sweep = []
+    for batch in (8, 16, 32, 64):
+        r = measure(DEMO_WIDTH, batch, compile=best[1], bf16=best[2], steps=6 if batch >= 64 else 10)
+        memory = f"{r['cuda_peak_mb']:.0f} (CUDA)" if r["cuda_peak_mb"] else f"{r['peak_rss_mb']:.0f} (RSS)"
+        sweep.append([batch, f"{r['steps_per_s']:.2f}", f"{batch * r['steps_per_s']:.0f}", memory])
+    parts += [f"### Batch-size sweep, demo preset, {best_name}\n",
+              markdown_table(["batch", "steps/s", "samples/s", "peak memory MB"], sweep), ""]
+
+    # 3. gradient checkpointing: memory for time, at full width where activations dominate
+    ckpt_rows = []
+    for width, batch in ((DEMO_WIDTH, 32), (1.0, 8)):
+        plain = measure(width, batch, steps=4, warmup=2)
+        checkpointed = measure(width, batch, grad_checkpoint=True, steps=4, warmup=2)
+        key = "cuda_peak_mb" if on_gpu else "peak_rss_mb"
+        ckpt_rows.append([f"width {width}, batch {batch}", f"{plain[key]:.0f}", f"{checkpointed[key]:.0f}",
+                          f"{checkpointed[key] / plain[key]:.2f}×",
+                          f"{checkpointed['steps_per_s'] / plain['steps_per_s']:.2f}×"])
+    parts += ["### Gradient checkpointing (`--set grad_checkpoint=true`), eager fp32\n",
+              markdown_table(["model", "peak MB off", "peak MB on", "memory ratio", "speed ratio"], ckpt_rows),
+              "Peak memory is " + ("CUDA max_memory_allocated." if on_gpu else
+                                   "the child's peak RSS (includes ~0.4 GB of torch itself, so the ratio understates "
+                                   "the activation saving)."), ""]
+
+    if on_gpu:
+        full = measure(1.0, 32, compile=True, bf16=True)
+        achieved = full["steps_per_s"] * 32 * flops_full
+        parts.append(f"Full preset, batch 32, compiled bf16: {full['steps_per_s']:.2f} steps/s, "
+                     f"{achieved / 1e12:.1f} TFLOP/s, MFU {achieved / H100_BF16_PEAK_FLOPS:.1%} of H100 bf16 peak.\n")
+    else:
+        parts.append("MFU: not measured (no GPU on this machine).\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(run())

@@ -1,0 +1,65 @@
+"""The model's hyper-parameters: one dataclass, saved as a plain dict in every checkpoint so a
+checkpoint rebuilds its own architecture."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from pipeline.frames import CODEBOOK_SIZE, FRAME_HEIGHT, FRAME_WIDTH, GRID
+
+# The seed's channel progression; encoder and the decoder's frame stack share it.
+BASE_CHANNELS = (64, 128, 256, 512, 512)
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 1                  # 1 gray (default), 3 RGB
+    width: float = 1.0                    # channel multiplier for small presets (codebook/grid unchanged)
+    codebook_size: int = CODEBOOK_SIZE
+    code_dim: int = 128
+    commitment_weight: float = 0.25       # β in ||z - sg(e)||²
+    codebook_weight: float = 1.0          # weight of ||sg(z) - e||²
+    entropy_weight: float = 0.05          # weight of the differentiable codebook-entropy term
+    entropy_temperature: float = 0.5      # τ of the soft assignments, relative to the 8th-neighbour gap; see Quantizer.entropy_loss
+    reset_every: int = 10_000             # optimiser steps between dead-code resets (0: never)
+    reset_buffer: int = 4096              # recent encoder outputs kept for resets
+    grad_checkpoint: bool = False         # recompute each conv stage in backward (memory for time)
+
+    def __post_init__(self):
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (gray) or 3 (RGB), got {self.in_channels}")
+        if not 0 < self.width <= 4:
+            raise ValueError(f"width must be in (0, 4], got {self.width}")
+        if not 2 <= self.codebook_size <= 65536:
+            raise ValueError(f"codebook_size must be in [2, 65536], got {self.codebook_size}")
+        if self.code_dim < 1:
+            raise ValueError(f"code_dim must be >= 1, got {self.code_dim}")
+        for name in ("commitment_weight", "codebook_weight", "entropy_weight", "reset_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.entropy_temperature <= 0:
+            raise ValueError(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
+        if self.reset_buffer < 1:
+            raise ValueError(f"reset_buffer must be >= 1, got {self.reset_buffer}")
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return tuple(max(8, int(round(c * self.width))) for c in BASE_CHANNELS)
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, FRAME_HEIGHT, FRAME_WIDTH)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return GRID
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+        return cls(**values)

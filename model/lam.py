@@ -1,0 +1,55 @@
+"""The latent action model: encoder + quantiser + decoder, and the API other stages use."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.networks import Decoder, Encoder
+from model.quantizer import Quantizer
+
+
+class LatentActionModel(nn.Module):
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        self.encoder = Encoder(config.in_channels, config.channels, config.code_dim)
+        self.quantizer = Quantizer(config.codebook_size, config.code_dim, config.commitment_weight,
+                                   config.codebook_weight, config.entropy_weight, config.entropy_temperature,
+                                   config.reset_buffer)
+        self.decoder = Decoder(config.in_channels, config.channels, config.code_dim)
+        self.set_grad_checkpoint(config.grad_checkpoint)
+
+    def set_grad_checkpoint(self, enabled: bool) -> None:
+        self.encoder.stack.grad_checkpoint = enabled
+        self.decoder.frame_stack.grad_checkpoint = enabled
+        self.decoder.up_stack.grad_checkpoint = enabled
+
+    def forward(self, cur: torch.Tensor, nxt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Frames (B, C, 210, 160) in [0, 1] -> {"pred": (B, C, 210, 160), "codes": (B, 7, 5) int64,
+        "loss": total, "recon", "commitment", "codebook", "entropy"}."""
+        quantised, codes, losses = self.quantizer(self.encoder(cur, nxt))
+        pred = self.decoder(cur, quantised)
+        recon = F.mse_loss(pred.float(), nxt.float())
+        total = recon + losses["commitment"] + losses["codebook"] + losses["entropy"]
+        return {"pred": pred, "codes": codes, "loss": total, "recon": recon, **losses}
+
+    @torch.no_grad()
+    def encode(self, cur: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        """Frame pairs -> latent action codes, int64 (B, 7, 5) in [0, codebook_size)."""
+        _, codes, _ = self.quantizer(self.encoder(cur, nxt))
+        return codes
+
+    @torch.no_grad()
+    def decode(self, cur: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Frame t and codes (B, 7, 5) -> predicted frame t+1 (B, C, 210, 160) in [0, 1]."""
+        return self.decoder(cur, self.quantizer.lookup(codes.long()))
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The code vectors (codebook_size, code_dim), detached."""
+        return self.quantizer.codebook.detach()
+
+    def reset_dead_codes(self) -> int:
+        return self.quantizer.reset_dead_codes()

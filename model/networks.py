@@ -1,0 +1,123 @@
+"""Encoder and decoder conv stacks. Five stride-2 convs take 210×160 to 7×5; five transposed convs
+take 7×5 back to exactly 210×160 (output_padding chosen per layer and per dimension)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
+
+
+def conv_sizes(size: int, layers: int = 5) -> list[int]:
+    """Spatial sizes after each k3/s2/p1 conv: 210 -> [105, 53, 27, 14, 7], 160 -> [80, 40, 20, 10, 5]."""
+    sizes = [size]
+    for _ in range(layers):
+        sizes.append((sizes[-1] + 2 * 1 - 3) // 2 + 1)
+    return sizes
+
+
+def output_paddings(size: int, layers: int = 5) -> list[int]:
+    """output_padding for each k3/s2/p1 transposed conv retracing conv_sizes(size) backwards:
+    out = 2·in - 1 + output_padding, so 7->14 needs 1 and 14->27 needs 0."""
+    sizes = conv_sizes(size, layers)[::-1]
+    return [target - (2 * source - 1) for source, target in zip(sizes, sizes[1:])]
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(module: nn.Module):
+    """Momentum 0 while a checkpointed stage is recomputed in backward (and the batch counter put
+    back), so BatchNorm's running statistics are updated once per step, as without checkpointing."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+class Stages(nn.Sequential):
+    """A sequence of stages that can recompute each stage in backward (gradient checkpointing)."""
+
+    grad_checkpoint = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self:
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                if torch.compiler.is_compiling():
+                    # The compiled graph applies BatchNorm's buffer updates once whatever it recomputes.
+                    x = checkpoint(stage, x, use_reentrant=False)
+                else:
+                    x = checkpoint(stage, x, use_reentrant=False,
+                                   context_fn=lambda s=stage: (contextlib.nullcontext(), frozen_batchnorm_stats(s)))
+            else:
+                x = stage(x)
+        return x
+
+
+def down_stack(in_channels: int, channels: Sequence[int]) -> Stages:
+    """Five conv(k3, s2, p1) + BatchNorm + ReLU stages."""
+    stages, previous = [], in_channels
+    for c in channels:
+        stages.append(nn.Sequential(nn.Conv2d(previous, c, 3, stride=2, padding=1, bias=False),
+                                    nn.BatchNorm2d(c), nn.ReLU(inplace=True)))
+        previous = c
+    return Stages(*stages)
+
+
+class Encoder(nn.Module):
+    """concat(frame t, frame t+1) (2C) -> conv stack -> 1×1 conv to code_dim × 7 × 5."""
+
+    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int):
+        super().__init__()
+        self.stack = down_stack(2 * in_channels, channels)
+        self.project = nn.Conv2d(channels[-1], code_dim, 1)
+
+    def forward(self, cur: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        return self.project(self.stack(torch.cat([cur, nxt], dim=1)))
+
+
+class FiLM(nn.Module):
+    """Per-cell scale and shift of the frame features from the quantised latent. γ starts at 0
+    (1 + γ multiplies), so an untrained FiLM passes the frame features through."""
+
+    def __init__(self, code_dim: int, features: int):
+        super().__init__()
+        self.to_scale_shift = nn.Conv2d(code_dim, 2 * features, 1)
+        nn.init.zeros_(self.to_scale_shift.weight)
+        nn.init.zeros_(self.to_scale_shift.bias)
+
+    def forward(self, features: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.to_scale_shift(latent.to(features.dtype)).chunk(2, dim=1)
+        return features * (1 + gamma) + beta
+
+
+class Decoder(nn.Module):
+    """Frame t -> its own conv stack (512 × 7 × 5) -> FiLM from the quantised latent -> five
+    transposed convs 512 -> 512 -> 256 -> 128 -> 64 -> C -> sigmoid. No skip connections: what frame
+    t+1 has that frame t lacks must pass through the codes."""
+
+    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int):
+        super().__init__()
+        self.frame_stack = down_stack(in_channels, channels)
+        self.film = FiLM(code_dim, channels[-1])
+        widths = [channels[-1], *reversed(channels[:-1]), in_channels]     # 512, 512, 256, 128, 64, C
+        pads = list(zip(output_paddings(FRAME_HEIGHT), output_paddings(FRAME_WIDTH)))
+        stages = []
+        for i, (source, target) in enumerate(zip(widths, widths[1:])):
+            up = nn.ConvTranspose2d(source, target, 3, stride=2, padding=1, output_padding=pads[i],
+                                    bias=i == len(pads) - 1)
+            last = i == len(pads) - 1
+            stages.append(nn.Sequential(up) if last else nn.Sequential(up, nn.BatchNorm2d(target), nn.ReLU(inplace=True)))
+        self.up_stack = Stages(*stages)
+
+    def forward(self, cur: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        features = self.film(self.frame_stack(cur), latent)
+        return torch.sigmoid(self.up_stack(features))

@@ -1,0 +1,202 @@
+"""The VQ-VAE: quantiser against brute force, gradients, resets, shapes, the public API."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from model import CHECKPOINT_FORMAT, LatentActionModel, ModelConfig, Quantizer, load_checkpoint
+from pipeline.errors import UserError
+
+SMALL = ModelConfig(width=0.125, reset_buffer=64)
+
+
+def frames(batch: int, channels: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    cur = torch.rand(batch, channels, 210, 160, generator=g)
+    nxt = (cur + 0.1 * torch.rand(batch, channels, 210, 160, generator=g)).clamp(0, 1)
+    return cur, nxt
+
+
+def seeded_quantizer(k: int = 16, d: int = 8, seed: int = 0) -> Quantizer:
+    torch.manual_seed(seed)
+    q = Quantizer(codebook_size=k, code_dim=d, reset_buffer=32)
+    q.codebook.data.normal_()
+    q.initialised.fill_(True)
+    q._seeded = True
+    return q
+
+
+def test_nearest_code_matches_brute_force_numpy():
+    q = seeded_quantizer(k=32, d=8).eval()
+    z = torch.randn(3, 8, 7, 5)
+    quantised, codes, _ = q(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 8).numpy().astype(np.float64)
+    book = q.codebook.detach().numpy().astype(np.float64)
+    brute = np.array([np.argmin([((v - e) ** 2).sum() for e in book]) for v in flat])
+    assert codes.dtype == torch.int64 and codes.shape == (3, 7, 5)
+    np.testing.assert_array_equal(codes.reshape(-1).numpy(), brute)
+    np.testing.assert_allclose(quantised.permute(0, 2, 3, 1).reshape(-1, 8).detach().numpy(), book[brute],
+                               rtol=0, atol=1e-6)
+
+
+def test_straight_through_gradient_passes_unchanged():
+    q = seeded_quantizer().eval()
+    z = torch.randn(2, 8, 7, 5, requires_grad=True)
+    quantised, _, _ = q(z)
+    upstream = torch.randn_like(quantised)
+    (quantised * upstream).sum().backward()
+    torch.testing.assert_close(z.grad, upstream, rtol=0, atol=0)
+
+
+def test_quantizer_losses_by_name_and_commitment_weight():
+    q = seeded_quantizer().eval()
+    z = torch.randn(2, 8, 7, 5)
+    quantised, _, losses = q(z)
+    assert set(losses) == {"commitment", "codebook", "entropy"}
+    mse = torch.mean((z - quantised.detach()) ** 2)
+    torch.testing.assert_close(losses["commitment"], 0.25 * mse)
+    torch.testing.assert_close(losses["codebook"], mse)
+    assert losses["entropy"] >= 0
+
+
+def test_entropy_term_gradient_reaches_encoder_weights():
+    torch.manual_seed(0)
+    model = LatentActionModel(SMALL).train()
+    cur, nxt = frames(4)
+    out = model(cur, nxt)
+    out["entropy"].backward()          # the entropy term alone: recon, commitment and codebook left out
+    first_conv = model.encoder.stack[0][0].weight
+    projection = model.encoder.project.weight
+    assert first_conv.grad is not None and projection.grad is not None
+    assert first_conv.grad.abs().max() > 1e-6 and projection.grad.abs().max() > 1e-6
+    assert model.decoder.frame_stack[0][0].weight.grad is None      # the decoder is not involved
+
+
+def test_first_training_batch_seeds_codebook_from_encoder_outputs():
+    torch.manual_seed(0)
+    model = LatentActionModel(SMALL).train()
+    out = model(*frames(4))
+    assert bool(model.quantizer.initialised)
+    used = out["codes"].unique().numel()
+    assert used > 20, f"seeded codebook should spread 140 vectors over many codes, used {used}"
+
+
+def test_reset_replaces_only_unused_codes():
+    q = seeded_quantizer(k=64, d=8).train()
+    z = torch.randn(2, 8, 7, 5) * 0.1            # near the origin: a few codes win everything
+    _, codes, _ = q(z)
+    before = q.codebook.detach().clone()
+    used = torch.zeros(64, dtype=torch.bool)
+    used[codes.unique()] = True
+    assert 0 < used.sum() < 64
+    replaced = q.reset_dead_codes()
+    after = q.codebook.detach()
+    assert replaced == int((~used).sum())
+    assert torch.equal(after[used], before[used])                  # bit-identical
+    assert not torch.isclose(after[~used], before[~used]).all(dim=1).any()
+    recent = q.recent[: int(q.recent_count)]
+    for vector in after[~used]:                                    # each new code is a recent encoder output
+        assert torch.isclose(recent, vector).all(dim=1).any()
+    assert q.usage.sum() == 0
+
+
+def test_reset_is_a_no_op_in_eval_mode():
+    q = seeded_quantizer().train()
+    q(torch.randn(1, 8, 7, 5) * 0.1)
+    before = q.codebook.detach().clone()
+    q.eval()
+    assert q.reset_dead_codes() == 0
+    assert torch.equal(q.codebook, before)
+
+
+def test_usage_and_ring_buffer_update_only_in_training():
+    q = seeded_quantizer().eval()
+    q(torch.randn(2, 8, 7, 5))
+    assert q.usage.sum() == 0 and int(q.recent_count) == 0
+    q.train()
+    q(torch.randn(2, 8, 7, 5))
+    assert q.usage.sum() == 70 and int(q.recent_count) == 32      # ring buffer holds its capacity
+
+
+def test_lookup_of_codes_equals_quantised():
+    q = seeded_quantizer().eval()
+    quantised, codes, _ = q(torch.randn(2, 8, 7, 5))
+    torch.testing.assert_close(q.lookup(codes), quantised, rtol=0, atol=1e-6)
+
+
+def test_decode_of_encode_equals_forward_in_eval_mode():
+    torch.manual_seed(0)
+    model = LatentActionModel(SMALL)
+    model.train()(*frames(4, seed=1))             # seed the codebook and move BatchNorm statistics
+    model.eval()
+    cur, nxt = frames(3, seed=2)
+    out = model(cur, nxt)
+    codes = model.encode(cur, nxt)
+    assert torch.equal(codes, out["codes"])
+    torch.testing.assert_close(model.decode(cur, codes), out["pred"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_full_size_model_shapes_and_range(channels):
+    torch.manual_seed(0)
+    model = LatentActionModel(ModelConfig(in_channels=channels)).eval()
+    assert model.config.channels == (64, 128, 256, 512, 512)
+    assert model.codebook.shape == (256, 128)
+    cur, nxt = frames(2, channels)
+    with torch.no_grad():
+        out = model(cur, nxt)
+        latent = model.encoder(cur, nxt)
+    assert latent.shape == (2, 128, 7, 5)
+    assert out["pred"].shape == (2, channels, 210, 160)
+    assert out["codes"].shape == (2, 7, 5) and out["codes"].dtype == torch.int64
+    assert 0 <= out["codes"].min() and out["codes"].max() < 256
+    assert 0 <= out["pred"].min() and out["pred"].max() <= 1
+
+
+def test_grad_checkpoint_gives_same_gradients_and_batchnorm_stats():
+    torch.manual_seed(0)
+    plain = LatentActionModel(SMALL).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpoint(True)
+    cur, nxt = frames(2)
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        model(cur, nxt)["loss"].backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), checkpointed.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_model_config_validates():
+    with pytest.raises(ValueError, match="in_channels"):
+        ModelConfig(in_channels=2)
+    with pytest.raises(ValueError, match="entropy_temperature"):
+        ModelConfig(entropy_temperature=0)
+    assert ModelConfig.from_dict(ModelConfig(width=0.5).to_dict()) == ModelConfig(width=0.5)
+
+
+def test_load_checkpoint_round_trip_and_errors(tmp_path):
+    torch.manual_seed(0)
+    model = LatentActionModel(SMALL)
+    model.train()(*frames(2))
+    path = tmp_path / "ok.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                "config": {"model": SMALL.to_dict(), "train": {}}, "step": 7}, path)
+    lam = load_checkpoint(path, "cpu")
+    assert not lam.training and lam.step == 7 and lam.config == SMALL
+    cur, nxt = frames(2, seed=3)
+    model.eval()
+    assert torch.equal(lam.encode(cur, nxt), model.encode(cur, nxt))
+
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "corrupt.pt").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "corrupt.pt")
+    torch.save({"format": "something-else/1"}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="format is 'something-else/1'"):
+        load_checkpoint(tmp_path / "foreign.pt")

@@ -1,0 +1,214 @@
+"""train.py: checkpoints, metrics and cadences, exact resume, DDP on CPU, and clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import CHECKPOINT_FORMAT, LatentActionModel, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(shards: Path, root: Path, iters: int, *extra: str) -> list[str]:
+    return ["--shards", str(shards), "--preset", "tiny", "--out", str(root / "ckpt"), "--run-dir", str(root / "run"),
+            "--iters", str(iters), "--no-compile", "--wandb", "disabled", *extra]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ") and "Traceback" not in err[0]
+    return err[0]
+
+
+# ------------------------------------------------------------------------------ the tiny run
+def test_checkpoint_loads_weights_only_without_wrapper_prefixes(tiny_checkpoint):
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    assert state["format"] == CHECKPOINT_FORMAT and state["step"] == 20
+    assert not [key for key in state["model"] if key.startswith(("_orig_mod.", "module."))]
+    assert state["config"]["train"]["preset"] == "tiny" and state["config"]["model"]["width"] == 0.0625
+    for key in ("optimizer", "scaler", "schedule", "rng", "loader", "best_val_loss"):
+        assert key in state
+    assert (tiny_checkpoint.parent / "step-000010.pt").is_file() and (tiny_checkpoint.parent / "best.pt").is_file()
+    assert not list(tiny_checkpoint.parent.glob(".*tmp*"))          # no temp file left behind
+
+    lam = load_checkpoint(tiny_checkpoint, "cpu")
+    assert isinstance(lam, LatentActionModel) and not lam.training
+    cur = torch.rand(2, 1, 210, 160)
+    codes = lam.encode(cur, cur)
+    assert codes.shape == (2, 7, 5) and codes.dtype == torch.int64 and int(codes.max()) < 256
+    pred = lam.decode(cur, codes)
+    assert pred.shape == (2, 1, 210, 160) and 0 <= float(pred.min()) and float(pred.max()) <= 1
+
+
+def test_metrics_rows_start_at_step_1_and_cadences_fire(tiny_checkpoint):
+    run_dir = tiny_checkpoint.parent.parent / "run"
+    logged = rows(run_dir)
+    assert [row["step"] for row in logged] == list(range(1, 21))
+    for row in logged:
+        for term in ("loss", "recon", "commitment", "codebook", "entropy"):
+            assert isinstance(row[f"train/{term}"], float)
+        assert row["samples_per_s"] > 0 and row["lr"] > 0
+    steps_with = lambda key: [row["step"] for row in logged if key in row]
+    assert steps_with("val/recon") == [5, 10, 15, 20]
+    assert steps_with("val/psnr") == steps_with("val/ssim") == steps_with("codebook/used_fraction") == [10, 20]
+    assert steps_with("codebook/counts") == [10, 20]
+    assert steps_with("codebook/reset_codes") == [5, 10, 15]
+    counts = logged[-1]["codebook/counts"]
+    assert len(counts) == 256 and sum(counts) > 0
+    assert 0 < logged[-1]["codebook/used_fraction"] <= 1 and logged[-1]["codebook/perplexity"] >= 1
+    assert steps_with("images/reconstruction") == [10, 20]
+    assert (run_dir / logged[-1]["images/reconstruction"]).is_file()
+
+
+def test_tiny_training_lowers_the_loss(tiny_checkpoint):
+    recon = [row["train/recon"] for row in rows(tiny_checkpoint.parent.parent / "run")]
+    first, last = sum(recon[:5]) / 5, sum(recon[-5:]) / 5
+    assert last < 0.9 * first, (first, last)
+
+
+# ------------------------------------------------------------------------------ resume
+def test_resume_gives_bitwise_the_same_weights_as_an_uninterrupted_run(pair_shards, tmp_path):
+    # Reset every 3 steps: the run is stopped at 4, between two resets that draw random replacements.
+    common = ("--set", "lr_decay_iters=8", "--set", "ckpt_every=4", "--set", "reset_every=3")
+    assert train.main(tiny_args(pair_shards, tmp_path / "straight", 8, *common)) == 0
+    assert train.main(tiny_args(pair_shards, tmp_path / "stopped", 4, *common)) == 0
+    assert train.main(tiny_args(pair_shards, tmp_path / "stopped", 8, "--resume", *common)) == 0
+
+    straight = torch.load(tmp_path / "straight/ckpt/step-000008.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "stopped/ckpt/step-000008.pt", weights_only=True)
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert straight["loader"] == resumed["loader"]
+    losses = lambda run: [(row["step"], row["train/loss"]) for row in rows(run)]
+    assert losses(tmp_path / "stopped/run") == losses(tmp_path / "straight/run")
+
+
+def test_resume_with_a_corrupt_checkpoint_is_one_clear_error(pair_shards, tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "step-000004.pt").write_bytes(b"not a checkpoint at all")
+    assert train.main(tiny_args(pair_shards, tmp_path, 8, "--resume")) == 2
+    assert "step-000004.pt: not a readable checkpoint" in error_line(capsys)
+
+
+def test_resume_with_nothing_to_resume_is_one_clear_error(pair_shards, tmp_path, capsys):
+    assert train.main(tiny_args(pair_shards, tmp_path, 8, "--resume")) == 2
+    assert "no step-*.pt checkpoint" in error_line(capsys)
+
+
+def test_resume_with_a_foreign_checkpoint_is_one_clear_error(pair_shards, tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"format": CHECKPOINT_FORMAT, "model": {"encoder.nonsense": torch.zeros(1)},
+                "config": {"model": {"width": 0.0625, "code_dim": 32}, "train": {}}, "step": 4},
+               tmp_path / "ckpt" / "step-000004.pt")
+    assert train.main(tiny_args(pair_shards, tmp_path, 8, "--resume")) == 2
+    assert "does not fit this run" in error_line(capsys)
+
+
+# ------------------------------------------------------------------------------ DDP
+def test_two_ddp_ranks_on_cpu(pair_shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py"), *tiny_args(pair_shards, tmp_path, 6, "--set", "ckpt_every=3")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "[rank 0/2]" in output and "[rank 1/2]" in output
+    assert "identical on all 2 ranks" in output                     # weight digests all-gathered at the end
+    assert output.count("train.py at git") == 1                    # only rank 0 prints the config
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best.pt", "step-000003.pt", "step-000006.pt"]
+    assert [row["step"] for row in rows(tmp_path / "run")] == list(range(1, 7))    # one writer
+    state = torch.load(tmp_path / "ckpt" / "step-000006.pt", weights_only=True)
+    assert state["world_size"] == 2 and [s["rank"] for s in state["loader"]] == [0, 1]
+
+
+# ------------------------------------------------------------------------------ logging, config, errors
+def test_wandb_offline_creates_its_run_directory(pair_shards, tmp_path):
+    args = tiny_args(pair_shards, tmp_path, 2)
+    args[args.index("--wandb") + 1] = "offline"
+    assert train.main(args) == 0
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_rgb_flag_trains_an_rgb_model(pair_shards, tmp_path):
+    assert train.main(tiny_args(pair_shards, tmp_path, 2, "--rgb")) == 0
+    assert load_checkpoint(tmp_path / "ckpt" / "step-000002.pt").config.in_channels == 3
+
+
+def test_missing_shards_is_one_clear_error_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_args(tmp_path / "nowhere", tmp_path, 2)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: shard directory not found"]
+
+
+def test_manifest_of_another_format_is_one_clear_error(pair_shards, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shutil.copytree(pair_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["format"] = "lam-latent/1"
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    assert train.main(tiny_args(shards, tmp_path, 2)) == 2
+    assert "format is 'lam-latent/1', expected 'lam-pairs/1'" in error_line(capsys)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("no_such_field=3", "unknown field 'no_such_field'"),
+    ("iters=many", "--set iters: bad value 'many'"),
+    ("amp=fp8", "amp must be"),
+    ("compile", "expected field=value"),
+])
+def test_bad_set_is_one_clear_error(pair_shards, tmp_path, capsys, setting, message):
+    assert train.main(tiny_args(pair_shards, tmp_path, 2, "--set", setting)) == 2
+    assert message in error_line(capsys)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(pair_shards, tmp_path, capsys, monkeypatch):
+    forward = LatentActionModel.forward
+
+    def poisoned(self, cur, nxt):
+        out = forward(self, cur, nxt)
+        return {**out, "loss": out["loss"] * float("nan")}
+
+    monkeypatch.setattr(LatentActionModel, "forward", poisoned)
+    assert train.main(tiny_args(pair_shards, tmp_path, 5, "--set", "max_nonfinite=2")) == 2
+    captured = capsys.readouterr().err
+    assert "non-finite loss at step 1" in captured and "(2/2 in a row): stopping" in captured
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("step-*.pt"))
+
+
+def test_help_lists_the_fields(capsys):
+    assert train.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for name in ("ckpt_every", "entropy_weight", "grad_accum", "reset_every", "backend", "grad_checkpoint"):
+        assert name in text
+
+
+def test_set_overrides_preset_and_flags_override_set():
+    args = train.argument_parser().parse_args(["--preset", "demo", "--set", "lr=0.001", "--set", "rgb=true",
+                                               "--set", "iters=5", "--iters", "7", "--no-compile"])
+    cfg = train.build_config(args)
+    assert (cfg.lr, cfg.rgb, cfg.iters, cfg.compile, cfg.width) == (0.001, True, 7, False, 0.25)
+    assert cfg.model_config().in_channels == 3
+
+
+def test_learning_rate_decays_from_lr_to_lr_min():
+    cfg = train.TrainConfig(iters=100, lr=3e-4, lr_min=1e-4)
+    lrs = [train.learning_rate(cfg, step) for step in range(100)]
+    assert lrs[0] == pytest.approx(3e-4) and lrs[-1] == pytest.approx(1e-4, rel=1e-3)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert train.learning_rate(cfg, 500) == pytest.approx(1e-4)
