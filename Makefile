@@ -19,6 +19,8 @@ REPORTS   ?= reports
 # `make train` picks `full` on a CUDA machine and `demo` elsewhere; PRESET=... overrides.
 PRESET    ?= $(shell $(PY) -c "import torch; print('full' if torch.cuda.is_available() else 'demo')" 2>/dev/null || echo demo)
 TRAIN_ARGS ?=
+# EXTRACT_ARGS=--zstd also writes .tar.zst copies of the latent shards, for transfer.
+EXTRACT_ARGS ?=
 
 .PHONY: setup data shards train extract eval demo bench test clean help
 
@@ -42,10 +44,11 @@ shards: setup
 	$(PY) -m pipeline.pack --src $(VIDEOS) --out $(SHARDS) --workers $(WORKERS)
 
 train: setup
+	@echo "==> make train: preset '$(PRESET)' (full when CUDA is present, demo otherwise; PRESET=... overrides)"
 	$(PY) train.py --shards $(SHARDS) --preset $(PRESET) --out $(CKPT_DIR) $(TRAIN_ARGS)
 
 extract: setup
-	$(PY) extract.py --shards $(SHARDS) --checkpoint $(CKPT) --out $(LATENT)
+	$(PY) extract.py --shards $(SHARDS) --checkpoint $(CKPT) --out $(LATENT) $(EXTRACT_ARGS)
 
 eval: setup
 	$(PY) evaluate.py --shards $(SHARDS) --checkpoint $(CKPT) --split val --out $(REPORTS)/val

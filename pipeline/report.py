@@ -44,7 +44,24 @@ def copy_verdict(metrics: dict) -> str:
                 f"{num(model['psnr'])} dB PSNR; simply repeating frame t scores {num(copy['psnr'])} dB "
                 f"({num(-gap)} dB better than the model).{changed}")
     return (f"**The model beats copying frame t** by {num(gap)} dB PSNR ({num(model['psnr'])} against "
-            f"{num(copy['psnr'])} dB).{changed}")
+            f"{num(copy['psnr'])} dB).{changed}{caveats(metrics)}")
+
+
+def caveats(metrics: dict) -> str:
+    """What a PSNR win hides: PSNR rewards putting the moving pieces roughly right, so a blurry
+    prediction can beat the sharp copy on PSNR and still lose on SSIM or on the ball."""
+    notes = []
+    model_ssim, copy_ssim = metrics["model"].get("ssim"), metrics["copy_baseline"].get("ssim")
+    if model_ssim is not None and copy_ssim is not None and model_ssim < copy_ssim:
+        notes.append(f" Its SSIM is lower than the copy's ({num(model_ssim, 4)} against {num(copy_ssim, 4)}): "
+                     f"the prediction is blurrier than frame t.")
+    ball = metrics.get("elements", {}).get("ball", {})
+    if ball.get("model", {}).get("missing") is not None and ball.get("copy_baseline", {}).get("missing") is not None:
+        missing, copy_missing = ball["model"]["missing"], ball["copy_baseline"]["missing"]
+        if missing > copy_missing + 0.1:
+            notes.append(f" The ball is missing from {pct(missing)} of the predicted frames where the true frame "
+                         f"shows it (copy: {pct(copy_missing)}).")
+    return "".join(notes)
 
 
 def codes_verdict(metrics: dict) -> str:
@@ -132,6 +149,11 @@ def events_section(metrics: dict) -> str:
         "![codes by event](codes_by_event.png)", ""])
 
 
+def accuracy_stderr(accuracy: float, n: int | None) -> float:
+    """Binomial standard error of an accuracy measured on n transitions (inf when n is unknown)."""
+    return (accuracy * (1 - accuracy) / n) ** 0.5 if n else float("inf")
+
+
 def actions_section(metrics: dict) -> str:
     actions = metrics.get("actions")
     if not actions:
@@ -142,9 +164,13 @@ def actions_section(metrics: dict) -> str:
     elif codes <= majority:
         verdict = (f"The codes predict the action no better than always answering {actions['majority_class']} "
                    f"({pct(codes)} against {pct(majority)}): no sign that they encode the action.")
-    elif frame is not None and codes > frame:
+    elif frame is not None and codes > frame + 2 * accuracy_stderr(codes, actions.get("transitions")):
         verdict = (f"The codes predict the action better than frame t alone ({pct(codes)} against {pct(frame)}) "
                    f"and than the majority class ({pct(majority)}): they carry information about the action itself.")
+    elif frame is not None and codes > frame:
+        verdict = (f"The codes score above frame t alone ({pct(codes)} against {pct(frame)}; majority class "
+                   f"{pct(majority)}), but by less than two standard errors on {actions.get('transitions')} "
+                   f"transitions: no clear sign that they encode the action beyond what the frame shows.")
     else:
         verdict = (f"The codes beat the majority class ({pct(codes)} against {pct(majority)}) but not frame t alone "
                    f"({pct(frame)}): no sign that they encode the action beyond what the frame already shows.")
