@@ -90,8 +90,7 @@ def run() -> str:
             f"and stores the source bytes; the naive way decodes and re-encodes both frames of every pair. "
             f"Time is the packing call alone (imports excluded); pack rows are the best of {REPEATS} runs. "
             f"Peak RSS is the parent plus its largest worker; the imports column is the peak before packing "
-            f"starts (`pipeline.pack` imports torch through `pipeline.frames`), and a forked worker counts the "
-            f"pages it shares with the parent again. With validation this cheap, most of the work per pair "
-            f"is the parent's serial tar writing; where the cores are already busy (1-minute load average "
-            f"{load:.1f} at the start of this run), extra worker processes add contention rather than "
-            f"speed.\n\n{table}\n")
+            f"starts, and a forked worker counts the pages it shares with the parent again. With validation "
+            f"this cheap, most of the work per pair is the parent's serial tar writing, so a second worker "
+            f"adds little; on a busy box it adds contention (1-minute load average {load:.1f} at the start "
+            f"of this run).\n\n{table}\n")
