@@ -31,7 +31,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import sys
 import zlib
 from collections import deque
@@ -45,6 +44,7 @@ from zlib_ng import zlib_ng
 
 from pipeline.errors import UserError, run_cli
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
+from pipeline.png import BadFrame, Ihdr, png_chunks
 from pipeline.shards import TarShardWriter, WrittenShard, atomic_write_json, fsync_dir
 
 FORMAT = "lam-pairs/1"
@@ -79,21 +79,7 @@ class PackOptions:
 
 
 # ------------------------------------------------------------------------------- frame checks
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLOR_RGB = 2
-
-
-class BadFrame(Exception):
-    """A frame that cannot be used; the message is the reason listed in the manifest."""
-
-
-@dataclass(frozen=True)
-class Ihdr:
-    width: int
-    height: int
-    bit_depth: int
-    color_type: int
-    interlaced: bool
 
 
 @dataclass
@@ -103,33 +89,6 @@ class Frame:
     data: bytes | None = None       # the PNG bytes to store; None when rejected
     converted: bool = False
     problem: str | None = None
-
-
-def png_chunks(data: bytes) -> tuple[Ihdr, bytes]:
-    """Walk the chunks, checking every CRC; returns the header and the joined image data."""
-    if not data.startswith(PNG_SIGNATURE):
-        raise BadFrame("not a PNG")
-    pos, ihdr, idat, ended = len(PNG_SIGNATURE), None, [], False
-    while not ended:
-        if pos + 12 > len(data):
-            raise BadFrame("truncated PNG")
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        end = pos + 12 + length
-        if end > len(data):
-            raise BadFrame("truncated PNG")
-        body = data[pos + 8:end - 4]
-        if zlib_ng.crc32(body, zlib_ng.crc32(kind)) != struct.unpack_from(">I", data, end - 4)[0]:
-            raise BadFrame(f"corrupt PNG (bad CRC in {kind.decode('latin-1')!r} chunk)")
-        if ihdr is None:
-            if kind != b"IHDR" or length != 13:
-                raise BadFrame("corrupt PNG (does not start with IHDR)")
-            width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", body)
-            ihdr = Ihdr(width, height, depth, color, interlace != 0)
-        elif kind == b"IDAT":
-            idat.append(body)
-        ended = kind == b"IEND"
-        pos = end
-    return ihdr, b"".join(idat)
 
 
 def check_rgb8_pixels(ihdr: Ihdr, image_data: bytes) -> None:
