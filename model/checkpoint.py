@@ -53,8 +53,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError,
             io.UnsupportedOperation) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first_line[:200]})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({load_failure(error)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise UserError(f"{path}: format is {found!r}, expected {CHECKPOINT_FORMAT!r}")
@@ -62,6 +61,15 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if key not in checkpoint:
             raise UserError(f"{path}: checkpoint has no {key!r} entry")
     return checkpoint
+
+
+def load_failure(error: Exception) -> str:
+    """Why torch.load failed, in words for the user. Its own weights-only message advises loading
+    with weights_only=False, which is wrong advice for a corrupt file."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "not a torch checkpoint, or it holds objects that weights_only=True refuses"
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"truncated or corrupt: {first_line[:160]}"
 
 
 def model_config_from(checkpoint: dict, path: str | Path = "checkpoint") -> ModelConfig:
