@@ -49,11 +49,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # plus validation fit in 10 minutes. lr 2e-3: in 500-step trials it reached 34 dB val PSNR where
     # 1e-3 reached 30 and 3e-4 19. Resets every 200 steps (not 10k): early on most codes lose every
     # nearest-code contest.
-    "demo": dict(width=0.25, iters=2000, lr=2e-3, lr_min=1e-4, reset_every=200, val_every=400, val_batches=8,
+    "demo": dict(width=0.25, iters=2000, lr_decay_iters=2000, lr=2e-3, lr_min=1e-4, reset_every=200, val_every=400, val_batches=8,
                  metrics_every=400, hist_every=800, image_every=400, ckpt_every=800, compile=False),
     # For tests: every cadence <= 10 steps so a 20-step run exercises each of them; one thread, as
     # OpenMP threads spinning on a busy 2-core box are many times slower than one.
-    "tiny": dict(width=0.0625, code_dim=32, batch_size=4, iters=20, lr=3e-3, lr_min=1e-3, reset_every=5,
+    "tiny": dict(width=0.0625, code_dim=32, batch_size=4, iters=20, lr_decay_iters=20, lr=3e-3, lr_min=1e-3, reset_every=5,
                  reset_buffer=256, val_every=5, val_batches=2, metrics_every=10, hist_every=10, image_every=10,
                  ckpt_every=10, backend="torch", deterministic=True, threads=1),
 }
@@ -85,7 +85,9 @@ class TrainConfig:
     lr: float = 3e-4
     lr_min: float = 1e-4
     lr_schedule: str = "cosine"              # cosine | linear | constant (after warmup)
-    lr_decay_iters: int = 0                  # schedule horizon: lr decays to lr_min by it, resets stop; 0 = iters
+    # Schedule horizon: lr reaches lr_min there and code resets stop. A preset's own length, not
+    # --iters, so that a run stopped at any step (--iters k) and resumed is the same run. 0 = iters.
+    lr_decay_iters: int = 100_000
     warmup: int = 0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -292,14 +294,14 @@ def forever(loader) -> Iterator[dict]:
 # ------------------------------------------------------------------------------------------ helpers
 def schedule_horizon(cfg: TrainConfig) -> int:
     """The step the schedule plans for: lr reaches lr_min there and code resets stop one interval
-    before. Training depends on --iters only through it, so a run stopped early and resumed with the
-    same horizon is the same run."""
+    before. It does not follow --iters (unless lr_decay_iters is 0), so a run stopped at step k and
+    resumed to n is the same run as one straight to n."""
     return cfg.lr_decay_iters or cfg.iters
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """lr for update number `step` + 1: linear warmup, then cosine (or linear) decay from lr to lr_min
-    over lr_decay_iters (default iters), lr_min after."""
+    over the schedule horizon, lr_min after."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, schedule_horizon(cfg) - cfg.warmup))

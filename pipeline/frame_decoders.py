@@ -175,9 +175,13 @@ class PilFrameDecoder(FrameDecoder):
     def _decode(self, jobs: Sequence[Job]) -> Iterator[torch.Tensor]:
         # Workers live for one pass: nothing is left running between epochs or after a cache fill.
         workers = min(self.workers, len(jobs))
+        # Its own generator: a DataLoader iterator otherwise draws its worker seed from the global
+        # torch RNG, so each pass (a validation, a resumed epoch) would shift the training run's
+        # random stream and a resumed run would not equal an uninterrupted one.
         loader = torch.utils.data.DataLoader(
             _DecodeJobs(self.index, jobs), batch_size=None, num_workers=workers,
-            prefetch_factor=self.prefetch if workers else None, pin_memory=self.device.type == "cuda")
+            prefetch_factor=self.prefetch if workers else None, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator())
         for frames in loader:
             if isinstance(frames, str):
                 raise UserError(frames)

@@ -82,7 +82,8 @@ def test_tiny_training_lowers_the_loss(tiny_checkpoint):
 # ------------------------------------------------------------------------------ resume
 def test_resume_gives_bitwise_the_same_weights_as_an_uninterrupted_run(pair_shards, tmp_path):
     # Reset every 3 steps: the run is stopped at 4, between two resets that draw random replacements.
-    common = ("--set", "lr_decay_iters=8", "--set", "ckpt_every=4", "--set", "reset_every=3")
+    # The schedule horizon is the preset's (tiny: 20 steps) whatever --iters says, as a user would run it.
+    common = ("--set", "ckpt_every=4", "--set", "reset_every=3")
     assert train.main(tiny_args(pair_shards, tmp_path / "straight", 8, *common)) == 0
     assert train.main(tiny_args(pair_shards, tmp_path / "stopped", 4, *common)) == 0
     assert train.main(tiny_args(pair_shards, tmp_path / "stopped", 8, "--resume", *common)) == 0
@@ -207,7 +208,7 @@ def test_set_overrides_preset_and_flags_override_set():
 
 
 def test_learning_rate_decays_from_lr_to_lr_min():
-    cfg = train.TrainConfig(iters=100, lr=3e-4, lr_min=1e-4)
+    cfg = train.TrainConfig(iters=100, lr_decay_iters=100, lr=3e-4, lr_min=1e-4)
     lrs = [train.learning_rate(cfg, step) for step in range(100)]
     assert lrs[0] == pytest.approx(3e-4) and lrs[-1] == pytest.approx(1e-4, rel=1e-3)
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
