@@ -36,10 +36,8 @@ from pipeline.inference import CheckpointIdentity, autocast_for, default_backend
 from pipeline.metrics import ElementMeter, ReconstructionMeter, code_counts, codebook_stats
 from pipeline.pair_index import episode_and_step
 from pipeline.report import write_report, write_summary
-from pipeline.shards import atomic_write_json, load_manifest, read_index, split_shards
+from pipeline.shards import LATENT_FORMAT, PAIRS_FORMAT, atomic_write_json, load_manifest, read_index, split_shards
 
-PAIRS_FORMAT = "lam-pairs/1"
-LATENT_FORMAT = "lam-latent/1"
 EXAMPLES = 6                   # pairs in the reconstruction grid
 FEATURE_POOL = 10              # frame-t probe features: frames average-pooled 10 x 10 (21 x 16 cells)
 

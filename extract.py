@@ -36,12 +36,9 @@ from tqdm import tqdm
 from pipeline.errors import UserError, run_cli
 from pipeline.frames import GRID
 from pipeline.inference import CheckpointIdentity, autocast_for, default_backend, load_model
-from pipeline.shards import (TarShardWriter, atomic_write_bytes, atomic_write_json, iter_samples, load_manifest,
-                             sha256_file, split_shards)
+from pipeline.shards import (LATENT_FORMAT, PAIRS_FORMAT, SPLITS, TarShardWriter, atomic_write_bytes,
+                             atomic_write_json, iter_samples, load_manifest, sha256_file, split_shards)
 
-PAIRS_FORMAT = "lam-pairs/1"
-LATENT_FORMAT = "lam-latent/1"
-SPLITS = ("train", "val", "test")
 ZSTD_LEVEL = 10
 DONE_SUFFIX = ".done.json"
 

@@ -36,9 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import CHECKPOINT_FORMAT, LatentActionModel, ModelConfig, clean_state_dict, read_checkpoint
 from model.checkpoint import model_config_from
 from pipeline.errors import UserError, run_cli
-from pipeline.shards import atomic_write_bytes, load_manifest
+from pipeline.shards import PAIRS_FORMAT, atomic_write_bytes, load_manifest
 
-PAIRS_FORMAT = "lam-pairs/1"
 LOSS_TERMS = ("loss", "recon", "commitment", "codebook", "entropy")
 
 # ------------------------------------------------------------------------------------------ config

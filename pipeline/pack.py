@@ -45,10 +45,8 @@ from zlib_ng import zlib_ng
 from pipeline.errors import UserError, run_cli
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 from pipeline.png import BadFrame, Ihdr, png_chunks
-from pipeline.shards import TarShardWriter, WrittenShard, atomic_write_json, fsync_dir
+from pipeline.shards import PAIRS_FORMAT, SPLITS, TarShardWriter, WrittenShard, atomic_write_json, fsync_dir
 
-FORMAT = "lam-pairs/1"
-SPLITS = ("train", "val", "test")
 DEFAULT_PAIRS_PER_SHARD = 1000      # ~3.5 MB of Breakout pairs: enough shards per split to spread over ranks
 CHUNK_FRAMES = 256                  # frames per worker task
 FRAME_FILE = re.compile(r"(\d+)\.png", re.IGNORECASE)
@@ -399,7 +397,7 @@ def build_manifest(options: PackOptions, episodes: list[Episode], shards: dict[s
                     "pairs": s.samples, "sha256": s.sha256} for s in shards[split]]
         splits[split] = {"episodes": [e.name for e in episodes if e.split == split],
                          "pairs": sum(s.samples for s in shards[split]), "shards": entries}
-    return {"format": FORMAT, "frame": {"height": FRAME_HEIGHT, "width": FRAME_WIDTH},
+    return {"format": PAIRS_FORMAT, "frame": {"height": FRAME_HEIGHT, "width": FRAME_WIDTH},
             "seed": options.seed, "fractions": list(options.fractions),
             "pairs_per_shard": options.pairs_per_shard, "splits": splits,
             "rejected": findings.rejected, "missing": findings.missing, "converted": findings.converted,

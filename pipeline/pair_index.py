@@ -18,9 +18,8 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 from pipeline.png import BadFrame, png_chunks
-from pipeline.shards import load_manifest, read_index, split_shards
+from pipeline.shards import PAIRS_FORMAT, load_manifest, read_index, split_shards
 
-PAIRS_FORMAT = "lam-pairs/1"
 FRAME_MEMBERS = ("cur.png", "next.png")
 
 

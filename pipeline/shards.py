@@ -17,6 +17,9 @@ from typing import Any, Iterator
 from pipeline.errors import UserError
 
 INDEX_VERSION = "v1.2"      # the format DALI's wds2idx writes and fn.readers.webdataset reads
+PAIRS_FORMAT = "lam-pairs/1"      # manifest.json of pair shards (pack.py)
+LATENT_FORMAT = "lam-latent/1"    # manifest.json of latent shards (extract.py)
+SPLITS = ("train", "val", "test")
 
 
 def split_member_name(name: str) -> tuple[str, str]:

@@ -32,10 +32,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from pipeline.errors import UserError
 from pipeline.frames import GRID, to_model_input
 from pipeline.pair_index import decode_png_rgb
-from pipeline.shards import load_manifest
+from pipeline.shards import LATENT_FORMAT, SPLITS, load_manifest
 
-LATENT_FORMAT = "lam-latent/1"
-SPLITS = ("train", "val", "test")
 ZSTD_SUFFIX = ".zst"
 
 
