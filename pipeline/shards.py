@@ -1,5 +1,5 @@
 """Tar shards in webdataset layout: reproducible, atomic writing with a DALI index beside each tar,
-random access through that index, manifests, and atomic small-file writes.
+reading through that index, manifests, and atomic small-file writes.
 
 Shared by pack.py (pair shards), extract.py (latent shards) and the loaders, so every stage writes
 and reads shards the same way.
@@ -210,15 +210,6 @@ def read_index(index_path: Path) -> list[IndexedSample]:
     except (ValueError, IndexError):
         raise UserError(f"{index_path}: not a {INDEX_VERSION} webdataset index") from None
     return samples
-
-
-def read_member(tar_path: Path, offset: int, size: int) -> bytes:
-    with open(tar_path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise UserError(f"{tar_path}: truncated (member at byte {offset} runs past the end)")
-    return data
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
