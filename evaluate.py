@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import io
 import json
 import sys
 import time
@@ -27,40 +28,25 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.code_analysis import (ProbeData, action_probe, event_code_analysis, has_action_labels,
-                                    visible_effect)
+from evaluation.code_analysis import (ProbeData, action_probe, event_code_analysis, has_action_labels,
+                                      visible_effect)
+from evaluation.events import Elements, count_events, detect_elements, transition_events
+from evaluation.figures import Example, code_tsne, codebook_histogram, codes_by_event, reconstruction_grid
+from evaluation.metrics import ElementMeter, ReconstructionMeter, code_counts, codebook_stats
+from evaluation.report import write_report, write_summary
+from model.inference import CheckpointIdentity, autocast, codes_to_array, load_model
 from pipeline.errors import UserError, run_cli
-from pipeline.events import Elements, count_events, detect_elements, transition_events
-from pipeline.figures import Example, code_tsne, codebook_histogram, codes_by_event, reconstruction_grid
-from pipeline.inference import CheckpointIdentity, autocast_for, default_backend, load_model
-from pipeline.metrics import ElementMeter, ReconstructionMeter, code_counts, codebook_stats
+from pipeline.frames import to_model_input
+from pipeline.loader import in_order_loader, resolve_device
 from pipeline.pair_index import episode_and_step
-from pipeline.report import write_report, write_summary
-from pipeline.shards import LATENT_FORMAT, PAIRS_FORMAT, atomic_write_json, load_manifest, read_index, split_shards
+from pipeline.shards import LATENT_FORMAT, PAIRS_FORMAT, atomic_write_json, load_manifest, read_members, split_shards
+from pipeline.stream import decode_png
 
 EXAMPLES = 6                   # pairs in the reconstruction grid
 FEATURE_POOL = 10              # frame-t probe features: frames average-pooled 10 x 10 (21 x 16 cells)
 
 
 # ------------------------------------------------------------------------------------ reading
-def read_members(entries: Sequence[dict], exts: Sequence[str], keys: set[str] | None = None) -> dict[str, dict]:
-    """key -> {ext: bytes} of the given members, for every pair (or those in `keys`) of the shards."""
-    out = {}
-    for entry in entries:
-        wanted = [s for s in read_index(entry["idx"]) if keys is None or s.key in keys]
-        with open(entry["tar"], "rb") as tar:
-            for sample in wanted:
-                members = {}
-                for ext in exts:
-                    if ext not in sample.members:
-                        raise UserError(f"{entry['tar']}: sample {sample.key} has no {ext} member")
-                    offset, size = sample.members[ext]
-                    tar.seek(offset)
-                    members[ext] = tar.read(size)
-                out[sample.key] = members
-    return out
-
-
 def read_metas(entries: Sequence[dict]) -> dict[str, dict]:
     return {key: json.loads(m["json"]) for key, m in read_members(entries, ("json",)).items()}
 
@@ -88,11 +74,6 @@ def frame_features(frames: torch.Tensor) -> np.ndarray:
     return F.avg_pool2d(frames.float(), FEATURE_POOL).flatten(1).cpu().numpy()
 
 
-def as_image(frame: np.ndarray) -> np.ndarray:
-    """(C, H, W) -> (H, W) gray or (H, W, 3) RGB, for figures."""
-    return frame[0] if frame.shape[0] == 1 else frame.transpose(1, 2, 0)
-
-
 def evaluate_pass(loader, lam, device: torch.device, seed: int, progress: bool) -> SplitPass:
     # random codes serve ΔPSNR only: no SSIM for them
     state = SplitPass(ReconstructionMeter(device), ReconstructionMeter(device), ReconstructionMeter(device, ssim=False))
@@ -100,7 +81,7 @@ def evaluate_pass(loader, lam, device: torch.device, seed: int, progress: bool) 
     size = lam.config.codebook_size
     for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
         cur, nxt = batch["cur"], batch["next"]
-        with torch.inference_mode(), autocast_for(device):
+        with torch.inference_mode(), autocast(device):
             codes = lam.encode(cur, nxt)
             pred = lam.decode(cur, codes).float().clamp(0, 1)
             random_codes = torch.randint(0, size, codes.shape, generator=generator).to(device)
@@ -109,7 +90,7 @@ def evaluate_pass(loader, lam, device: torch.device, seed: int, progress: bool) 
         state.copy.update(cur, nxt, cur)
         state.random.update(pred_random, nxt, cur)
         state.keys += batch["key"]
-        state.codes.append(codes.to("cpu", torch.uint8).numpy())
+        state.codes.append(codes_to_array(codes))
         state.features.append(frame_features(cur))
         collect_elements(state, cur.cpu().numpy(), nxt.cpu().numpy(), pred.cpu().numpy(), batch["key"])
     return state
@@ -122,10 +103,9 @@ def collect_elements(state: SplitPass, cur: np.ndarray, nxt: np.ndarray, pred: n
         state.copy_elements.update(elements_t, elements_next, elements_t)
         state.cur_elements.append(elements_t)
         state.next_elements.append(elements_next)
-        changed = int((frame_t != frame_next).sum())
-        example = Example(key, as_image(frame_t), as_image(frame_next), as_image(frame_pred), changed)
+        example = Example.of(key, frame_t, frame_next, frame_pred)
         # the pairs where most pixels change: where copying fails and the codes must carry the change
-        item = (changed, len(state.cur_elements), example)       # the count breaks ties
+        item = (example.changed_pixels, len(state.cur_elements), example)       # the count breaks ties
         if len(state.examples) < EXAMPLES:
             heapq.heappush(state.examples, item)
         else:
@@ -152,8 +132,6 @@ def latent_codes(latent_dir: Path | None, identity: CheckpointIdentity, keys: se
     manifest = load_manifest(latent_dir, LATENT_FORMAT)
     if manifest.get("checkpoint", {}).get("sha256") != identity.sha256 or "train" not in manifest["splits"]:
         return None
-    import io
-
     members = read_members(split_shards(latent_dir, manifest, "train"), ("codes.npy",), keys)
     return {key: np.load(io.BytesIO(m["codes.npy"]), allow_pickle=False) for key, m in members.items()}
 
@@ -162,9 +140,6 @@ def train_probe_data(shards: Path, manifest: dict, lam, identity: CheckpointIden
                      latent_dir: Path | None, limit: int, batch_size: int) -> tuple[ProbeData, str] | None:
     """The train split's visible-effect transitions (at most `limit`, spread evenly) as probe data,
     and where their codes came from. None when the train split has no action labels."""
-    from pipeline.frames import to_model_input
-    from pipeline.stream import decode_png
-
     entries = split_shards(shards, manifest, "train")
     metas = read_metas(entries)
     if not has_action_labels(list(metas.values())):
@@ -189,8 +164,8 @@ def train_probe_data(shards: Path, manifest: dict, lam, identity: CheckpointIden
             codes.append(np.stack([stored[k] for k in keys]))
             continue
         nxt = frames(keys, "next.png")
-        with torch.inference_mode(), autocast_for(device):
-            codes.append(lam.encode(cur, nxt).to("cpu", torch.uint8).numpy())
+        with torch.inference_mode(), autocast(device):
+            codes.append(codes_to_array(lam.encode(cur, nxt)))
     if not chosen:
         return None
     actions = np.array([metas[k]["action"] for k in chosen])
@@ -247,56 +222,52 @@ def draw_figures(out: Path, state: SplitPass, lam, metrics: dict, seed: int) -> 
     return {name: path.name for name, path in paths.items()}
 
 
-# ------------------------------------------------------------------------------------ cli
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate a latent action model on one split.")
-    parser.add_argument("--shards", type=Path, required=True, help="pair shard directory (lam-pairs/1)")
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--out", type=Path, default=None, help="report directory (default reports/<split>)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--latent", type=Path, default=Path("shards/latent"),
-                        help="latent shards whose train codes the action probe may reuse (if this checkpoint made them)")
-    parser.add_argument("--probe-limit", type=int, default=1500, help="train transitions for the action probe")
-    parser.add_argument("--seed", type=int, default=0, help="random codes for ΔPSNR, t-SNE, probes")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--backend", choices=("dali", "torch"), default=None)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    args.out = args.out or Path("reports") / args.split
-    return args
+# ------------------------------------------------------------------------------------ the run
+@dataclass
+class EvaluateConfig:
+    shards: Path
+    checkpoint: Path
+    split: str = "test"
+    out: Path | None = None                  # None: reports/<split>
+    batch_size: int = 64
+    latent: Path | None = Path("shards/latent")   # train codes the action probe may reuse
+    probe_limit: int = 1500                  # train transitions for the action probe
+    seed: int = 0                            # random codes for ΔPSNR, t-SNE, probes
+    device: str | None = None
+    backend: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        self.out = self.out or Path("reports") / self.split
 
 
-def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
-    from pipeline.loader import build_loader, resolve_device
-
+def evaluate(cfg: EvaluateConfig) -> tuple[dict, Path]:
     started = time.perf_counter()
-    manifest = load_manifest(args.shards, PAIRS_FORMAT)
-    entries = split_shards(args.shards, manifest, args.split)
-    device = resolve_device(args.device)
-    lam, identity = load_model(args.checkpoint, device)
-    loader = build_loader(args.shards, args.split, args.batch_size, grayscale=identity.color == "gray",
-                          shuffle=False, drop_last=False, with_keys=True, backend=args.backend or default_backend(),
-                          device=device, cache=False)
+    manifest = load_manifest(cfg.shards, PAIRS_FORMAT)
+    entries = split_shards(cfg.shards, manifest, cfg.split)
+    device = resolve_device(cfg.device)
+    lam, identity = load_model(cfg.checkpoint, device)
+    loader = in_order_loader(cfg.shards, cfg.split, cfg.batch_size, grayscale=identity.color == "gray",
+                             backend=cfg.backend, device=device)
     if len(loader) == 0:
-        raise UserError(f"{args.shards}: split {args.split!r} has no pairs")
-    state = evaluate_pass(loader, lam, device, args.seed, not args.no_progress)
+        raise UserError(f"{cfg.shards}: split {cfg.split!r} has no pairs")
+    state = evaluate_pass(loader, lam, device, cfg.seed, cfg.progress)
     codes = np.concatenate(state.codes)
     metas = read_metas(entries)
     events = split_events(state.keys, state.cur_elements, state.next_elements, metas)
     analysis = event_code_analysis(codes, events)
-    train = train_probe_data(args.shards, manifest, lam, identity, device, args.latent, args.probe_limit,
-                             args.batch_size) if "train" in manifest["splits"] else None
-    actions = actions_section(state, codes, metas, train, lam.config.codebook_size, args.seed)
-    metrics = build_metrics(args.split, state, identity, codes, lam.config.codebook_size, events, analysis, actions)
-    args.out.mkdir(parents=True, exist_ok=True)
-    figures = draw_figures(args.out, state, lam, metrics, args.seed)
+    train = train_probe_data(cfg.shards, manifest, lam, identity, device, cfg.latent, cfg.probe_limit,
+                             cfg.batch_size) if "train" in manifest["splits"] else None
+    actions = actions_section(state, codes, metas, train, lam.config.codebook_size, cfg.seed)
+    metrics = build_metrics(cfg.split, state, identity, codes, lam.config.codebook_size, events, analysis, actions)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    figures = draw_figures(cfg.out, state, lam, metrics, cfg.seed)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
-    atomic_write_json(args.out / "metrics.json", metrics)
-    report = write_report(args.out, metrics, figures, checkpoint_path=str(args.checkpoint))
-    write_summary(args.out.parent)
+    atomic_write_json(cfg.out / "metrics.json", metrics)
+    report = write_report(cfg.out, metrics, figures, checkpoint_path=str(cfg.checkpoint))
+    write_summary(cfg.out.parent)
     return metrics, report
 
 
@@ -315,9 +286,29 @@ def headline(metrics: dict) -> str:
     return "; ".join(parts)
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    metrics, report = evaluate(args)
+# ------------------------------------------------------------------------------------ cli
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Evaluate a latent action model on one split.")
+    parser.add_argument("--shards", type=Path, required=True, help="pair shard directory (lam-pairs/1)")
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--out", type=Path, default=None, help="report directory (default reports/<split>)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--latent", type=Path, default=Path("shards/latent"),
+                        help="latent shards whose train codes the action probe may reuse (if this checkpoint made them)")
+    parser.add_argument("--probe-limit", type=int, default=1500, help="train transitions for the action probe")
+    parser.add_argument("--seed", type=int, default=0, help="random codes for ΔPSNR, t-SNE, probes")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--backend", choices=("dali", "torch"), default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    args = argument_parser().parse_args(argv)
+    cfg = EvaluateConfig(args.shards, args.checkpoint, args.split, args.out, args.batch_size, args.latent,
+                         args.probe_limit, args.seed, args.device, args.backend, not args.no_progress)
+    metrics, report = evaluate(cfg)
     print(f"{metrics['split']}: {metrics['pairs']} pairs in {metrics['seconds']} s; {headline(metrics)}")
     print(f"report: {report}")
     return 0
@@ -325,10 +316,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit code (a user's mistake: one `error:` line on stderr, 2)."""
-    try:
-        return run_cli(run, argv)
-    except SystemExit as exit_:            # --help, or argparse's own usage error
-        return int(exit_.code or 0)
+    return run_cli(cli, argv)
 
 
 if __name__ == "__main__":

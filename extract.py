@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError, run_cli
 from pipeline.frames import GRID
-from pipeline.inference import CheckpointIdentity, autocast_for, default_backend, load_model
+from model.inference import CODE_DTYPE, CheckpointIdentity, autocast, codes_to_array, load_model
+from pipeline.loader import in_order_loader, resolve_device
 from pipeline.shards import (LATENT_FORMAT, PAIRS_FORMAT, SPLITS, TarShardWriter, atomic_write_bytes,
                              atomic_write_json, iter_samples, load_manifest, sha256_file, split_shards)
 
@@ -50,9 +51,8 @@ def make_encoder(lam, device: torch.device, compile_model: bool) -> Callable[[to
 
     @torch.inference_mode()
     def run(cur: torch.Tensor, nxt: torch.Tensor) -> np.ndarray:
-        with autocast_for(device):
-            codes = encode(cur, nxt)
-        return codes.to("cpu", torch.uint8).numpy()
+        with autocast(device):
+            return codes_to_array(encode(cur, nxt))
 
     return run
 
@@ -153,7 +153,7 @@ def remove_stale(out: Path, jobs: Sequence[ShardJob]) -> None:
 # ------------------------------------------------------------------------------------ samples
 def codes_npy(codes: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(codes, dtype=np.uint8), allow_pickle=False)
+    np.save(buffer, np.ascontiguousarray(codes, dtype=CODE_DTYPE), allow_pickle=False)
     return buffer.getvalue()
 
 
@@ -198,13 +198,11 @@ def write_shard(job: ShardJob, coded: Iterator[tuple[str, np.ndarray]], identity
 
 
 def extract_split(jobs: Sequence[ShardJob], shards: Path, lam, identity: CheckpointIdentity, *,
-                  batch_size: int, device: torch.device, backend: str, compile_model: bool,
+                  batch_size: int, device: torch.device, backend: str | None, compile_model: bool,
                   progress: tqdm) -> None:
-    from pipeline.loader import build_loader
-
     split = jobs[0].split
-    loader = build_loader(shards, split, batch_size, grayscale=identity.color == "gray", shuffle=False,
-                          drop_last=False, with_keys=True, backend=backend, device=device, cache=False)
+    loader = in_order_loader(shards, split, batch_size, grayscale=identity.color == "gray", backend=backend,
+                             device=device)
     ends = np.cumsum([job.pairs for job in jobs])
     done = np.array([job.done for job in jobs])
 
@@ -312,8 +310,6 @@ def extract(shards: Path, checkpoint: Path, out: Path, *, batch_size: int = 64, 
             with_zstd: bool = False, device: str | None = None, backend: str | None = None,
             compile_model: bool = True, progress: bool = True) -> ExtractResult:
     """Run the extraction (see the module docstring)."""
-    from pipeline.loader import resolve_device
-
     pair_manifest = load_manifest(shards, PAIRS_FORMAT)
     jobs = plan_jobs(shards, pair_manifest, out)
     device = resolve_device(device)
@@ -331,7 +327,7 @@ def extract(shards: Path, checkpoint: Path, out: Path, *, batch_size: int = 64, 
             split_jobs = [job for job in jobs if job.split == split]
             if any(not job.done for job in split_jobs):
                 extract_split(split_jobs, shards, lam, identity, batch_size=batch_size, device=device,
-                              backend=backend or default_backend(),
+                              backend=backend,
                               compile_model=compile_model and device.type == "cuda", progress=bar)
     if with_zstd:
         for job in jobs:
@@ -343,13 +339,10 @@ def extract(shards: Path, checkpoint: Path, out: Path, *, batch_size: int = 64, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit code (a user's mistake: one `error:` line on stderr, 2)."""
-    try:
-        return run_cli(run, argv)
-    except SystemExit as exit_:            # --help, or argparse's own usage error
-        return int(exit_.code or 0)
+    return run_cli(cli, argv)
 
 
-def run(argv: Sequence[str] | None = None) -> int:
+def cli(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     result = extract(args.shards, args.checkpoint, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
                      with_zstd=args.zstd, device=args.device, backend=args.backend,

@@ -101,7 +101,7 @@ def zstd_run(shards: Path, checkpoint: Path, backend: str) -> tuple[float, float
 
 
 def available_backends() -> list[str]:
-    from pipeline.inference import default_backend
+    from pipeline.loader import default_backend
 
     return ["dali", "torch"] if default_backend() == "dali" else ["torch"]
 

@@ -2,7 +2,7 @@
 sweep, gradient checkpointing, FLOPs per step and MFU on a GPU.
 
 Pure step speed on synthetic batches (uniform random frames; the loader is benchmarked on its own in
-bench_loader): one optimiser step = forward + backward + Adam, as train.py does it. Every
+bench_loader): one optimiser step is training.step.TrainStep, the very step train.py runs. Every
 configuration runs in its own child process so its peak memory is its own.
 
     python -m bench train
@@ -13,50 +13,50 @@ import json
 
 import torch
 
-from bench.common import markdown_table, run_child
+from bench.common import child_peak_rss_mb, markdown_table, run_child
 
 DEMO_WIDTH = 0.25          # train.py's demo preset
 H100_BF16_PEAK_FLOPS = 989e12      # dense bf16 tensor-core peak, for MFU
 
 CHILD = """
-import json, time, torch
-from model import LatentActionModel, ModelConfig
-cfg = json.loads({cfg!r})
-torch.manual_seed(0)
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-model = LatentActionModel(ModelConfig(width=cfg["width"], grad_checkpoint=cfg["grad_checkpoint"])).to(device).train()
-optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
-step_model = torch.compile(model) if cfg["compile"] else model
-autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg["bf16"]
-            else torch.autocast(device.type, enabled=False))
-cur = torch.rand(cfg["batch"], 1, 210, 160, device=device)
-nxt = (cur + 0.05 * torch.rand_like(cur)).clamp(0, 1)
-
-def step():
-    with autocast:
-        loss = step_model(cur, nxt)["loss"]
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
-
-started = time.perf_counter()
-for _ in range(cfg["warmup"]):
-    step()
-if device.type == "cuda":
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-warmup_s = time.perf_counter() - started
-started = time.perf_counter()
-for _ in range(cfg["steps"]):
-    loss = step()
-loss.item()
-if device.type == "cuda":
-    torch.cuda.synchronize()
-elapsed = time.perf_counter() - started
-print(json.dumps({{"steps_per_s": cfg["steps"] / elapsed, "warmup_s": warmup_s, "peak_rss_mb": child_peak_rss_mb(),
-                  "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}}))
+from bench.bench_train import time_steps
+print(json.dumps(time_steps(json.loads({cfg!r}))))
 """
+
+
+def time_steps(cfg: dict) -> dict:
+    """In a child process: time the trainer's own TrainStep (forward + backward + clip + Adam) on one
+    synthetic batch, after `warmup` steps (compilation happens there)."""
+    import time
+
+    from model import LatentActionModel, ModelConfig
+    from training.runtime import Runtime
+    from training.step import TrainStep
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rt = Runtime(0, 1, 0, device, torch.bfloat16 if cfg["bf16"] else None)
+    model = LatentActionModel(ModelConfig(width=cfg["width"], grad_checkpoint=cfg["grad_checkpoint"])).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    train_step = TrainStep(model, optimizer, rt, grad_clip=1.0, compile=cfg["compile"])
+    cur = torch.rand(cfg["batch"], 1, 210, 160, device=device)
+    batch = {"cur": cur, "next": (cur + 0.05 * torch.rand_like(cur)).clamp(0, 1)}
+
+    def steps(n: int) -> float:
+        started = time.perf_counter()
+        for i in range(n):
+            outcome = train_step(iter([batch]), 3e-4, i)
+            assert outcome.skipped is None, outcome.skipped
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    warmup_s = steps(cfg["warmup"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elapsed = steps(cfg["steps"])
+    return {"steps_per_s": cfg["steps"] / elapsed, "warmup_s": warmup_s, "peak_rss_mb": child_peak_rss_mb(),
+            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
 
 
 def measure(width: float, batch: int, compile: bool = False, bf16: bool = False, grad_checkpoint: bool = False,

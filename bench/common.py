@@ -62,13 +62,15 @@ def run_child(code: str, timeout: float = 1800) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-CHILD_PRELUDE = (
-    "import resource as _resource\n"
-    "def child_peak_rss_mb():\n"
-    "    # peak of this process plus the peak of its largest finished child (DataLoader workers)\n"
-    "    return (_resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss\n"
-    "            + _resource.getrusage(_resource.RUSAGE_CHILDREN).ru_maxrss) / 1024\n"
-)
+def child_peak_rss_mb() -> float:
+    """Peak RSS of this process plus the peak of its largest finished child (DataLoader workers), MB."""
+    import resource
+
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+
+
+CHILD_PRELUDE = "import json\nfrom bench.common import child_peak_rss_mb\n"
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -1,6 +1,6 @@
-"""Checkpoint format shared by train.py (writer) and every reader: a plain dict loadable with
-torch.load(weights_only=True): format, model (unwrapped state_dict), config, step, and the trainer's
-resume state."""
+"""The checkpoint format, read and written here only: a plain dict loadable with
+torch.load(weights_only=True): format, model (unwrapped state_dict), config ({"model", "train"}),
+step, and whatever resume state the trainer adds (tensors and plain Python values only)."""
 from __future__ import annotations
 
 import io
@@ -14,6 +14,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.lam import LatentActionModel
 from pipeline.errors import UserError
+from pipeline.shards import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "lam-checkpoint/1"
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -42,6 +43,16 @@ def clean_state_dict(state: dict) -> dict:
                     key, changed = key[len(prefix):], True
         cleaned[key] = value
     return cleaned
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: dict, step: int, **resume_state) -> None:
+    """Write a checkpoint of `model` (unwrapped, no `_orig_mod.`/`module.` keys) atomically: torch.save
+    to memory, then temp file + fsync + rename, so a crash never leaves a half-written .pt."""
+    state = {"format": CHECKPOINT_FORMAT, "model": clean_state_dict(unwrap(model).state_dict()),
+             "config": config, "step": int(step), **resume_state}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

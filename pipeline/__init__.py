@@ -1,0 +1,18 @@
+"""Data only: everything that reads or writes frames, pairs and shards. Nothing here knows the model.
+
+The stages, in the order data flows (DESIGN.md, "Data flow"):
+
+    record.py         real ALE Breakout play -> bulk_videos/<episode>/<N>.png + meta.jsonl
+    pack.py           validate, pair (t, t+1) inside episodes, split by episode -> shards/pairs/
+      png.py          PNG structure checks (shared by the packer and the loader)
+      shards.py       reproducible atomic tar + .idx writer, index reader, manifests
+    loader.py         build_loader: pair shards -> batches of frames on the device (DALI or PyTorch)
+      pair_index.py   which frames make which pair, across a split's shards
+      frame_decoders.py  DALI and PIL decoders behind one interface
+      frames.py       the one preprocessing function both decoders feed (gray, normalise)
+    stream.py         latent_dataset: shards/latent/ (.tar or .tar.zst) -> samples for downstream training
+    errors.py         UserError and run_cli: one clear line and an exit code for a user's mistake
+
+Imports run one way: pipeline <- model <- training, evaluation <- scripts (train.py, extract.py,
+evaluate.py).
+"""

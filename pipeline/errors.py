@@ -12,9 +12,12 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a command-line `main`, turning UserError and Ctrl-C into one line on stderr and an exit code."""
+    """Run a command-line `main`, turning UserError and Ctrl-C into one line on stderr and an exit
+    code; argparse's own exit (--help, or a usage error it has printed) becomes its code."""
     try:
         return int(main(argv) or 0)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

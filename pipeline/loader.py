@@ -330,9 +330,28 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
                       cache=use_cache, prefetch=prefetch)
 
 
+def in_order_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: bool,
+                    backend: str | None = None, device: str | torch.device | None = None) -> PairLoader:
+    """Every pair of `split` once, in manifest order, with keys and no cache: what extraction and
+    evaluation walk (the decoded-frame cache pays only from the second epoch on)."""
+    return build_loader(shards, split, batch_size, grayscale=grayscale, shuffle=False, drop_last=False,
+                        with_keys=True, backend=backend or default_backend(), device=device, cache=False)
+
+
+def default_backend() -> str:
+    """DALI where it is installed, the plain PyTorch path elsewhere."""
+    try:
+        import nvidia.dali  # noqa: F401
+        return "dali"
+    except ImportError:
+        return "torch"
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The one device rule: None or "auto" is the current GPU when there is one, else the CPU; a GPU
+    asked for by name must exist."""
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' asked for, but torch sees no GPU (use device='cpu')")

@@ -488,7 +488,7 @@ def summary(manifest: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.pack", description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, required=True, help="bulk_videos/: one sub-folder per episode")
     parser.add_argument("--out", type=Path, required=True, help="output folder (shards/pairs)")
@@ -506,5 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry; returns the exit code (a user's mistake: one `error:` line on stderr, 2)."""
+    return run_cli(cli, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

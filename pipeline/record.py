@@ -232,7 +232,7 @@ def holds_episodes(out_dir: Path) -> bool:
                                     for entry in out_dir.iterdir())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.record", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (bulk_videos/)")
     parser.add_argument("--episodes", type=int, required=True)
@@ -255,5 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry; returns the exit code (a user's mistake: one `error:` line on stderr, 2)."""
+    return run_cli(cli, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -12,7 +12,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Container, Iterator, Sequence
 
 from pipeline.errors import UserError
 
@@ -253,15 +253,28 @@ def split_shards(shard_dir: Path, manifest: dict, split: str) -> list[dict]:
     return entries
 
 
-def iter_samples(tar_path: Path, index_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Every sample of one shard in order, as (key, {ext: bytes}), read through its index."""
+def iter_samples(tar_path: Path, index_path: Path, exts: Sequence[str] | None = None,
+                 keys: Container[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of one shard in order, as (key, {ext: bytes}), read through its index: every member,
+    or only `exts` (each must be there); every sample, or only those in `keys`."""
     samples = read_index(index_path)
     with open(tar_path, "rb") as f:
         for sample in samples:
+            if keys is not None and sample.key not in keys:
+                continue
             members = {}
-            for ext, (offset, size) in sample.members.items():
+            for ext in sample.members if exts is None else exts:
+                if ext not in sample.members:
+                    raise UserError(f"{tar_path}: sample {sample.key} has no {ext} member")
+                offset, size = sample.members[ext]
                 f.seek(offset)
                 members[ext] = f.read(size)
                 if len(members[ext]) != size:
                     raise UserError(f"{tar_path}: truncated at sample {sample.key}")
             yield sample.key, members
+
+
+def read_members(entries: Sequence[dict], exts: Sequence[str], keys: Container[str] | None = None) -> dict[str, dict]:
+    """key -> {ext: bytes} of the given members, for every sample (or those in `keys`) of the shards
+    (`split_shards` entries)."""
+    return {key: members for entry in entries for key, members in iter_samples(entry["tar"], entry["idx"], exts, keys)}

@@ -49,3 +49,16 @@ def tiny_checkpoint(pair_shards, tmp_path_factory) -> Path:
                        "--wandb", "disabled", "--set", "ckpt_every=10"])
     assert code == 0
     return root / "ckpt" / "step-000020.pt"
+
+
+@pytest.fixture(scope="session")
+def latent_dir(pair_shards, tiny_checkpoint, tmp_path_factory) -> Path:
+    """`shards/latent` (with .tar.zst copies) of `pair_shards` through `tiny_checkpoint`. Shared by the
+    extraction, stream and evaluation tests; a test that changes it copies it first."""
+    import extract
+
+    out = tmp_path_factory.mktemp("latent") / "latent"
+    code = extract.main(["--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                         "--batch-size", "24", "--backend", "torch", "--no-progress", "--zstd"])
+    assert code == 0
+    return out

@@ -1,5 +1,5 @@
-"""Evaluation: metric functions against hand-computed values, and evaluate.py end to end (metrics.json
-schema, figures, report wording, the side-by-side summary, clear errors)."""
+"""Evaluation: code analysis helpers, and evaluate.py end to end (metrics.json schema, figures, report
+wording, the side-by-side summary, clear errors). The metric functions are in test_metrics.py."""
 from __future__ import annotations
 
 import contextlib
@@ -13,89 +13,10 @@ import torch
 from PIL import Image
 
 import evaluate
-from _latent import extracted_latents
-from pipeline.code_analysis import cell_nmi, one_hot_codes, visible_effect
-from pipeline.events import Elements
+from evaluation.code_analysis import cell_nmi, one_hot_codes, visible_effect
+from evaluation.events import Elements
 from pipeline.frames import to_model_input
-from pipeline.metrics import ElementMeter, ReconstructionMeter, codebook_stats, code_counts, psnr_from_mse
 from pipeline.shards import iter_samples, sha256_file
-
-
-# ----------------------------------------------------------------------------- metric functions
-def test_psnr_uses_the_whole_split_mse_not_a_mean_of_batches():
-    target = torch.zeros(3, 1, 16, 16)
-    cur = torch.zeros(3, 1, 16, 16)
-    pred = torch.zeros(3, 1, 16, 16)
-    pred[0] = 0.1                       # batch 1: one frame off by 0.1 everywhere
-    pred[1, :, 0, 0] = 0.1              # batch 2: two frames, one pixel off by 0.1
-    meter = ReconstructionMeter()
-    meter.update(pred[:1], target[:1], cur[:1])
-    meter.update(pred[1:], target[1:], cur[1:])
-    got = meter.compute()
-    pixels = 3 * 16 * 16
-    mse = (256 * 0.01 + 0.01) / pixels
-    assert got["l2"] == pytest.approx(mse, rel=1e-6)
-    assert got["psnr"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-6)
-    per_batch = np.mean([10 * math.log10(1 / 0.01), 10 * math.log10(1 / (0.01 / 512))])
-    assert abs(got["psnr"] - per_batch) > 5          # the two conventions really differ here
-    assert got["l1"] == pytest.approx((256 * 0.1 + 0.1) / pixels, rel=1e-6)
-
-
-def test_psnr_on_changed_pixels_only():
-    cur = torch.zeros(1, 1, 16, 16)
-    target = torch.zeros(1, 1, 16, 16)
-    target[0, 0, 0, :2] = 1.0            # two pixels change between t and t+1
-    pred = target.clone()
-    pred[0, 0, 0, 0] = 0.5               # one of them predicted half-way
-    pred[0, 0, 5, 5] = 0.2               # an error on an unchanged pixel does not count here
-    meter = ReconstructionMeter()
-    meter.update(pred, target, cur)
-    got = meter.compute()
-    assert got["psnr_changed"] == pytest.approx(10 * math.log10(1 / (0.25 / 2)), rel=1e-6)
-    copy = ReconstructionMeter()
-    copy.update(cur, target, cur)
-    assert copy.compute()["psnr_changed"] == pytest.approx(0.0, abs=1e-9)   # MSE 1 on the changed pixels
-
-
-def test_perfect_prediction_and_ssim():
-    frames = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    meter = ReconstructionMeter()
-    meter.update(frames, frames, frames)
-    got = meter.compute()
-    assert got["psnr"] is None and got["psnr_changed"] is None        # infinite: JSON null
-    assert got["ssim"] == pytest.approx(1.0, abs=1e-5) and got["l1"] == 0
-    assert psnr_from_mse(0.01) == pytest.approx(20.0)
-
-
-def test_codebook_usage_and_perplexity():
-    half = codebook_stats(np.array([5, 5, 0, 0]))
-    assert half["used_fraction"] == 0.5 and half["perplexity"] == pytest.approx(2.0)
-    assert codebook_stats(np.array([7, 0, 0, 0]))["perplexity"] == pytest.approx(1.0)
-    assert codebook_stats(np.ones(256, int))["perplexity"] == pytest.approx(256.0)
-    skewed = codebook_stats(np.array([3, 1]))
-    p = np.array([0.75, 0.25])
-    assert skewed["perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
-    counts = code_counts(torch.tensor([[0, 3], [3, 3]]), 4)
-    assert counts.tolist() == [1, 0, 0, 3]
-
-
-def test_element_errors():
-    bricks = np.ones((6, 18), bool)
-    broken = bricks.copy()
-    broken[2, 3] = False
-    cur = Elements(paddle_x=50, ball=(60, 100), bricks=bricks)
-    truth = Elements(paddle_x=54, ball=(63, 104), bricks=broken)
-    pred = Elements(paddle_x=55, ball=None, bricks=bricks)
-    meter = ElementMeter()
-    meter.update(pred, truth, cur)
-    meter.update(truth, truth, cur)                   # a perfect prediction
-    got = meter.compute()
-    assert got["paddle"]["mean_abs_error_px"] == 0.5 and got["paddle"]["within_2px"] == 1.0
-    assert got["paddle"]["moved_pairs"] == 2 and got["paddle"]["moved_within_2px"] == 1.0
-    assert got["ball"]["missing"] == 0.5 and got["ball"]["within_2px"] == 0.5 and got["ball"]["mean_error_px"] == 0
-    assert got["bricks"]["broken_pairs"] == 2 and got["bricks"]["broken_shown"] == 0.5
-    assert got["bricks"]["cell_accuracy"] == pytest.approx((107 + 108) / 216)
-    assert got["bricks"]["map_accuracy"] == 0.5
 
 
 def test_code_analysis_helpers():
@@ -113,10 +34,10 @@ def test_code_analysis_helpers():
 
 # ----------------------------------------------------------------------------- evaluate.py
 @pytest.fixture(scope="module")
-def reports(pair_shards, tiny_checkpoint, tmp_path_factory):
+def reports(pair_shards, tiny_checkpoint, latent_dir, tmp_path_factory):
     """val and test evaluated into one reports/ folder: val takes the probe's train codes from the
     latent shards, test (no latent shards given, a small probe) encodes them. Returns (root, stdout of test)."""
-    latent = extracted_latents(pair_shards, tiny_checkpoint, tmp_path_factory)
+    latent = latent_dir
     root = tmp_path_factory.mktemp("reports")
     printed = {}
     for split, extra in (("val", ["--latent", str(latent)]),

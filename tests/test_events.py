@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import events as ev
+from evaluation import events as ev
 from pipeline.frames import to_model_input
 
 

@@ -12,7 +12,6 @@ import torch
 import zstandard
 
 import extract
-from _latent import extracted_latents
 from pipeline.frames import to_model_input
 from pipeline.shards import iter_samples, read_index, sha256_file
 
@@ -20,12 +19,6 @@ from pipeline.shards import iter_samples, read_index, sha256_file
 def run_extract(pair_shards, checkpoint, out, *extra):
     return extract.main(["--shards", str(pair_shards), "--checkpoint", str(checkpoint), "--out", str(out),
                          "--batch-size", "24", "--backend", "torch", "--no-progress", *extra])
-
-
-@pytest.fixture(scope="module")
-def latent_dir(pair_shards, tiny_checkpoint, tmp_path_factory):
-    """Extracted with --zstd (by tests/_latent.py, once per session); tests that change it copy it first."""
-    return extracted_latents(pair_shards, tiny_checkpoint, tmp_path_factory)
 
 
 def pair_manifest(pair_shards):

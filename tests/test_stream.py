@@ -9,16 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from _latent import extracted_latents
 from pipeline.errors import UserError
 from pipeline.frames import to_model_input
 from pipeline.shards import iter_samples
 from pipeline.stream import decode_png, latent_dataset, latent_urls
-
-
-@pytest.fixture(scope="module")
-def latent_dir(pair_shards, tiny_checkpoint, tmp_path_factory):
-    return extracted_latents(pair_shards, tiny_checkpoint, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import torch
 
 import train
 from model import CHECKPOINT_FORMAT, LatentActionModel, load_checkpoint
+from training.config import TrainConfig
+from training.step import learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,14 +204,14 @@ def test_help_lists_the_fields(capsys):
 def test_set_overrides_preset_and_flags_override_set():
     args = train.argument_parser().parse_args(["--preset", "demo", "--set", "lr=0.001", "--set", "rgb=true",
                                                "--set", "iters=5", "--iters", "7", "--no-compile"])
-    cfg = train.build_config(args)
+    cfg = train.config_from_args(args)
     assert (cfg.lr, cfg.rgb, cfg.iters, cfg.compile, cfg.width) == (0.001, True, 7, False, 0.25)
     assert cfg.model_config().in_channels == 3
 
 
 def test_learning_rate_decays_from_lr_to_lr_min():
-    cfg = train.TrainConfig(iters=100, lr_decay_iters=100, lr=3e-4, lr_min=1e-4)
-    lrs = [train.learning_rate(cfg, step) for step in range(100)]
+    cfg = TrainConfig(iters=100, lr_decay_iters=100, lr=3e-4, lr_min=1e-4)
+    lrs = [learning_rate(cfg, step) for step in range(100)]
     assert lrs[0] == pytest.approx(3e-4) and lrs[-1] == pytest.approx(1e-4, rel=1e-3)
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
-    assert train.learning_rate(cfg, 500) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 500) == pytest.approx(1e-4)

@@ -27,7 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline.events import TransitionEvents
+from evaluation.events import TransitionEvents
 
 EVENT_KINDS = ("paddle", "bounce", "brick", "life_lost")
 EFFECT_DEFINITION = ("the paddle moved between t and t+1, or the ball came into play (launched), "

@@ -12,7 +12,7 @@ matplotlib.use("Agg")                    # files only: no display on servers and
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.code_analysis import EVENT_KINDS  # noqa: E402
+from evaluation.code_analysis import EVENT_KINDS  # noqa: E402
 
 
 @dataclass
@@ -24,6 +24,16 @@ class Example:
     next: np.ndarray
     pred: np.ndarray
     changed_pixels: int
+
+    @classmethod
+    def of(cls, key: str, cur: np.ndarray, nxt: np.ndarray, pred: np.ndarray) -> "Example":
+        """From model-layout frames (C, H, W) in [0, 1]."""
+        return cls(key, as_image(cur), as_image(nxt), as_image(pred), int((cur != nxt).sum()))
+
+
+def as_image(frame: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> (H, W) gray or (H, W, 3) RGB."""
+    return frame[0] if frame.shape[0] == 1 else frame.transpose(1, 2, 0)
 
 
 def _save(fig, path: Path) -> Path:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from pipeline.events import Elements
+from evaluation.events import Elements
 
 
 def psnr_from_mse(mse: float) -> float | None:
@@ -26,16 +27,16 @@ def psnr_from_mse(mse: float) -> float | None:
 
 
 class ReconstructionMeter:
-    """PSNR, SSIM, L1, L2 and changed-pixel PSNR of predictions of frame t+1, accumulated over a split."""
+    """PSNR, SSIM, L1, L2 and changed-pixel PSNR of predictions of frame t+1, accumulated over a split.
+    The trainer's validation and evaluate.py both use it; under DDP `compute()` sums every rank's
+    share (each rank must call it)."""
 
     def __init__(self, device: str | torch.device = "cpu", ssim: bool = True):
         self.psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)       # sums SSE and count: whole-split MSE
         # SSIM's 11 x 11 Gaussian filtering is most of the metric cost on a CPU: optional
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device) if ssim else None
-        self.abs_error = 0.0
-        self.pixels = 0
-        self.changed_sq_error = 0.0
-        self.changed_pixels = 0
+        # |error| sum, pixels, changed-pixel squared error sum, changed pixels; float64 as they grow large
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor, cur: torch.Tensor) -> None:
@@ -45,20 +46,22 @@ class ReconstructionMeter:
         if self.ssim is not None:
             self.ssim.update(pred, target)
         error = pred - target
-        self.abs_error += float(error.abs().sum(dtype=torch.float64))
-        self.pixels += error.numel()
         changed = cur.float() != target
-        self.changed_sq_error += float(error[changed].pow(2).sum(dtype=torch.float64))
-        self.changed_pixels += int(changed.sum())
+        self.sums += torch.stack([error.abs().sum(dtype=torch.float64), torch.tensor(error.numel(), dtype=torch.float64),
+                                  error[changed].pow(2).sum(dtype=torch.float64), changed.sum(dtype=torch.float64)])
 
     def compute(self) -> dict[str, float | None]:
-        if self.pixels == 0:
+        sums = self.sums.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        abs_error, pixels, changed_sq_error, changed_pixels = sums.tolist()
+        if pixels == 0:
             raise ValueError("no frames were scored")
-        changed_mse = self.changed_sq_error / self.changed_pixels if self.changed_pixels else 0.0
-        mse = float(self.psnr.sum_squared_error) / float(self.psnr.total)
+        with self.psnr.sync_context():                 # every rank's SSE and count (a no-op on one process)
+            mse = float(self.psnr.sum_squared_error) / float(self.psnr.total)
         return {"psnr": psnr_from_mse(mse), "ssim": None if self.ssim is None else float(self.ssim.compute()),
-                "l1": self.abs_error / self.pixels, "l2": mse,
-                "psnr_changed": psnr_from_mse(changed_mse) if self.changed_pixels else None}
+                "l1": abs_error / pixels, "l2": mse,
+                "psnr_changed": psnr_from_mse(changed_sq_error / changed_pixels) if changed_pixels else None}
 
 
 # ----------------------------------------------------------------------------------- codebook
@@ -88,7 +91,7 @@ def _rate(hits: int, n: int) -> float | None:
 @dataclass
 class ElementMeter:
     """Ball, paddle and brick errors of one kind of prediction (the model's, or copying frame t),
-    detected from pixels in the predicted and the true frame t+1 (`pipeline.events`)."""
+    detected from pixels in the predicted and the true frame t+1 (`evaluation.events`)."""
 
     tolerance_px: int = 2
     paddle_errors: list = field(default_factory=list)       # |x error| per pair where both show a paddle

@@ -1,0 +1,106 @@
+"""One optimiser step (micro-batches, loss scaling, finite check, clipping, update) and the
+learning-rate schedule."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline.errors import UserError
+from training.config import TrainConfig
+from training.runtime import Runtime, all_sum
+
+LOSS_TERMS = ("loss", "recon", "commitment", "codebook", "entropy")
+
+
+# ------------------------------------------------------------------------------------ schedule
+def schedule_horizon(cfg: TrainConfig) -> int:
+    """The step the schedule plans for: lr reaches lr_min there and code resets stop one interval
+    before. It does not follow --iters (unless lr_decay_iters is 0), so a run stopped at step k and
+    resumed to n is the same run as one straight to n."""
+    return cfg.lr_decay_iters or cfg.iters
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """lr for update number `step` + 1: linear warmup, then cosine (or linear) decay from lr to lr_min
+    over the schedule horizon, lr_min after."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, schedule_horizon(cfg) - cfg.warmup))
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "linear":
+        return cfg.lr - (cfg.lr - cfg.lr_min) * progress
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * progress))
+
+
+def every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+# ------------------------------------------------------------------------------------ the step
+@dataclass
+class StepOutcome:
+    terms: dict[str, float]           # loss terms, averaged over the micro-batches
+    grad_norm: float
+    skipped: str | None = None        # why the update was not applied (non-finite), else None
+
+
+class TrainStep:
+    """Forward + backward over `grad_accum` micro-batches, then one update. The model may be wrapped
+    for DDP and compiled here; `model` itself stays the plain module (checkpoints, validation)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, *,
+                 grad_accum: int = 1, grad_clip: float = 0.0, max_nonfinite: int = 5, compile: bool = False):
+        self.model, self.optimizer, self.rt = model, optimizer, rt
+        self.grad_accum, self.grad_clip, self.max_nonfinite = grad_accum, grad_clip, max_nonfinite
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.uses_scaler)
+        self.nonfinite_in_a_row = 0
+        # DDP buffers are not broadcast: quantiser statistics are synchronised by the quantiser itself,
+        # BatchNorm statistics by SyncBatchNorm (GPU) or averaging (CPU, average_batchnorm_stats).
+        wrapped = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                      broadcast_buffers=False) if rt.distributed else model
+        self.step_model = torch.compile(wrapped) if compile else wrapped
+
+    def __call__(self, batches: Iterator[dict], lr: float, step: int) -> StepOutcome:
+        """Update number `step` + 1 at learning rate `lr`, drawing micro-batches from `batches`.
+        A non-finite loss or gradient skips the update; `max_nonfinite` in a row stop the run."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        terms: dict[str, float] = {}
+        for micro in range(self.grad_accum):
+            batch = next(batches)
+            sync = micro == self.grad_accum - 1 or not self.rt.distributed
+            with (contextlib.nullcontext() if sync else self.step_model.no_sync()), self.rt.autocast():
+                out = self.step_model(batch["cur"], batch["next"])
+            self.scaler.scale(out["loss"] / self.grad_accum).backward()
+            values = torch.stack([out[name].detach().float() for name in LOSS_TERMS]).tolist()   # one sync
+            for name, value in zip(LOSS_TERMS, values):
+                terms[name] = terms.get(name, 0.0) + value / self.grad_accum
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf).item()
+        loss_finite = all_sum([float(math.isfinite(terms["loss"]))], self.rt)[0] == self.rt.world_size
+        # fp16: an overflowing gradient is the GradScaler's business (it skips that update and lowers
+        # its scale; the step still counts); a non-finite loss is ours.
+        if not (loss_finite and (self.rt.uses_scaler or math.isfinite(grad_norm))):
+            return StepOutcome(terms, grad_norm, self._skip(terms, grad_norm, step))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row = 0
+        return StepOutcome(terms, grad_norm)
+
+    def _skip(self, terms: dict[str, float], grad_norm: float, step: int) -> str:
+        """Drop this step's gradients; the step is not counted. Stops the run when it keeps happening."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        what = "loss" if not math.isfinite(terms["loss"]) else "gradient"
+        message = (f"non-finite {what} at step {step + 1} (loss {terms['loss']}, grad norm {grad_norm}); "
+                   f"update skipped ({self.nonfinite_in_a_row}/{self.max_nonfinite} in a row)")
+        if self.nonfinite_in_a_row >= self.max_nonfinite:
+            raise UserError(f"{message}: stopping; try a lower lr, --amp off or grad_clip")
+        return message
