@@ -38,7 +38,8 @@ from pipeline.frames import GRID
 from model.inference import CODE_DTYPE, CheckpointIdentity, autocast, codes_to_array, load_model
 from pipeline.loader import in_order_loader, resolve_device
 from pipeline.shards import (LATENT_FORMAT, PAIRS_FORMAT, SPLITS, TarShardWriter, atomic_write_bytes,
-                             atomic_write_json, iter_samples, load_manifest, sha256_file, split_shards)
+                             atomic_write_json, iter_samples, load_manifest, remove_orphaned_temps, sha256_file,
+                             split_shards)
 
 ZSTD_LEVEL = 10
 DONE_SUFFIX = ".done.json"
@@ -141,7 +142,10 @@ def check_output(out: Path, shards: Path, identity: CheckpointIdentity, overwrit
 
 
 def remove_stale(out: Path, jobs: Sequence[ShardJob]) -> None:
-    """Latent shards beyond the current plan (the pair shards were re-packed into fewer) go."""
+    """Latent shards beyond the current plan (the pair shards were re-packed into fewer) go, and so do
+    the temp files of a run that was killed mid-shard."""
+    for split_dir in {job.tar.parent for job in jobs}:
+        remove_orphaned_temps(split_dir)
     planned = {job.tar for job in jobs}
     for tar in out.glob("*/latent-*.tar"):
         if tar not in planned:

@@ -28,45 +28,38 @@ from model import LatentActionModel
 from model.checkpoint import model_config_from
 from pipeline.errors import UserError, run_cli
 from pipeline.loader import build_loader
-from pipeline.shards import PAIRS_FORMAT, load_manifest
+from pipeline.shards import PAIRS_FORMAT, load_manifest, sha256_file
 from training.checkpointer import Checkpointer, read_resume_checkpoint
-from training.config import PRESETS, TrainConfig, build_config, fields_help
+from training.config import PRESETS, TrainConfig, build_config, fields_help, resumed_config
 from training.logger import Logger
 from training.runtime import Runtime, all_gather, git_sha, setup_runtime, shutdown
 from training.step import TrainStep, every, learning_rate, schedule_horizon
 from training.validate import Validator
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> None:
-    """Build, resume if asked, loop until cfg.iters."""
-    resumed = None
-    if resume:
-        path, resumed = read_resume_checkpoint(Path(cfg.out))
-        cfg = resumed_config(cfg, resumed, path)
-    load_manifest(Path(cfg.shards), PAIRS_FORMAT)
+def train(cfg: TrainConfig, resumed: dict | None = None) -> None:
+    """Check the data, start the runtime, run; `resumed` is the checkpoint to continue from."""
+    manifest_sha = shards_identity(cfg.shards)
+    if resumed is not None and resumed.get("shards_manifest_sha256") not in (None, manifest_sha):
+        raise UserError(f"--resume: {Path(cfg.shards) / 'manifest.json'} changed since the checkpoint was written "
+                        f"(sha256 {manifest_sha[:12]}, was {resumed['shards_manifest_sha256'][:12]}): the run cannot "
+                        f"continue on other data; train into a new --out")
     cfg = dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or str(Path("runs") / cfg.run_name))
     rt = setup_runtime(cfg.device, cfg.amp, cfg.seed, cfg.deterministic, cfg.threads)
     try:
-        run(cfg, rt, resumed)
+        run(cfg, rt, resumed, manifest_sha)
     finally:
         shutdown(rt)
 
 
-def resumed_config(cfg: TrainConfig, resumed: dict, path: Path) -> TrainConfig:
-    """The architecture comes from the checkpoint; so do the run's name and directory unless given."""
-    saved = resumed["config"].get("train", {}) if isinstance(resumed["config"], dict) else {}
-    resumed_cfg = cfg.with_model(model_config_from(resumed, path))
-    arch = ("rgb", "width", "codebook_size", "code_dim")
-    changed = {name: getattr(resumed_cfg, name) for name in arch if getattr(cfg, name) != getattr(resumed_cfg, name)}
-    if changed and int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: architecture comes from {path}: {changed}", flush=True)
-    return dataclasses.replace(cfg, **{name: getattr(resumed_cfg, name) for name in arch},
-                               run_name=cfg.run_name or saved.get("run_name", ""),
-                               run_dir=cfg.run_dir or saved.get("run_dir", ""))
+def shards_identity(shards: str) -> str:
+    """sha256 of the pair manifest (after checking it is one): a checkpoint remembers its data."""
+    load_manifest(Path(shards), PAIRS_FORMAT)
+    return sha256_file(Path(shards) / "manifest.json")
 
 
-def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None) -> None:
+def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) -> None:
     micro_batch, remainder = divmod(cfg.batch_size, rt.world_size * cfg.grad_accum)
     if remainder or micro_batch < 1:
         raise UserError(f"batch_size {cfg.batch_size} must be a multiple of world_size × grad_accum "
@@ -86,12 +79,15 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None) -> None:
                            max_nonfinite=cfg.max_nonfinite, compile=cfg.compile)
     loaders = dict(grayscale=not cfg.rgb, seed=cfg.seed, backend=cfg.backend, device=rt.device,
                    rank=rt.rank, world_size=rt.world_size)
-    train_loader = build_loader(cfg.shards, "train", micro_batch, shuffle=True, drop_last=True, **loaders)
+    train_loader = build_loader(cfg.shards, "train", micro_batch, shuffle=True, drop_last=True, with_keys=True,
+                                **loaders)
     if len(train_loader) == 0:
         raise UserError(f"{cfg.shards}: the train split has fewer than one batch of {micro_batch} pairs per rank")
-    val_loader = build_loader(cfg.shards, "val", micro_batch, shuffle=False, drop_last=False, **loaders)
+    # a fixed sample drawn across every validation episode, so best.pt is not chosen on a few of them
+    val_loader = build_loader(cfg.shards, "val", micro_batch, shuffle=False, drop_last=False,
+                              sample=cfg.val_batches * micro_batch * rt.world_size, **loaders)
     validator = Validator(model, val_loader, cfg, rt)
-    checkpointer = Checkpointer(cfg, rt, model, train_step, train_loader, extra={"git_sha": sha})
+    checkpointer = Checkpointer(cfg, rt, model, train_step, train_loader, extra={"git_sha": sha, "shards_manifest_sha256": manifest_sha})
 
     # ---- resume: weights, optimiser, scaler, loader position, RNG
     step = 0
@@ -108,6 +104,7 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None) -> None:
         (Path(cfg.run_dir) / "model.txt").write_text(f"{n_params:,} parameters\n{model}\n")
         print(f"model: {n_params / 1e6:.2f}M parameters; amp {rt.amp_dtype or 'off'}; compile {cfg.compile}; "
               f"{rt.world_size} rank(s) × {cfg.grad_accum} micro-batch(es) of {micro_batch}", flush=True)
+        print(validator.describe(), flush=True)
     print(f"[rank {rt.rank}/{rt.world_size}] on {rt.device}: {len(train_loader)} train batches per epoch", flush=True)
 
     batches = forever(train_loader)
@@ -190,7 +187,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train the latent action VQ-VAE on pair shards.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=fields_help())
     parser.add_argument("--shards", help="pair shard directory (manifest lam-pairs/1)")
-    parser.add_argument("--preset", choices=list(PRESETS), default="full")
+    parser.add_argument("--preset", choices=list(PRESETS), help="default full; on --resume, the checkpoint's")
     parser.add_argument("--out", help="checkpoint directory (default checkpoints/latent_action)")
     parser.add_argument("--run-dir", dest="run_dir", help="metrics.jsonl, images, wandb (default runs/<run name>)")
     parser.add_argument("--iters", type=int, help="train until this step")
@@ -204,11 +201,29 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_line_values(args: argparse.Namespace) -> dict:
+    """The dedicated flags as config fields (None: not given)."""
+    return {"shards": args.shards, "out": args.out, "run_dir": args.run_dir, "iters": args.iters,
+            "batch_size": args.batch_size, "amp": args.amp, "wandb": args.wandb,
+            "rgb": True if args.rgb else None, "compile": False if args.no_compile else None}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    flags = {"shards": args.shards, "out": args.out, "run_dir": args.run_dir, "iters": args.iters,
-             "batch_size": args.batch_size, "amp": args.amp, "wandb": args.wandb,
-             "rgb": True if args.rgb else None, "compile": False if args.no_compile else None}
-    return build_config(args.preset, args.set or [], flags)
+    return build_config(args.preset or "full", args.set or [], command_line_values(args))
+
+
+def resume_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
+    """The latest checkpoint in --out and the run's config: the checkpoint's, with what the command
+    line gives on top (each change printed)."""
+    out = Path(args.out or TrainConfig.out)
+    path, resumed = read_resume_checkpoint(out)
+    saved = resumed["config"].get("train", {}) if isinstance(resumed["config"], dict) else {}
+    cfg, changes = resumed_config(saved, model_config_from(resumed, path), args.preset, args.set or [],
+                                  command_line_values(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"resuming {path}: every setting as saved" + ("" if changes else ", none changed")
+              + "".join(f"\n  {change}" for change in changes), flush=True)
+    return cfg, resumed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,7 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cli(argv: Sequence[str] | None) -> int:
     args = argument_parser().parse_args(argv)
-    train(config_from_args(args), args.resume)
+    if args.resume:
+        train(*resume_from_args(args))
+    else:
+        train(config_from_args(args))
     return 0
 
 

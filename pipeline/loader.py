@@ -58,11 +58,13 @@ class EpochSchedule:
     rank: int
     world_size: int
     drop_last: bool
+    subset: tuple[int, ...] | None = None    # the pair ids to walk (None: every pair of the split)
 
     def pair_order(self, epoch: int) -> np.ndarray:
+        ids = np.arange(self.num_pairs) if self.subset is None else np.asarray(self.subset, dtype=np.int64)
         if not self.shuffle:
-            return np.arange(self.num_pairs)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
+            return ids
+        return ids[np.random.default_rng([self.seed, epoch]).permutation(len(ids))]
 
     def _share_bounds(self) -> tuple[int, int]:
         if self.drop_last:       # equal shares, so every DDP rank steps the same number of times
@@ -114,6 +116,12 @@ class PairLoader:
     def cache_bytes(self) -> int:
         """Memory the decoded-frame cache takes (or would take) on the device."""
         return self.index.num_frames * self.index.height * self.index.width * self.channels
+
+    @property
+    def coverage(self) -> tuple[int, int]:
+        """(pairs, episodes) this loader walks in an epoch, all ranks together."""
+        ids = self.schedule.pair_order(0)
+        return len(ids), len(np.unique(self.index.episodes[ids]))
 
     @property
     def channels(self) -> int:
@@ -294,7 +302,7 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
                  shuffle: bool = True, seed: int = 0, backend: str = "dali", device: str | torch.device | None = None,
                  rank: int = 0, world_size: int = 1, drop_last: bool = True, with_keys: bool = False,
                  cache: bool | None = None, cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB,
-                 threads: int | None = None, prefetch: int = 2) -> PairLoader:
+                 threads: int | None = None, prefetch: int = 2, sample: int = 0) -> PairLoader:
     """Loader over `<shards>/<split>` pair shards (DESIGN.md, "Loader").
 
     Extra tuning:
@@ -304,6 +312,8 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
                        210*160 bytes gray, three times that RGB).
       threads          DALI decoding threads, or torch DataLoader workers (default: CPU count, at most 8).
       prefetch         batches made ahead of the consumer (and decoder jobs in flight ahead of those).
+      sample           walk only a fixed sample of this many pairs, drawn with `seed` across every
+                       episode of the split (`spread_sample`); 0: every pair.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown loader backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -315,8 +325,10 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
         raise UserError(f"seed must be non-negative, got {seed}")
     device = resolve_device(device)
     index = build_pair_index(Path(shards), split)
-    schedule = EpochSchedule(num_pairs=index.num_pairs, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                             rank=rank, world_size=world_size, drop_last=drop_last)
+    subset = spread_sample(index.episodes, sample, seed) if 0 < sample < index.num_pairs else None
+    schedule = EpochSchedule(num_pairs=index.num_pairs if subset is None else len(subset), batch_size=batch_size,
+                             shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
+                             subset=None if subset is None else tuple(subset.tolist()))
     threads = threads or default_threads()
     if backend == "dali":
         _require_dali()
@@ -328,6 +340,24 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
     use_cache = cache if cache is not None else cache_bytes <= cache_budget_gb * 2**30
     return PairLoader(index, schedule, decoder, grayscale=grayscale, device=device, with_keys=with_keys,
                       cache=use_cache, prefetch=prefetch)
+
+
+def spread_sample(episodes: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n pair ids (sorted) drawn at random, without replacement, from every episode in proportion to
+    its pairs (at least one each while n allows): a fixed sample that is not a few episodes."""
+    rng = np.random.default_rng([seed, n])
+    names, sizes = np.unique(episodes, return_counts=True)
+    quota = np.floor(n * sizes / sizes.sum()).astype(int)
+    quota = np.maximum(quota, 1) if n >= len(names) else quota
+    for i in rng.permutation(len(names)):            # hand out what rounding left, one per episode
+        if quota.sum() >= n:
+            break
+        quota[i] += quota[i] < sizes[i]
+    while quota.sum() > n:                           # the at-least-one rule can overshoot
+        quota[np.argmax(quota)] -= 1
+    chosen = [rng.choice(np.flatnonzero(episodes == name), size=min(q, size), replace=False)
+              for name, q, size in zip(names, quota, sizes)]
+    return np.sort(np.concatenate(chosen))
 
 
 def in_order_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: bool,

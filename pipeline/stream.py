@@ -32,7 +32,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from pipeline.errors import UserError
 from pipeline.frames import GRID, to_model_input
 from pipeline.pair_index import decode_png_rgb
-from pipeline.shards import LATENT_FORMAT, SPLITS, load_manifest
+from pipeline.shards import LATENT_FORMAT, SPLITS, load_manifest, read_index
 
 ZSTD_SUFFIX = ".zst"
 
@@ -94,9 +94,24 @@ def zstd_url_opener(data: Iterable[dict], handler: Callable = wds.reraise_except
 
 
 def tar_samples(data: Iterable[dict], handler: Callable = wds.reraise_exception) -> Iterable[dict]:
-    """Stream of {"url"} -> webdataset samples {"__key__", "cur.png", ...}, `.tar` or `.tar.zst`."""
-    files = tar_file_expander(zstd_url_opener(data, handler=handler), handler=handler)
-    return group_by_keys(files, handler=handler)
+    """Stream of {"url"} -> webdataset samples {"__key__", "cur.png", ...}, `.tar` or `.tar.zst`.
+    A tar cut short reads as a shorter tar (tarfile's stream mode stops quietly), so a shard with a
+    `.idx` beside it must yield as many samples as the index lists."""
+    for source in data:
+        files = tar_file_expander(zstd_url_opener([source], handler=handler), handler=handler)
+        count = 0
+        for sample in group_by_keys(files, handler=handler):
+            count += 1
+            yield sample
+        expected = indexed_samples(source["url"])
+        if expected is not None and count != expected:
+            handler(ValueError(f"holds {count} samples, its index lists {expected}", source["url"]))
+
+
+def indexed_samples(url: str) -> int | None:
+    """How many samples the `.idx` beside a local shard lists (None: no index there)."""
+    index = Path(url.removesuffix(ZSTD_SUFFIX)).with_suffix(".idx")
+    return len(read_index(index)) if index.is_file() else None
 
 
 # ----------------------------------------------------------------------------------- decoding
@@ -140,10 +155,19 @@ def collate_latent(samples: list[dict], grayscale: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------- pipeline
+def raise_user_error(error: Exception) -> bool:
+    """The default handler: a shard that cannot be read (half-written, corrupt) becomes one clear
+    UserError naming it; webdataset adds the url to the error's args."""
+    urls = [arg for arg in error.args if isinstance(arg, str) and (arg.endswith(".tar") or arg.endswith(ZSTD_SUFFIX))]
+    reason = next((str(arg) for arg in error.args if isinstance(arg, str) and arg not in urls), type(error).__name__)
+    where = urls[-1] if urls else "a latent shard"
+    raise UserError(f"{where}: unreadable latent shard, half-written or corrupt ({reason[:160]})") from None
+
+
 def latent_dataset(source, grayscale: bool = True, *, split: str | None = None, compressed: bool = False,
                    shuffle: int = 0, seed: int = 0, batch_size: int | None = None, partial_batches: bool = True,
                    with_meta: bool = False, split_nodes: bool = True, split_workers: bool = True,
-                   handler: Callable = wds.reraise_exception) -> wds.DataPipeline:
+                   handler: Callable = raise_user_error) -> wds.DataPipeline:
     """A webdataset pipeline over latent shards yielding {"key", "cur", "codes", "next"}.
 
     source: a latent directory, a list of urls, a brace pattern or one shard (see `latent_urls`).

@@ -170,3 +170,23 @@ def test_dali_and_torch_loaders_give_byte_identical_shards(pair_shards, tiny_che
     reference = json.loads((latent_dir / "manifest.json").read_text())
     for split, info in reference["splits"].items():
         assert [s["sha256"] for s in mine["splits"][split]["shards"]] == [s["sha256"] for s in info["shards"]]
+
+
+def test_a_checkpoint_of_another_architecture_is_one_clear_error(pair_shards, tiny_checkpoint, tmp_path, capsys):
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    state["config"]["model"]["code_dim"] = 64                 # says one architecture, holds another
+    foreign = tmp_path / "foreign.pt"
+    torch.save(state, foreign)
+    assert run_extract(pair_shards, foreign, tmp_path / "latent") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {foreign}: weights do not match the saved architecture")
+
+
+def test_a_half_written_latent_tar_is_redone(pair_shards, tiny_checkpoint, latent_dir, tmp_path):
+    out = tmp_path / "latent"
+    shutil.copytree(latent_dir, out)
+    shard = sorted((out / "train").glob("latent-*.tar"))[1]
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])                # its .done.json still claims it finished
+    assert run_extract(pair_shards, tiny_checkpoint, out) == 0
+    assert shard.read_bytes() == whole

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline.errors import UserError
 from pipeline.frames import to_model_input
-from pipeline.shards import iter_samples
+from pipeline.shards import iter_samples, read_index
 from pipeline.stream import decode_png, latent_dataset, latent_urls
 
 
@@ -133,3 +133,23 @@ def test_clear_errors(tmp_path, latent_dir):
     (pairs_like / "manifest.json").write_text(json.dumps({"format": "lam-pairs/1", "splits": {}}))
     with pytest.raises(UserError, match="lam-latent/1"):
         latent_urls(pairs_like)
+
+
+def test_a_half_written_latent_tar_is_one_clear_error(latent_dir, tmp_path):
+    shard = sorted((latent_dir / "train").glob("latent-*.tar"))[0]
+    half = tmp_path / "latent-000000.tar"
+    half.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 100])     # cut inside a member
+    half.with_suffix(".idx").write_bytes(shard.with_suffix(".idx").read_bytes())
+    with pytest.raises(UserError, match=r"latent-000000\.tar: unreadable latent shard"):
+        list(latent_dataset(str(half)))
+
+
+def test_a_latent_tar_cut_between_samples_is_one_clear_error(latent_dir, tmp_path):
+    """tarfile reads a tar cut at a member boundary as a shorter, valid one: the index tells."""
+    shard = sorted((latent_dir / "train").glob("latent-*.tar"))[0]
+    samples = read_index(shard.with_suffix(".idx"))
+    cut = tmp_path / "latent-000000.tar"
+    cut.write_bytes(shard.read_bytes()[: samples[3].members["cur.png"][0] - 512])   # before sample 3's header
+    cut.with_suffix(".idx").write_bytes(shard.with_suffix(".idx").read_bytes())
+    with pytest.raises(UserError, match=rf"latent-000000\.tar: unreadable latent shard.*holds 3 samples, its index lists {len(samples)}"):
+        list(latent_dataset(str(cut)))

@@ -15,6 +15,7 @@ import torch
 
 from model import clean_state_dict, read_checkpoint, save_checkpoint
 from pipeline.errors import UserError
+from pipeline.shards import remove_orphaned_temps
 from training.config import TrainConfig
 from training.runtime import Runtime, all_gather, average_batchnorm_stats
 from training.step import TrainStep, every, learning_rate, schedule_horizon
@@ -71,6 +72,8 @@ class Checkpointer:
         self.cfg, self.rt, self.model, self.train_step, self.loader = cfg, rt, model, train_step, loader
         self.out, self.extra = Path(cfg.out), extra
         self.best_val = math.inf
+        if rt.main and self.out.is_dir():
+            remove_orphaned_temps(self.out)             # left by a run killed inside a write
 
     def restore(self, resumed: dict) -> int:
         """Load a checkpoint's state into the run's components; returns its step."""

@@ -76,7 +76,7 @@ class TrainConfig:
     threads: int = 0                         # CPU threads per rank; 0 = the cores shared out among local ranks
     # cadences in steps (0 = never)
     val_every: int = 1000                    # validation loss (and best.pt)
-    val_batches: int = 50                    # batches per validation pass (0 = the whole split)
+    val_batches: int = 50                    # validation sample: this many batches' pairs, drawn across every val episode (0 = all)
     metrics_every: int = 1000                # PSNR / SSIM on validation
     hist_every: int = 5000                   # codebook usage histogram
     image_every: int = 2500                  # example reconstructions
@@ -160,6 +160,31 @@ def build_config(preset: str, settings: Sequence[str] = (), flags: dict[str, Any
         return TrainConfig(**values)
     except ValueError as error:
         raise UserError(f"bad configuration: {error}") from None
+
+
+def resumed_config(saved: dict, model: ModelConfig, preset: str | None = None, settings: Sequence[str] = (),
+                   flags: dict[str, Any] | None = None) -> tuple[TrainConfig, list[str]]:
+    """The config of a resumed run: every field as the checkpoint saved it, so a resume is the same
+    run; then what the command line gives (a different --preset, --set, flags) overrides, except the
+    architecture, which is the checkpoint's. Returns the config and one line per field that changed."""
+    known = {f.name for f in fields(TrainConfig)}
+    values = {name: value for name, value in saved.items() if name in known}
+    if preset is not None and preset != values.get("preset"):
+        values.update({"preset": preset, **PRESETS[preset]})
+    values.update(parse_settings(settings))
+    values.update({name: value for name, value in (flags or {}).items() if value is not None})
+    architecture = {"rgb": model.in_channels == 3, **{name: getattr(model, name) for name in model_field_names()}}
+    kept = [name for name, value in architecture.items() if name in values and values[name] != value]
+    values.update(architecture)
+    try:
+        cfg = TrainConfig(**values)
+    except ValueError as error:
+        raise UserError(f"bad configuration: {error}") from None
+    changes = [f"{name}: {saved[name]!r} -> {getattr(cfg, name)!r} (from the command line)"
+               for name in sorted(known) if name in saved and saved[name] != getattr(cfg, name)]
+    changes += [f"{name}: the checkpoint's {architecture[name]!r} kept (the architecture comes from the checkpoint)"
+                for name in kept]
+    return cfg, changes
 
 
 def fields_help() -> str:

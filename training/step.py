@@ -68,12 +68,16 @@ class TrainStep:
 
     def __call__(self, batches: Iterator[dict], lr: float, step: int) -> StepOutcome:
         """Update number `step` + 1 at learning rate `lr`, drawing micro-batches from `batches`.
-        A non-finite loss or gradient skips the update; `max_nonfinite` in a row stop the run."""
+        A non-finite loss or gradient skips the update and leaves no trace in the model (its
+        buffers and the RNG are put back); `max_nonfinite` in a row stop the run."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        before = self._snapshot()
         terms: dict[str, float] = {}
+        keys: list[str] = []
         for micro in range(self.grad_accum):
             batch = next(batches)
+            keys += batch.get("key", [])
             sync = micro == self.grad_accum - 1 or not self.rt.distributed
             with (contextlib.nullcontext() if sync else self.step_model.no_sync()), self.rt.autocast():
                 out = self.step_model(batch["cur"], batch["next"])
@@ -87,19 +91,45 @@ class TrainStep:
         # fp16: an overflowing gradient is the GradScaler's business (it skips that update and lowers
         # its scale; the step still counts); a non-finite loss is ours.
         if not (loss_finite and (self.rt.uses_scaler or math.isfinite(grad_norm))):
-            return StepOutcome(terms, grad_norm, self._skip(terms, grad_norm, step))
+            self._restore(before)
+            return StepOutcome(terms, grad_norm, self._skip(terms, grad_norm, step, keys))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_in_a_row = 0
         return StepOutcome(terms, grad_norm)
 
-    def _skip(self, terms: dict[str, float], grad_norm: float, step: int) -> str:
-        """Drop this step's gradients; the step is not counted. Stops the run when it keeps happening."""
+    def _snapshot(self) -> dict:
+        """What a forward pass changes besides the gradients: BatchNorm running statistics, the
+        quantiser's usage counts and recent outputs (and, on the first step, the codebook it seeds
+        from the batch), and the RNG the seeding draws from."""
+        return {"buffers": {name: b.detach().clone() for name, b in self.model.named_buffers()},
+                "codebook": self.model.quantizer.codebook.detach().clone(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.rt.device.type == "cuda" else None}
+
+    @torch.no_grad()
+    def _restore(self, before: dict) -> None:
+        for name, buffer in self.model.named_buffers():
+            buffer.copy_(before["buffers"][name])
+        self.model.quantizer.codebook.copy_(before["codebook"])
+        self.model.quantizer._seeded = bool(self.model.quantizer.initialised)
+        torch.set_rng_state(before["rng"])
+        if before["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(before["cuda_rng"])
+
+    def _skip(self, terms: dict[str, float], grad_norm: float, step: int, keys: list[str]) -> str:
+        """Drop this step's gradients; the step is not counted. The GradScaler's protocol is kept
+        (unscale_ was called, so update() must follow before the next unscale_): the scale backs
+        off as for an overflow. Stops the run when it keeps happening."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         self.nonfinite_in_a_row += 1
         what = "loss" if not math.isfinite(terms["loss"]) else "gradient"
-        message = (f"non-finite {what} at step {step + 1} (loss {terms['loss']}, grad norm {grad_norm}); "
+        shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        message = (f"non-finite {what} at step {step + 1} (loss {terms['loss']}, grad norm {grad_norm}; "
+                   f"batch {shown or 'without keys'}); "
                    f"update skipped ({self.nonfinite_in_a_row}/{self.max_nonfinite} in a row)")
         if self.nonfinite_in_a_row >= self.max_nonfinite:
             raise UserError(f"{message}: stopping; try a lower lr, --amp off or grad_clip")

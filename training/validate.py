@@ -3,7 +3,6 @@ codebook use, and example reconstructions, each on its own cadence. The numbers 
 evaluation.metrics, the same code evaluate.py reports with."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +35,10 @@ class Due:
 class Validator:
     def __init__(self, model: LatentActionModel, loader, cfg: TrainConfig, rt: Runtime):
         self.model, self.loader, self.cfg, self.rt = model, loader, cfg, rt
+        self.pairs, self.episodes = loader.coverage
+
+    def describe(self) -> str:
+        return f"validation: a fixed sample of {self.pairs} pairs from {self.episodes} episodes"
 
     def due(self, step: int, last: bool = False) -> Due:
         cfg = self.cfg
@@ -44,36 +47,36 @@ class Validator:
 
     @torch.no_grad()
     def run(self, due: Due) -> dict:
-        """One pass over this rank's share (val_batches in all, summed across ranks) -> logged values
-        (`_counts` and `_examples` for the logger's histogram and image when due)."""
+        """One pass over the validation sample (each rank its share, summed across ranks) -> logged
+        values (`_counts` and `_examples` for the logger's histogram and image when due)."""
         average_batchnorm_stats(self.model, self.rt)
         self.model.eval()
-        limit = math.ceil(self.cfg.val_batches / self.rt.world_size) if self.cfg.val_batches else None
         model_meter, copy_meter = ReconstructionMeter(self.rt.device), ReconstructionMeter(self.rt.device, ssim=False)
         counts = torch.zeros(self.model.config.codebook_size, dtype=torch.float64, device=self.rt.device)
-        examples, frames = [], 0
-        for i, batch in enumerate(self.loader):
-            if limit is not None and i >= limit:
-                break
+        examples, frames, loss_sum = [], 0, 0.0
+        for batch in self.loader:
             cur, nxt = batch["cur"], batch["next"]
             with self.rt.autocast():
                 out = self.model(cur, nxt)
             pred = out["pred"].float().clamp(0, 1)
             model_meter.update(pred, nxt, cur)
             copy_meter.update(cur, nxt, cur)
+            loss_sum += float(out["loss"]) * nxt.shape[0]
             counts += torch.bincount(out["codes"].reshape(-1), minlength=counts.numel()).double()
             frames += nxt.shape[0]
             if not examples:
                 examples = [Example.of(str(k), c, n, p) for k, c, n, p in
                             zip(range(EXAMPLES), *(x[:EXAMPLES].float().cpu().numpy() for x in (cur, nxt, pred)))]
         self.model.train()
-        if all_sum([frames], self.rt)[0] == 0:
+        frames_all, loss_sum = all_sum([frames, loss_sum], self.rt)
+        if frames_all == 0:
             return {}
         if self.rt.distributed:
             dist.all_reduce(counts)
         scores, copy = model_meter.compute(), copy_meter.compute()
         codebook = codebook_stats(counts.long().cpu().numpy())
-        row: dict = {"val/recon": scores["l2"]}
+        row: dict = {"val/recon": scores["l2"], "val/loss": loss_sum / frames_all,
+                     "val/pairs": self.pairs, "val/episodes": self.episodes}
         if due.metrics:
             row.update({"val/psnr": scores["psnr"], "val/psnr_copy": copy["psnr"], "val/ssim": scores["ssim"],
                         "codebook/used_fraction": codebook["used_fraction"],

@@ -1,0 +1,143 @@
+"""A crash at any point loses nothing: real processes are SIGKILLed (at random moments and inside
+checkpoint or shard writes), re-run, and must end exactly where an uninterrupted run ends."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs a script or module with one function wrapped so that its N-th call (counted per process)
+# SIGKILLs the process: the crash lands exactly inside the write being tested.
+KILLER = r"""
+import os, runpy, signal, sys
+target, at, what = os.environ["KILL_TARGET"], int(os.environ["KILL_AT"]), sys.argv[1]
+calls = 0
+def killing(real):
+    def wrapper(*args, **kwargs):
+        global calls
+        if target != "os.replace" or str(args[1]).endswith(".pt"):
+            calls += 1
+            if calls == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return wrapper
+if target == "os.replace":
+    os.replace = killing(os.replace)
+elif target == "os.fsync":
+    os.fsync = killing(os.fsync)
+else:
+    import pipeline.shards
+    pipeline.shards.TarShardWriter.add = killing(pipeline.shards.TarShardWriter.add)
+sys.argv = sys.argv[1:]
+if what.endswith(".py"):
+    runpy.run_path(what, run_name="__main__")
+else:
+    sys.argv[0] = what
+    runpy.run_module(what, run_name="__main__", alter_sys=True)
+"""
+
+
+def env(**extra: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **extra}
+
+
+def killed_inside(target: str, at: int, *command: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILLER, *command], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env(KILL_TARGET=target, KILL_AT=str(at)))
+
+
+def killed_after(seconds: float, *command: str) -> int | None:
+    """Run `command`; SIGKILL it after `seconds` unless it has finished. Its exit code, None if killed."""
+    proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------ train.py
+def train_args(shards: Path, root: Path, *extra: str) -> list[str]:
+    return [str(ROOT / "train.py"), "--shards", str(shards), "--preset", "tiny", "--out", str(root / "ckpt"),
+            "--run-dir", str(root / "run"), "--iters", "20", "--no-compile", "--wandb", "disabled",
+            "--set", "ckpt_every=2", "--set", "reset_every=3", *extra]
+
+
+def assert_checkpoints_whole(ckpt: Path) -> None:
+    """Every checkpoint a reader can see loads and holds the whole state."""
+    for path in ckpt.glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        assert {"model", "optimizer", "scaler", "loader", "rng", "step", "config"} <= set(state), path
+
+
+def test_train_killed_again_and_again_ends_bitwise_as_an_uninterrupted_run(pair_shards, tmp_path):
+    assert train.main(train_args(pair_shards, tmp_path / "straight")[1:]) == 0
+    root = tmp_path / "killed"
+    resume = lambda: ["--resume"] if list((root / "ckpt").glob("step-*.pt")) else []   # noqa: E731
+    # Two kills inside checkpoint writes (before the rename, then mid-file before its fsync) ...
+    assert killed_inside("os.replace", 2, *train_args(pair_shards, root)).returncode == -9
+    assert_checkpoints_whole(root / "ckpt")
+    assert killed_inside("os.fsync", 3, *train_args(pair_shards, root, *resume())).returncode == -9
+    assert_checkpoints_whole(root / "ckpt")
+    # ... then kills at random moments until a run gets to the end.
+    rng = random.Random(0)
+    for attempt in range(12):
+        code = killed_after(rng.uniform(4, 12) + 2 * attempt, *train_args(pair_shards, root, *resume()))
+        assert_checkpoints_whole(root / "ckpt")
+        if code is not None:
+            assert code == 0
+            break
+    else:
+        pytest.fail("no run finished")
+    assert not list((root / "ckpt").glob(".*.tmp-*"))             # killed writes cleaned up
+    straight = torch.load(tmp_path / "straight/ckpt/step-000020.pt", weights_only=True)
+    resumed = torch.load(root / "ckpt/step-000020.pt", weights_only=True)
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert straight["loader"] == resumed["loader"]
+
+
+# ------------------------------------------------------------------------------ pack, extract
+def test_pack_killed_mid_shard_and_rerun_is_byte_identical(videos, tmp_path):
+    pack = ["-m", "pipeline.pack", "--src", str(videos), "--pairs-per-shard", "16", "--no-progress"]
+    assert subprocess.run([sys.executable, *pack, "--out", str(tmp_path / "clean")], cwd=ROOT, env=env(),
+                          capture_output=True).returncode == 0
+    out = tmp_path / "crashed"
+    assert killed_inside("TarShardWriter.add", 40, *pack[1:], "--out", str(out)).returncode == -9   # in shard 3
+    assert not (out / "manifest.json").exists()
+    assert subprocess.run([sys.executable, *pack, "--out", str(out)], cwd=ROOT, env=env(),
+                          capture_output=True).returncode == 0
+    assert tree_bytes(out) == tree_bytes(tmp_path / "clean")
+
+
+def test_extract_killed_mid_shard_and_rerun_is_byte_identical(pair_shards, tiny_checkpoint, tmp_path):
+    extract = ["extract.py", "--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint),
+               "--batch-size", "24", "--backend", "torch", "--no-progress"]
+    run = lambda out: subprocess.run([sys.executable, *extract, "--out", str(out)], cwd=ROOT, env=env(),  # noqa: E731
+                                     capture_output=True, text=True)
+    assert run(tmp_path / "clean").returncode == 0
+    out = tmp_path / "crashed"
+    assert killed_inside("TarShardWriter.add", 40, *extract, "--out", str(out)).returncode == -9
+    assert not (out / "manifest.json").exists()
+    second = run(out)
+    assert second.returncode == 0, second.stderr
+    assert "2 already done" in second.stdout                  # the finished shards were kept, not redone
+    assert tree_bytes(out) == tree_bytes(tmp_path / "clean")

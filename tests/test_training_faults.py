@@ -1,0 +1,202 @@
+"""The trainer's fault handling: a non-finite step is skipped without a trace (fp32 and fp16),
+--resume is the same run, validation covers every episode, accumulation matches a big batch."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from model import LatentActionModel, ModelConfig
+from pipeline.loader import build_loader, spread_sample
+from training.checkpointer import latest_checkpoint
+from training.runtime import Runtime
+from training.step import TrainStep
+
+
+def tiny_args(shards: Path, root: Path, iters: int, *extra: str) -> list[str]:
+    return ["--shards", str(shards), "--preset", "tiny", "--out", str(root / "ckpt"), "--run-dir", str(root / "run"),
+            "--iters", str(iters), "--no-compile", "--wandb", "disabled", *extra]
+
+
+def poison_batches(monkeypatch, at: set[int]) -> list[list[str]]:
+    """Make train.py's batch stream yield, before its batches number `at` (0-based), a copy of that
+    batch with one NaN pixel and keys of its own. Returns the poisoned batches' keys as they come."""
+    original, poisoned = train.forever, []
+
+    def forever(loader):
+        for number, batch in enumerate(original(loader)):
+            if number in at:
+                bad = {**batch, "cur": batch["cur"].clone(), "key": [f"nan-{key}" for key in batch["key"]]}
+                bad["cur"][0, 0, 100, 80] = float("nan")
+                poisoned.append(bad["key"])
+                yield bad
+            yield batch
+
+    monkeypatch.setattr(train, "forever", forever)
+    return poisoned
+
+
+def final_state(root: Path, step: int) -> dict:
+    return torch.load(root / "ckpt" / f"step-{step:06d}.pt", weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(x["exp_avg"], y["exp_avg"]) and torch.equal(x["exp_avg_sq"], y["exp_avg_sq"])
+    assert a["loader"] == b["loader"]
+
+
+# ------------------------------------------------------------------------------ skipped steps
+def test_a_nan_batch_leaves_no_trace_and_names_its_keys(pair_shards, tmp_path, monkeypatch, capsys):
+    # Batch 0 is poisoned too: on the first step the quantiser would seed its codebook from it.
+    common = ("--set", "reset_every=3", "--set", "ckpt_every=6")
+    assert train.main(tiny_args(pair_shards, tmp_path / "clean", 6, *common)) == 0
+    poisoned = poison_batches(monkeypatch, at={0, 3})
+    assert train.main(tiny_args(pair_shards, tmp_path / "poisoned", 6, *common)) == 0
+    err = capsys.readouterr().err
+    assert len(poisoned) == 2
+    for keys in poisoned:
+        assert keys[0] in err                                   # the message names the batch
+    assert "non-finite loss at step 1" in err and "non-finite loss at step 4" in err, err
+    clean, dirty = final_state(tmp_path / "clean", 6), final_state(tmp_path / "poisoned", 6)
+    assert_same_training_state(clean, dirty)
+    for name, value in dirty["model"].items():
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), name
+
+
+def test_fp16_training_goes_on_after_a_skipped_step(pair_shards, tmp_path, monkeypatch, capsys):
+    poison_batches(monkeypatch, at={1})
+    assert train.main(tiny_args(pair_shards, tmp_path, 4, "--amp", "fp16")) == 0
+    assert "non-finite loss at step 2" in capsys.readouterr().err
+    state = final_state(tmp_path, 4)
+    assert state["scaler"]["scale"] < 65536.0                    # backed off as for an overflow
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# ------------------------------------------------------------------------------ resume
+def test_resume_without_flags_is_the_same_run(pair_shards, tmp_path, capsys):
+    """No --preset and no --set on resume: every setting comes from the checkpoint (a fallback to
+    `full` would change lr, schedule, resets and compile)."""
+    common = ("--set", "ckpt_every=4", "--set", "reset_every=3", "--set", "lr=0.002")
+    assert train.main(tiny_args(pair_shards, tmp_path / "straight", 8, *common)) == 0
+    assert train.main(tiny_args(pair_shards, tmp_path / "stopped", 4, *common)) == 0
+    capsys.readouterr()
+    root = tmp_path / "stopped"
+    assert train.main(["--out", str(root / "ckpt"), "--iters", "8", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "iters: 4 -> 8 (from the command line)" in out
+    assert "lr:" not in out and "preset:" not in out
+    assert_same_training_state(final_state(tmp_path / "straight", 8), final_state(root, 8))
+    saved = final_state(root, 8)["config"]["train"]
+    assert (saved["preset"], saved["lr"], saved["compile"]) == ("tiny", 0.002, False)
+
+
+def test_resume_lists_what_the_command_line_changes(pair_shards, tmp_path, capsys):
+    assert train.main(tiny_args(pair_shards, tmp_path, 2, "--set", "ckpt_every=2")) == 0
+    capsys.readouterr()
+    assert train.main(tiny_args(pair_shards, tmp_path, 4, "--resume", "--set", "lr=0.001", "--set", "width=0.5")) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.003 -> 0.001 (from the command line)" in out
+    assert "width: the checkpoint's 0.0625 kept" in out
+
+
+def test_resume_refuses_a_loader_change_that_breaks_exact_resume(pair_shards, tmp_path, capsys):
+    assert train.main(tiny_args(pair_shards, tmp_path, 2, "--set", "ckpt_every=2")) == 0
+    capsys.readouterr()
+    assert train.main(tiny_args(pair_shards, tmp_path, 4, "--resume", "--batch-size", "2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differently built loader" in err[0] and "batch_size 4 != 2" in err[0]
+
+
+def test_resume_against_changed_shards_is_one_clear_error(pair_shards, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shutil.copytree(pair_shards, shards)
+    assert train.main(tiny_args(shards, tmp_path, 2, "--set", "ckpt_every=2")) == 0
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["seed"] = 1                                          # e.g. re-packed with another split
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert train.main(tiny_args(shards, tmp_path, 4, "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --resume: ") and "changed since the checkpoint" in err[0]
+
+
+def test_latest_checkpoint_is_the_highest_step_number(tmp_path):
+    for step in (999_999, 1_000_000, 20):
+        (tmp_path / f"step-{step:06d}.pt").write_bytes(b"")
+    (tmp_path / ".step-2000000.pt.tmp-77").write_bytes(b"")     # a killed write: never a candidate
+    assert latest_checkpoint(tmp_path).name == "step-1000000.pt"
+
+
+# ------------------------------------------------------------------------------ validation
+def test_validation_sample_spreads_over_every_episode(pair_shards):
+    full = build_loader(pair_shards, "val", 4, shuffle=False, drop_last=False, backend="torch", device="cpu")
+    pairs, episodes = full.coverage
+    sample = build_loader(pair_shards, "val", 4, shuffle=False, drop_last=False, backend="torch", device="cpu",
+                          sample=8, seed=3)
+    assert sample.coverage == (8, episodes) and pairs > 8
+    again = build_loader(pair_shards, "val", 4, shuffle=False, drop_last=False, backend="torch", device="cpu",
+                         sample=8, seed=3)
+    assert [b["cur"].sum() for b in sample] == [b["cur"].sum() for b in again]     # fixed for a seed
+
+
+def test_spread_sample_draws_from_each_episode_in_proportion():
+    episodes = np.repeat(np.arange(5), [400, 100, 100, 300, 100])
+    chosen = spread_sample(episodes, 100, seed=0)
+    assert len(chosen) == 100 and len(set(chosen.tolist())) == 100 and (np.diff(chosen) > 0).all()
+    per_episode = np.bincount(episodes[chosen], minlength=5)
+    assert per_episode.tolist() == [40, 10, 10, 30, 10]
+    assert spread_sample(episodes, 3, seed=0).size == 3
+
+
+def test_training_logs_the_validation_coverage_and_loss(tiny_checkpoint):
+    rows = [json.loads(line) for line in (tiny_checkpoint.parent.parent / "run" / "metrics.jsonl").read_text().splitlines()]
+    validated = [row for row in rows if "val/recon" in row]
+    assert validated and all(row["val/loss"] > 0 and row["val/pairs"] > 0 and row["val/episodes"] >= 1
+                             for row in validated)
+    assert all("samples_per_s" in row for row in rows)
+
+
+# ------------------------------------------------------------------------------ accumulation
+def accumulated_update(grad_accum: int, batches: list[dict], config: ModelConfig, train_mode: bool) -> dict:
+    torch.manual_seed(0)
+    model = LatentActionModel(config)
+    model.train(train_mode)
+    with torch.no_grad():                       # the same codebook in both runs (not seeded from a batch)
+        model.quantizer.codebook.copy_(0.1 * torch.randn(model.quantizer.codebook.shape,
+                                                         generator=torch.Generator().manual_seed(3)))
+        model.quantizer.initialised.fill_(True)
+    model.quantizer._seeded = True
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    step = TrainStep(model, optimizer, Runtime(0, 1, 0, torch.device("cpu")), grad_accum=grad_accum)
+    assert step(iter(batches), 1.0, 0).skipped is None
+    return {k: v - before[k] for k, v in model.state_dict().items() if v.is_floating_point() and "quantizer" not in k}
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_accumulation_matches_one_batch_of_k_times_the_size(train_mode):
+    """k micro-batches of n give the update of one batch of k·n, exactly up to float error when
+    BatchNorm uses running statistics and the codebook-entropy term (a batch statistic) is off; with
+    BatchNorm normalising each micro-batch by its own statistics the updates agree only closely."""
+    frames = torch.rand(8, 1, 210, 160, generator=torch.Generator().manual_seed(1))
+    nxt = (frames + 0.1 * torch.rand(frames.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    config = ModelConfig(width=0.0625, code_dim=32, entropy_weight=0.0)
+    whole = accumulated_update(1, [{"cur": frames, "next": nxt}], config, train_mode)
+    parts = accumulated_update(4, [{"cur": frames[i:i + 2], "next": nxt[i:i + 2]} for i in range(0, 8, 2)],
+                               config, train_mode)
+    a = torch.cat([v.flatten() for v in whole.values()])
+    b = torch.cat([v.flatten() for v in parts.values()])
+    if not train_mode:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    else:
+        cosine = torch.nn.functional.cosine_similarity(a, b, dim=0)
+        assert cosine > 0.5, float(cosine)
