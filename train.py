@@ -34,6 +34,7 @@ from training.config import PRESETS, TrainConfig, build_config, fields_help, res
 from training.logger import Logger
 from training.runtime import Runtime, all_gather, git_sha, setup_runtime, shutdown
 from training.step import TrainStep, every, learning_rate, schedule_horizon
+from training.throughput import Throughput
 from training.validate import Validator
 
 
@@ -71,12 +72,12 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) 
     # ---- the model, its optimiser and step, the data, validation and checkpoints
     model_cfg = cfg.model_config()
     model = LatentActionModel(model_cfg).to(rt.device)
-    if rt.distributed and rt.device.type == "cuda":
+    if rt.distributed and cfg.sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                  fused=rt.device.type == "cuda")
     train_step = TrainStep(model, optimizer, rt, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                           max_nonfinite=cfg.max_nonfinite, compile=cfg.compile)
+                           max_nonfinite=cfg.max_nonfinite, compile=cfg.compile, compile_backend=cfg.compile_backend)
     loaders = dict(grayscale=not cfg.rgb, seed=cfg.seed, backend=cfg.backend, device=rt.device,
                    rank=rt.rank, world_size=rt.world_size)
     train_loader = build_loader(cfg.shards, "train", micro_batch, shuffle=True, drop_last=True, with_keys=True,
@@ -87,6 +88,7 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) 
     val_loader = build_loader(cfg.shards, "val", micro_batch, shuffle=False, drop_last=False,
                               sample=cfg.val_batches * micro_batch * rt.world_size, **loaders)
     validator = Validator(model, val_loader, cfg, rt)
+    throughput = Throughput(model_cfg, rt.device, rt.amp_dtype, cfg.batch_size)
     checkpointer = Checkpointer(cfg, rt, model, train_step, train_loader, extra={"git_sha": sha, "shards_manifest_sha256": manifest_sha})
 
     # ---- resume: weights, optimiser, scaler, loader position, RNG
@@ -122,24 +124,21 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) 
             continue
         step += 1
         row = {f"train/{name}": value for name, value in outcome.terms.items()}
+        if step == 1 and cfg.compile:
+            graph_breaks(reset=True)     # step 1 seeds the codebook (a broadcast under DDP): a one-off graph
 
         # ---- dead codes get fresh vectors (not in the last interval: a new code needs steps to learn)
         if every(step, cfg.reset_every) and step <= schedule_horizon(cfg) - cfg.reset_every:
             row["codebook/reset_codes"] = model.reset_dead_codes()      # collective under DDP
 
         # ---- speed of the update alone: validation and checkpoint time is left out below
-        elapsed = time.perf_counter() - timer
-        row.update({"lr": lr, "grad_norm": outcome.grad_norm, "steps_per_s": 1 / elapsed,
-                    "samples_per_s": cfg.batch_size / elapsed})
+        row.update({"lr": lr, "grad_norm": outcome.grad_norm, **throughput.row(time.perf_counter() - timer)})
 
         # ---- validation, then checkpoints (best.pt by validation loss), then the log row
         last = step == cfg.iters
         due = validator.due(step, last)
         if due:
             row.update(validator.run(due))
-            if rt.device.type == "cuda":
-                row["gpu/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                row["gpu/memory_reserved_gb"] = torch.cuda.memory_reserved() / 2**30
         checkpointer.save(step, last=last, val_loss=row.get("val/recon"))
         logger.log(step, row)
         progress.set_postfix(loss=f"{outcome.terms['loss']:.4f}", recon=f"{outcome.terms['recon']:.5f}", refresh=False)
@@ -148,6 +147,8 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) 
 
     progress.close()
     logger.close()
+    if cfg.compile and rt.main:
+        print(f"torch.compile: {graph_breaks()} graph break(s) after step 1", flush=True)
     report_digests(model, rt, step)
 
 
@@ -155,6 +156,16 @@ def forever(loader) -> Iterator[dict]:
     """Epoch after epoch; the loader's own state_dict() knows the position inside the epoch."""
     while True:
         yield from loader
+
+
+def graph_breaks(reset: bool = False) -> int:
+    """Graph breaks torch.compile has met in this process (dynamo's own counters); `reset` zeroes them."""
+    from torch._dynamo.utils import counters
+
+    found = sum(counters["graph_break"].values())
+    if reset:
+        counters["graph_break"].clear()
+    return found
 
 
 def weights_digest(model: torch.nn.Module) -> str:

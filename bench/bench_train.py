@@ -16,7 +16,6 @@ import torch
 from bench.common import child_peak_rss_mb, markdown_table, run_child
 
 DEMO_WIDTH = 0.25          # train.py's demo preset
-H100_BF16_PEAK_FLOPS = 989e12      # dense bf16 tensor-core peak, for MFU
 
 CHILD = """
 from bench.bench_train import time_steps
@@ -66,19 +65,11 @@ def measure(width: float, batch: int, compile: bool = False, bf16: bool = False,
     return run_child(CHILD.format(cfg=json.dumps(cfg)))
 
 
-def train_step_flops(width: float, batch: int = 1) -> float:
-    """FLOPs of one training step (forward + backward) counted by FlopCounterMode (convs and matmuls;
-    elementwise ops are left out, as usual for MFU)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def train_step_flops(width: float) -> float:
+    from model import ModelConfig
+    from training.throughput import training_flops_per_sample
 
-    from model import LatentActionModel, ModelConfig
-
-    model = LatentActionModel(ModelConfig(width=width)).train()
-    cur = torch.rand(batch, 1, 210, 160)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(cur, cur)["loss"].backward()
-    return counter.get_total_flops()
+    return training_flops_per_sample(ModelConfig(width=width))
 
 
 def run() -> str:
@@ -129,10 +120,14 @@ def run() -> str:
                                    "the activation saving)."), ""]
 
     if on_gpu:
+        from training.throughput import peak_flops
+
         full = measure(1.0, 32, compile=True, bf16=True)
         achieved = full["steps_per_s"] * 32 * flops_full
+        peak = peak_flops(torch.device("cuda"), torch.bfloat16)
+        mfu = f"MFU {achieved / peak:.1%} of {device}'s bf16 peak" if peak else f"no peak known for {device}"
         parts.append(f"Full preset, batch 32, compiled bf16: {full['steps_per_s']:.2f} steps/s, "
-                     f"{achieved / 1e12:.1f} TFLOP/s, MFU {achieved / H100_BF16_PEAK_FLOPS:.1%} of H100 bf16 peak.\n")
+                     f"{achieved / 1e12:.1f} TFLOP/s, {mfu}.\n")
     else:
         parts.append("MFU: not measured (no GPU on this machine).\n")
     return "\n".join(parts)

@@ -69,6 +69,10 @@ class TrainConfig:
     device: str = "auto"                     # auto | cpu | cuda
     backend: str = "dali"                    # data loader: dali | torch
     compile: bool = True
+    compile_backend: str = "inductor"        # torch.compile backend (aot_eager: traced, no code generation)
+    # Off by default: SyncBatchNorm breaks torch.compile's graph at every norm, so DDP ranks normalise
+    # their own micro-batch and average BatchNorm's running statistics before validation and checkpoints.
+    sync_batchnorm: bool = False
     amp: str = "auto"                        # auto (bf16 on CUDA if supported, else off) | bf16 | fp16 | off
     wandb: str = ""                          # offline | online | disabled; "" = $WANDB_MODE or offline
     seed: int = 0

@@ -93,12 +93,13 @@ def all_gather(value, rt: Runtime) -> list:
 
 
 def average_batchnorm_stats(model: torch.nn.Module, rt: Runtime) -> None:
-    """On CPU DDP (no SyncBatchNorm) each rank's running statistics drift apart; average them before
+    """Under DDP without SyncBatchNorm each rank's running statistics drift apart; average them before
     validation and checkpoints so every rank, and the checkpoint, holds the same model."""
-    if not rt.distributed or rt.device.type == "cuda":
+    if not rt.distributed:
         return
     for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+        if (isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+                and not isinstance(module, torch.nn.SyncBatchNorm)):
             for buffer in (module.running_mean, module.running_var):
                 dist.all_reduce(buffer)
                 buffer.div_(rt.world_size)

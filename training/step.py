@@ -55,16 +55,19 @@ class TrainStep:
     for DDP and compiled here; `model` itself stays the plain module (checkpoints, validation)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, *,
-                 grad_accum: int = 1, grad_clip: float = 0.0, max_nonfinite: int = 5, compile: bool = False):
+                 grad_accum: int = 1, grad_clip: float = 0.0, max_nonfinite: int = 5, compile: bool = False,
+                 compile_backend: str = "inductor"):
         self.model, self.optimizer, self.rt = model, optimizer, rt
         self.grad_accum, self.grad_clip, self.max_nonfinite = grad_accum, grad_clip, max_nonfinite
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.uses_scaler)
         self.nonfinite_in_a_row = 0
+        # Compiled first, then wrapped (as torchtitan does): dynamo then traces the model alone, in one
+        # graph, instead of breaking at DDP's own Python forward.
+        compiled = torch.compile(model, backend=compile_backend) if compile else model
         # DDP buffers are not broadcast: quantiser statistics are synchronised by the quantiser itself,
-        # BatchNorm statistics by SyncBatchNorm (GPU) or averaging (CPU, average_batchnorm_stats).
-        wrapped = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                      broadcast_buffers=False) if rt.distributed else model
-        self.step_model = torch.compile(wrapped) if compile else wrapped
+        # BatchNorm statistics by averaging (average_batchnorm_stats) or, if asked, SyncBatchNorm.
+        self.step_model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                              broadcast_buffers=False) if rt.distributed else compiled
 
     def __call__(self, batches: Iterator[dict], lr: float, step: int) -> StepOutcome:
         """Update number `step` + 1 at learning rate `lr`, drawing micro-batches from `batches`.
