@@ -21,13 +21,20 @@ PRESET    ?= $(shell $(PY) -c "import torch; print('full' if torch.cuda.is_avail
 TRAIN_ARGS ?=
 # EXTRACT_ARGS=--zstd also writes .tar.zst copies of the latent shards, for transfer.
 EXTRACT_ARGS ?=
+CONTROLLER_DIR  ?= checkpoints/controller
+CONTROLLER      ?= $(CONTROLLER_DIR)/controller.pt
+CONTROLLER_ARGS ?=
+# The GPU check runs with the GPU machine's own Python and torch, installing only carried wheels.
+GPU_PY ?= python3
+WHEELS ?= wheels
 
-.PHONY: setup data shards train extract eval demo bench test clean help
+.PHONY: setup data shards train extract eval controller rollout play demo bench test browser gpu-check wheels clean help
 
 help:
 	@echo "make demo   - install, record, pack, train (demo preset), extract, evaluate"
 	@echo "make test   - run the test suite (CPU only)"
-	@echo "make setup | data | shards | train | extract | eval | bench | clean"
+	@echo "make setup | data | shards | train | extract | eval | controller | rollout | play | bench | clean"
+	@echo "make wheels (here), then make gpu-check (on a GPU machine)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,16 +61,46 @@ eval: setup
 	$(PY) evaluate.py --shards $(SHARDS) --checkpoint $(CKPT) --split val --out $(REPORTS)/val
 	$(PY) evaluate.py --shards $(SHARDS) --checkpoint $(CKPT) --split test --out $(REPORTS)/test
 
+controller: setup
+	$(PY) -m control.train --latent $(LATENT) --out $(CONTROLLER_DIR) $(CONTROLLER_ARGS)
+
+rollout: setup
+	$(PY) play.py rollout --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play
+
+play: setup
+	$(PY) play.py serve --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT)
+
 demo: setup
 	$(MAKE) data shards
 	$(MAKE) train PRESET=demo
 	$(MAKE) extract eval
+	$(MAKE) controller rollout
 
 bench: setup
 	$(PY) -m bench
 
-test: setup
+# The play page's browser test drives Debian's Chromium; without it that one test skips and says so.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
+	  echo "chromium not installed: the browser test will skip"
+
+test: setup browser
 	$(PY) -m pytest
+
+# Runtime wheels for a GPU machine without registry access (cp312, manylinux x86-64): torch and
+# torchmetrics are left out, as that machine has its own. DALI's wheel (~200 MB) is larger than one
+# carry: split it (split -b 60M) or let the check fall back to the torch loader.
+wheels: setup
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d $(WHEELS) webdataset wandb zstandard zlib-ng ale-py gymnasium tqdm matplotlib scikit-learn pytest pytest-timeout
+	@ls $(WHEELS) | wc -l | xargs echo "wheels in $(WHEELS)/:"
+
+gpu-check:
+	@[ ! -d $(WHEELS) ] || $(GPU_PY) -m pip install -q --no-index --find-links $(WHEELS) $(WHEELS)/*.whl
+	$(GPU_PY) -m bench.gpu_check --out $(REPORTS)/gpu-check
 
 clean:
 	rm -rf $(SHARDS) $(LATENT) runs reports wandb

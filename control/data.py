@@ -1,0 +1,144 @@
+"""What the controller reads from latent shards, all through `pipeline.stream.latent_dataset`
+(with_meta=True gives each sample's json, which carries the recorder's `action`):
+
+- training batches: frame t, frame t-1, the recorded action and the LAM's codes, shuffled;
+- whole episodes in order (test split), for rollouts and the play page's start frames.
+
+Frame t-1 is the previous sample's frame t when that sample is the same episode's step t-1. That
+needs the samples in shard order, so the stream is read unshuffled (shard order is shuffled per
+epoch instead) and mixed afterwards in a shuffle buffer here.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.stream import latent_dataset, latent_urls
+
+from control.network import ACTION_NAMES
+
+
+@dataclass
+class Episode:
+    """One recorded episode (or a run of it without gaps): frames 0..T and the T actions between them."""
+
+    name: str
+    frames: torch.Tensor                 # float (T+1, C, 210, 160) in [0, 1]
+    actions: torch.Tensor                # int64 (T,)
+    codes: torch.Tensor                  # int64 (T, 7, 5): the LAM's codes of each recorded transition
+    metas: list[dict] = field(repr=False)
+
+    @property
+    def steps(self) -> int:
+        return len(self.actions)
+
+
+def action_of(meta: dict, key: str) -> int:
+    """The recorder's action id of a sample, checked: the controller knows only Breakout's four."""
+    if "action" not in meta:
+        raise UserError(f"sample {key}: its json has no recorded 'action' (record episodes with pipeline.record "
+                        f"to get action labels)")
+    action = int(meta["action"])
+    if not 0 <= action < len(ACTION_NAMES):
+        raise UserError(f"sample {key}: action {action} is not one of Breakout's {len(ACTION_NAMES)} "
+                        f"({', '.join(ACTION_NAMES)})")
+    return action
+
+
+def follows(previous: dict | None, meta: dict) -> bool:
+    """`meta` is the transition right after `previous` in the same episode."""
+    return (previous is not None and previous.get("episode") == meta.get("episode")
+            and previous.get("t") is not None and meta.get("t") == previous["t"] + 1)
+
+
+def samples_with_prev(source, split: str, grayscale: bool, urls_seed: int | None) -> Iterator[dict]:
+    """Samples of one split in shard order (shards shuffled by `urls_seed` unless None), each with
+    "prev" (frame t-1, or frame t itself at an episode's or a gap's start) and "action"."""
+    urls = latent_urls(source, split)
+    if urls_seed is not None:
+        random.Random(urls_seed).shuffle(urls)
+    previous = None
+    for sample in latent_dataset(urls, grayscale, with_meta=True, split_nodes=False, split_workers=False):
+        meta = sample["meta"]
+        prev = previous["cur"] if follows(previous and previous["meta"], meta) else sample["cur"]
+        yield {**sample, "prev": prev, "action": action_of(meta, sample["key"])}
+        previous = sample
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    return {"cur": torch.stack([s["cur"] for s in samples]), "prev": torch.stack([s["prev"] for s in samples]),
+            "action": torch.tensor([s["action"] for s in samples], dtype=torch.int64),
+            "codes": torch.stack([s["codes"] for s in samples])}
+
+
+def training_batches(source, batch_size: int, *, grayscale: bool, shuffle_buffer: int, seed: int,
+                     split: str = "train") -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled batches forever, epoch after epoch (each epoch a new shard order)."""
+    rng = random.Random(seed)
+    buffer: list[dict] = []
+    epoch = 0
+    while True:
+        seen = 0
+        for sample in samples_with_prev(source, split, grayscale, urls_seed=seed * 1_000_003 + epoch):
+            seen += 1
+            buffer.append(sample)
+            if len(buffer) < shuffle_buffer:
+                continue
+            batch = [buffer.pop(rng.randrange(len(buffer))) for _ in range(batch_size)]
+            yield collate(batch)
+        if seen == 0:
+            raise UserError(f"{source}: split {split!r} has no samples")
+        epoch += 1
+
+
+def ordered_batches(source, split: str, batch_size: int, *, grayscale: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """Every sample of a split once, in shard order, for evaluation."""
+    batch: list[dict] = []
+    for sample in samples_with_prev(source, split, grayscale, urls_seed=None):
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield collate(batch)
+            batch = []
+    if batch:
+        yield collate(batch)
+
+
+def read_episodes(source, split: str = "test", *, grayscale: bool, max_episodes: int | None = None) -> list[Episode]:
+    """The split's episodes in order; an episode with a gap (a rejected frame) becomes two runs."""
+    episodes: list[Episode] = []
+    run: list[dict] = []
+
+    def close_run():
+        if run:
+            frames = torch.stack([s["cur"] for s in run] + [run[-1]["next"]])
+            episodes.append(Episode(name=str(run[0]["meta"].get("episode", run[0]["key"])), frames=frames,
+                                    actions=torch.tensor([action_of(s["meta"], s["key"]) for s in run]),
+                                    codes=torch.stack([s["codes"] for s in run]), metas=[s["meta"] for s in run]))
+
+    for sample in latent_dataset(latent_urls(source, split), grayscale, with_meta=True,
+                                 split_nodes=False, split_workers=False):
+        if run and not follows(run[-1]["meta"], sample["meta"]):
+            close_run()
+            run = []
+            if max_episodes is not None and len(episodes) >= max_episodes:
+                break
+        run.append(sample)
+    close_run()           # empty after a `break`: that run was already closed
+    if not episodes:
+        raise UserError(f"{source}: split {split!r} has no samples")
+    return episodes
+
+
+def latent_identity(source) -> dict:
+    """The LAM checkpoint ({"sha256", "step"}) whose codes a latent directory holds, when it says."""
+    manifest = Path(source) / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    checkpoint = json.loads(manifest.read_text()).get("checkpoint", {})
+    return {key: checkpoint[key] for key in ("sha256", "step") if key in checkpoint}

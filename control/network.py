@@ -1,0 +1,90 @@
+"""The controller: frame t (and t-1) plus the real action -> logits over the codebook for every
+cell of the 7 x 5 latent grid. Small on purpose: the play page runs it on a CPU once per frame."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTION_NAMES = ("NOOP", "FIRE", "RIGHT", "LEFT")      # pipeline/record.py's action ids 0..3
+NOOP, FIRE, RIGHT, LEFT = range(4)
+GRID = (7, 5)
+
+
+@dataclass
+class ControllerConfig:
+    in_channels: int = 1              # the LAM's colour mode: 1 gray, 3 RGB
+    use_prev: bool = True             # also see frame t-1: the ball's direction is not in one frame
+    channels: tuple[int, ...] = (16, 32, 64, 96, 128)   # five stride-2 stages: 210 x 160 -> 7 x 5
+    action_dim: int = 32
+    hidden: int = 192
+    codebook_size: int = 256
+    num_actions: int = len(ACTION_NAMES)
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if len(self.channels) != 5 or min(self.channels) < 1:
+            raise ValueError(f"channels must be five positive widths (one per stride-2 stage), got {self.channels}")
+        for name in ("action_dim", "hidden", "codebook_size", "num_actions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["channels"] = list(self.channels)       # plain list: weights_only loads it back
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ControllerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown controller config field(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+class Controller(nn.Module):
+    def __init__(self, config: ControllerConfig | None = None):
+        super().__init__()
+        self.config = config = config or ControllerConfig()
+        frames_in = config.in_channels * (2 if config.use_prev else 1)
+        stages, width = [], frames_in
+        for out in config.channels:
+            # 3x3 stride 2, padding 1: 210 x 160 -> 105 x 80 -> 53 x 40 -> 27 x 20 -> 14 x 10 -> 7 x 5
+            stages += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            width = out
+        self.frames = nn.Sequential(*stages)
+        self.action = nn.Embedding(config.num_actions, config.action_dim)
+        # where a cell is matters (the paddle lives in the bottom row): a learned map per cell
+        self.position = nn.Parameter(torch.zeros(config.action_dim, *GRID))
+        # 3 x 3 mixing over the grid lets the action's effect depend on the neighbouring cells
+        self.head = nn.Sequential(
+            nn.Conv2d(width + config.action_dim, config.hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(config.hidden, config.hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(config.hidden, config.codebook_size, 1))
+
+    def forward(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """cur, prev: float (B, C, 210, 160) in [0, 1]; action: int64 (B,) -> logits (B, 256, 7, 5).
+        Without `prev` (first frame of an episode) frame t stands in for t-1: no motion seen."""
+        frames = cur
+        if self.config.use_prev:
+            frames = torch.cat([cur, cur if prev is None else prev], dim=1)
+        features = self.frames(frames)
+        if tuple(features.shape[-2:]) != GRID:
+            raise ValueError(f"expected 210 x 160 frames, got {tuple(cur.shape[-2:])}")
+        action = self.action(action.long())[:, :, None, None] + self.position
+        return self.head(torch.cat([features, action], dim=1))
+
+    @torch.no_grad()
+    def codes(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None,
+              temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The code grid to feed the LAM decoder: int64 (B, 7, 5); argmax, or sampled at `temperature`."""
+        logits = self(cur, action, prev)
+        if temperature <= 0:
+            return logits.argmax(1)
+        probs = F.softmax(logits.float() / temperature, dim=1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+        return torch.multinomial(probs, 1, generator=generator).view(logits.shape[0], *GRID)

@@ -1,0 +1,298 @@
+"""Play Breakout inside the model: rollouts against recorded test episodes, controllability, the
+play page, and its speed.
+
+    python play.py rollout --checkpoint checkpoints/latent_action/best.pt \
+        --controller checkpoints/controller/controller.pt --latent shards/latent [--out reports/play]
+    python play.py serve   [same three flags]          # http://127.0.0.1:8000 (HOST=, PORT= override)
+    python play.py bench   [same three flags] [--steps 100]
+
+`rollout` writes metrics.json, report.md, curves.png, controllability.png and rollout-<episode>.gif
+(recorded | model | |difference|) into --out. `bench` times play steps through the real HTTP
+server (controller, decoder, PNG encoding, and the rest of the round trip) and writes bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from model import load_checkpoint
+from pipeline.errors import UserError, run_cli
+from pipeline.shards import atomic_write_json
+
+from control.checkpoint import load_controller
+from control.data import read_episodes
+from control.figures import controllability_bars, rollout_curves, write_gif
+from control.report import CONTROL_GOAL, write_play_report
+from control.rollout import Simulator, run_controllability, run_rollouts
+from control.server import Game, StartFrame, make_server
+
+DEFAULT_CHECKPOINT = Path("checkpoints/latent_action/best.pt")
+DEFAULT_CONTROLLER = Path("checkpoints/controller/controller.pt")
+DEFAULT_LATENT = Path("shards/latent")
+
+
+@dataclass
+class ModelPaths:
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    controller: Path = DEFAULT_CONTROLLER
+    latent: Path = DEFAULT_LATENT
+    split: str = "test"
+    threads: int = 0                    # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass
+class RolloutConfig(ModelPaths):
+    out: Path = Path("reports/play")
+    horizon: int = 50
+    starts: int = 48                    # rollout start frames, spread over the split's episodes
+    gifs: int = 3                       # GIFs, one per episode
+    control_starts: int = 100
+    control_steps: int = 10
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("horizon", "starts", "control_starts", "control_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.gifs < 0:
+            raise UserError(f"--gifs must be >= 0 (got {self.gifs})")
+
+
+@dataclass
+class ServeConfig(ModelPaths):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_episodes: int = 4               # test episodes whose frames are the restart points
+    seed: int | None = None
+
+
+@dataclass
+class BenchConfig(ModelPaths):
+    steps: int = 100
+    out: Path = Path("reports/play")
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_simulator(paths: ModelPaths) -> tuple[Simulator, bool]:
+    """LAM + controller, checked to belong together; returns (simulator, grayscale)."""
+    if paths.threads:
+        torch.set_num_threads(paths.threads)
+    lam = load_checkpoint(paths.checkpoint, "cpu")
+    controller = load_controller(paths.controller, "cpu")
+    if controller.config.in_channels != lam.config.in_channels:
+        raise UserError(f"{paths.controller}: controller sees {controller.config.in_channels}-channel frames, "
+                        f"the LAM {lam.config.in_channels}")
+    return Simulator(lam, controller), lam.config.in_channels == 1
+
+
+def lam_mismatch(paths: ModelPaths, controller) -> str | None:
+    """A warning when the controller learned another LAM's codes (its codes would mean nothing here)."""
+    from pipeline.shards import sha256_file
+
+    trained_on = controller.lam.get("sha256")
+    if trained_on and trained_on != sha256_file(paths.checkpoint):
+        return (f"warning: {paths.controller} was trained on the codes of LAM {trained_on[:12]}, "
+                f"not of {paths.checkpoint}; retrain it (make controller)")
+    return None
+
+
+# ------------------------------------------------------------------------------------ rollout
+def rollout(config: RolloutConfig) -> dict:
+    sim, grayscale = load_simulator(config)
+    warning = lam_mismatch(config, sim.controller)
+    if warning:
+        print(warning, file=sys.stderr)
+    episodes = read_episodes(config.latent, config.split, grayscale=grayscale)
+    started = time.perf_counter()
+    try:
+        result = run_rollouts(sim, episodes, config.horizon, config.starts, config.batch_size, config.gifs)
+    except ValueError as error:
+        raise UserError(f"{config.latent} ({config.split}): {error}") from None
+    control = run_controllability(sim, episodes, config.control_starts, config.control_steps, config.batch_size,
+                                  config.seed)
+    config.out.mkdir(parents=True, exist_ok=True)
+    gifs = []
+    for index, (real, model) in sorted(result.gif_frames.items()):
+        start = result.starts[index]
+        name = f"rollout-{safe_name(episodes[start.episode].name)}-t{start.t}.gif"
+        write_gif(config.out / name, real, model)
+        gifs.append(name)
+    figures = {"curves": rollout_curves(result.curves, config.out / "curves.png").name,
+               "controllability": controllability_bars(control, config.out / "controllability.png", CONTROL_GOAL).name}
+    metrics = {"split": config.split, "checkpoint": str(config.checkpoint), "lam_step": int(sim.lam.step),
+               "controller": str(config.controller), "controller_step": sim.controller.step,
+               "latent": str(config.latent), "config": jsonable(asdict(config)),
+               "rollouts": {"starts": len(result.starts), "episodes": len({s.episode for s in result.starts}),
+                            "curves": result.curves},
+               "controllability": control, "figures": figures, "gifs": gifs,
+               "seconds": round(time.perf_counter() - started, 1)}
+    atomic_write_json(config.out / "metrics.json", metrics)
+    metrics["report"] = str(write_play_report(config.out, metrics, figures, gifs))
+    return metrics
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:60]
+
+
+def jsonable(values: dict) -> dict:
+    return {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
+
+
+# ------------------------------------------------------------------------------------ serving
+def build_game(config: ServeConfig) -> tuple[Game | None, str | None]:
+    """The game, or the reason there is none (a missing checkpoint, controller or test frames)."""
+    try:
+        sim, grayscale = load_simulator(config)
+        warning = lam_mismatch(config, sim.controller)
+        if warning:
+            print(warning, file=sys.stderr)
+        episodes = read_episodes(config.latent, config.split, grayscale=grayscale, max_episodes=config.max_episodes)
+    except UserError as error:
+        return None, str(error)
+    starts = [StartFrame(e.frames[t], e.frames[max(t - 1, 0)]) for e in episodes for t in range(len(e.frames))]
+    return Game(sim, starts, config.seed), None
+
+
+def serve(config: ServeConfig) -> int:
+    game, problem = build_game(config)
+    try:
+        server = make_server(config.host, config.port, game, problem)
+    except OSError as error:
+        raise UserError(f"cannot listen on {config.host}:{config.port} ({error.strerror or error}); set PORT=") from None
+    if problem:
+        print(f"play: not ready: {problem}", file=sys.stderr)
+    print(f"play page on http://{config.host}:{server.server_address[1]}/  (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+# ------------------------------------------------------------------------------------ bench
+def post_json(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def bench(config: BenchConfig) -> dict:
+    """Play steps through the real server on a free port: where a frame's time goes."""
+    game, problem = build_game(ServeConfig(**{**asdict(config_paths(config)), "seed": 0}))
+    if problem:
+        raise UserError(problem)
+    server = make_server("127.0.0.1", 0, game)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/api/step"
+    rng = random.Random(0)
+    try:
+        for _ in range(5):                                   # warm-up: first calls allocate
+            post_json(url, {"action": "NOOP"})
+        rows = []
+        for _ in range(config.steps):
+            began = time.perf_counter()
+            answer = post_json(url, {"action": rng.choice(["LEFT", "RIGHT", "NOOP", "FIRE"])})
+            total = 1000 * (time.perf_counter() - began)
+            timing = answer["timing_ms"]
+            rows.append({**timing, "total": total, "http_and_json": total - sum(timing.values())})
+    finally:
+        server.shutdown()
+        server.server_close()
+    median = {name: round(statistics.median(r[name] for r in rows), 2) for name in rows[0]}
+    result = {"steps": config.steps, "threads": torch.get_num_threads(), "median_ms": median,
+              "mean_ms": {name: round(statistics.fmean(r[name] for r in rows), 2) for name in rows[0]},
+              "frames_per_s": round(1000 / median["total"], 1), "checkpoint": str(config.checkpoint),
+              "controller": str(config.controller)}
+    atomic_write_json(config.out / "bench.json", result)
+    return result
+
+
+def config_paths(config: ModelPaths) -> ModelPaths:
+    return ModelPaths(**{f: getattr(config, f) for f in ModelPaths.__dataclass_fields__})
+
+
+# ------------------------------------------------------------------------------------ cli
+def add_path_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="LAM checkpoint")
+    parser.add_argument("--controller", type=Path, default=DEFAULT_CONTROLLER, help="controller checkpoint")
+    parser.add_argument("--latent", type=Path, default=DEFAULT_LATENT, help="latent shards (episodes to start from)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = argparse.ArgumentParser(description="Play Breakout inside the latent action model.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    roll = commands.add_parser("rollout", help="rollouts, controllability, GIFs and report")
+    add_path_flags(roll)
+    for name, spec in RolloutConfig.__dataclass_fields__.items():
+        if name not in ModelPaths.__dataclass_fields__:
+            roll.add_argument("--" + name.replace("_", "-"), type=Path if name == "out" else int, default=spec.default)
+    srv = commands.add_parser("serve", help="the play page (HOST=, PORT= override 127.0.0.1:8000)")
+    add_path_flags(srv)
+    srv.add_argument("--max-episodes", type=int, default=4)
+    bch = commands.add_parser("bench", help="time play steps through the HTTP server")
+    add_path_flags(bch)
+    bch.add_argument("--steps", type=int, default=100)
+    bch.add_argument("--out", type=Path, default=Path("reports/play"))
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command")
+    if command == "serve":
+        port = os.environ.get("PORT", "8000")
+        if not port.isdigit() or not 0 <= int(port) < 65536:
+            raise UserError(f"PORT={port!r} is not a port number")
+        return command, ServeConfig(**args, host=os.environ.get("HOST", "127.0.0.1"), port=int(port))
+    return command, (RolloutConfig if command == "rollout" else BenchConfig)(**args)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    command, config = parse_args(argv)
+    if command == "serve":
+        return serve(config)
+    if command == "bench":
+        result = bench(config)
+        m = result["median_ms"]
+        print(f"play step, median over {result['steps']}: {m['total']:.1f} ms = {result['frames_per_s']} frames/s "
+              f"(controller {m['controller']:.1f}, decoder {m['decoder']:.1f}, png {m['png']:.1f}, "
+              f"http+json {m['http_and_json']:.1f} ms; {result['threads']} threads)")
+        return 0
+    metrics = rollout(config)
+    curves, control = metrics["rollouts"]["curves"], metrics["controllability"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    for h in (1, 10, 50):
+        if h <= len(curves["psnr"]):
+            print(f"step {h}: PSNR {fmt(curves['psnr'][h - 1])} dB (copy start {fmt(curves['psnr_copy'][h - 1])}), "
+                  f"changed px {fmt(curves['psnr_changed'][h - 1])} (copy {fmt(curves['psnr_changed_copy'][h - 1])}), "
+                  f"paddle err {fmt(curves['paddle_error_px'][h - 1])} px, ball found {fmt(curves['ball_found'][h - 1])}")
+    pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
+    print(f"controllability: LEFT {pct(control['controller']['left']['success'])}, "
+          f"RIGHT {pct(control['controller']['right']['success'])} (random codes "
+          f"{pct(control['random_codes']['left']['success'])}, {pct(control['random_codes']['right']['success'])})")
+    print(f"report: {metrics['report']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run_cli(run, argv)
+    except SystemExit as exit_:            # --help, or argparse's own usage error
+        return int(exit_.code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""control/: the action -> code controller: checkpoint format, the streamed training data, training."""
+from __future__ import annotations
+
+import torch
+import pytest
+
+from control import CONTROLLER_FORMAT, Controller, ControllerConfig, load_controller, save_controller
+from control import train as control_train
+from control.data import read_episodes, samples_with_prev
+from control.network import ACTION_NAMES
+from pipeline.errors import UserError
+
+SMALL = dict(channels=(4, 8, 8, 8, 8), hidden=16, action_dim=8)
+
+
+def frames(batch: int) -> torch.Tensor:
+    return torch.rand(batch, 1, 210, 160, generator=torch.Generator().manual_seed(batch))
+
+
+# ------------------------------------------------------------------------------------ network + checkpoint
+def test_controller_gives_a_code_grid_per_action():
+    controller = Controller(ControllerConfig(**SMALL)).eval()
+    logits = controller(frames(3), torch.tensor([0, 2, 3]), frames(3))
+    assert logits.shape == (3, 256, 7, 5)
+    codes = controller.codes(frames(3), torch.tensor([0, 2, 3]))
+    assert codes.shape == (3, 7, 5) and codes.dtype == torch.int64 and int(codes.max()) < 256
+    sampled = controller.codes(frames(3), torch.tensor([1, 1, 1]), temperature=1.0,
+                               generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (3, 7, 5)
+
+
+def test_checkpoint_round_trip_is_weights_only_and_atomic(tmp_path):
+    controller = Controller(ControllerConfig(**SMALL)).eval()
+    path = save_controller(tmp_path / "ckpt" / "controller.pt", controller, step=7,
+                           lam={"sha256": "ab" * 32, "step": 3}, train_config={"steps": 7})
+    raw = torch.load(path, weights_only=True)           # tensors and plain values only
+    assert raw["format"] == CONTROLLER_FORMAT and raw["step"] == 7 and raw["config"]["channels"] == [4, 8, 8, 8, 8]
+    assert [p.name for p in path.parent.iterdir()] == ["controller.pt"]     # no temp file left behind
+    loaded = load_controller(path)
+    assert loaded.step == 7 and loaded.lam["step"] == 3 and not loaded.training
+    cur, action = frames(2), torch.tensor([2, 3])
+    assert torch.equal(loaded(cur, action, cur), controller(cur, action, cur))
+
+
+def test_unusable_checkpoints_are_one_clear_error(tmp_path, tiny_checkpoint):
+    with pytest.raises(UserError, match="not found"):
+        load_controller(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable controller checkpoint"):
+        load_controller(tmp_path / "junk.pt")
+    with pytest.raises(UserError, match="expected 'lam-controller/1'"):
+        load_controller(tiny_checkpoint)                  # a LAM checkpoint is not a controller
+
+
+# ------------------------------------------------------------------------------------ data
+def test_stream_carries_actions_and_the_previous_frame(latent_dir):
+    samples = list(samples_with_prev(latent_dir, "train", grayscale=True, urls_seed=None))
+    assert samples and all(0 <= s["action"] < len(ACTION_NAMES) for s in samples)
+    for before, after in zip(samples, samples[1:]):
+        consecutive = (before["meta"]["episode"] == after["meta"]["episode"]
+                       and after["meta"]["t"] == before["meta"]["t"] + 1)
+        assert torch.equal(after["prev"], before["cur"] if consecutive else after["cur"])
+        if consecutive:
+            assert torch.equal(after["cur"], before["next"])
+
+
+def test_episodes_are_whole_and_in_order(latent_dir):
+    episodes = read_episodes(latent_dir, "test", grayscale=True)
+    for episode in episodes:
+        assert episode.frames.shape == (episode.steps + 1, 1, 210, 160)
+        assert [m["t"] for m in episode.metas] == list(range(episode.metas[0]["t"], episode.metas[0]["t"] + episode.steps))
+        assert episode.actions.tolist() == [m["action"] for m in episode.metas]
+
+
+# ------------------------------------------------------------------------------------ training
+def test_training_lowers_the_loss_and_beats_the_majority_code(latent_dir, tmp_path):
+    config = control_train.ControllerTrainConfig(latent=latent_dir, out=tmp_path / "controller", steps=60,
+                                                 batch_size=8, shuffle_buffer=16, lr=3e-3, log_every=10,
+                                                 eval_split="train", channels=(8, 8, 16, 16, 16), hidden=32,
+                                                 threads=1)
+    metrics = control_train.train(config, progress=lambda line: None)
+    losses = [row["loss"] for row in metrics["training"]["loss"]]
+    assert losses[-1] < 0.5 * losses[0]
+    scores = metrics["train"]
+    # The tiny LAM's codes barely vary (about 1 % of cells differ from the cell's usual code) and
+    # hardly depend on the frame, so a few dozen steps reach the majority guess, not beyond it.
+    assert scores["accuracy"] >= scores["majority_accuracy"]
+    assert 0 < scores["changed_fraction"] < 1 and scores["frequency_loss"] > 0
+    saved = torch.load(config.out / "controller.pt", weights_only=True)
+    assert saved["step"] == 60 and saved["lam"]["sha256"] and saved["metrics"]["train"]["accuracy"] == scores["accuracy"]
+
+
+def test_cli_writes_report_and_refuses_bad_input(latent_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert control_train.main(["--latent", str(latent_dir), "--out", str(out), "--steps", "3", "--batch-size", "4",
+                               "--shuffle-buffer", "8", "--channels", "4", "4", "4", "4", "4", "--hidden", "8",
+                               "--eval-batch-size", "16"]) == 0
+    assert "per-cell accuracy" in capsys.readouterr().out
+    assert {"controller.pt", "metrics.json", "report.md"} <= {p.name for p in out.iterdir()}
+    assert "most common code per cell" in (out / "report.md").read_text()
+    assert control_train.main(["--latent", str(tmp_path / "nowhere")]) == 2
+    assert control_train.main(["--latent", str(latent_dir), "--steps", "0"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)

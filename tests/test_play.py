@@ -1,0 +1,286 @@
+"""play.py and control/{rollout,server}.py: rollouts and their metrics, controllability scoring, the
+play page's server (its files only, 4xx for bad requests, a clear page without a model) and a real
+headless Chromium pressing keys on the page."""
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import play
+from control import Controller, ControllerConfig, Simulator, save_controller
+from control.data import read_episodes
+from control.rollout import HorizonMeter, direction_score, run_rollouts
+from control.server import Game, StartFrame, make_server
+from model import load_checkpoint
+from evaluation.events import PADDLE_BOTTOM, PADDLE_TOP, detect_elements
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="module")
+def controller_path(tmp_path_factory) -> Path:
+    """An untrained small controller: rollouts and the server need its shapes, not its skill."""
+    torch.manual_seed(0)
+    controller = Controller(ControllerConfig(channels=(4, 8, 8, 8, 8), hidden=16, action_dim=8))
+    return save_controller(tmp_path_factory.mktemp("controller") / "controller.pt", controller.eval(), step=0)
+
+
+@pytest.fixture(scope="module")
+def episodes(latent_dir):
+    return read_episodes(latent_dir, "test", grayscale=True)
+
+
+@pytest.fixture(scope="module")
+def sim(tiny_checkpoint, controller_path):
+    from control import load_controller
+
+    return Simulator(load_checkpoint(tiny_checkpoint), load_controller(controller_path))
+
+
+# ------------------------------------------------------------------------------------ rollouts
+def test_rollout_yields_frames_fed_back_in(sim, episodes):
+    frames = episodes[0].frames
+    out = list(sim.rollout(frames[1:3], frames[0:2], torch.tensor([[2, 3, 0], [3, 3, 1]])))
+    assert len(out) == 3 and all(f.shape == (2, 1, 210, 160) for f in out)
+    assert all(0 <= float(f.min()) and float(f.max()) <= 1 for f in out)
+    # step 2 decodes step 1's frame: the model's own output is its next input
+    codes = sim.codes(out[0], frames[1:3], torch.tensor([3, 3]))
+    assert torch.allclose(sim.decode(out[0], codes), out[1])
+
+
+def test_rollout_metrics_have_one_value_per_horizon(sim, episodes):
+    result = run_rollouts(sim, episodes, horizon=4, count=5, batch_size=3, gif_starts=1)
+    curves = result.curves
+    assert curves["horizon"] == [1, 2, 3, 4] and len(result.starts) == 5
+    for name in ("psnr", "psnr_copy", "psnr_changed", "paddle_error_px", "ball_found", "bricks_broken_real"):
+        assert len(curves[name]) == 4
+    assert all(v is not None and 5 < v < 80 for v in curves["psnr"] + curves["psnr_copy"])
+    real, model = next(iter(result.gif_frames.values()))
+    assert real.shape == model.shape == (5, 1, 210, 160) and torch.equal(real[0], model[0])
+
+
+def test_horizon_meter_scores_a_perfect_model_as_infinite_psnr():
+    start, real = torch.zeros(2, 1, 210, 160), torch.zeros(2, 1, 210, 160)
+    real[:, :, 100:110, 50:60] = 1.0
+    elements = [detect_elements(frame) for frame in real]
+    meter = HorizonMeter(1)
+    meter.update(0, start, real, real.clone(), [detect_elements(f) for f in start], elements, elements)
+    curves = meter.curves()
+    assert curves["psnr"] == [None] and curves["psnr_changed"] == [None]          # MSE 0: infinite, JSON null
+    assert curves["psnr_copy"][0] == pytest.approx(10 * np.log10(210 * 160 / 100))
+    assert curves["psnr_changed_copy"] == [0.0]                                  # every changed pixel wrong by 1
+
+
+def test_controllability_excludes_walls_and_fails_a_lost_paddle():
+    rows = [{"start_x": 8, "end_x_left": 8, "end_x_right": 20},       # at the left wall: LEFT cannot move
+            {"start_x": 50, "end_x_left": 40, "end_x_right": 60},
+            {"start_x": 50, "end_x_left": None, "end_x_right": 50},   # paddle lost / did not move: failures
+            {"start_x": 144, "end_x_left": 100, "end_x_right": 144},  # at the right wall: RIGHT cannot move
+            {"start_x": None, "end_x_left": 1, "end_x_right": 1}]     # no paddle at the start: left out
+    left, right = direction_score(rows, "left", "end_x_left"), direction_score(rows, "right", "end_x_right")
+    assert (left["scored"], left["excluded_at_wall"], left["paddle_lost"]) == (3, 1, 1)
+    assert left["success"] == pytest.approx(2 / 3)
+    assert (right["scored"], right["excluded_at_wall"], right["success"]) == (3, 1, pytest.approx(2 / 3))
+
+
+def test_rollout_cli_writes_report_gifs_and_figures(tiny_checkpoint, controller_path, latent_dir, tmp_path, capsys):
+    out = tmp_path / "play"
+    code = play.main(["rollout", "--checkpoint", str(tiny_checkpoint), "--controller", str(controller_path),
+                      "--latent", str(latent_dir), "--out", str(out), "--horizon", "6", "--starts", "4",
+                      "--gifs", "2", "--control-starts", "6", "--control-steps", "3", "--batch-size", "4"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["rollouts"]["curves"]["psnr"]) == 6 and metrics["controllability"]["starts"] == 6
+    assert set(metrics["controllability"]["controller"]) == {"left", "right"}
+    for name in metrics["gifs"]:
+        gif = Image.open(out / name)
+        assert gif.format == "GIF" and gif.n_frames == 7 and gif.size == (2 * (3 * 160 + 8), 2 * 210)
+    report = (out / "report.md").read_text()
+    assert "Controllability" in report and "copy" in report and (out / "curves.png").is_file()
+    assert play.main(["rollout", "--checkpoint", str(tiny_checkpoint), "--controller", str(controller_path),
+                      "--latent", str(latent_dir), "--out", str(out), "--horizon", "5000"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: ")
+
+
+# ------------------------------------------------------------------------------------ server
+def start_server(game, problem=None):
+    server = make_server("127.0.0.1", 0, game, problem)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def request(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    connection.putrequest(method, path, skip_accept_encoding=True)     # the path goes out byte for byte
+    for name, value in {"Content-Length": str(len(body or b"")), **(headers or {})}.items():
+        connection.putheader(name, value)
+    connection.endheaders(body)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    return response.status, data
+
+
+def raw_request(server, data: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as sock:
+        sock.sendall(data)
+        return sock.recv(4096)
+
+
+def frame_of(answer: dict) -> np.ndarray:
+    png = base64.b64decode(answer["frame"].split(",", 1)[1])
+    return np.array(Image.open(io.BytesIO(png)))
+
+
+@pytest.fixture(scope="module")
+def game_server(sim, episodes):
+    starts = [StartFrame(e.frames[t], e.frames[max(t - 1, 0)]) for e in episodes for t in range(len(e.frames))]
+    server = start_server(Game(sim, starts, seed=0))
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_page_and_steps(game_server):
+    status, page = request(game_server, "GET", "/")
+    assert status == 200 and b"/play.js" in page
+    assert request(game_server, "GET", "/play.js")[0] == 200
+    status, body = request(game_server, "POST", "/api/restart")
+    assert status == 200 and json.loads(body)["step"] == 0
+    status, body = request(game_server, "POST", "/api/step", json.dumps({"action": "RIGHT"}).encode())
+    answer = json.loads(body)
+    assert status == 200 and answer["step"] == 1 and answer["action"] == "RIGHT"
+    assert frame_of(answer).shape == (210, 160) and set(answer["timing_ms"]) == {"controller", "decoder", "png"}
+
+
+@pytest.mark.parametrize("path", ["/../pyproject.toml", "/%2e%2e/%2e%2e/etc/passwd", "/..%2fplay.py",
+                                  "/static/../../play.py", "/play.js/../../play.py", "//etc/passwd", "/etc/passwd",
+                                  "/%2Fetc%2Fpasswd", "/control/static/index.html", "/server.py", "/.%2e/play.py",
+                                  "http://127.0.0.1/../../etc/passwd", "/..\\..\\play.py", "/play.js%00.html"])
+def test_no_file_outside_the_page(game_server, path):
+    status, body = request(game_server, "GET", path)
+    assert 400 <= status < 500
+    assert b"root:" not in body and b"import" not in body
+
+
+def test_bad_requests_are_4xx_not_tracebacks(game_server):
+    step = "/api/step"
+    assert request(game_server, "POST", step, b"{not json")[0] == 400
+    assert request(game_server, "POST", step, json.dumps({"action": "JUMP"}).encode())[0] == 400
+    assert request(game_server, "POST", step, b"[1, 2]")[0] == 400
+    assert request(game_server, "POST", step, b"x", {"Content-Length": "999999"})[0] == 413
+    assert request(game_server, "POST", step, b"", {"Content-Length": "-5"})[0] == 400
+    assert request(game_server, "GET", step)[0] == 405
+    assert request(game_server, "PUT", "/")[0] == 405
+    assert request(game_server, "DELETE", "/api/restart")[0] == 405
+    assert request(game_server, "POST", "/nowhere")[0] == 404
+    assert raw_request(game_server, b"BREW / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+    assert b"400" in raw_request(game_server, b"NONSENSE\r\n\r\n")         # no status line: HTTP/0.9 style
+    assert raw_request(game_server, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n").split(b" ")[1].startswith(b"4")
+    assert request(game_server, "GET", "/")[0] == 200            # and it still serves
+
+
+def test_missing_checkpoint_gives_a_clear_page(tmp_path, controller_path, latent_dir):
+    game, problem = play.build_game(play.ServeConfig(checkpoint=tmp_path / "none.pt", controller=controller_path,
+                                                     latent=latent_dir))
+    assert game is None and "none.pt" in problem and "not found" in problem
+    server = start_server(None, problem)
+    try:
+        status, page = request(server, "GET", "/")
+        assert status == 503 and b"cannot be played yet" in page and b"none.pt" in page
+        status, body = request(server, "POST", "/api/step", b'{"action": "LEFT"}')
+        assert status == 503 and "none.pt" in json.loads(body)["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_cli_says_what_is_missing_in_one_line(tmp_path, latent_dir, tiny_checkpoint):
+    env = {**os.environ, "PORT": "0", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, str(ROOT / "play.py"), "serve", "--checkpoint", str(tiny_checkpoint),
+                                "--controller", str(tmp_path / "no-controller.pt"), "--latent", str(latent_dir)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        first = process.stdout.readline()
+        assert first.startswith("play page on http://127.0.0.1:")
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("play: not ready:") and "no-controller.pt" in lines[0]
+
+
+# ------------------------------------------------------------------------------------ browser
+class PaddleScript:
+    """A stand-in simulator whose physics is known: RIGHT moves the paddle 4 px right, LEFT 4 px
+    left. The browser test checks the page and the server's wiring, not what a model learned."""
+
+    def codes(self, cur, prev, action, random_codes=None):
+        return action.view(-1, 1, 1).expand(-1, 7, 5).clone()
+
+    def decode(self, cur, codes):
+        shift = {2: 4, 3: -4}.get(int(codes[0, 0, 0]), 0)
+        x = detect_elements(cur[0]).paddle_x
+        nxt = cur.clone()
+        if x is not None:
+            paddle = cur[..., PADDLE_TOP:PADDLE_BOTTOM, x:x + 16].clone()
+            nxt[..., PADDLE_TOP:PADDLE_BOTTOM, 8:152] = 0
+            new_x = min(max(x + shift, 8), 136)
+            nxt[..., PADDLE_TOP:PADDLE_BOTTOM, new_x:new_x + 16] = paddle
+        return nxt
+
+
+def test_browser_arrow_keys_move_the_paddle(episodes):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    frames = [f for e in episodes for f in e.frames if (x := detect_elements(f).paddle_x) is not None and x < 100]
+    assert frames, "no test frame with the paddle away from the right wall"
+    server = start_server(Game(PaddleScript(), [StartFrame(frames[0], frames[0])], seed=0))
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=800,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: (d.find_element("id", "frame").get_attribute("src") or "").startswith("data:image/png"))
+        before_src = driver.find_element("id", "frame").get_attribute("src")
+        before_shot = driver.get_screenshot_as_png()
+        body = driver.find_element("tag name", "body")
+        for pressed in range(1, 4):
+            body.send_keys(Keys.ARROW_RIGHT)
+            wait.until(lambda d: d.find_element("id", "step").text == str(pressed))
+        assert driver.find_element("id", "action").text == "RIGHT"
+        after_src = driver.find_element("id", "frame").get_attribute("src")
+        assert after_src != before_src and driver.get_screenshot_as_png() != before_shot
+        served_before = detect_elements(frame_of({"frame": before_src})).paddle_x
+        served_after = detect_elements(frame_of({"frame": after_src})).paddle_x
+        assert served_after == served_before + 12                 # three RIGHT steps of 4 px
+        assert not driver.find_element("id", "error").is_displayed()
+    finally:
+        driver.quit()
+        server.shutdown()
+        server.server_close()
