@@ -25,13 +25,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluation.code_analysis import (ProbeData, action_probe, event_code_analysis, has_action_labels,
-                                      visible_effect)
+from evaluation.code_analysis import event_code_analysis
 from evaluation.events import Elements, count_events, detect_elements, transition_events
 from evaluation.figures import Example, code_tsne, codebook_histogram, codes_by_event, reconstruction_grid
+from evaluation.probes import ProbeSet, action_label, action_probes, move_label, pooled
 from evaluation.metrics import ElementMeter, ReconstructionMeter, code_counts, codebook_stats
 from evaluation.report import write_report, write_summary
 from model.inference import CheckpointIdentity, autocast, codes_to_array, load_model
@@ -43,7 +42,6 @@ from pipeline.shards import LATENT_FORMAT, PAIRS_FORMAT, atomic_write_json, load
 from pipeline.stream import decode_png
 
 EXAMPLES = 6                   # pairs in the reconstruction grid
-FEATURE_POOL = 10              # frame-t probe features: frames average-pooled 10 x 10 (21 x 16 cells)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -63,15 +61,12 @@ class SplitPass:
     copy_elements: ElementMeter = field(default_factory=ElementMeter)
     keys: list = field(default_factory=list)
     codes: list = field(default_factory=list)                # uint8 (B, 7, 5) per batch
-    features: list = field(default_factory=list)             # float (B, f) per batch: frame t, pooled
+    frame_features: list = field(default_factory=list)       # float (B, f) per batch: frame t, pooled
+    diff_features: list = field(default_factory=list)        # float (B, f) per batch: t+1 - t, pooled
     cur_elements: list = field(default_factory=list)
     next_elements: list = field(default_factory=list)
     examples: list = field(default_factory=list)             # heap of (changed pixels, n, Example)
 
-
-def frame_features(frames: torch.Tensor) -> np.ndarray:
-    """Frame t for the frame-only action probe: (B, C, 210, 160) -> (B, C * 21 * 16) average-pooled."""
-    return F.avg_pool2d(frames.float(), FEATURE_POOL).flatten(1).cpu().numpy()
 
 
 def evaluate_pass(loader, lam, device: torch.device, seed: int, progress: bool) -> SplitPass:
@@ -91,7 +86,8 @@ def evaluate_pass(loader, lam, device: torch.device, seed: int, progress: bool) 
         state.random.update(pred_random, nxt, cur)
         state.keys += batch["key"]
         state.codes.append(codes_to_array(codes))
-        state.features.append(frame_features(cur))
+        state.frame_features.append(pooled(cur))
+        state.diff_features.append(pooled(nxt.float() - cur.float()))
         collect_elements(state, cur.cpu().numpy(), nxt.cpu().numpy(), pred.cpu().numpy(), batch["key"])
     return state
 
@@ -136,16 +132,16 @@ def latent_codes(latent_dir: Path | None, identity: CheckpointIdentity, keys: se
     return {key: np.load(io.BytesIO(m["codes.npy"]), allow_pickle=False) for key, m in members.items()}
 
 
-def train_probe_data(shards: Path, manifest: dict, lam, identity: CheckpointIdentity, device: torch.device,
-                     latent_dir: Path | None, limit: int, batch_size: int) -> tuple[ProbeData, str] | None:
-    """The train split's visible-effect transitions (at most `limit`, spread evenly) as probe data,
-    and where their codes came from. None when the train split has no action labels."""
+def train_probe_set(shards: Path, manifest: dict, lam, identity: CheckpointIdentity, device: torch.device,
+                    latent_dir: Path | None, limit: int, batch_size: int) -> tuple[ProbeSet, str] | None:
+    """At most `limit` labelled train pairs (spread evenly over the split) for the probes, and where
+    their codes came from. None when the train split has no labels."""
     entries = split_shards(shards, manifest, "train")
     metas = read_metas(entries)
-    if not has_action_labels(list(metas.values())):
+    chosen = [key for key, meta in metas.items() if move_label(meta) is not None or action_label(meta) is not None]
+    if not chosen:
         return None
-    chosen = [key for key, meta in metas.items() if visible_effect(meta)]
-    chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, min(limit, len(chosen))).astype(int)] if chosen else []
+    chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, min(limit, len(chosen))).astype(int)]
     stored = latent_codes(latent_dir, identity, set(chosen))
     source = "latent shards" if stored is not None and len(stored) == len(chosen) else "encoded now"
     members = read_members(entries, ("cur.png", "next.png"), set(chosen))
@@ -155,36 +151,28 @@ def train_probe_data(shards: Path, manifest: dict, lam, identity: CheckpointIden
         decoded = torch.stack([decode_png(members[key][member]) for key in keys])
         return to_model_input(decoded.to(device), grayscale=gray)
 
-    codes, features = [], []
-    for start in range(0, len(chosen), batch_size):
-        keys = chosen[start:start + batch_size]
-        cur = frames(keys, "cur.png")
-        features.append(frame_features(cur))
-        if source == "latent shards":
-            codes.append(np.stack([stored[k] for k in keys]))
-            continue
-        nxt = frames(keys, "next.png")
-        with torch.inference_mode(), autocast(device):
-            codes.append(codes_to_array(lam.encode(cur, nxt)))
-    if not chosen:
-        return None
-    actions = np.array([metas[k]["action"] for k in chosen])
-    return ProbeData(np.concatenate(codes), np.concatenate(features), actions), source
+    def batches():
+        for start in range(0, len(chosen), batch_size):
+            keys = chosen[start:start + batch_size]
+            cur, nxt = frames(keys, "cur.png"), frames(keys, "next.png")
+            if source == "latent shards":
+                codes = np.stack([stored[k] for k in keys])
+            else:
+                with torch.inference_mode(), autocast(device):
+                    codes = codes_to_array(lam.encode(cur, nxt))
+            yield codes, cur, nxt, [metas[k] for k in keys]
+
+    return ProbeSet.collect(batches()), source
 
 
-def actions_section(state: SplitPass, codes: np.ndarray, metas: dict[str, dict], train: tuple[ProbeData, str] | None,
-                    codebook_size: int, seed: int) -> dict | None:
-    split_metas = [metas.get(key, {}) for key in state.keys]
-    if train is None or not has_action_labels(split_metas):
+def actions_section(state: SplitPass, codes: np.ndarray, metas: dict[str, dict], train: tuple[ProbeSet, str] | None,
+                    codebook: np.ndarray, seed: int) -> dict | None:
+    if train is None:
         return None
-    scored = np.array([visible_effect(meta) for meta in split_metas])
-    if not scored.any():
-        return None
-    features = np.concatenate(state.features)
-    test = ProbeData(codes[scored], features[scored], np.array([m["action"] for m in split_metas])[scored])
-    names = {int(m["action"]): m.get("action_name", str(m["action"])) for m in split_metas}
-    result = action_probe(train[0], test, names, codebook_size, seed)
-    return {**result, "train_codes_from": train[1]}
+    test = ProbeSet(codes, np.concatenate(state.frame_features), np.concatenate(state.diff_features),
+                    [metas.get(key, {}) for key in state.keys])
+    result = action_probes(train[0], test, codebook, seed)
+    return None if result is None else {**result, "train_codes_from": train[1]}
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -258,9 +246,9 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict, Path]:
     metas = read_metas(entries)
     events = split_events(state.keys, state.cur_elements, state.next_elements, metas)
     analysis = event_code_analysis(codes, events)
-    train = train_probe_data(cfg.shards, manifest, lam, identity, device, cfg.latent, cfg.probe_limit,
-                             cfg.batch_size) if "train" in manifest["splits"] else None
-    actions = actions_section(state, codes, metas, train, lam.config.codebook_size, cfg.seed)
+    train = train_probe_set(cfg.shards, manifest, lam, identity, device, cfg.latent, cfg.probe_limit,
+                            cfg.batch_size) if "train" in manifest["splits"] else None
+    actions = actions_section(state, codes, metas, train, lam.codebook.float().cpu().numpy(), cfg.seed)
     metrics = build_metrics(cfg.split, state, identity, codes, lam.config.codebook_size, events, analysis, actions)
     cfg.out.mkdir(parents=True, exist_ok=True)
     figures = draw_figures(cfg.out, state, lam, metrics, cfg.seed)
@@ -274,15 +262,17 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict, Path]:
 def headline(metrics: dict) -> str:
     model, copy = metrics["model"], metrics["copy_baseline"]
     fmt = lambda value: "n/a" if value is None else f"{value:.2f}"  # noqa: E731
+    pct = lambda value: "n/a" if value is None else f"{value:.0%}"  # noqa: E731
     parts = [f"PSNR {fmt(model['psnr'])} dB (copy frame t: {fmt(copy['psnr'])})",
+             f"SSIM {fmt(model['ssim'])} (copy: {fmt(copy['ssim'])})",
              f"changed pixels {fmt(model['psnr_changed'])} dB (copy: {fmt(copy['psnr_changed'])})",
              f"ΔPSNR {fmt(metrics['delta_psnr'])} dB",
              f"codes used {metrics['codebook']['used_fraction']:.0%}, perplexity {metrics['codebook']['perplexity']:.1f}"]
-    actions = metrics.get("actions") or {}
-    if actions.get("codes_probe") is not None:
-        frame = "n/a" if actions["frame_probe"] is None else f"{actions['frame_probe']:.0%}"
-        parts.append(f"action probe {actions['codes_probe']:.0%} (frame t alone {frame}, "
-                     f"majority {actions['majority']:.0%})")
+    move = (metrics.get("actions") or {}).get("move")
+    if move:
+        parts.append(f"paddle move from codes {pct(move['codes_linear'])} linear / {pct(move['codes_mlp'])} MLP "
+                     f"(frame t alone {pct(move['frame_t'])}, pixel difference {pct(move['pixel_diff'])}, "
+                     f"majority {pct(move['majority'])})")
     return "; ".join(parts)
 
 

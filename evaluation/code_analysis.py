@@ -1,31 +1,20 @@
 """What the latent codes say about the game: which grid cells' codes go with which gameplay event
-(normalised mutual information), and how well a linear probe on the codes predicts the true action.
+(normalised mutual information). The action probes are in probes.py; the helpers they share
+(one-hot codes, the visible-effect criterion) are here.
 
-Action probe protocol:
-- Only transitions where the action had a visible effect are scored: the paddle moved between t and
-  t+1, or the ball came into play (FIRE launched it). On the other transitions nothing on screen
-  depends on the button (NOOP at rest, pushing into a wall), so no model of frames could tell.
-  The criterion comes from the recorder's labels (paddle_x/next_paddle_x, ball_x/next_ball_x).
-- Three predictors, all fitted on the train split's visible-effect transitions and scored on the
-  evaluated split's: logistic regression on one-hot codes (35 cells x 256 codes), logistic
-  regression on frame t alone (gray frame average-pooled to 21 x 16), and the majority class.
-  The frame-t probe matters because the recording policies aim at the ball: frame t alone already
-  predicts much of the action, and the codes must beat it to show they carry the action itself.
+Visible effect: the paddle moved between t and t+1, or the ball came into play (FIRE launched it).
+On the other transitions nothing on screen depends on the button (NOOP at rest, pushing into a
+wall), so no model of frames could tell the action. The criterion comes from the recorder's labels
+(paddle_x/next_paddle_x, ball_x/next_ball_x).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import scipy.sparse
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import normalized_mutual_info_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from evaluation.events import TransitionEvents
 
@@ -91,18 +80,6 @@ def has_action_labels(metas: Sequence[dict]) -> bool:
     return bool(metas) and all("action" in m and "paddle_x" in m and "next_paddle_x" in m for m in metas)
 
 
-@dataclass
-class ProbeData:
-    """Transitions for the action probe: codes (n, 7, 5), frame-t features (n, f), actions (n,)."""
-
-    codes: np.ndarray
-    frame_features: np.ndarray
-    actions: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.actions)
-
-
 def one_hot_codes(codes: np.ndarray, codebook_size: int) -> scipy.sparse.csr_matrix:
     """(n, 7, 5) codes -> sparse (n, 35 * codebook_size): cell i holding code k sets column i*K + k."""
     n = codes.shape[0]
@@ -111,32 +88,3 @@ def one_hot_codes(codes: np.ndarray, codebook_size: int) -> scipy.sparse.csr_mat
     rows = np.repeat(np.arange(n), flat.shape[1])
     return scipy.sparse.csr_matrix((np.ones(rows.size, np.float32), (rows, columns.ravel())),
                                    shape=(n, flat.shape[1] * codebook_size))
-
-
-def _fit_and_score(model, x_train, y_train, x_test, y_test) -> float | None:
-    if len(set(y_train.tolist())) < 2:
-        return None                      # one class only: a probe has nothing to learn
-    # one BLAS thread: for a problem this small, threads only wait on each other (10-100x slower on a
-    # busy 2-core machine); a probe stopped at max_iter is still a probe, its accuracy is what is reported
-    with warnings.catch_warnings(), threadpool_limits(1):
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(x_train, y_train)
-    return float((model.predict(x_test) == y_test).mean())
-
-
-def action_probe(train: ProbeData, test: ProbeData, action_names: dict[int, str], codebook_size: int,
-                 seed: int = 0) -> dict:
-    """Accuracy of the three predictors on `test` (see the module docstring)."""
-    values, counts = np.unique(train.actions, return_counts=True)
-    majority = int(values[np.argmax(counts)])
-    codes_probe = LogisticRegression(max_iter=300, C=1.0, random_state=seed)
-    frame_probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.1, random_state=seed))
-    classes = {action_names.get(int(a), str(a)): int(c) for a, c in zip(*np.unique(test.actions, return_counts=True))}
-    return {"effect": EFFECT_DEFINITION,
-            "train_transitions": len(train), "transitions": len(test), "classes": classes,
-            "codes_probe": _fit_and_score(codes_probe, one_hot_codes(train.codes, codebook_size), train.actions,
-                                          one_hot_codes(test.codes, codebook_size), test.actions),
-            "frame_probe": _fit_and_score(frame_probe, train.frame_features, train.actions,
-                                          test.frame_features, test.actions),
-            "majority": float((test.actions == majority).mean()),
-            "majority_class": action_names.get(majority, str(majority))}

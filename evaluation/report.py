@@ -154,36 +154,44 @@ def accuracy_stderr(accuracy: float, n: int | None) -> float:
     return (accuracy * (1 - accuracy) / n) ** 0.5 if n else float("inf")
 
 
+def probe_verdict(probe: dict, what: str) -> str:
+    """Do the codes carry `what`? Beside frame t alone (the scene) and the pixel difference (the ceiling)."""
+    codes = max((v for v in (probe["codes_linear"], probe["codes_mlp"]) if v is not None), default=None)
+    frame, ceiling, majority = probe["frame_t"], probe["pixel_diff"], probe["majority"]
+    if codes is None:
+        return f"The train split has a single {what} class: no probe."
+    margin = 2 * accuracy_stderr(codes, probe.get("transitions"))
+    if frame is not None and codes > frame + margin:
+        near = ceiling is not None and codes >= ceiling - 0.05
+        return (f"**The codes carry the {what}**: {pct(codes)} from the codes against {pct(frame)} from frame t "
+                f"alone (more than two standard errors apart){'' if not near else ', close to'}"
+                f"{' the' if not near else ''} {pct(ceiling)} the pixel difference allows.")
+    return (f"**The codes do not carry the {what} beyond what the scene shows**: {pct(codes)} from the codes, "
+            f"{pct(frame)} from frame t alone, {pct(majority)} for the majority class, while the pixel difference "
+            f"reaches {pct(ceiling)}.")
+
+
 def actions_section(metrics: dict) -> str:
     actions = metrics.get("actions")
     if not actions:
-        return "## Actions\n\nThe pairs carry no action labels: no action probe.\n"
-    codes, frame, majority = actions["codes_probe"], actions["frame_probe"], actions["majority"]
-    if codes is None:
-        verdict = "The train split has a single action class among visible-effect transitions: no probe."
-    elif codes <= majority:
-        verdict = (f"The codes predict the action no better than always answering {actions['majority_class']} "
-                   f"({pct(codes)} against {pct(majority)}): no sign that they encode the action.")
-    elif frame is not None and codes > frame + 2 * accuracy_stderr(codes, actions.get("transitions")):
-        verdict = (f"The codes predict the action better than frame t alone ({pct(codes)} against {pct(frame)}) "
-                   f"and than the majority class ({pct(majority)}): they carry information about the action itself.")
-    elif frame is not None and codes > frame:
-        verdict = (f"The codes score above frame t alone ({pct(codes)} against {pct(frame)}; majority class "
-                   f"{pct(majority)}), but by less than two standard errors on {actions.get('transitions')} "
-                   f"transitions: no clear sign that they encode the action beyond what the frame shows.")
-    else:
-        verdict = (f"The codes beat the majority class ({pct(codes)} against {pct(majority)}) but not frame t alone "
-                   f"({pct(frame)}): no sign that they encode the action beyond what the frame already shows.")
-    classes = ", ".join(f"{name} {count}" for name, count in actions["classes"].items())
-    return "\n".join([
-        "## Actions", "",
-        f"Scored on the {actions['transitions']} transitions where the action had a visible effect "
-        f"({actions['effect']}); classes: {classes}. Fitted on {actions['train_transitions']} such train "
-        f"transitions (codes {actions['train_codes_from']}).", "",
-        table(["predictor", "accuracy"], [["linear probe on one-hot codes", pct(codes)],
-                                          ["linear probe on frame t (pooled pixels)", pct(frame)],
-                                          [f"majority class ({actions['majority_class']})", pct(actions["majority"])]]),
-        "", verdict, ""])
+        return "## Actions\n\nThe pairs carry no labels: no action probe.\n"
+    parts = ["## Actions: do the codes carry them?", "",
+             f"Probes fitted on train pairs (codes {actions.get('train_codes_from', 'encoded now')}), scored on "
+             f"this split. `move` is the paddle's effective move (left / none / right) from the recorder's labels; "
+             f"`action` is the recorded action where it had a visible effect.", ""]
+    for target, what in (("move", "paddle's move"), ("action", "action")):
+        probe = actions.get(target)
+        if not probe:
+            continue
+        classes = ", ".join(f"{name} {count}" for name, count in probe["classes"].items())
+        parts += [f"**{target}** ({probe['transitions']} pairs: {classes}; fitted on {probe['train_transitions']}):", "",
+                  table(["predictor", "accuracy"], [["linear probe on one-hot codes", pct(probe["codes_linear"])],
+                                                    ["MLP on code vectors", pct(probe["codes_mlp"])],
+                                                    ["MLP on frame t alone (the scene)", pct(probe["frame_t"])],
+                                                    ["MLP on the pixel difference t+1 - t (ceiling)", pct(probe["pixel_diff"])],
+                                                    [f"majority class ({probe['majority_class']})", pct(probe["majority"])]]),
+                  "", probe_verdict(probe, what), ""]
+    return "\n".join(parts)
 
 
 # ------------------------------------------------------------------------------------ files
@@ -194,6 +202,8 @@ def write_report(out: Path, metrics: dict, figures: dict[str, str], checkpoint_p
              f"Checkpoint `{checkpoint_path}` (sha256 {checkpoint['sha256'][:12]}, step {checkpoint['step']}), "
              f"{metrics['color']} frames, {metrics['pairs']} pairs.", "",
              copy_verdict(metrics), "",
+             *([probe_verdict(metrics["actions"]["move"], "paddle's move"), ""]
+               if (metrics.get("actions") or {}).get("move") else []),
              "Seed success criteria: " + " ".join(criteria_lines(metrics)), "",
              reconstruction_section(metrics), codebook_section(metrics), elements_section(metrics),
              events_section(metrics), actions_section(metrics)]
@@ -224,14 +234,16 @@ def split_rank(metrics: dict) -> tuple:
 def summary_table(all_metrics: list[dict]) -> str:
     rows = []
     for m in all_metrics:
-        actions = m.get("actions") or {}
+        move = (m.get("actions") or {}).get("move") or {}
         rows.append([m.get("_dir", m["split"]), m["split"], m["pairs"], m["checkpoint"]["sha256"][:12],
                      num(m["model"]["psnr"]), num(m["copy_baseline"]["psnr"]),
                      num(m["model"]["psnr_changed"]), num(m["copy_baseline"]["psnr_changed"]),
                      num(m["model"]["ssim"], 4), num(m["delta_psnr"]), pct(m["codebook"]["used_fraction"]),
-                     num(m["codebook"]["perplexity"], 1), pct(actions.get("codes_probe")), pct(actions.get("frame_probe"))])
+                     num(m["codebook"]["perplexity"], 1), pct(move.get("codes_linear")), pct(move.get("codes_mlp")),
+                     pct(move.get("frame_t")), pct(move.get("pixel_diff"))])
     return table(["report", "split", "pairs", "checkpoint", "PSNR", "copy PSNR", "PSNR changed", "copy changed",
-                  "SSIM", "ΔPSNR", "codes used", "perplexity", "action probe", "frame-t probe"], rows)
+                  "SSIM", "ΔPSNR", "codes used", "perplexity", "move: codes linear", "codes MLP",
+                  "frame t", "pixel diff"], rows)
 
 
 def write_summary(root: Path) -> Path | None:

@@ -71,9 +71,14 @@ def test_metrics_json_follows_the_schema(reports, pair_shards, tiny_checkpoint):
     assert set(metrics["elements"]["ball"]) == {"model", "copy_baseline"}
     actions = metrics["actions"]                       # the recorder's pairs carry action labels
     assert actions["train_codes_from"] == "latent shards"
-    assert 0 < actions["transitions"] < metrics["pairs"] + 1
-    for name in ("codes_probe", "frame_probe", "majority"):
-        assert 0.0 <= actions[name] <= 1.0
+    for target in ("move", "action"):
+        probe = actions[target]
+        assert 0 < probe["transitions"] <= metrics["pairs"] and probe["train_transitions"] > 0
+        assert sum(probe["classes"].values()) == probe["transitions"]
+        for name in ("codes_linear", "codes_mlp", "frame_t", "pixel_diff", "majority"):
+            assert probe[name] is None or 0.0 <= probe[name] <= 1.0
+    assert set(actions["move"]["classes"]) <= {"left", "none", "right"}
+    assert actions["move"]["transitions"] > actions["action"]["transitions"]     # every labelled pair vs visible effect
 
 
 def test_copy_baseline_matches_a_hand_computation(reports, pair_shards):
@@ -120,7 +125,7 @@ def test_prints_report_path_and_headline(reports):
     assert f"report: {root / 'test' / 'report.md'}" in printed["test"]
     assert "PSNR" in printed["test"] and "copy frame t" in printed["test"] and "ΔPSNR" in printed["test"]
     actions = json.loads((root / "test" / "metrics.json").read_text())["actions"]
-    assert actions["train_codes_from"] == "encoded now" and actions["train_transitions"] <= 40
+    assert actions["train_codes_from"] == "encoded now" and actions["move"]["train_transitions"] <= 40
 
 
 @pytest.mark.parametrize("problem", ["no_checkpoint", "no_shards", "bad_split"])
@@ -137,3 +142,24 @@ def test_clear_errors(problem, pair_shards, tiny_checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err and (err.startswith("error: ") and len(err.splitlines()) == 1 or "invalid choice" in err)
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_probes_find_an_action_written_into_one_cell():
+    """A code grid that spells the move in one cell is read by both code probes; frame t, which
+    holds nothing of it, is not; the pixel difference, which shows it, is."""
+    from evaluation.probes import MOVES, ProbeSet, action_probes
+
+    rng = np.random.default_rng(0)
+    def probe_set(n):
+        moves = rng.integers(0, 3, n)
+        codes = rng.integers(0, 256, (n, 7, 5)).astype(np.uint8)
+        codes[:, 6, 2] = moves * 50                                  # the paddle row's cell says it
+        diff = rng.normal(0, 0.01, (n, 16)) + (moves - 1)[:, None] * 0.05
+        metas = [{"paddle_x": 50, "next_paddle_x": 50 + 3 * (m - 1), "action": 0, "ball_x": 1, "next_ball_x": 1}
+                 for m in moves]
+        return ProbeSet(codes, rng.normal(size=(n, 16)), diff, metas)
+    codebook = np.random.default_rng(1).normal(size=(256, 8)).astype(np.float32)
+    move = action_probes(probe_set(300), probe_set(200), codebook)["move"]
+    assert set(move["classes"]) == set(MOVES)
+    assert move["codes_linear"] > 0.95 and move["codes_mlp"] > 0.7 and move["pixel_diff"] > 0.95
+    assert move["frame_t"] < 0.55 and move["majority"] < 0.5

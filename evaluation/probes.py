@@ -1,0 +1,124 @@
+"""Do the codes carry the action? Probes fitted on the train split's pairs, scored on another split.
+
+Two targets (DESIGN, "Evaluation"):
+- `move`: the paddle's effective move between t and t+1, left / none / right, from the recorder's
+  labels (paddle_x -> next_paddle_x). Every pair whose paddle is labelled in both frames counts.
+- `action`: the recorded action, on the pairs where it had a visible effect (the paddle moved or the
+  ball was launched; elsewhere nothing on screen depends on the button).
+
+Five predictors each: a linear probe on one-hot codes (35 cells x K), an MLP on the code vectors,
+an MLP on frame t alone (what the scene gives away: the recording policies aim at the ball), an MLP
+on the pooled pixel difference t+1 - t (the ceiling: what is visible), and the majority class.
+"The codes carry the action" needs codes_* near pixel_diff and well above frame_t.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from evaluation.code_analysis import one_hot_codes, visible_effect
+
+MOVES = ("left", "none", "right")
+FEATURE_POOL = 10              # frames average-pooled 10 x 10 (21 x 16 cells) for the pixel probes
+
+
+def pooled(frames: torch.Tensor) -> np.ndarray:
+    """(B, C, 210, 160) -> (B, C * 21 * 16), average-pooled."""
+    return F.avg_pool2d(frames.float(), FEATURE_POOL).flatten(1).cpu().numpy()
+
+
+@dataclass
+class ProbeSet:
+    """Pairs for the probes: codes (n, 7, 5), pooled frame t and t+1 - t (n, f), and their labels."""
+
+    codes: np.ndarray
+    frame: np.ndarray
+    diff: np.ndarray
+    metas: list[dict]
+
+    @classmethod
+    def collect(cls, batches) -> "ProbeSet":
+        """From (codes, cur, next, metas) batches."""
+        codes, frame, diff, metas = [], [], [], []
+        for batch_codes, cur, nxt, batch_metas in batches:
+            codes.append(np.asarray(batch_codes))
+            frame.append(pooled(cur))
+            diff.append(pooled(nxt.float() - cur.float()))
+            metas += batch_metas
+        return cls(np.concatenate(codes), np.concatenate(frame), np.concatenate(diff), metas)
+
+
+def move_label(meta: dict) -> int | None:
+    """0 left, 1 none, 2 right; None without paddle labels in both frames."""
+    x, nx = meta.get("paddle_x"), meta.get("next_paddle_x")
+    if x is None or nx is None:
+        return None
+    return int(np.sign(nx - x)) + 1
+
+
+def action_label(meta: dict) -> int | None:
+    return int(meta["action"]) if "action" in meta and visible_effect(meta) else None
+
+
+def _fit_and_score(model, x_train, y_train, x_test, y_test) -> float | None:
+    if len(set(y_train.tolist())) < 2:
+        return None                      # one class only: nothing to learn
+    # one BLAS thread: for problems this small, threads only wait on each other on a busy box
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x_train, y_train)
+    return float((model.predict(x_test) == y_test).mean())
+
+
+def mlp(seed: int):
+    return make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3, max_iter=300,
+                                                         random_state=seed))
+
+
+def linear_codes_probe(train_codes: np.ndarray, y_train: np.ndarray, test_codes: np.ndarray, y_test: np.ndarray,
+                       codebook_size: int, seed: int = 0) -> float | None:
+    """Logistic regression on one-hot codes: the probe the trainer's validation also logs."""
+    return _fit_and_score(LogisticRegression(max_iter=300, C=1.0, random_state=seed),
+                          one_hot_codes(train_codes, codebook_size), y_train,
+                          one_hot_codes(test_codes, codebook_size), y_test)
+
+
+def score(train: ProbeSet, test: ProbeSet, label, codebook: np.ndarray, names: dict[int, str], seed: int) -> dict | None:
+    """Every predictor of `label(meta)` fitted on `train`, scored on `test` (None: no labelled pairs)."""
+    y_train, y_test = (np.array([label(m) if label(m) is not None else -1 for m in s.metas]) for s in (train, test))
+    fit, held = y_train >= 0, y_test >= 0
+    if not fit.any() or not held.any():
+        return None
+    y_train, y_test = y_train[fit], y_test[held]
+    vectors = lambda s, keep: codebook[s.codes[keep].astype(np.int64)].reshape(int(keep.sum()), -1)  # noqa: E731
+    values, counts = np.unique(y_train, return_counts=True)
+    majority = int(values[np.argmax(counts)])
+    return {
+        "codes_linear": linear_codes_probe(train.codes[fit], y_train, test.codes[held], y_test, len(codebook), seed),
+        "codes_mlp": _fit_and_score(mlp(seed), vectors(train, fit), y_train, vectors(test, held), y_test),
+        "frame_t": _fit_and_score(mlp(seed), train.frame[fit], y_train, test.frame[held], y_test),
+        "pixel_diff": _fit_and_score(mlp(seed), train.diff[fit], y_train, test.diff[held], y_test),
+        "majority": float((y_test == majority).mean()),
+        "majority_class": names.get(majority, str(majority)),
+        "transitions": int(held.sum()), "train_transitions": int(fit.sum()),
+        "classes": {names.get(int(v), str(v)): int(c) for v, c in zip(*np.unique(y_test, return_counts=True))},
+    }
+
+
+def action_probes(train: ProbeSet, test: ProbeSet, codebook: np.ndarray, seed: int = 0) -> dict | None:
+    """{"move": ..., "action": ...} (each None without labels); None when neither has any."""
+    action_names = {int(m["action"]): m.get("action_name", str(m["action"])) for m in train.metas + test.metas
+                    if "action" in m}
+    result = {"move": score(train, test, move_label, codebook, dict(enumerate(MOVES)), seed),
+              "action": score(train, test, action_label, codebook, action_names, seed)}
+    return result if any(result.values()) else None
