@@ -35,7 +35,7 @@ from training.logger import Logger
 from training.runtime import Runtime, all_gather, git_sha, setup_runtime, shutdown
 from training.step import TrainStep, every, learning_rate, schedule_horizon
 from training.throughput import Throughput
-from training.validate import Validator
+from training.validate import MoveProbe, Validator
 
 
 def train(cfg: TrainConfig, resumed: dict | None = None) -> None:
@@ -85,9 +85,9 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) 
     if len(train_loader) == 0:
         raise UserError(f"{cfg.shards}: the train split has fewer than one batch of {micro_batch} pairs per rank")
     # a fixed sample drawn across every validation episode, so best.pt is not chosen on a few of them
-    val_loader = build_loader(cfg.shards, "val", micro_batch, shuffle=False, drop_last=False,
+    val_loader = build_loader(cfg.shards, "val", micro_batch, shuffle=False, drop_last=False, with_keys=True,
                               sample=cfg.val_batches * micro_batch * rt.world_size, **loaders)
-    validator = Validator(model, val_loader, cfg, rt)
+    validator = Validator(model, val_loader, cfg, rt, MoveProbe.build(cfg, rt, micro_batch))
     throughput = Throughput(model_cfg, rt.device, rt.amp_dtype, cfg.batch_size)
     checkpointer = Checkpointer(cfg, rt, model, train_step, train_loader, extra={"git_sha": sha, "shards_manifest_sha256": manifest_sha})
 

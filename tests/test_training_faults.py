@@ -163,6 +163,9 @@ def test_training_logs_the_validation_coverage_and_loss(tiny_checkpoint):
     assert validated and all(row["val/loss"] > 0 and row["val/pairs"] > 0 and row["val/episodes"] >= 1
                              for row in validated)
     assert all("samples_per_s" in row for row in rows)
+    probed = [row for row in rows if "val/psnr" in row]         # the move probe rides on the metrics cadence
+    assert probed and all(0 <= row["val/move_probe_codes"] <= 1 and 0 < row["val/move_probe_majority"] <= 1
+                          for row in probed)
 
 
 # ------------------------------------------------------------------------------ accumulation

@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For tests: every cadence <= 10 steps so a 20-step run exercises each of them; one thread, as
     # OpenMP threads spinning on a busy 2-core box are many times slower than one.
     "tiny": dict(width=0.0625, code_dim=32, batch_size=4, iters=20, lr_decay_iters=20, lr=3e-3, lr_min=1e-3, reset_every=5,
-                 reset_buffer=256, val_every=5, val_batches=2, metrics_every=10, hist_every=10, image_every=10,
+                 reset_buffer=256, val_every=5, val_batches=2, metrics_every=10, probe_pairs=32, hist_every=10, image_every=10,
                  ckpt_every=10, backend="torch", deterministic=True, threads=1),
 }
 
@@ -81,7 +81,8 @@ class TrainConfig:
     # cadences in steps (0 = never)
     val_every: int = 1000                    # validation loss (and best.pt)
     val_batches: int = 50                    # validation sample: this many batches' pairs, drawn across every val episode (0 = all)
-    metrics_every: int = 1000                # PSNR / SSIM on validation
+    metrics_every: int = 1000                # PSNR / SSIM on validation, and the move probe
+    probe_pairs: int = 1024                  # train pairs the validation's move probe is fitted on (0 = no probe)
     hist_every: int = 5000                   # codebook usage histogram
     image_every: int = 2500                  # example reconstructions
     ckpt_every: int = 10_000

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from evaluation.figures import Example
 from evaluation.metrics import ReconstructionMeter, codebook_stats
+from evaluation.probes import linear_codes_probe, move_label
 from model import LatentActionModel
+from model.inference import codes_to_array
+from pipeline.loader import build_loader
+from pipeline.shards import PAIRS_FORMAT, load_manifest, read_members, split_shards
 from training.config import TrainConfig
-from training.runtime import Runtime, all_sum, average_batchnorm_stats
+from training.runtime import Runtime, all_gather, all_sum, average_batchnorm_stats
 from training.step import every
 
 EXAMPLES = 4                   # pairs in the logged reconstruction image
@@ -32,9 +39,53 @@ class Due:
         return self.loss or self.metrics or self.histogram or self.images
 
 
+class MoveProbe:
+    """Are the codes becoming actions? A linear probe on one-hot codes, fitted on a fixed sample of
+    train pairs and scored on the validation sample, predicting the paddle's move from the labels
+    (evaluation/probes.py; evaluate.py reports the full set of probes)."""
+
+    def __init__(self, loader, metas: dict[str, dict]):
+        self.loader, self.metas = loader, metas
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, rt: Runtime, batch_size: int) -> "MoveProbe | None":
+        if not cfg.probe_pairs:
+            return None
+        metas = {key: json.loads(m["json"]) for split in ("train", "val") for key, m in read_members(
+            split_shards(Path(cfg.shards), load_manifest(Path(cfg.shards), PAIRS_FORMAT), split), ("json",)).items()}
+        if not any(move_label(meta) is not None for meta in metas.values()):
+            return None                                   # no labels: nothing to probe
+        loader = build_loader(cfg.shards, "train", batch_size, grayscale=not cfg.rgb, shuffle=False, drop_last=False,
+                              with_keys=True, seed=cfg.seed, backend=cfg.backend, device=rt.device,
+                              rank=rt.rank, world_size=rt.world_size, sample=cfg.probe_pairs)
+        return cls(loader, metas)
+
+    def labelled(self, codes: list[np.ndarray], keys: list[str], rt: Runtime) -> tuple[np.ndarray, np.ndarray]:
+        """Every rank's (codes, move labels) of the labelled pairs."""
+        gathered = all_gather((np.concatenate(codes), keys), rt)
+        codes = np.concatenate([c for c, _ in gathered])
+        labels = np.array([move_label(self.metas[k]) if move_label(self.metas[k]) is not None else -1
+                           for _, ks in gathered for k in ks])
+        return codes[labels >= 0], labels[labels >= 0]
+
+    def score(self, model: LatentActionModel, val_codes: list[np.ndarray], val_keys: list[str], rt: Runtime) -> dict:
+        train_codes, train_keys = [], []
+        for batch in self.loader:
+            with rt.autocast():
+                train_codes.append(codes_to_array(model.encode(batch["cur"], batch["next"])))
+            train_keys += batch["key"]
+        x_train, y_train = self.labelled(train_codes, train_keys, rt)
+        x_val, y_val = self.labelled(val_codes, val_keys, rt)
+        if not len(y_val):
+            return {}
+        values, counts = np.unique(y_train, return_counts=True)
+        accuracy = linear_codes_probe(x_train, y_train, x_val, y_val, model.config.codebook_size)
+        return {"val/move_probe_codes": accuracy, "val/move_probe_majority": float((y_val == values[counts.argmax()]).mean())}
+
+
 class Validator:
-    def __init__(self, model: LatentActionModel, loader, cfg: TrainConfig, rt: Runtime):
-        self.model, self.loader, self.cfg, self.rt = model, loader, cfg, rt
+    def __init__(self, model: LatentActionModel, loader, cfg: TrainConfig, rt: Runtime, probe: MoveProbe | None = None):
+        self.model, self.loader, self.cfg, self.rt, self.probe = model, loader, cfg, rt, probe
         self.pairs, self.episodes = loader.coverage
 
     def describe(self) -> str:
@@ -53,7 +104,7 @@ class Validator:
         self.model.eval()
         model_meter, copy_meter = ReconstructionMeter(self.rt.device), ReconstructionMeter(self.rt.device, ssim=False)
         counts = torch.zeros(self.model.config.codebook_size, dtype=torch.float64, device=self.rt.device)
-        examples, frames, loss_sum = [], 0, 0.0
+        examples, frames, loss_sum, codes, keys = [], 0, 0.0, [], []
         for batch in self.loader:
             cur, nxt = batch["cur"], batch["next"]
             with self.rt.autocast():
@@ -63,6 +114,8 @@ class Validator:
             copy_meter.update(cur, nxt, cur)
             loss_sum += float(out["loss"]) * nxt.shape[0]
             counts += torch.bincount(out["codes"].reshape(-1), minlength=counts.numel()).double()
+            codes.append(codes_to_array(out["codes"]))
+            keys += batch["key"]
             frames += nxt.shape[0]
             if not examples:
                 examples = [Example.of(str(k), c, n, p) for k, c, n, p in
@@ -81,6 +134,10 @@ class Validator:
             row.update({"val/psnr": scores["psnr"], "val/psnr_copy": copy["psnr"], "val/ssim": scores["ssim"],
                         "codebook/used_fraction": codebook["used_fraction"],
                         "codebook/perplexity": codebook["perplexity"]})
+            if self.probe is not None:
+                self.model.eval()
+                row.update(self.probe.score(self.model, codes, keys, self.rt))
+                self.model.train()
         if due.histogram:
             row["_counts"] = np.asarray(codebook["counts"])
         if due.images:
