@@ -8,6 +8,7 @@ from pipeline.frames import CODEBOOK_SIZE, FRAME_HEIGHT, FRAME_WIDTH, GRID
 
 # The seed's channel progression; encoder and the decoder's frame stack share it.
 BASE_CHANNELS = (64, 128, 256, 512, 512)
+ENCODER_INPUTS = ("pair", "pair_difference", "difference")
 
 
 @dataclass
@@ -23,6 +24,18 @@ class ModelConfig:
     reset_every: int = 10_000             # optimiser steps between dead-code resets (0: never)
     reset_buffer: int = 4096              # recent encoder outputs kept for resets
     grad_checkpoint: bool = False         # recompute each conv stage in backward (memory for time)
+    # Whether the codes carry the action (DESIGN.md "Model"). Defaults are the seed-literal setting;
+    # the measured choice for the demo is difference / True / True / True / 10 (see the commit message).
+    # t+1 - t alone: the encoder cannot spend codes on the static scene, only on what changed.
+    encoder_input: str = "pair"           # pair: concat(t, t+1) (seed) | pair_difference: concat(t, t+1 - t) | difference
+    # Frame t reaches the decoder at every resolution, so codes need not redraw the scene.
+    decoder_skips: bool = False           # add the decoder's own frame-t features to each upsampling stage
+    # A paddle move need not survive five upsamplings from the 7x5 bottleneck.
+    latent_every_stage: bool = False      # FiLM every upsampling stage with its cell's code, not only the bottleneck
+    # Starts as a copy of t (33 dB): training goes into the change, not into redrawing the screen.
+    residual_output: bool = False         # prediction = clamp(t + zero-initialised change); False: sigmoid (seed)
+    # Plain MSE is 99.7 % unchanged pixels, which a copy of t already gets right.
+    changed_pixel_weight: float = 1.0     # loss weight of pixels that differ between t and t+1 (1: plain MSE)
 
     def __post_init__(self):
         if self.in_channels not in (1, 3):
@@ -38,6 +51,10 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.entropy_temperature <= 0:
             raise ValueError(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
+        if self.encoder_input not in ENCODER_INPUTS:
+            raise ValueError(f"encoder_input must be one of {', '.join(ENCODER_INPUTS)}, got {self.encoder_input!r}")
+        if self.changed_pixel_weight < 1:
+            raise ValueError(f"changed_pixel_weight must be >= 1, got {self.changed_pixel_weight}")
         if self.reset_buffer < 1:
             raise ValueError(f"reset_buffer must be >= 1, got {self.reset_buffer}")
 

@@ -6,6 +6,7 @@ import contextlib
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -50,16 +51,25 @@ class Stages(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self:
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                if torch.compiler.is_compiling():
-                    # The compiled graph applies BatchNorm's buffer updates once whatever it recomputes.
-                    x = checkpoint(stage, x, use_reentrant=False)
-                else:
-                    x = checkpoint(stage, x, use_reentrant=False,
-                                   context_fn=lambda s=stage: (contextlib.nullcontext(), frozen_batchnorm_stats(s)))
-            else:
-                x = stage(x)
+            x = self.run(stage, x)
         return x
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output, first to last (for skip connections)."""
+        found = []
+        for stage in self:
+            x = self.run(stage, x)
+            found.append(x)
+        return found
+
+    def run(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                # The compiled graph applies BatchNorm's buffer updates once whatever it recomputes.
+                return checkpoint(stage, x, use_reentrant=False)
+            return checkpoint(stage, x, use_reentrant=False,
+                              context_fn=lambda s=stage: (contextlib.nullcontext(), frozen_batchnorm_stats(s)))
+        return stage(x)
 
 
 def down_stack(in_channels: int, channels: Sequence[int]) -> Stages:
@@ -73,15 +83,23 @@ def down_stack(in_channels: int, channels: Sequence[int]) -> Stages:
 
 
 class Encoder(nn.Module):
-    """concat(frame t, frame t+1) (2C) -> conv stack -> 1×1 conv to code_dim × 7 × 5."""
+    """Frame pair -> conv stack -> 1×1 conv to code_dim × 7 × 5. The pair enters as concat(t, t+1)
+    (2C channels, the seed), concat(t, t+1 - t) (2C), or t+1 - t alone (C); see ModelConfig.encoder_input."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int):
+    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, input_mode: str = "pair"):
         super().__init__()
-        self.stack = down_stack(2 * in_channels, channels)
+        self.input_mode = input_mode
+        self.stack = down_stack(in_channels if input_mode == "difference" else 2 * in_channels, channels)
         self.project = nn.Conv2d(channels[-1], code_dim, 1)
 
     def forward(self, cur: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
-        return self.project(self.stack(torch.cat([cur, nxt], dim=1)))
+        if self.input_mode == "pair":
+            x = torch.cat([cur, nxt], dim=1)
+        elif self.input_mode == "pair_difference":
+            x = torch.cat([cur, nxt - cur], dim=1)
+        else:
+            x = nxt - cur
+        return self.project(self.stack(x))
 
 
 class FiLM(nn.Module):
@@ -101,11 +119,18 @@ class FiLM(nn.Module):
 
 class Decoder(nn.Module):
     """Frame t -> its own conv stack (512 × 7 × 5) -> FiLM from the quantised latent -> five
-    transposed convs 512 -> 512 -> 256 -> 128 -> 64 -> C -> sigmoid. No skip connections: what frame
-    t+1 has that frame t lacks must pass through the codes."""
+    transposed convs 512 -> 512 -> 256 -> 128 -> 64 -> C -> sigmoid. No skip connections from the
+    encoder: what frame t+1 has that frame t lacks must pass through the codes.
 
-    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int):
+    Options (ModelConfig): `skips` adds the frame stack's own features to the upsampling stage of the
+    same resolution (they carry frame t only); `latent_every_stage` FiLMs every upsampling stage with
+    the latent (nearest-upsampled: a cell's code governs its own patch); `residual` returns
+    clamp(frame t + change) instead of a sigmoid."""
+
+    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, skips: bool = False,
+                 latent_every_stage: bool = False, residual: bool = False):
         super().__init__()
+        self.skips, self.residual = skips, residual
         self.frame_stack = down_stack(in_channels, channels)
         self.film = FiLM(code_dim, channels[-1])
         widths = [channels[-1], *reversed(channels[:-1]), in_channels]     # 512, 512, 256, 128, 64, C
@@ -117,7 +142,30 @@ class Decoder(nn.Module):
             last = i == len(pads) - 1
             stages.append(nn.Sequential(up) if last else nn.Sequential(up, nn.BatchNorm2d(target), nn.ReLU(inplace=True)))
         self.up_stack = Stages(*stages)
+        # One FiLM after each inner upsampling stage (14×10 .. 105×80).
+        self.stage_films = (nn.ModuleList(FiLM(code_dim, w) for w in widths[1:-1]) if latent_every_stage else None)
+        if residual:
+            # The change starts at zero: an untrained model copies frame t (33 dB) instead of
+            # having to learn to redraw the whole screen first.
+            nn.init.zeros_(self.up_stack[-1][0].weight)
+            nn.init.zeros_(self.up_stack[-1][0].bias)
 
     def forward(self, cur: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        features = self.film(self.frame_stack(cur), latent)
-        return torch.sigmoid(self.up_stack(features))
+        if not (self.skips or self.stage_films is not None):
+            out = self.up_stack(self.film(self.frame_stack(cur), latent))
+        else:
+            frame_features = self.frame_stack.outputs(cur)             # 105×80, 53×40, 27×20, 14×10, 7×5
+            x = self.film(frame_features[-1], latent)
+            inner = len(self.up_stack) - 1
+            for i, stage in enumerate(self.up_stack):
+                x = self.up_stack.run(stage, x)
+                if i < inner:
+                    if self.skips:
+                        x = x + frame_features[inner - 1 - i]
+                    if self.stage_films is not None:
+                        cells = F.interpolate(latent.to(x.dtype), size=x.shape[-2:], mode="nearest")
+                        x = self.stage_films[i](x, cells)
+            out = x
+        if self.residual:
+            return (cur + out).clamp(0, 1)
+        return torch.sigmoid(out)

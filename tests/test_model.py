@@ -200,3 +200,55 @@ def test_load_checkpoint_round_trip_and_errors(tmp_path):
     torch.save({"format": "something-else/1"}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="format is 'something-else/1'"):
         load_checkpoint(tmp_path / "foreign.pt")
+
+
+ACTION_OPTIONS = dict(encoder_input="difference", decoder_skips=True, latent_every_stage=True,
+                      residual_output=True, changed_pixel_weight=10.0)
+
+
+@pytest.mark.parametrize("options", [
+    dict(encoder_input="pair_difference"), dict(encoder_input="difference"), dict(decoder_skips=True),
+    dict(latent_every_stage=True), dict(residual_output=True), dict(changed_pixel_weight=10.0), ACTION_OPTIONS])
+def test_model_options_keep_the_api(options):
+    torch.manual_seed(0)
+    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, **options))
+    model.train()(*frames(4, seed=1))["loss"].backward()
+    model.eval()
+    cur, nxt = frames(3, seed=2)
+    out = model(cur, nxt)
+    codes = model.encode(cur, nxt)
+    assert torch.equal(codes, out["codes"]) and out["pred"].shape == (3, 1, 210, 160)
+    assert 0 <= out["pred"].min() and out["pred"].max() <= 1
+    torch.testing.assert_close(model.decode(cur, codes), out["pred"], rtol=0, atol=1e-6)
+
+
+def test_residual_output_starts_as_a_copy_of_frame_t():
+    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, **ACTION_OPTIONS)).eval()
+    cur, nxt = frames(2)
+    assert torch.equal(model(cur, nxt)["pred"], cur)
+
+
+def test_seed_literal_setting_keeps_state_dict_keys_and_shapes():
+    seed = LatentActionModel(ModelConfig(width=0.125)).state_dict()
+    explicit = LatentActionModel(ModelConfig(width=0.125, encoder_input="pair", decoder_skips=False,
+                                             latent_every_stage=False, residual_output=False,
+                                             changed_pixel_weight=1.0)).state_dict()
+    assert {k: v.shape for k, v in seed.items()} == {k: v.shape for k, v in explicit.items()}
+    assert seed["encoder.stack.0.0.weight"].shape[1] == 2 and not any("stage_films" in k for k in seed)
+
+
+def test_changed_pixel_weight_weights_only_changed_pixels():
+    model = LatentActionModel(ModelConfig(width=0.125, changed_pixel_weight=5.0))
+    cur = torch.zeros(1, 1, 210, 160)
+    nxt = cur.clone()
+    nxt[..., 0, 0] = 1.0
+    pred = torch.full_like(cur, 0.5)
+    expected = ((pred - nxt).pow(2) * torch.where(nxt != cur, 5.0, 1.0)).mean()
+    torch.testing.assert_close(model.reconstruction_loss(pred, cur, nxt), expected)
+
+
+def test_model_option_values_are_validated():
+    with pytest.raises(ValueError, match="encoder_input"):
+        ModelConfig(encoder_input="t_only")
+    with pytest.raises(ValueError, match="changed_pixel_weight"):
+        ModelConfig(changed_pixel_weight=0.5)

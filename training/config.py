@@ -50,6 +50,11 @@ class TrainConfig:
     reset_every: int = 10_000                # dead-code reset interval in steps (0 = never)
     reset_buffer: int = 4096
     grad_checkpoint: bool = False
+    encoder_input: str = "pair"              # pair (seed) | pair_difference | difference; see ModelConfig
+    decoder_skips: bool = False
+    latent_every_stage: bool = False
+    residual_output: bool = False
+    changed_pixel_weight: float = 1.0
     # optimisation
     iters: int = 100_000
     batch_size: int = 32                     # global batch per optimiser step (all ranks, all micro-batches)
