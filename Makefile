@@ -28,7 +28,7 @@ CONTROLLER_ARGS ?=
 GPU_PY ?= python3
 WHEELS ?= wheels
 
-.PHONY: setup data shards train extract eval controller rollout play demo bench test browser gpu-check wheels clean help
+.PHONY: setup data shards train extract eval controller rollout play demo bench ablate test browser gpu-check wheels clean help
 
 help:
 	@echo "make demo   - install, record, pack, train (demo preset), extract, evaluate"
@@ -78,6 +78,10 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench
+
+# Each model variant trained at demo scale on the same shards and scored on val (hours on a CPU).
+ablate: setup
+	$(PY) -m bench.ablate --shards $(SHARDS) --out $(REPORTS)/ablation
 
 # The play page's browser test drives Debian's Chromium; without it that one test skips and says so.
 browser:
