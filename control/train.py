@@ -251,10 +251,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return run_cli(run, argv)
-    except SystemExit as exit_:            # --help, or argparse's own usage error
-        return int(exit_.code or 0)
+    """Command-line entry; returns the exit code (a user's mistake: one `error:` line on stderr, 2)."""
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":
