@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 import train
@@ -95,16 +94,16 @@ def test_train_killed_again_and_again_ends_bitwise_as_an_uninterrupted_run(pair_
     assert_checkpoints_whole(root / "ckpt")
     assert killed_inside("os.fsync", 3, *train_args(pair_shards, root, *resume())).returncode == -9
     assert_checkpoints_whole(root / "ckpt")
-    # ... then kills at random moments until a run gets to the end.
+    # ... then two kills at random moments (or a run that ends first), and a last run to the end.
     rng = random.Random(0)
-    for attempt in range(12):
-        code = killed_after(rng.uniform(4, 12) + 2 * attempt, *train_args(pair_shards, root, *resume()))
+    for _ in range(2):
+        code = killed_after(rng.uniform(3, 9), *train_args(pair_shards, root, *resume()))
         assert_checkpoints_whole(root / "ckpt")
         if code is not None:
             assert code == 0
             break
     else:
-        pytest.fail("no run finished")
+        assert killed_after(600, *train_args(pair_shards, root, *resume())) == 0
     assert not list((root / "ckpt").glob(".*.tmp-*"))             # killed writes cleaned up
     straight = torch.load(tmp_path / "straight/ckpt/step-000020.pt", weights_only=True)
     resumed = torch.load(root / "ckpt/step-000020.pt", weights_only=True)
