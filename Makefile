@@ -24,6 +24,7 @@ EXTRACT_ARGS ?=
 CONTROLLER_DIR  ?= checkpoints/controller
 CONTROLLER      ?= $(CONTROLLER_DIR)/controller.pt
 CONTROLLER_ARGS ?=
+DEMO_CONTROLLER_ARGS ?= --steps 600
 # The GPU check runs with the GPU machine's own Python and torch, installing only carried wheels.
 GPU_PY ?= python3
 WHEELS ?= wheels
@@ -74,7 +75,8 @@ demo: setup
 	$(MAKE) data shards
 	$(MAKE) train PRESET=demo
 	$(MAKE) extract eval
-	$(MAKE) controller rollout
+	$(MAKE) controller rollout CONTROLLER_ARGS="$(DEMO_CONTROLLER_ARGS)"
+	@echo "==> reports: $(REPORTS)/test/report.md (model), $(REPORTS)/play/report.md (controller and rollouts)"
 
 bench: setup
 	$(PY) -m bench

@@ -16,15 +16,16 @@ from pathlib import Path
 
 from bench.common import ROOT, machine, markdown_table
 
+SEED = ["encoder_input=pair", "decoder_skips=false", "latent_every_stage=false", "residual_output=false",
+        "changed_pixel_weight=1"]
+SKIPS = ["decoder_skips=true", "residual_output=true"]
 VARIANTS: dict[str, list[str]] = {
-    "seed-literal (no skips, sigmoid, plain MSE, encoder sees t and t+1)": [],
-    "+ decoder frame-t skips, residual output": ["decoder_skips=true", "residual_output=true"],
-    "+ changed pixels x10": ["decoder_skips=true", "residual_output=true", "changed_pixel_weight=10"],
-    "+ encoder sees [t, t+1 - t]": ["decoder_skips=true", "residual_output=true", "changed_pixel_weight=10",
-                                    "encoder_input=pair_difference"],
-    "+ encoder sees t+1 - t only, codes at every stage": ["decoder_skips=true", "residual_output=true",
-                                                          "changed_pixel_weight=10", "encoder_input=difference",
-                                                          "latent_every_stage=true"],
+    "seed-literal (no skips, sigmoid, plain MSE, encoder sees t and t+1)": SEED,
+    "+ decoder frame-t skips, residual output": [*SEED, *SKIPS],
+    "+ changed pixels x10": [*SEED, *SKIPS, "changed_pixel_weight=10"],
+    "+ encoder sees [t, t+1 - t], codes at every stage": [*SEED, *SKIPS, "changed_pixel_weight=10",
+                                                          "encoder_input=pair_difference", "latent_every_stage=true"],
+    "default: encoder sees t+1 - t only, codes at every stage": [],
 }
 
 

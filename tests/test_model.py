@@ -229,12 +229,16 @@ def test_residual_output_starts_as_a_copy_of_frame_t():
 
 
 def test_seed_literal_setting_keeps_state_dict_keys_and_shapes():
-    seed = LatentActionModel(ModelConfig(width=0.125)).state_dict()
+    """A checkpoint saved before the action options existed (its config lacks them) rebuilds the
+    seed-literal model its weights belong to, not today's defaults."""
+    old = LatentActionModel(ModelConfig.from_dict({"width": 0.125})).state_dict()
     explicit = LatentActionModel(ModelConfig(width=0.125, encoder_input="pair", decoder_skips=False,
                                              latent_every_stage=False, residual_output=False,
                                              changed_pixel_weight=1.0)).state_dict()
-    assert {k: v.shape for k, v in seed.items()} == {k: v.shape for k, v in explicit.items()}
-    assert seed["encoder.stack.0.0.weight"].shape[1] == 2 and not any("stage_films" in k for k in seed)
+    assert {k: v.shape for k, v in old.items()} == {k: v.shape for k, v in explicit.items()}
+    assert old["encoder.stack.0.0.weight"].shape[1] == 2 and not any("stage_films" in k for k in old)
+    default = LatentActionModel(ModelConfig(width=0.125)).state_dict()
+    assert default["encoder.stack.0.0.weight"].shape[1] == 1 and any("stage_films" in k for k in default)
 
 
 def test_changed_pixel_weight_weights_only_changed_pixels():

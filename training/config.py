@@ -16,12 +16,13 @@ from pipeline.errors import UserError
 # Field defaults are the seed's `full` run; presets override some of them.
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
-    # ~0.8M params; ~4.5 steps/s on a free 2-core CPU (eager beats compiled there), so 2000 steps
-    # plus validation fit in 10 minutes. lr 2e-3: in 500-step trials it reached 34 dB val PSNR where
-    # 1e-3 reached 30 and 3e-4 19. Resets every 200 steps (not 10k): early on most codes lose every
-    # nearest-code contest.
-    "demo": dict(width=0.25, iters=2000, lr_decay_iters=2000, lr=2e-3, lr_min=1e-4, reset_every=200, val_every=400, val_batches=8,
-                 metrics_every=400, hist_every=800, image_every=400, ckpt_every=800, compile=False),
+    # ~1M params at width 0.25 (eager beats compiled on a CPU). 600 steps: with the action-carrying
+    # model (ModelConfig defaults) the paddle-move probe peaked near step 500 and fell after (73 %,
+    # 76 %, 66 % at 250, 500, 750) while PSNR held, and a step costs ~2.6x the seed-literal one's.
+    # lr 2e-3: in 500-step trials of the seed model it reached 34 dB val PSNR where 1e-3 reached 30
+    # and 3e-4 19. Resets every 200 steps (not 10k): early on most codes lose every contest.
+    "demo": dict(width=0.25, iters=600, lr_decay_iters=600, lr=2e-3, lr_min=1e-4, reset_every=200, val_every=200,
+                 val_batches=8, metrics_every=200, hist_every=600, image_every=200, ckpt_every=300, compile=False),
     # For tests: every cadence <= 10 steps so a 20-step run exercises each of them; one thread, as
     # OpenMP threads spinning on a busy 2-core box are many times slower than one.
     "tiny": dict(width=0.0625, code_dim=32, batch_size=4, iters=20, lr_decay_iters=20, lr=3e-3, lr_min=1e-3, reset_every=5,
@@ -50,11 +51,11 @@ class TrainConfig:
     reset_every: int = 10_000                # dead-code reset interval in steps (0 = never)
     reset_buffer: int = 4096
     grad_checkpoint: bool = False
-    encoder_input: str = "pair"              # pair (seed) | pair_difference | difference; see ModelConfig
-    decoder_skips: bool = False
-    latent_every_stage: bool = False
-    residual_output: bool = False
-    changed_pixel_weight: float = 1.0
+    encoder_input: str = "difference"        # pair (seed) | pair_difference | difference; see ModelConfig
+    decoder_skips: bool = True
+    latent_every_stage: bool = True
+    residual_output: bool = True
+    changed_pixel_weight: float = 10.0
     # optimisation
     iters: int = 100_000
     batch_size: int = 32                     # global batch per optimiser step (all ranks, all micro-batches)
