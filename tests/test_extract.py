@@ -161,11 +161,13 @@ def test_bad_input_is_one_clear_line(problem, pair_shards, tiny_checkpoint, tmp_
 
 
 def test_dali_and_torch_loaders_give_byte_identical_shards(pair_shards, tiny_checkpoint, latent_dir, tmp_path):
-    """Reproducible output whatever decodes the frames: the DALI path writes the same bytes."""
+    """Reproducible output whatever decodes the frames: the DALI path writes the same bytes (at the same
+    batch size: another batch size may change float rounding in the convolutions, and a near-tie of
+    two codes can then fall the other way)."""
     pytest.importorskip("nvidia.dali")
     out = tmp_path / "latent"
     assert extract.main(["--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
-                         "--backend", "dali", "--batch-size", "40", "--no-progress"]) == 0
+                         "--backend", "dali", "--batch-size", "24", "--no-progress"]) == 0
     mine = json.loads((out / "manifest.json").read_text())
     reference = json.loads((latent_dir / "manifest.json").read_text())
     for split, info in reference["splits"].items():
