@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ from pipeline.shards import PAIRS_FORMAT, load_manifest, sha256_file
 from training.checkpointer import Checkpointer, read_resume_checkpoint
 from training.config import PRESETS, TrainConfig, build_config, fields_help, resumed_config
 from training.logger import Logger
-from training.runtime import Runtime, all_gather, git_sha, setup_runtime, shutdown
+from training.runtime import Runtime, git_sha, graph_breaks, report_digests, setup_runtime, shutdown
 from training.step import TrainStep, every, learning_rate, schedule_horizon
 from training.throughput import Throughput
 from training.validate import MoveProbe, Validator
@@ -156,41 +155,6 @@ def forever(loader) -> Iterator[dict]:
     """Epoch after epoch; the loader's own state_dict() knows the position inside the epoch."""
     while True:
         yield from loader
-
-
-def graph_breaks(reset: bool = False) -> int:
-    """Graph breaks torch.compile has met in this process (dynamo's own counters); `reset` zeroes them."""
-    from torch._dynamo.utils import counters
-
-    found = sum(counters["graph_break"].values())
-    if reset:
-        counters["graph_break"].clear()
-    return found
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """Hash of the parameters and BatchNorm statistics: what must agree across DDP ranks (the
-    quantiser's usage counts and recent-output buffer are per rank by design)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        if name.startswith("quantizer.") and name != "quantizer.codebook":
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def report_digests(model: torch.nn.Module, rt: Runtime, step: int) -> None:
-    """Print the final weights' digest; under DDP every rank's must agree."""
-    digests = all_gather(weights_digest(model), rt)
-    if not rt.main:
-        return
-    same = len(set(digests)) == 1
-    print(f"done at step {step}; weights digest {digests[0]}"
-          + (f"; identical on all {rt.world_size} ranks" if rt.distributed and same else "")
-          + (f"; RANKS DIFFER: {digests}" if not same else ""), flush=True)
-    if not same:
-        raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -3,6 +3,7 @@ autocast dtype and GradScaler, and the few collectives the loop needs."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import subprocess
@@ -115,3 +116,38 @@ def git_sha() -> str:
         return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def graph_breaks(reset: bool = False) -> int:
+    """Graph breaks torch.compile has met in this process (dynamo's own counters); `reset` zeroes them."""
+    from torch._dynamo.utils import counters
+
+    found = sum(counters["graph_break"].values())
+    if reset:
+        counters["graph_break"].clear()
+    return found
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """Hash of the parameters and BatchNorm statistics: what must agree across DDP ranks (the
+    quantiser's usage counts and recent-output buffer are per rank by design)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name.startswith("quantizer.") and name != "quantizer.codebook":
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def report_digests(model: torch.nn.Module, rt: Runtime, step: int) -> None:
+    """Print the final weights' digest; under DDP every rank's must agree."""
+    digests = all_gather(weights_digest(model), rt)
+    if not rt.main:
+        return
+    same = len(set(digests)) == 1
+    print(f"done at step {step}; weights digest {digests[0]}"
+          + (f"; identical on all {rt.world_size} ranks" if rt.distributed and same else "")
+          + (f"; RANKS DIFFER: {digests}" if not same else ""), flush=True)
+    if not same:
+        raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
