@@ -268,11 +268,19 @@ def headline(metrics: dict) -> str:
              f"changed pixels {fmt(model['psnr_changed'])} dB (copy: {fmt(copy['psnr_changed'])})",
              f"ΔPSNR {fmt(metrics['delta_psnr'])} dB",
              f"codes used {metrics['codebook']['used_fraction']:.0%}, perplexity {metrics['codebook']['perplexity']:.1f}"]
+    paddle, ball = (metrics["elements"][name] for name in ("paddle", "ball"))
+    parts.append(f"paddle within 2 px {pct(paddle['model']['within_2px'])} (copy {pct(paddle['copy_baseline']['within_2px'])}), "
+                 f"missing {pct(paddle['model']['missing'])}; ball within 2 px {pct(ball['model']['within_2px'])} "
+                 f"(copy {pct(ball['copy_baseline']['within_2px'])}), missing {pct(ball['model']['missing'])}")
     move = (metrics.get("actions") or {}).get("move")
     if move:
         parts.append(f"paddle move from codes {pct(move['codes_linear'])} linear / {pct(move['codes_mlp'])} MLP "
                      f"(frame t alone {pct(move['frame_t'])}, pixel difference {pct(move['pixel_diff'])}, "
                      f"majority {pct(move['majority'])})")
+    bins = (metrics.get("actions") or {}).get("move_bins")
+    if bins:
+        parts.append(f"paddle displacement (5 bins) from codes {pct(bins['codes_linear'])} linear "
+                     f"(pixel difference {pct(bins['pixel_diff'])}, majority {pct(bins['majority'])})")
     return "; ".join(parts)
 
 

@@ -1,8 +1,10 @@
 """Do the codes carry the action? Probes fitted on the train split's pairs, scored on another split.
 
-Two targets (DESIGN, "Evaluation"):
+Three targets (DESIGN, "Evaluation"):
 - `move`: the paddle's effective move between t and t+1, left / none / right, from the recorder's
   labels (paddle_x -> next_paddle_x). Every pair whose paddle is labelled in both frames counts.
+- `move_bins`: how far it moved, in five bins (MOVE_BINS, px): a decoder can draw the paddle where
+  it went only if the codes name the displacement, not just its sign.
 - `action`: the recorded action, on the pairs where it had a visible effect (the paddle moved or the
   ball was launched; elsewhere nothing on screen depends on the button).
 
@@ -29,6 +31,8 @@ from threadpoolctl import threadpool_limits
 from evaluation.code_analysis import one_hot_codes, visible_effect
 
 MOVES = ("left", "none", "right")
+# The paddle accelerates (0 to 24 px a step): far left, left, still (within 3 px), right, far right.
+MOVE_BINS = (("<=-16", -16), ("-15..-4", -4), ("-3..3", 3), ("4..15", 15), (">=16", None))
 FEATURE_POOL = 10              # frames average-pooled 10 x 10 (21 x 16 cells) for the pixel probes
 
 
@@ -64,6 +68,14 @@ def move_label(meta: dict) -> int | None:
     if x is None or nx is None:
         return None
     return int(np.sign(nx - x)) + 1
+
+
+def move_bin_label(meta: dict) -> int | None:
+    """Index into MOVE_BINS of the paddle's displacement; None without paddle labels in both frames."""
+    x, nx = meta.get("paddle_x"), meta.get("next_paddle_x")
+    if x is None or nx is None:
+        return None
+    return next(i for i, (_, upper) in enumerate(MOVE_BINS) if upper is None or nx - x <= upper)
 
 
 def action_label(meta: dict) -> int | None:
@@ -116,9 +128,11 @@ def score(train: ProbeSet, test: ProbeSet, label, codebook: np.ndarray, names: d
 
 
 def action_probes(train: ProbeSet, test: ProbeSet, codebook: np.ndarray, seed: int = 0) -> dict | None:
-    """{"move": ..., "action": ...} (each None without labels); None when neither has any."""
+    """{"move": ..., "move_bins": ..., "action": ...} (each None without labels); None when none has any."""
     action_names = {int(m["action"]): m.get("action_name", str(m["action"])) for m in train.metas + test.metas
                     if "action" in m}
     result = {"move": score(train, test, move_label, codebook, dict(enumerate(MOVES)), seed),
+              "move_bins": score(train, test, move_bin_label, codebook, {i: name for i, (name, _) in enumerate(MOVE_BINS)},
+                                 seed),
               "action": score(train, test, action_label, codebook, action_names, seed)}
     return result if any(result.values()) else None

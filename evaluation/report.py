@@ -64,6 +64,21 @@ def caveats(metrics: dict) -> str:
     return "".join(notes)
 
 
+def drawing_verdict(metrics: dict) -> str:
+    """Does the prediction draw what moved where it went? Paddle and ball beside copying frame t,
+    which leaves both where they were (so it is within 2 px only when they barely moved)."""
+    elements = metrics.get("elements") or {}
+    if "paddle" not in elements or "ball" not in elements:
+        return ""
+    paddle, paddle_copy = elements["paddle"]["model"], elements["paddle"]["copy_baseline"]
+    ball, ball_copy = elements["ball"]["model"], elements["ball"]["copy_baseline"]
+    return (f"**Drawing what moved**: the paddle is within 2 px of its true place in {pct(paddle.get('within_2px'))} "
+            f"of the predicted frames (copy frame t: {pct(paddle_copy.get('within_2px'))}) and missing from "
+            f"{pct(paddle.get('missing'))}; the ball is within 2 px in {pct(ball.get('within_2px'))} (copy: "
+            f"{pct(ball_copy.get('within_2px'))}) and missing from {pct(ball.get('missing'))} (copy: "
+            f"{pct(ball_copy.get('missing'))}).")
+
+
 def codes_verdict(metrics: dict) -> str:
     delta = metrics["delta_psnr"]
     if delta is None:
@@ -177,9 +192,10 @@ def actions_section(metrics: dict) -> str:
         return "## Actions\n\nThe pairs carry no labels: no action probe.\n"
     parts = ["## Actions: do the codes carry them?", "",
              f"Probes fitted on train pairs (codes {actions.get('train_codes_from', 'encoded now')}), scored on "
-             f"this split. `move` is the paddle's effective move (left / none / right) from the recorder's labels; "
+             f"this split. `move` is the paddle's effective move (left / none / right) from the recorder's labels, "
+             f"`move_bins` how far it moved (≤ −16, −15..−4, −3..3, 4..15, ≥ 16 px); "
              f"`action` is the recorded action where it had a visible effect.", ""]
-    for target, what in (("move", "paddle's move"), ("action", "action")):
+    for target, what in (("move", "paddle's move"), ("move_bins", "paddle's displacement (5 bins)"), ("action", "action")):
         probe = actions.get(target)
         if not probe:
             continue
@@ -202,6 +218,7 @@ def write_report(out: Path, metrics: dict, figures: dict[str, str], checkpoint_p
              f"Checkpoint `{checkpoint_path}` (sha256 {checkpoint['sha256'][:12]}, step {checkpoint['step']}), "
              f"{metrics['color']} frames, {metrics['pairs']} pairs.", "",
              copy_verdict(metrics), "",
+             *([drawing_verdict(metrics), ""] if drawing_verdict(metrics) else []),
              *([probe_verdict(metrics["actions"]["move"], "paddle's move"), ""]
                if (metrics.get("actions") or {}).get("move") else []),
              "Seed success criteria: " + " ".join(criteria_lines(metrics)), "",

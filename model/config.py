@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from model.motion import MOTIONS
 from pipeline.frames import CODEBOOK_SIZE, FRAME_HEIGHT, FRAME_WIDTH, GRID
 
 # The seed's channel progression; encoder and the decoder's frame stack share it.
@@ -12,7 +13,10 @@ ENCODER_INPUTS = ("pair", "pair_difference", "difference")
 # The seed's own model: the encoder sees concat(t, t+1), the decoder sees frame t only through its
 # 7x5 stack and ends in a sigmoid, the loss is plain MSE. `--set` each of these to get it.
 SEED_LITERAL = dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, residual_output=False,
-                    changed_pixel_weight=1.0)
+                    changed_pixel_weight=1.0, motion="none")
+# The shift head's block grid for each inner decoder stage (14x10, 27x20, 53x40, 105x80): the nearest
+# grid that divides 210 x 160, so blocks are 15x16, 7x8, 3x4 and 2x2 px.
+MOTION_GRIDS = ((14, 10), (30, 20), (70, 40), (105, 80))
 
 
 @dataclass
@@ -41,6 +45,12 @@ class ModelConfig:
     residual_output: bool = True          # prediction = clamp(t + zero-initialised change); False: sigmoid (seed)
     # Plain MSE is 99.7 % unchanged pixels, which a copy of t already gets right.
     changed_pixel_weight: float = 10.0    # loss weight of pixels that differ between t and t+1 (1: plain MSE)
+    # Moving objects are copied from frame t, not redrawn (model/motion.py): the prediction is
+    # clamp(shifted t + change), each block of the frame choosing its own shift.
+    motion: str = "none"                  # none | shift
+    motion_max_x: int = 24                # largest shift across, px (the paddle moves up to 24)
+    motion_max_y: int = 8                 # largest shift down, px (the ball moves up to 8)
+    motion_stage: int = 1                 # inner decoder stage whose cells choose a shift: 0..3 = 14x10 .. 105x80
 
     def __post_init__(self):
         if self.in_channels not in (1, 3):
@@ -60,6 +70,12 @@ class ModelConfig:
             raise ValueError(f"encoder_input must be one of {', '.join(ENCODER_INPUTS)}, got {self.encoder_input!r}")
         if self.changed_pixel_weight < 1:
             raise ValueError(f"changed_pixel_weight must be >= 1, got {self.changed_pixel_weight}")
+        if self.motion not in MOTIONS:
+            raise ValueError(f"motion must be one of {', '.join(MOTIONS)}, got {self.motion!r}")
+        if self.motion_max_x < 0 or self.motion_max_y < 0:
+            raise ValueError(f"motion_max_x and motion_max_y must be >= 0, got {self.motion_max_x}, {self.motion_max_y}")
+        if not 0 <= self.motion_stage < len(MOTION_GRIDS):
+            raise ValueError(f"motion_stage must be in 0..{len(MOTION_GRIDS) - 1}, got {self.motion_stage}")
         if self.reset_buffer < 1:
             raise ValueError(f"reset_buffer must be >= 1, got {self.reset_buffer}")
 
@@ -70,6 +86,10 @@ class ModelConfig:
     @property
     def frame_shape(self) -> tuple[int, int, int]:
         return (self.in_channels, FRAME_HEIGHT, FRAME_WIDTH)
+
+    @property
+    def motion_grid(self) -> tuple[int, int]:
+        return MOTION_GRIDS[self.motion_stage]
 
     @property
     def grid(self) -> tuple[int, int]:

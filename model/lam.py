@@ -21,7 +21,9 @@ class LatentActionModel(nn.Module):
                                    config.codebook_weight, config.entropy_weight, config.entropy_temperature,
                                    config.reset_buffer)
         self.decoder = Decoder(config.in_channels, config.channels, config.code_dim, config.decoder_skips,
-                               config.latent_every_stage, config.residual_output)
+                               config.latent_every_stage, config.residual_output, config.motion,
+                               (config.motion_max_x, config.motion_max_y), config.motion_stage,
+                               config.motion_grid)
         self.set_grad_checkpoint(config.grad_checkpoint)
 
     def set_grad_checkpoint(self, enabled: bool) -> None:

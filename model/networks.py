@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model.motion import ShiftHead, shift_frame
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 
 
@@ -104,7 +105,10 @@ class Encoder(nn.Module):
 
 class FiLM(nn.Module):
     """Per-cell scale and shift of the frame features from the quantised latent. γ starts at 0
-    (1 + γ multiplies), so an untrained FiLM passes the frame features through."""
+    (1 + γ multiplies), so an untrained FiLM passes the frame features through. On a finer stage
+    each cell's scale and shift cover its own patch (nearest upsampling); they are computed on the
+    7 × 5 grid first, as a 1 × 1 conv commutes with that upsampling: convolving the upsampled
+    128-channel latent instead took a third of a training step at 105 × 80."""
 
     def __init__(self, code_dim: int, features: int):
         super().__init__()
@@ -113,7 +117,10 @@ class FiLM(nn.Module):
         nn.init.zeros_(self.to_scale_shift.bias)
 
     def forward(self, features: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        gamma, beta = self.to_scale_shift(latent.to(features.dtype)).chunk(2, dim=1)
+        scale_shift = self.to_scale_shift(latent.to(features.dtype))
+        if scale_shift.shape[-2:] != features.shape[-2:]:
+            scale_shift = F.interpolate(scale_shift, size=features.shape[-2:], mode="nearest")
+        gamma, beta = scale_shift.chunk(2, dim=1)
         return features * (1 + gamma) + beta
 
 
@@ -125,10 +132,13 @@ class Decoder(nn.Module):
     Options (ModelConfig): `skips` adds the frame stack's own features to the upsampling stage of the
     same resolution (they carry frame t only); `latent_every_stage` FiLMs every upsampling stage with
     the latent (nearest-upsampled: a cell's code governs its own patch); `residual` returns
-    clamp(frame t + change) instead of a sigmoid."""
+    clamp(frame t + change) instead of a sigmoid; `motion` "shift" returns clamp(frame t moved block
+    by block + change), the blocks being the cells of inner stage `motion_stage` (model/motion.py)."""
 
     def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, skips: bool = False,
-                 latent_every_stage: bool = False, residual: bool = False):
+                 latent_every_stage: bool = False, residual: bool = False, motion: str = "none",
+                 motion_max: tuple[int, int] = (24, 8), motion_stage: int = 1,
+                 motion_grid: tuple[int, int] = (30, 20)):
         super().__init__()
         self.skips, self.residual = skips, residual
         self.frame_stack = down_stack(in_channels, channels)
@@ -144,14 +154,17 @@ class Decoder(nn.Module):
         self.up_stack = Stages(*stages)
         # One FiLM after each inner upsampling stage (14×10 .. 105×80).
         self.stage_films = (nn.ModuleList(FiLM(code_dim, w) for w in widths[1:-1]) if latent_every_stage else None)
-        if residual:
+        self.motion_stage = motion_stage
+        self.shift_head = ShiftHead(widths[1 + motion_stage], *motion_max, motion_grid) if motion == "shift" else None
+        if residual or self.shift_head is not None:
             # The change starts at zero: an untrained model copies frame t (33 dB) instead of
             # having to learn to redraw the whole screen first.
             nn.init.zeros_(self.up_stack[-1][0].weight)
             nn.init.zeros_(self.up_stack[-1][0].bias)
 
     def forward(self, cur: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        if not (self.skips or self.stage_films is not None):
+        shifts = None
+        if not (self.skips or self.stage_films is not None or self.shift_head is not None):
             out = self.up_stack(self.film(self.frame_stack(cur), latent))
         else:
             frame_features = self.frame_stack.outputs(cur)             # 105×80, 53×40, 27×20, 14×10, 7×5
@@ -163,9 +176,12 @@ class Decoder(nn.Module):
                     if self.skips:
                         x = x + frame_features[inner - 1 - i]
                     if self.stage_films is not None:
-                        cells = F.interpolate(latent.to(x.dtype), size=x.shape[-2:], mode="nearest")
-                        x = self.stage_films[i](x, cells)
+                        x = self.stage_films[i](x, latent)
+                    if self.shift_head is not None and i == self.motion_stage:
+                        shifts = self.shift_head(x)
             out = x
+        if shifts is not None:
+            return (shift_frame(cur, shifts) + out.float()).clamp(0, 1)
         if self.residual:
             return (cur + out).clamp(0, 1)
         return torch.sigmoid(out)

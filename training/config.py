@@ -56,6 +56,10 @@ class TrainConfig:
     latent_every_stage: bool = True
     residual_output: bool = True
     changed_pixel_weight: float = 10.0
+    motion: str = "none"                     # none | shift (model/motion.py)
+    motion_max_x: int = 24
+    motion_max_y: int = 8
+    motion_stage: int = 1
     # optimisation
     iters: int = 100_000
     batch_size: int = 32                     # global batch per optimiser step (all ranks, all micro-batches)

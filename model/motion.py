@@ -1,0 +1,104 @@
+"""A decoder output that moves the pixels of frame t (ModelConfig.motion = "shift").
+
+Breakout's moving things are small, bright and rigid: a 16 × 4 px paddle that moves up to 24 px
+across in one step, a 2 × 4 px ball that moves 2–8 px each way. A decoder that must *draw* them at
+their new place from FiLM-ed features learns to erase them instead (a squared loss pays best for
+drawing nothing where the place is uncertain). This head lets it *copy* them: for every block of
+the frame (7 × 8 px when the 27 × 20 decoder stage chooses) it predicts where the block's
+pixels come from, as a softmax over whole-pixel shifts, across (±max_x) then down (±max_y), and
+gathers frame t accordingly. Identity (shift 0) keeps a block as it was, so static content needs no
+mask; what appears from nothing (score digits, a broken brick's black) is the residual's job.
+
+Why a softmax over shifts and not a warp field (grid_sample): a bilinear warp sees only its four
+neighbours, so over a black background a paddle 22 px away gives it no gradient at all. The softmax
+scores every shift on every step, and the right one lowers the loss wherever the object lands.
+Shifts are per destination block, so pred(p) = Σ_dy v_p(dy) Σ_dx h_q(dx) t(q_y, q_x − dx) with
+q = (p_y − dy, p_x): across first, then down (a separable approximation of the 2-D kernel that is
+exact inside a block).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MOTIONS = ("none", "shift")
+
+
+def shift_factors(reach: int) -> list[tuple[int, int]]:
+    """Shifts up to ±`reach` px as a coarse shift plus a fine one, [(step, bins each side), ...]:
+    ±24 is 7 steps of 7 px plus −3..3 (14 choices, not 49), ±8 is 3 steps of 3 px plus −1..1.
+    Every shift in range is one (coarse, fine) pair, and the head is cheaper by the ratio."""
+    if reach <= 3:
+        return [(1, reach)]
+    fine = max(1, round(math.sqrt(reach) / 1.5))
+    step = 2 * fine + 1
+    return [(step, math.ceil((reach - fine) / step)), (1, fine)]
+
+
+class ShiftHead(nn.Module):
+    """Features (B, F, h, w) of an inner decoder stage -> for each block of `grid` (a grid that divides
+    the frame: 27 × 20 features choose for 30 × 20 blocks of 7 × 8 px), probabilities over the
+    coarse and fine shifts across (±max_x) and down (±max_y); see `shift_factors`.
+
+    Starts at identity with half of each factor's weight on shift 0: sharp enough that an untrained
+    model still resembles frame t, spread enough that every shift has a gradient."""
+
+    def __init__(self, features: int, max_x: int, max_y: int, grid: tuple[int, int]):
+        super().__init__()
+        self.grid = tuple(grid)
+        # (dim, step, bins each side) per factor: across first, then down
+        self.factors = [(-1, step, side) for step, side in shift_factors(max_x) if side] + \
+                       [(-2, step, side) for step, side in shift_factors(max_y) if side]
+        self.sizes = [2 * side + 1 for _, _, side in self.factors]
+        self.to_logits = nn.Conv2d(features, max(1, sum(self.sizes)), 3, padding=1)
+        nn.init.zeros_(self.to_logits.weight)
+        bias, start = torch.zeros(self.to_logits.out_channels), 0
+        for size in self.sizes:
+            bias[start + size // 2] = math.log(size - 1)          # p(shift 0) = 1/2
+            start += size
+        with torch.no_grad():
+            self.to_logits.bias.copy_(bias)
+
+    def forward(self, features: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+        """-> [(dim, step, probabilities (B, bins, *grid) in fp32)] per factor, to apply in order."""
+        logits = self.to_logits(features).float()
+        if tuple(logits.shape[-2:]) != self.grid:
+            logits = F.interpolate(logits, size=self.grid, mode="bilinear", align_corners=False)
+        chunks = logits[:, :sum(self.sizes)].split(self.sizes, dim=1)
+        return [(dim, step, chunk.softmax(1)) for (dim, step, _), chunk in zip(self.factors, chunks)]
+
+
+def shift_frame(frame: torch.Tensor, factors: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+    """Frame (B, C, H, W) moved block by block, one factor after the other: each factor's
+    probabilities (B, 2k+1, h, w) weigh shifts of step·(i − k) px along its dim (positive moves
+    content right / down) for every block of an h × w grid that divides the frame. Pixels from
+    outside the frame are 0, and so are the few a coarse step past the wanted shift pushed out of
+    the frame before the fine step brought them back (Breakout's edges are walls and black)."""
+    out = frame.float()
+    for dim, step, weights in factors:
+        out = _gather_shifted(out, weights, dim, step)
+    return out
+
+
+def _gather_shifted(frame: torch.Tensor, weights: torch.Tensor, dim: int, step: int) -> torch.Tensor:
+    """Σ_i weights[:, i] · frame shifted by step·(i − k) along `dim` (zeros shifted in). The weights
+    broadcast over each block instead of being upsampled to the frame: a full-size copy per shift
+    and its backward (a scatter-add) cost 20× the shifting itself on a CPU."""
+    batch, channels, height, width = frame.shape
+    bins, grid_h, grid_w = weights.shape[1:]
+    if height % grid_h or width % grid_w:
+        raise ValueError(f"a {grid_h}x{grid_w} block grid does not divide a {height}x{width} frame")
+    reach = step * (bins // 2)
+    padded = F.pad(frame, (reach, reach) if dim == -1 else (0, 0, reach, reach))
+    blocks = (batch, channels, grid_h, height // grid_h, grid_w, width // grid_w)
+    per_block = weights.reshape(batch, bins, 1, grid_h, 1, grid_w, 1)
+    out = None
+    for i in range(bins):
+        # output[x] = frame[x − shift] = padded[x − shift + reach], shift = step·i − reach
+        source = padded.narrow(dim, 2 * reach - step * i, frame.shape[dim]).reshape(blocks)
+        term = source * per_block[:, i]
+        out = term if out is None else out + term
+    return out.reshape(frame.shape)

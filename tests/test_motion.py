@@ -1,0 +1,130 @@
+"""The shift decoder (model/motion.py): exact whole-pixel moves, every shift reachable, gradients for
+moves far beyond a pixel, and clear errors for bad options."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import LatentActionModel, ModelConfig
+from model.motion import ShiftHead, shift_factors, shift_frame
+
+
+def one_hot_factors(head: ShiftHead, dx: int, dy: int, batch: int = 1) -> list:
+    """Factor weights that choose the shift (dx, dy) in every block: coarse steps first, the fine
+    factor takes what is left."""
+    remaining, factors = {-1: dx, -2: dy}, []
+    for dim, step, side in head.factors:
+        index = round(remaining[dim] / step) if step > 1 else remaining[dim]
+        assert -side <= index <= side, (dx, dy, dim, step)
+        remaining[dim] -= index * step
+        weights = torch.zeros(batch, 2 * side + 1, *head.grid)
+        weights[:, index + side] = 1
+        factors.append((dim, step, weights))
+    assert remaining == {-1: 0, -2: 0}
+    return factors
+
+
+def rolled(frame: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Reference: content moved right by dx and down by dy, zeros shifted in."""
+    out = torch.zeros_like(frame)
+    h, w = frame.shape[-2:]
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        frame[..., max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
+@pytest.mark.parametrize("max_x, max_y", [(24, 8), (3, 2), (5, 0)])
+def test_every_shift_in_range_is_exact(max_x, max_y):
+    """Exact away from the frame's edge (a coarse step past the shift loses what it pushed out)."""
+    head = ShiftHead(4, max_x, max_y, (30, 20))
+    frame = torch.rand(1, 1, 210, 160)
+    inside = (..., slice(max_y + 4, -max_y - 4), slice(max_x + 4, -max_x - 4))
+    shifts = {(dx, dy) for dx in range(-max_x, max_x + 1) for dy in {-max_y, 0, max_y}}
+    shifts |= {(dx, dy) for dx in {-max_x, 0, max_x} for dy in range(-max_y, max_y + 1)}
+    for dx, dy in sorted(shifts):
+        torch.testing.assert_close(shift_frame(frame, one_hot_factors(head, dx, dy))[inside],
+                                   rolled(frame, dx, dy)[inside], rtol=0, atol=0)
+
+
+def test_factors_cover_the_range_with_fewer_choices():
+    for reach in range(0, 40):
+        factors = shift_factors(reach)
+        covered = {0}
+        for step, side in factors:
+            covered = {c + step * i for c in covered for i in range(-side, side + 1)}
+        assert set(range(-reach, reach + 1)) <= covered
+        assert sum(2 * side + 1 for _, side in factors) <= 2 * reach + 1 + 2
+
+
+def test_blocks_choose_their_own_shift():
+    """One block moves its content, its neighbour keeps its own: shifts are per destination block."""
+    head = ShiftHead(4, 24, 8, (14, 10))            # 15 x 16 px blocks
+    frame = torch.zeros(1, 1, 210, 160)
+    frame[..., 190:194, 40:56] = 1.0                # a paddle across block columns 2 (x 32..47) and 3
+    factors = one_hot_factors(head, 0, 0)
+    moved = one_hot_factors(head, 14, 0)            # two coarse steps, no fine step
+    for (_, _, keep), (_, _, move) in zip(factors, moved):
+        keep[..., 3:5] = move[..., 3:5]             # block columns 3 and 4 (x 48..79) take +14
+    out = shift_frame(frame, factors)[0, 0, 190:194]
+    assert out[:, 40:48].eq(1).all()                # column 2 kept its own pixels,
+    assert out[:, 48:54].eq(0).all()                # column 3 took x 34..39 (black) ...
+    assert out[:, 54:70].eq(1).all()                # ... and the paddle from 14 px left
+    assert out[:, 70:].eq(0).all() and out[:, :40].eq(0).all()
+
+
+def test_a_far_move_gets_a_gradient_towards_the_right_shift():
+    """The reason for a softmax over shifts: a 22 px paddle move over black gives the +21 coarse
+    shift a gradient (a bilinear warp would see none)."""
+    head = ShiftHead(4, 24, 8, (30, 20))
+    frame = torch.zeros(1, 1, 210, 160)
+    frame[..., 189:193, 40:56] = 1.0
+    target = rolled(frame, 22, 0)
+    logits = torch.zeros(1, sum(head.sizes), 30, 20, requires_grad=True)
+    factors, start = [], 0
+    for (dim, step, _), size in zip(head.factors, head.sizes):
+        factors.append((dim, step, logits[:, start:start + size].softmax(1)))
+        start += size
+    (shift_frame(frame, factors) - target).pow(2).sum().backward()
+    coarse = logits.grad[0, :head.sizes[0]].sum(dim=(1, 2))     # across, coarse: -21 .. 21 in steps of 7
+    assert coarse.argmin().item() == 6                             # the most loss-lowering choice is +21
+
+
+def test_shift_model_keeps_the_api_and_learns_a_move():
+    torch.manual_seed(0)
+    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, motion="shift"))
+    cur = torch.zeros(4, 1, 210, 160)
+    cur[..., 189:193, 40:56] = 0.5
+    nxt = rolled(cur, 8, 0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(20):
+        loss = model(cur, nxt)["recon"]
+        first = first if first is not None else loss.item()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert float(loss) < 0.5 * first
+    model.eval()
+    codes = model.encode(cur, nxt)
+    pred = model.decode(cur, codes)
+    assert pred.shape == cur.shape and 0 <= pred.min() and pred.max() <= 1
+    torch.testing.assert_close(model(cur, nxt)["pred"], pred, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(motion="warp"), "motion must be one of none, shift"),
+    (dict(motion_max_x=-1), "motion_max_x and motion_max_y must be >= 0"),
+    (dict(motion_max_y=-3), "motion_max_x and motion_max_y must be >= 0"),
+    (dict(motion_stage=4), "motion_stage must be in 0..3"),
+])
+def test_bad_motion_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**options)
+
+
+def test_bad_motion_option_on_the_command_line_is_one_line(tmp_path, capsys):
+    import train
+
+    code = train.main(["--shards", str(tmp_path), "--preset", "tiny", "--set", "motion=warp"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "motion must be one of none, shift" in err
