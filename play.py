@@ -98,12 +98,11 @@ def load_simulator(paths: ModelPaths) -> tuple[Simulator, bool]:
     return Simulator(lam, controller), lam.config.in_channels == 1
 
 
-def lam_mismatch(paths: ModelPaths, controller) -> str | None:
-    """A warning when the controller learned another LAM's codes (its codes would mean nothing here)."""
-    from pipeline.shards import sha256_file
-
-    trained_on = controller.lam.get("sha256")
-    if trained_on and trained_on != sha256_file(paths.checkpoint):
+def lam_mismatch(paths: ModelPaths, sim: Simulator) -> str | None:
+    """A warning when the controller learned another LAM's codes (its codes would mean nothing here).
+    The LAM's identity is the hash of the bytes it was loaded from, not of a second read of its path."""
+    trained_on = sim.controller.lam.get("sha256")
+    if trained_on and trained_on != sim.lam.sha256:
         return (f"warning: {paths.controller} was trained on the codes of LAM {trained_on[:12]}, "
                 f"not of {paths.checkpoint}; retrain it (make controller)")
     return None
@@ -112,7 +111,7 @@ def lam_mismatch(paths: ModelPaths, controller) -> str | None:
 # ------------------------------------------------------------------------------------ rollout
 def rollout(config: RolloutConfig) -> dict:
     sim, grayscale = load_simulator(config)
-    warning = lam_mismatch(config, sim.controller)
+    warning = lam_mismatch(config, sim)
     if warning:
         print(warning, file=sys.stderr)
     episodes = read_episodes(config.latent, config.split, grayscale=grayscale)
@@ -157,7 +156,7 @@ def build_game(config: ServeConfig) -> tuple[Game | None, str | None]:
     """The game, or the reason there is none (a missing checkpoint, controller or test frames)."""
     try:
         sim, grayscale = load_simulator(config)
-        warning = lam_mismatch(config, sim.controller)
+        warning = lam_mismatch(config, sim)
         if warning:
             print(warning, file=sys.stderr)
         episodes = read_episodes(config.latent, config.split, grayscale=grayscale, max_episodes=config.max_episodes)

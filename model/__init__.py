@@ -6,11 +6,11 @@
     pred = lam.decode(cur, codes)       # (B, C, 210, 160) in [0, 1]
     lam.codebook                        # (256, 128) code vectors; lam.config: ModelConfig
 """
-from model.checkpoint import (CHECKPOINT_FORMAT, clean_state_dict, load_checkpoint, read_checkpoint, save_checkpoint,
-                              unwrap)
+from model.checkpoint import (CHECKPOINT_FORMAT, CheckpointFile, clean_state_dict, load_checkpoint, read_checkpoint,
+                              read_checkpoint_file, save_checkpoint, unwrap)
 from model.config import ModelConfig
 from model.lam import LatentActionModel
 from model.quantizer import Quantizer
 
-__all__ = ["CHECKPOINT_FORMAT", "LatentActionModel", "ModelConfig", "Quantizer", "clean_state_dict",
-           "load_checkpoint", "read_checkpoint", "save_checkpoint", "unwrap"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointFile", "LatentActionModel", "ModelConfig", "Quantizer", "clean_state_dict",
+           "load_checkpoint", "read_checkpoint", "read_checkpoint_file", "save_checkpoint", "unwrap"]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from model import clean_state_dict, read_checkpoint, save_checkpoint
+from model.checkpoint import first_line
 from pipeline.errors import UserError
 from pipeline.shards import remove_orphaned_temps
 from training.config import TrainConfig
@@ -85,8 +86,8 @@ class Checkpointer:
             self.loader.load_state_dict(loader_states[self.rt.rank if len(loader_states) == self.rt.world_size else 0])
             set_rng_state(resumed["rng"])
             self.best_val = float(resumed["best_val_loss"])
-        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise UserError(f"--resume: checkpoint in {self.out} does not fit this run ({str(error).splitlines()[0]})") from None
+        except Exception as error:              # noqa: BLE001 - the file's content, whatever its shape
+            raise UserError(f"--resume: checkpoint in {self.out} does not fit this run ({first_line(error)})") from None
         if self.rt.main and len(loader_states) != self.rt.world_size:
             print(f"warning: checkpoint was written by {len(loader_states)} rank(s), this run has "
                   f"{self.rt.world_size}: data order is not resumed exactly", flush=True)
