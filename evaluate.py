@@ -34,7 +34,7 @@ from evaluation.probes import ProbeSet, action_label, action_probes, move_label,
 from evaluation.metrics import ElementMeter, ReconstructionMeter, code_counts, codebook_stats
 from evaluation.report import write_report, write_summary
 from model.inference import CheckpointIdentity, autocast, codes_to_array, load_model
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import to_model_input
 from pipeline.loader import in_order_loader, resolve_device
 from pipeline.pair_index import episode_and_step
@@ -233,6 +233,7 @@ class EvaluateConfig:
 
 def evaluate(cfg: EvaluateConfig) -> tuple[dict, Path]:
     started = time.perf_counter()
+    check_output_dir(cfg.out, "--out")                      # not after the whole pass
     manifest = load_manifest(cfg.shards, PAIRS_FORMAT)
     entries = split_shards(cfg.shards, manifest, cfg.split)
     device = resolve_device(cfg.device)

@@ -33,7 +33,7 @@ import torch
 import zstandard
 from tqdm import tqdm
 
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import GRID
 from model.inference import CODE_DTYPE, CheckpointIdentity, autocast, codes_to_array, load_model
 from pipeline.loader import in_order_loader, resolve_device
@@ -314,6 +314,7 @@ def extract(shards: Path, checkpoint: Path, out: Path, *, batch_size: int = 64, 
             with_zstd: bool = False, device: str | None = None, backend: str | None = None,
             compile_model: bool = True, progress: bool = True) -> ExtractResult:
     """Run the extraction (see the module docstring)."""
+    check_output_dir(out, "--out")
     pair_manifest = load_manifest(shards, PAIRS_FORMAT)
     jobs = plan_jobs(shards, pair_manifest, out)
     device = resolve_device(device)

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from model import load_checkpoint
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.shards import atomic_write_json
 
 from control.checkpoint import load_controller
@@ -69,6 +69,7 @@ class RolloutConfig(ModelPaths):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.gifs < 0:
             raise UserError(f"--gifs must be >= 0 (got {self.gifs})")
+        check_output_dir(self.out, "--out")
 
 
 @dataclass
@@ -83,6 +84,9 @@ class ServeConfig(ModelPaths):
 class BenchConfig(ModelPaths):
     steps: int = 100
     out: Path = Path("reports/play")
+
+    def __post_init__(self):
+        check_output_dir(self.out, "--out")
 
 
 # ------------------------------------------------------------------------------------ loading

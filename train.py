@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from model import LatentActionModel
 from model.checkpoint import model_config_from
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.loader import build_loader
 from pipeline.shards import PAIRS_FORMAT, load_manifest, sha256_file
 from training.checkpointer import Checkpointer, read_resume_checkpoint
@@ -38,14 +38,16 @@ from training.validate import MoveProbe, Validator
 
 
 def train(cfg: TrainConfig, resumed: dict | None = None) -> None:
-    """Check the data, start the runtime, run; `resumed` is the checkpoint to continue from."""
+    """Check the outputs and the data, start the runtime, run; `resumed` is the checkpoint to continue from."""
+    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or str(Path("runs") / cfg.run_name))
+    check_output_dir(cfg.out, "--out")
+    check_output_dir(cfg.run_dir, "--run-dir")
     manifest_sha = shards_identity(cfg.shards)
     if resumed is not None and resumed.get("shards_manifest_sha256") not in (None, manifest_sha):
         raise UserError(f"--resume: {Path(cfg.shards) / 'manifest.json'} changed since the checkpoint was written "
                         f"(sha256 {manifest_sha[:12]}, was {resumed['shards_manifest_sha256'][:12]}): the run cannot "
                         f"continue on other data; train into a new --out")
-    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or str(Path("runs") / cfg.run_name))
     rt = setup_runtime(cfg.device, cfg.amp, cfg.seed, cfg.deterministic, cfg.threads)
     try:
         run(cfg, rt, resumed, manifest_sha)
@@ -208,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cli(argv: Sequence[str] | None) -> int:
     args = argument_parser().parse_args(argv)
+    check_output_dir(args.out or TrainConfig.out, "--out")        # before --resume looks inside it
+    if args.run_dir:
+        check_output_dir(args.run_dir, "--run-dir")
     if args.resume:
         train(*resume_from_args(args))
     else:

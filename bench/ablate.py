@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, machine, markdown_table
+from pipeline.errors import check_output_dir, run_cli
 
 SEED = ["encoder_input=pair", "decoder_skips=false", "latent_every_stage=false", "residual_output=false",
         "changed_pixel_weight=1"]
@@ -67,12 +68,17 @@ HEADER = ["variant", "PSNR / copy", "SSIM / copy", "changed-pixel PSNR / copy", 
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(cli, argv)
+
+
+def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=Path, default=ROOT / "shards" / "pairs")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "ablation")
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--only", nargs="*", help="variant names (substrings) to run")
     args = parser.parse_args(argv)
+    check_output_dir(args.out, "--out")
     chosen = {n: s for n, s in VARIANTS.items() if not args.only or any(o in n for o in args.only)}
     args.out.mkdir(parents=True, exist_ok=True)
     results = [run_variant(name, settings, args.shards, args.out, args.iters) for name, settings in chosen.items()]

@@ -1,6 +1,6 @@
-"""What every command line does with a bad file it is pointed at: a junk checkpoint (of many kinds) is
-one `error:` line naming it and exit 2; and a checkpoint's identity is the hash of the very bytes
-its weights were loaded from."""
+"""What every command line does with a bad file it is pointed at: a junk checkpoint (of many kinds) or
+an output path that is a file is one `error:` line naming it and exit 2, before any work; and a
+checkpoint's identity is the hash of the very bytes its weights were loaded from."""
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +19,11 @@ import extract
 import play
 import train
 from control import Controller, ControllerConfig, load_controller, save_controller
+from control import train as control_train
 from model import load_checkpoint, read_checkpoint
 from model.inference import load_model
+import pipeline.pack as pack
+import pipeline.record as record
 from pipeline.errors import UserError
 
 
@@ -143,3 +146,61 @@ def test_play_checks_the_controller_against_the_lam_it_loaded(tiny_checkpoint, l
     load_then_replace(monkeypatch, best, (tiny_checkpoint.parent / "step-000010.pt").read_bytes())
     sim, _ = play.load_simulator(paths)
     assert play.lam_mismatch(paths, sim) is None            # the LAM it loaded is the one the controller knows
+
+
+# ------------------------------------------------------------------------------------ outputs
+class WorkStarted(AssertionError):
+    """Raised by a stand-in for a command's first real work: the output check came too late."""
+
+
+def refuse_work(monkeypatch, module, name: str) -> None:
+    def started(*args, **kwargs):
+        raise WorkStarted(f"{module.__name__}.{name} ran before the output path was checked")
+
+    monkeypatch.setattr(module, name, started)
+
+
+@pytest.fixture
+def a_file(tmp_path) -> Path:
+    path = tmp_path / "not-a-folder"
+    path.write_text("a user's file\n")
+    return path
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["is-a-file", "under-a-file"])
+@pytest.mark.parametrize("command", ["train --out", "train --run-dir", "train --resume --out", "extract", "evaluate",
+                                     "pack", "record", "control.train", "play rollout", "play bench"])
+def test_an_output_path_that_is_a_file_is_refused_before_any_work(command, under, a_file, pair_shards, videos,
+                                                                   latent_dir, tiny_checkpoint, tmp_path,
+                                                                   monkeypatch, capsys):
+    target = str(a_file / "sub" if under else a_file)
+    free = str(tmp_path / "free")
+    tiny = ["--shards", str(pair_shards), "--preset", "tiny", "--no-compile", "--wandb", "disabled"]
+    models = ["--checkpoint", str(tiny_checkpoint), "--controller", str(a_file.parent / "c.pt"),
+              "--latent", str(latent_dir)]
+    work = {"train": (train, "setup_runtime"), "extract": (extract, "load_model"),
+            "evaluate": (evaluate, "load_model"), "pack": (pack, "list_episodes"),
+            "record": (record, "record_episode"), "control.train": (control_train, "train"),
+            "play": (play, "load_simulator")}
+    runs = {
+        "train --out": lambda: train.main([*tiny, "--out", target, "--run-dir", free]),
+        "train --run-dir": lambda: train.main([*tiny, "--out", free, "--run-dir", target]),
+        "train --resume --out": lambda: train.main(["--out", target, "--resume"]),
+        "extract": lambda: extract.main(["--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint),
+                                         "--out", target]),
+        "evaluate": lambda: evaluate.main(["--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint),
+                                           "--out", target]),
+        "pack": lambda: pack.main(["--src", str(videos), "--out", target]),
+        "record": lambda: record.main(["--out", target, "--episodes", "1", "--max-steps", "4"]),
+        "control.train": lambda: control_train.main(["--latent", str(latent_dir), "--out", target]),
+        "play rollout": lambda: play.main(["rollout", *models, "--out", target]),
+        "play bench": lambda: play.main(["bench", *models, "--out", target]),
+    }
+    refuse_work(monkeypatch, *work[command.split()[0]])
+    if command == "play bench":
+        refuse_work(monkeypatch, play, "build_game")
+    assert runs[command]() == 2
+    line = one_error_line(capsys)
+    assert target in line and ("--run-dir" if command == "train --run-dir" else "--out") in line
+    assert "not a directory" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]      # nothing made, not even --run-dir
