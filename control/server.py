@@ -7,6 +7,13 @@ random test frame). Every API answer is JSON: {"step", "action", "frame" (a PNG 
 "timing_ms": {"controller", "decoder", "png"}}. A request the server cannot serve gets a 4xx and a
 one-line reason; an unexpected failure a 500 and one log line, never a traceback on the page.
 
+Under load: a listen backlog sized for a burst of concurrent steps, a thread per connection that an
+idle client gives back after IDLE_TIMEOUT_S, and one model step at a time (Game's lock): every tab
+the user opens plays the same game, their steps interleaved in arrival order. POSTs are taken only
+from the page's own origin (Origin, when sent, must match the Host header, which must name this
+server: a loopback name or the host it was started with, at its port), so no other web page the
+user has open can drive it.
+
 Without a usable LAM checkpoint, controller or test frames the server still starts, and the page
 (and every API call, with 503) says what is missing and how to make it.
 """
@@ -17,6 +24,7 @@ import html
 import io
 import json
 import random
+import re
 import sys
 import threading
 import time
@@ -38,6 +46,11 @@ STATIC_ROUTES = {"/": "index.html", "/index.html": "index.html", "/play.js": "pl
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8"}
 MAX_BODY_BYTES = 1024
+CONTENT_LENGTH = re.compile(r"[0-9]{1,9}")          # ASCII digits only: str.isdigit() also takes '²'
+LISTEN_BACKLOG = 256                                 # socketserver's default of 5 resets a burst of steps
+IDLE_TIMEOUT_S = 30.0                                # a kept-alive connection that sends nothing is closed
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
 def load_static_files() -> dict[str, tuple[bytes, str]]:
@@ -164,6 +177,8 @@ def make_handler(game: Game | None, problem: str | None, static: dict[str, tuple
         def guarded(self, handle) -> None:
             try:
                 handle(urlsplit(self.path).path)
+            except TimeoutError:
+                raise                                # http.server closes the connection, no answer
             except (BrokenPipeError, ConnectionResetError):
                 pass
             except Exception as error:              # one line in the log, no traceback on the page
@@ -186,6 +201,11 @@ def make_handler(game: Game | None, problem: str | None, static: dict[str, tuple
                 self.fail(HTTPStatus.NOT_FOUND, "not found")
 
         def post(self, path: str) -> None:
+            refusal = self.foreign_origin()
+            if refusal:
+                self.close_connection = True
+                self.fail(HTTPStatus.FORBIDDEN, refusal)
+                return
             body = self.read_body()
             if body is None:
                 return
@@ -198,11 +218,24 @@ def make_handler(game: Game | None, problem: str | None, static: dict[str, tuple
             else:
                 self.fail(HTTPStatus.NOT_FOUND, "not found")
 
+        def foreign_origin(self) -> str | None:
+            """Why this POST is not from the page itself (None when it is). A browser sends Origin on
+            every cross-site POST, and Host names what the user's browser thinks it is talking to
+            (which defeats DNS rebinding: attacker.example resolving to 127.0.0.1)."""
+            hosts = self.headers.get_all("Host") or []
+            host = hosts[0].strip().lower() if len(hosts) == 1 else ""       # two Host headers: which one?
+            if not self.server.serves_host(host):
+                return f"Host {host or '(none)'!r} is not this server"
+            origin = self.headers.get("Origin")
+            if origin is not None and origin.strip().lower() != f"http://{host}":
+                return f"POST from origin {origin[:80]!r} refused: only the play page itself may post"
+            return None
+
         def read_body(self) -> bytes | None:
             length = self.headers.get("Content-Length", "0")
-            if not length.isdigit():
-                self.close_connection = True
-                self.fail(HTTPStatus.BAD_REQUEST, "bad Content-Length")
+            if self.headers.get("Transfer-Encoding") or not CONTENT_LENGTH.fullmatch(length):
+                self.close_connection = True         # where the body ends is unknown: the stream cannot go on
+                self.fail(HTTPStatus.BAD_REQUEST, "bad Content-Length (ASCII digits; no Transfer-Encoding)")
                 return None
             if int(length) > MAX_BODY_BYTES:
                 self.close_connection = True
@@ -213,7 +246,7 @@ def make_handler(game: Game | None, problem: str | None, static: dict[str, tuple
         def parse_action(self, body: bytes) -> str | None:
             try:
                 action = json.loads(body or b"{}").get("action")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):    # RecursionError: a body of '[[[[...' 
                 self.fail(HTTPStatus.BAD_REQUEST, 'body must be JSON like {"action": "LEFT"}')
                 return None
             if action not in ACTION_NAMES:
@@ -230,7 +263,42 @@ def make_handler(game: Game | None, problem: str | None, static: dict[str, tuple
     return PlayHandler
 
 
-def make_server(host: str, port: int, game: Game | None, problem: str | None = None) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), make_handler(game, problem, load_static_files()))
-    server.daemon_threads = True
-    return server
+class PlayServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a listen backlog for bursts, daemon threads that never hold up
+    shutdown, and the host names it answers to (`serves_host`)."""
+
+    request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True
+    block_on_close = False                   # idle keep-alive connections must not delay server_close
+
+    def __init__(self, host: str, port: int, handler):
+        super().__init__((host, port), handler)
+        self.started_host = host
+
+    def serves_host(self, host_header: str) -> bool:
+        """Is `host_header` (lower case) this server: a loopback name or the host it was started
+        with, at its port (a browser leaves out port 80)? Bound to every interface, any name at its
+        port is, and the Origin check alone keeps other pages out."""
+        port = self.server_address[1]
+        name, _, given_port = host_header.rpartition(":") if not host_header.endswith("]") else (host_header, "", "")
+        if not name:
+            name, given_port = host_header, ""
+        if given_port != str(port) and not (port == 80 and given_port == ""):
+            return False
+        if self.started_host in WILDCARD_HOSTS:
+            return bool(name) and not re.search(r"[/@\s]", name)
+        return name in {*LOOPBACK_NAMES, bracketed(self.started_host)}
+
+
+def bracketed(host: str) -> str:
+    """An IPv6 address as a Host header writes it."""
+    host = host.lower()
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def make_server(host: str, port: int, game: Game | None, problem: str | None = None,
+                idle_timeout: float = IDLE_TIMEOUT_S) -> PlayServer:
+    """The play server on host:port (0: a free port); `idle_timeout` seconds of silence close a connection."""
+    handler = make_handler(game, problem, load_static_files())
+    handler.timeout = idle_timeout           # StreamRequestHandler puts it on each connection's socket
+    return PlayServer(host, port, handler)
