@@ -134,6 +134,8 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) 
 
         # ---- speed of the update alone: validation and checkpoint time is left out below
         row.update({"lr": lr, "grad_norm": outcome.grad_norm, **throughput.row(time.perf_counter() - timer)})
+        if outcome.loss_scale is not None:     # fp16: an update the scaler skipped is still a step; say so
+            row.update({"amp/loss_scale": outcome.loss_scale, "amp/skipped_updates": train_step.overflow_skips})
 
         # ---- validation, then checkpoints (best.pt by validation loss), then the log row
         last = step == cfg.iters
@@ -150,6 +152,9 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) 
     logger.close()
     if cfg.compile and rt.main:
         print(f"torch.compile: {graph_breaks()} graph break(s) after step 1", flush=True)
+    if train_step.scaler.is_enabled() and rt.main:
+        print(f"fp16: {train_step.overflow_skips} of {step} steps were updates the GradScaler skipped for overflow "
+              f"(loss scale now {train_step.scaler.get_scale():g})", flush=True)
     report_digests(model, rt, step)
 
 

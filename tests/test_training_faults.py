@@ -81,6 +81,32 @@ def test_fp16_training_goes_on_after_a_skipped_step(pair_shards, tmp_path, monke
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_fp16_logs_the_loss_scale_and_the_updates_the_scaler_skipped(pair_shards, tmp_path, monkeypatch, capsys):
+    """A loss scale far too high makes the fp16 gradients overflow: the GradScaler skips those updates
+    and halves its scale each time. The steps still count; the log says how many were skipped."""
+    real_scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *args, **kwargs: real_scaler(*args, **kwargs, init_scale=2.0 ** 40))
+    assert train.main(tiny_args(pair_shards, tmp_path, 6, "--amp", "fp16", "--set", "ckpt_every=3")) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    scales = [row["amp/loss_scale"] for row in rows]
+    lowered = [after < before for before, after in zip(scales, scales[1:])]
+    assert scales[0] == 2.0 ** 40 and sum(lowered) >= 1
+    skipped = [row["amp/skipped_updates"] for row in rows]
+    assert skipped[:-1] == list(np.cumsum(lowered)) and skipped[-1] >= skipped[-2]
+    assert f"fp16: {skipped[-1]} of 6 steps were updates the GradScaler skipped" in capsys.readouterr().out
+    # the count goes on across --resume
+    monkeypatch.setattr(torch.amp, "GradScaler", real_scaler)
+    assert train.main(tiny_args(pair_shards, tmp_path, 7, "--amp", "fp16", "--resume")) == 0
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 7 and row["amp/skipped_updates"] >= skipped[-1]
+
+
+def test_fp32_logs_no_loss_scale(tiny_checkpoint):
+    rows = (tiny_checkpoint.parent.parent / "run" / "metrics.jsonl").read_text().splitlines()
+    assert not any("amp/loss_scale" in json.loads(line) for line in rows)
+
+
 # ------------------------------------------------------------------------------ resume
 def test_resume_without_flags_is_the_same_run(pair_shards, tmp_path, capsys):
     """No --preset and no --set on resume: every setting comes from the checkpoint (a fallback to
