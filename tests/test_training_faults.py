@@ -174,6 +174,52 @@ def test_validation_sample_spreads_over_every_episode(pair_shards):
     assert [b["cur"].sum() for b in sample] == [b["cur"].sum() for b in again]     # fixed for a seed
 
 
+class RecordingLoader:
+    """A loader that notes the key of every pair it yields, and is otherwise the loader it wraps."""
+
+    def __init__(self, loader):
+        self.loader, self.keys = loader, []
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.keys += batch["key"]
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+
+def test_training_validates_on_a_sample_from_every_val_episode(videos, tmp_path, monkeypatch):
+    """The shared shards have one val episode, where any sample covers every episode: these have three."""
+    from pipeline.pack import pack
+    from pipeline.pair_index import episode_and_step
+
+    shards = tmp_path / "pairs"
+    pack(videos, shards, seed=0, fractions=(0.34, 0.5, 0.16), pairs_per_shard=16, workers=1, progress=False)
+    everything = build_loader(shards, "val", 4, shuffle=False, drop_last=False, with_keys=True, backend="torch",
+                              device="cpu")
+    val_pairs = [key for batch in everything for key in batch["key"]]
+    val_episodes = {episode_and_step(key)[0] for key in val_pairs}
+    assert len(val_episodes) == 3
+    validated, real_validator = [], train.Validator
+
+    def recording_validator(model, loader, *args, **kwargs):
+        validated.append(RecordingLoader(loader))
+        return real_validator(model, validated[-1], *args, **kwargs)
+
+    monkeypatch.setattr(train, "Validator", recording_validator)
+    assert train.main(tiny_args(shards, tmp_path, 5, "--set", "val_every=5")) == 0
+    keys = validated[0].keys
+    sample = 2 * 4                                               # tiny: val_batches 2 of micro-batch 4
+    assert len(keys) == len(set(keys)) == sample < len(val_pairs)
+    assert {episode_and_step(key)[0] for key in keys} == val_episodes
+    row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert (row["val/pairs"], row["val/episodes"]) == (sample, 3)
+
+
 def test_spread_sample_draws_from_each_episode_in_proportion():
     episodes = np.repeat(np.arange(5), [400, 100, 100, 300, 100])
     chosen = spread_sample(episodes, 100, seed=0)
