@@ -9,7 +9,8 @@ shard in the same order, each sample `<key>.cur.png` and `<key>.next.png` (the p
 `out/manifest.json` ("lam-latent/1") is written last, so its presence means the run finished.
 
 Resuming: beside each finished tar a small `latent-NNNNNN.done.json` records which pair shard
-(sha256) it came from, with which checkpoint (sha256), and the tar's own sha256. A re-run with the
+(sha256) it came from, with which checkpoint (sha256), and the tar's own sha256; it is written just
+before the tar gets its name, so a visible tar never lacks its record. A re-run with the
 same checkpoint skips every shard whose record still matches; an output made by another checkpoint
 is refused unless --overwrite, so latents of two models never mix.
 
@@ -186,8 +187,15 @@ def coded_pairs(loader, encode, needed: Callable[[int, int], bool]) -> Iterator[
 
 
 def write_shard(job: ShardJob, coded: Iterator[tuple[str, np.ndarray]], identity: CheckpointIdentity) -> None:
-    """Write one latent shard from the next `job.pairs` coded pairs and its pair shard's bytes."""
-    with TarShardWriter(job.tar) as writer:
+    """Write one latent shard from the next `job.pairs` coded pairs and its pair shard's bytes. Its
+    completion record is written before the tar gets its name: a visible tar always has one."""
+
+    def write_record(written) -> None:
+        atomic_write_json(job.record_path, {"source": job.source["file"], "source_sha256": job.source.get("sha256"),
+                                            "pairs": job.pairs, "sha256": written.sha256,
+                                            "checkpoint": {"sha256": identity.sha256, "step": identity.step}})
+
+    with TarShardWriter(job.tar, before_publish=write_record) as writer:
         raw = iter_samples(job.source["tar"], job.source["idx"])
         for (key, members), (coded_key, codes) in zip(raw, itertools.islice(coded, job.pairs)):
             if key != coded_key:
@@ -195,10 +203,6 @@ def write_shard(job: ShardJob, coded: Iterator[tuple[str, np.ndarray]], identity
             writer.add(key, latent_members(members, codes, identity))
         if writer.samples != job.pairs:        # raised inside: the writer aborts, nothing lands
             raise UserError(f"{job.source['tar']}: holds {writer.samples} pairs, the manifest says {job.pairs}")
-    written = writer.result
-    atomic_write_json(job.record_path, {"source": job.source["file"], "source_sha256": job.source.get("sha256"),
-                                        "pairs": job.pairs, "sha256": written.sha256,
-                                        "checkpoint": {"sha256": identity.sha256, "step": identity.step}})
 
 
 def extract_split(jobs: Sequence[ShardJob], shards: Path, lam, identity: CheckpointIdentity, *,
