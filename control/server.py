@@ -11,8 +11,8 @@ Under load: a listen backlog sized for a burst of concurrent steps, a thread per
 idle client gives back after IDLE_TIMEOUT_S, and one model step at a time (Game's lock): every tab
 the user opens plays the same game, their steps interleaved in arrival order. POSTs are taken only
 from the page's own origin (Origin, when sent, must match the Host header, which must name this
-server: a loopback name or the host it was started with, at its port), so no other web page the
-user has open can drive it.
+server: a loopback name or the host it was started with, at its port; bound to every interface,
+also an IP address or the machine's name), so no other web page the user has open can drive it.
 
 Without a usable LAM checkpoint, controller or test frames the server still starts, and the page
 (and every API call, with 503) says what is missing and how to make it.
@@ -22,9 +22,11 @@ from __future__ import annotations
 import base64
 import html
 import io
+import ipaddress
 import json
 import random
 import re
+import socket
 import sys
 import threading
 import time
@@ -276,24 +278,43 @@ class PlayServer(ThreadingHTTPServer):
         self.started_host = host
 
     def serves_host(self, host_header: str) -> bool:
-        """Is `host_header` (lower case) this server: a loopback name or the host it was started
-        with, at its port (a browser leaves out port 80)? Bound to every interface, any name at its
-        port is, and the Origin check alone keeps other pages out."""
-        port = self.server_address[1]
-        name, _, given_port = host_header.rpartition(":") if not host_header.endswith("]") else (host_header, "", "")
-        if not name:
-            name, given_port = host_header, ""
-        if given_port != str(port) and not (port == 80 and given_port == ""):
+        """Is `host_header` (lower case) this server, at its port (which a browser leaves out for 80)?
+        Its names are the loopback ones and the host it was started with. Bound to every interface
+        it is also reached by any of the machine's addresses, typed as an address, or by the
+        machine's own name; never by some other DNS name, which could be an attacker's domain
+        rebound to this machine."""
+        name, port = split_host(host_header)
+        own_port = str(self.server_address[1])
+        if port != own_port and not (own_port == "80" and port == ""):
             return False
-        if self.started_host in WILDCARD_HOSTS:
-            return bool(name) and not re.search(r"[/@\s]", name)
-        return name in {*LOOPBACK_NAMES, bracketed(self.started_host)}
+        if name in {*LOOPBACK_NAMES, bracketed(self.started_host)}:
+            return True
+        return self.started_host in WILDCARD_HOSTS and (is_ip_address(name) or name in machine_names())
+
+
+def split_host(host_header: str) -> tuple[str, str]:
+    """'127.0.0.1:8000' -> ('127.0.0.1', '8000'), '[::1]:8000' -> ('[::1]', '8000'), 'localhost' ->
+    ('localhost', ''); anything else -> ('', '')."""
+    match = re.fullmatch(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::([0-9]{1,5}))?", host_header)
+    return (match.group(1), match.group(2) or "") if match else ("", "")
 
 
 def bracketed(host: str) -> str:
     """An IPv6 address as a Host header writes it."""
     host = host.lower()
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
+        return True
+    except ValueError:
+        return False
+
+
+def machine_names() -> set[str]:
+    return {socket.gethostname().lower(), socket.getfqdn().lower()}
 
 
 def make_server(host: str, port: int, game: Game | None, problem: str | None = None,

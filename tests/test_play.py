@@ -303,6 +303,20 @@ def test_posts_only_from_the_page_itself(game_server):
     assert steps() == before + 4
 
 
+def test_the_names_the_server_answers_to():
+    local, everywhere = make_server("127.0.0.1", 0, None), make_server("0.0.0.0", 0, None)
+    try:
+        port, other = local.server_address[1], everywhere.server_address[1]
+        assert all(local.serves_host(f"{name}:{port}") for name in ("127.0.0.1", "localhost", "[::1]"))
+        assert not any(local.serves_host(host) for host in (f"127.0.0.1:{port + 1}", "127.0.0.1", f"10.0.0.7:{port}",
+                                                           f"evil.example:{port}", f"127.0.0.1:{port}@evil", ""))
+        assert all(everywhere.serves_host(f"{name}:{other}") for name in ("localhost", "10.0.0.7", "[fe80::1]"))
+        assert not everywhere.serves_host(f"evil.example:{other}")       # a domain rebound to this machine
+    finally:
+        local.server_close()
+        everywhere.server_close()
+
+
 def test_missing_checkpoint_gives_a_clear_page(tmp_path, controller_path, latent_dir):
     game, problem = play.build_game(play.ServeConfig(checkpoint=tmp_path / "none.pt", controller=controller_path,
                                                      latent=latent_dir))
