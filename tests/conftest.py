@@ -39,6 +39,20 @@ def pair_shards(videos, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def broken_shards(videos, tmp_path_factory) -> Path:
+    """Pair shards packed (lenient) from `bad_frames.make_broken_videos`: episodes with rejected,
+    missing and converted frames, so some pairs have no frame t-1 in the middle of an episode."""
+    from bad_frames import make_broken_videos
+    from pipeline.pack import pack
+
+    root = tmp_path_factory.mktemp("broken")
+    out = root / "pairs"
+    pack(make_broken_videos(videos, root / "bulk_videos"), out, seed=0, pairs_per_shard=TEST_PAIRS_PER_SHARD,
+         workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(pair_shards, tmp_path_factory) -> Path:
     """A `tiny` model trained 20 steps on `pair_shards`; returns the path of step-000020.pt."""
     import train
