@@ -173,6 +173,25 @@ class FrameReader:
         return {"index": self.index, "_fds": {}}     # file descriptors do not travel to spawned workers
 
 
+class PreviousFrames:
+    """Frame t-1 of pairs by key, as the PNG bytes stored in the shards (frame t's where the pair has
+    none): what extraction writes as `<key>.prev.png`, and what evaluation decodes for a model with
+    context outside the loader."""
+
+    def __init__(self, index: PairIndex):
+        self.index = index
+        self._pair = {key: pair for pair, key in enumerate(index.keys)}
+        self._reader = FrameReader(index)
+
+    def png(self, key: str) -> tuple[bytes, bool]:
+        """(PNG bytes of frame t-1, prev_valid) of pair `key`."""
+        pair = self._pair[key]
+        return self._reader.read_png(int(self.index.prev[pair])), bool(self.index.prev_valid[pair])
+
+    def close(self) -> None:
+        self._reader.close()
+
+
 def png_problem(data: bytes, height: int, width: int) -> str | None:
     """What is wrong with a PNG's structure, or None: signature, IHDR, every chunk's CRC, IEND, size.
 

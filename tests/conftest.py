@@ -76,3 +76,30 @@ def latent_dir(pair_shards, tiny_checkpoint, tmp_path_factory) -> Path:
                          "--batch-size", "24", "--backend", "torch", "--no-progress", "--zstd"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def context_checkpoint(pair_shards, tmp_path_factory) -> Path:
+    """A `tiny` model with frame t-1 as context (`--set context=1`) trained 10 steps on `pair_shards`;
+    returns the path of step-000010.pt."""
+    import train
+
+    root = tmp_path_factory.mktemp("context_run")
+    code = train.main(["--shards", str(pair_shards), "--preset", "tiny", "--out", str(root / "ckpt"),
+                       "--run-dir", str(root / "run"), "--iters", "10", "--no-compile", "--wandb", "disabled",
+                       "--set", "ckpt_every=10", "--set", "context=1"])
+    assert code == 0
+    return root / "ckpt" / "step-000010.pt"
+
+
+@pytest.fixture(scope="session")
+def context_latent_dir(pair_shards, context_checkpoint, tmp_path_factory) -> Path:
+    """`shards/latent` (with .tar.zst copies) of `pair_shards` through `context_checkpoint`: samples
+    with `<key>.prev.png`."""
+    import extract
+
+    out = tmp_path_factory.mktemp("context_latent") / "latent"
+    code = extract.main(["--shards", str(pair_shards), "--checkpoint", str(context_checkpoint), "--out", str(out),
+                         "--batch-size", "24", "--backend", "torch", "--no-progress", "--zstd"])
+    assert code == 0
+    return out
