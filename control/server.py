@@ -104,7 +104,7 @@ class Game:
             began = time.perf_counter()
             codes = self.sim.codes(self.cur, self.prev, torch.tensor([index]))
             coded = time.perf_counter()
-            nxt = self.sim.decode(self.cur, codes)
+            nxt = self.sim.decode(self.cur, codes, self.prev)
             decoded = time.perf_counter()
             self.prev, self.cur = self.cur, nxt
             self.step_count += 1

@@ -9,10 +9,11 @@ from pipeline.frames import CODEBOOK_SIZE, FRAME_HEIGHT, FRAME_WIDTH, GRID
 # The seed's channel progression; encoder and the decoder's frame stack share it.
 BASE_CHANNELS = (64, 128, 256, 512, 512)
 ENCODER_INPUTS = ("pair", "pair_difference", "difference")
+CONTEXTS = (0, 1)                     # frames before t the model sees: none (the seed), or frame t-1
 # The seed's own model: the encoder sees concat(t, t+1), the decoder sees frame t only through its
 # 7x5 stack and ends in a sigmoid, the loss is plain MSE. `--set` each of these to get it.
 SEED_LITERAL = dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, residual_output=False,
-                    changed_pixel_weight=1.0)
+                    changed_pixel_weight=1.0, context=0)
 
 
 @dataclass
@@ -41,6 +42,10 @@ class ModelConfig:
     residual_output: bool = True          # prediction = clamp(t + zero-initialised change); False: sigmoid (seed)
     # Plain MSE is 99.7 % unchanged pixels, which a copy of t already gets right.
     changed_pixel_weight: float = 10.0    # loss weight of pixels that differ between t and t+1 (1: plain MSE)
+    # With frame t-1 the ball's velocity is in the input (LAPO feeds o_{t-1}, o_t, o_{t+1}), so the
+    # codes need not carry it. 1: the encoder also sees t - (t-1) (or t-1 itself, for "pair"), and
+    # the decoder's frame stack concat(t, t - (t-1)).
+    context: int = 0                      # 0: frames t, t+1 (seed) | 1: frame t-1 too
 
     def __post_init__(self):
         if self.in_channels not in (1, 3):
@@ -62,6 +67,8 @@ class ModelConfig:
             raise ValueError(f"changed_pixel_weight must be >= 1, got {self.changed_pixel_weight}")
         if self.reset_buffer < 1:
             raise ValueError(f"reset_buffer must be >= 1, got {self.reset_buffer}")
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context must be 0 (frames t, t+1) or 1 (frame t-1 too), got {self.context!r}")
 
     @property
     def channels(self) -> tuple[int, ...]:

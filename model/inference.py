@@ -23,6 +23,7 @@ class CheckpointIdentity:
     sha256: str
     step: int
     color: str                 # "gray" | "rgb": the colour mode the model was trained in
+    context: int = 0           # 1: the model takes frame t-1 too (ModelConfig.context)
 
 
 def load_model(path: Path, device: torch.device) -> tuple[LatentActionModel, CheckpointIdentity]:
@@ -32,7 +33,7 @@ def load_model(path: Path, device: torch.device) -> tuple[LatentActionModel, Che
     if lam.config.codebook_size > np.iinfo(CODE_DTYPE).max + 1:
         raise UserError(f"{path}: codebook of {lam.config.codebook_size} codes does not fit the uint8 codes.npy")
     identity = CheckpointIdentity(str(path), lam.sha256, int(lam.step),
-                                  "gray" if lam.config.in_channels == 1 else "rgb")
+                                  "gray" if lam.config.in_channels == 1 else "rgb", lam.config.context)
     return lam, identity
 
 

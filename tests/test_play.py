@@ -65,6 +65,19 @@ def test_rollout_yields_frames_fed_back_in(sim, episodes):
     assert torch.allclose(sim.decode(out[0], codes), out[1])
 
 
+def test_a_context_lam_decodes_with_the_previous_frame(context_checkpoint, controller_path, episodes):
+    """Rolled out, a LAM with context gets frame t-1 each step: the recorded one at the start, then
+    the frame it generated the step before."""
+    from control import load_controller
+
+    sim = Simulator(load_checkpoint(context_checkpoint), load_controller(controller_path))
+    frames, actions = episodes[0].frames, torch.tensor([[2, 3, 0], [3, 3, 1]])
+    out = list(sim.rollout(frames[1:3], frames[0:2], actions))
+    for step, (cur, prev) in enumerate([(frames[1:3], frames[0:2]), (out[0], frames[1:3]), (out[1], out[0])]):
+        codes = sim.codes(cur, prev, actions[:, step])
+        torch.testing.assert_close(sim.decode(cur, codes, prev), out[step], rtol=0, atol=1e-6)
+
+
 def test_rollout_metrics_have_one_value_per_horizon(sim, episodes):
     result = run_rollouts(sim, episodes, horizon=4, count=5, batch_size=3, gif_starts=1)
     curves = result.curves

@@ -56,6 +56,7 @@ class TrainConfig:
     latent_every_stage: bool = True
     residual_output: bool = True
     changed_pixel_weight: float = 10.0
+    context: int = 0                         # 1: frame t-1 too (loader, encoder, decoder); see ModelConfig
     # optimisation
     iters: int = 100_000
     batch_size: int = 32                     # global batch per optimiser step (all ranks, all micro-batches)

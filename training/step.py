@@ -86,7 +86,7 @@ class TrainStep:
             keys += batch.get("key", [])
             sync = micro == self.grad_accum - 1 or not self.rt.distributed
             with (contextlib.nullcontext() if sync else self.step_model.no_sync()), self.rt.autocast():
-                out = self.step_model(batch["cur"], batch["next"])
+                out = self.step_model(batch["cur"], batch["next"], batch.get("prev"))
             self.scaler.scale(out["loss"] / self.grad_accum).backward()
             values = torch.stack([out[name].detach().float() for name in LOSS_TERMS]).tolist()   # one sync
             for name, value in zip(LOSS_TERMS, values):
