@@ -368,7 +368,7 @@ class PaddleScript:
     def codes(self, cur, prev, action, random_codes=None):
         return action.view(-1, 1, 1).expand(-1, 7, 5).clone()
 
-    def decode(self, cur, codes):
+    def decode(self, cur, codes, prev=None):
         shift = {2: 4, 3: -4}.get(int(codes[0, 0, 0]), 0)
         x = detect_elements(cur[0]).paddle_x
         nxt = cur.clone()
