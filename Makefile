@@ -105,6 +105,7 @@ wheels: setup
 	@ls $(WHEELS) | wc -l | xargs echo "wheels in $(WHEELS)/:"
 
 gpu-check:
+	@$(GPU_PY) -m bench.gpu_check --preflight
 	@[ ! -d $(WHEELS) ] || $(GPU_PY) -m pip install -q --no-index --find-links $(WHEELS) $(WHEELS)/*.whl
 	$(GPU_PY) -m bench.gpu_check --out $(REPORTS)/gpu-check
 

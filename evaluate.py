@@ -34,10 +34,10 @@ from evaluation.probes import ProbeSet, action_label, action_probes, move_label,
 from evaluation.metrics import ElementMeter, ReconstructionMeter, code_counts, codebook_stats
 from evaluation.report import write_report, write_summary
 from model.inference import CheckpointIdentity, autocast, codes_to_array, load_model
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import to_model_input
 from pipeline.loader import in_order_loader, resolve_device
-from pipeline.pair_index import episode_and_step
+from pipeline.pair_index import PreviousFrames, build_pair_index, episode_and_step
 from pipeline.shards import LATENT_FORMAT, PAIRS_FORMAT, atomic_write_json, load_manifest, read_members, split_shards
 from pipeline.stream import decode_png
 
@@ -75,12 +75,12 @@ def evaluate_pass(loader, lam, device: torch.device, seed: int, progress: bool) 
     generator = torch.Generator().manual_seed(seed)           # random codes for ΔPSNR, the same every run
     size = lam.config.codebook_size
     for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
-        cur, nxt = batch["cur"], batch["next"]
+        cur, nxt, prev = batch["cur"], batch["next"], batch.get("prev")
         with torch.inference_mode(), autocast(device):
-            codes = lam.encode(cur, nxt)
-            pred = lam.decode(cur, codes).float().clamp(0, 1)
+            codes = lam.encode(cur, nxt, prev)
+            pred = lam.decode(cur, codes, prev).float().clamp(0, 1)
             random_codes = torch.randint(0, size, codes.shape, generator=generator).to(device)
-            pred_random = lam.decode(cur, random_codes).float().clamp(0, 1)
+            pred_random = lam.decode(cur, random_codes, prev).float().clamp(0, 1)
         state.model.update(pred, nxt, cur)
         state.copy.update(cur, nxt, cur)
         state.random.update(pred_random, nxt, cur)
@@ -145,6 +145,11 @@ def train_probe_set(shards: Path, manifest: dict, lam, identity: CheckpointIdent
     stored = latent_codes(latent_dir, identity, set(chosen))
     source = "latent shards" if stored is not None and len(stored) == len(chosen) else "encoded now"
     members = read_members(entries, ("cur.png", "next.png"), set(chosen))
+    if source == "encoded now" and identity.context:          # frame t-1 sits in another pair's members
+        previous = PreviousFrames(build_pair_index(shards, "train"))
+        for key in chosen:
+            members[key]["prev.png"] = previous.png(key)[0]
+        previous.close()
     gray = identity.color == "gray"
 
     def frames(keys: list[str], member: str) -> torch.Tensor:
@@ -158,8 +163,9 @@ def train_probe_set(shards: Path, manifest: dict, lam, identity: CheckpointIdent
             if source == "latent shards":
                 codes = np.stack([stored[k] for k in keys])
             else:
+                prev = frames(keys, "prev.png") if identity.context else None
                 with torch.inference_mode(), autocast(device):
-                    codes = codes_to_array(lam.encode(cur, nxt))
+                    codes = codes_to_array(lam.encode(cur, nxt, prev))
             yield codes, cur, nxt, [metas[k] for k in keys]
 
     return ProbeSet.collect(batches()), source
@@ -233,12 +239,13 @@ class EvaluateConfig:
 
 def evaluate(cfg: EvaluateConfig) -> tuple[dict, Path]:
     started = time.perf_counter()
+    check_output_dir(cfg.out, "--out")                      # not after the whole pass
     manifest = load_manifest(cfg.shards, PAIRS_FORMAT)
     entries = split_shards(cfg.shards, manifest, cfg.split)
     device = resolve_device(cfg.device)
     lam, identity = load_model(cfg.checkpoint, device)
     loader = in_order_loader(cfg.shards, cfg.split, cfg.batch_size, grayscale=identity.color == "gray",
-                             backend=cfg.backend, device=device)
+                             backend=cfg.backend, device=device, context=identity.context)
     if len(loader) == 0:
         raise UserError(f"{cfg.shards}: split {cfg.split!r} has no pairs")
     state = evaluate_pass(loader, lam, device, cfg.seed, cfg.progress)

@@ -7,9 +7,13 @@ Output (DESIGN.md, "Extraction"): `out/{split}/latent-NNNNNN.tar` + `.idx`, one 
 shard in the same order, each sample `<key>.cur.png` and `<key>.next.png` (the pair shard's bytes),
 `<key>.codes.npy` (uint8 (7, 5)) and `<key>.json` (the pair's json plus {"checkpoint": {sha256, step}});
 `out/manifest.json` ("lam-latent/1") is written last, so its presence means the run finished.
+A model with context (ModelConfig.context 1) was given frame t-1: its samples also hold
+`<key>.prev.png` (the source bytes of frame t-1 of the same episode, frame t's where there is none)
+and `"prev_valid"` in the json, and the manifest's checkpoint says `"context": 1`.
 
 Resuming: beside each finished tar a small `latent-NNNNNN.done.json` records which pair shard
-(sha256) it came from, with which checkpoint (sha256), and the tar's own sha256. A re-run with the
+(sha256) it came from, with which checkpoint (sha256), and the tar's own sha256; it is written just
+before the tar gets its name, so a visible tar never lacks its record. A re-run with the
 same checkpoint skips every shard whose record still matches; an output made by another checkpoint
 is refused unless --overwrite, so latents of two models never mix.
 
@@ -33,10 +37,11 @@ import torch
 import zstandard
 from tqdm import tqdm
 
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import GRID
 from model.inference import CODE_DTYPE, CheckpointIdentity, autocast, codes_to_array, load_model
 from pipeline.loader import in_order_loader, resolve_device
+from pipeline.pair_index import PreviousFrames
 from pipeline.shards import (LATENT_FORMAT, PAIRS_FORMAT, SPLITS, TarShardWriter, atomic_write_bytes,
                              atomic_write_json, iter_samples, load_manifest, remove_orphaned_temps, sha256_file,
                              split_shards)
@@ -46,14 +51,14 @@ DONE_SUFFIX = ".done.json"
 
 
 # ------------------------------------------------------------------------------------ model
-def make_encoder(lam, device: torch.device, compile_model: bool) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
-    """(cur, next) float batches on `device` -> uint8 codes (B, 7, 5) on the CPU."""
+def make_encoder(lam, device: torch.device, compile_model: bool) -> Callable[..., np.ndarray]:
+    """(cur, next, prev or None) float batches on `device` -> uint8 codes (B, 7, 5) on the CPU."""
     encode = torch.compile(lam.encode, dynamic=True) if compile_model else lam.encode
 
     @torch.inference_mode()
-    def run(cur: torch.Tensor, nxt: torch.Tensor) -> np.ndarray:
+    def run(cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> np.ndarray:
         with autocast(device):
-            return codes_to_array(encode(cur, nxt))
+            return codes_to_array(encode(cur, nxt, prev))
 
     return run
 
@@ -161,15 +166,23 @@ def codes_npy(codes: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def latent_json(pair_json: bytes, identity: CheckpointIdentity) -> bytes:
+def latent_json(pair_json: bytes, identity: CheckpointIdentity, prev_valid: bool | None = None) -> bytes:
     meta = json.loads(pair_json)
     meta["checkpoint"] = {"sha256": identity.sha256, "step": identity.step}
+    if prev_valid is not None:
+        meta["prev_valid"] = prev_valid
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
-def latent_members(members: dict[str, bytes], codes: np.ndarray, identity: CheckpointIdentity) -> dict[str, bytes]:
-    return {"cur.png": members["cur.png"], "next.png": members["next.png"],
-            "codes.npy": codes_npy(codes), "json": latent_json(members["json"], identity)}
+def latent_members(members: dict[str, bytes], codes: np.ndarray, identity: CheckpointIdentity,
+                   prev: tuple[bytes, bool] | None = None) -> dict[str, bytes]:
+    """The latent sample; `prev` (PNG bytes of frame t-1, prev_valid) for a model with context."""
+    out = {"cur.png": members["cur.png"], "next.png": members["next.png"]}
+    if prev is not None:
+        out["prev.png"] = prev[0]
+    out.update({"codes.npy": codes_npy(codes),
+                "json": latent_json(members["json"], identity, None if prev is None else prev[1])})
+    return out
 
 
 # ------------------------------------------------------------------------------------ running
@@ -180,25 +193,31 @@ def coded_pairs(loader, encode, needed: Callable[[int, int], bool]) -> Iterator[
     for batch in loader:
         keys = batch["key"]
         stop = position + len(keys)
-        codes = encode(batch["cur"], batch["next"]) if needed(position, stop) else [None] * len(keys)
+        codes = (encode(batch["cur"], batch["next"], batch.get("prev")) if needed(position, stop)
+                 else [None] * len(keys))
         yield from zip(keys, codes)
         position = stop
 
 
-def write_shard(job: ShardJob, coded: Iterator[tuple[str, np.ndarray]], identity: CheckpointIdentity) -> None:
-    """Write one latent shard from the next `job.pairs` coded pairs and its pair shard's bytes."""
-    with TarShardWriter(job.tar) as writer:
+def write_shard(job: ShardJob, coded: Iterator[tuple[str, np.ndarray]], identity: CheckpointIdentity,
+                previous: PreviousFrames | None = None) -> None:
+    """Write one latent shard from the next `job.pairs` coded pairs and its pair shard's bytes (and,
+    for a model with context, each pair's frame t-1 from `previous`). Its completion record is
+    written before the tar gets its name: a visible tar always has one."""
+
+    def write_record(written) -> None:
+        atomic_write_json(job.record_path, {"source": job.source["file"], "source_sha256": job.source.get("sha256"),
+                                            "pairs": job.pairs, "sha256": written.sha256,
+                                            "checkpoint": {"sha256": identity.sha256, "step": identity.step}})
+
+    with TarShardWriter(job.tar, before_publish=write_record) as writer:
         raw = iter_samples(job.source["tar"], job.source["idx"])
         for (key, members), (coded_key, codes) in zip(raw, itertools.islice(coded, job.pairs)):
             if key != coded_key:
                 raise UserError(f"{job.source['tar']}: sample {key} arrived as {coded_key} from the loader")
-            writer.add(key, latent_members(members, codes, identity))
+            writer.add(key, latent_members(members, codes, identity, previous.png(key) if previous else None))
         if writer.samples != job.pairs:        # raised inside: the writer aborts, nothing lands
             raise UserError(f"{job.source['tar']}: holds {writer.samples} pairs, the manifest says {job.pairs}")
-    written = writer.result
-    atomic_write_json(job.record_path, {"source": job.source["file"], "source_sha256": job.source.get("sha256"),
-                                        "pairs": job.pairs, "sha256": written.sha256,
-                                        "checkpoint": {"sha256": identity.sha256, "step": identity.step}})
 
 
 def extract_split(jobs: Sequence[ShardJob], shards: Path, lam, identity: CheckpointIdentity, *,
@@ -206,7 +225,9 @@ def extract_split(jobs: Sequence[ShardJob], shards: Path, lam, identity: Checkpo
                   progress: tqdm) -> None:
     split = jobs[0].split
     loader = in_order_loader(shards, split, batch_size, grayscale=identity.color == "gray", backend=backend,
-                             device=device)
+                             device=device, context=identity.context)
+    # frame t-1's bytes, read by frame id: the pair (t-1, t) may sit in the shard before
+    previous = PreviousFrames(loader.index) if identity.context else None
     ends = np.cumsum([job.pairs for job in jobs])
     done = np.array([job.done for job in jobs])
 
@@ -215,14 +236,18 @@ def extract_split(jobs: Sequence[ShardJob], shards: Path, lam, identity: Checkpo
         return not done[shard_range[0]:shard_range[1] + 1].all()
 
     coded = coded_pairs(loader, make_encoder(lam, device, compile_model), needed)
-    for job in jobs:
-        if job.done:
-            for _ in itertools.islice(coded, job.pairs):       # decoded but not encoded: keep in step
-                pass
-            continue
-        write_shard(job, coded, identity)
-        job.done = True
-        progress.update(job.pairs)
+    try:
+        for job in jobs:
+            if job.done:
+                for _ in itertools.islice(coded, job.pairs):       # decoded but not encoded: keep in step
+                    pass
+                continue
+            write_shard(job, coded, identity, previous)
+            job.done = True
+            progress.update(job.pairs)
+    finally:
+        if previous is not None:
+            previous.close()
 
 
 # ------------------------------------------------------------------------------------ zstd
@@ -270,7 +295,7 @@ def build_manifest(shards: Path, pair_manifest: dict, jobs: Sequence[ShardJob], 
                          "shards": entries}
     return {"format": LATENT_FORMAT,
             "checkpoint": {"path": identity.path, "sha256": identity.sha256, "step": identity.step,
-                           "color": identity.color},
+                           "color": identity.color, "context": identity.context},
             "source": {"shards": str(shards), "manifest_sha256": sha256_file(shards / "manifest.json")},
             "frame": pair_manifest.get("frame", {}), "grid": list(GRID), "code_dtype": "uint8",
             "splits": splits}
@@ -314,6 +339,7 @@ def extract(shards: Path, checkpoint: Path, out: Path, *, batch_size: int = 64, 
             with_zstd: bool = False, device: str | None = None, backend: str | None = None,
             compile_model: bool = True, progress: bool = True) -> ExtractResult:
     """Run the extraction (see the module docstring)."""
+    check_output_dir(out, "--out")
     pair_manifest = load_manifest(shards, PAIRS_FORMAT)
     jobs = plan_jobs(shards, pair_manifest, out)
     device = resolve_device(device)

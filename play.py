@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from model import load_checkpoint
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.shards import atomic_write_json
 
 from control.checkpoint import load_controller
@@ -69,6 +69,7 @@ class RolloutConfig(ModelPaths):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.gifs < 0:
             raise UserError(f"--gifs must be >= 0 (got {self.gifs})")
+        check_output_dir(self.out, "--out")
 
 
 @dataclass
@@ -84,6 +85,9 @@ class BenchConfig(ModelPaths):
     steps: int = 100
     out: Path = Path("reports/play")
 
+    def __post_init__(self):
+        check_output_dir(self.out, "--out")
+
 
 # ------------------------------------------------------------------------------------ loading
 def load_simulator(paths: ModelPaths) -> tuple[Simulator, bool]:
@@ -98,12 +102,11 @@ def load_simulator(paths: ModelPaths) -> tuple[Simulator, bool]:
     return Simulator(lam, controller), lam.config.in_channels == 1
 
 
-def lam_mismatch(paths: ModelPaths, controller) -> str | None:
-    """A warning when the controller learned another LAM's codes (its codes would mean nothing here)."""
-    from pipeline.shards import sha256_file
-
-    trained_on = controller.lam.get("sha256")
-    if trained_on and trained_on != sha256_file(paths.checkpoint):
+def lam_mismatch(paths: ModelPaths, sim: Simulator) -> str | None:
+    """A warning when the controller learned another LAM's codes (its codes would mean nothing here).
+    The LAM's identity is the hash of the bytes it was loaded from, not of a second read of its path."""
+    trained_on = sim.controller.lam.get("sha256")
+    if trained_on and trained_on != sim.lam.sha256:
         return (f"warning: {paths.controller} was trained on the codes of LAM {trained_on[:12]}, "
                 f"not of {paths.checkpoint}; retrain it (make controller)")
     return None
@@ -112,7 +115,7 @@ def lam_mismatch(paths: ModelPaths, controller) -> str | None:
 # ------------------------------------------------------------------------------------ rollout
 def rollout(config: RolloutConfig) -> dict:
     sim, grayscale = load_simulator(config)
-    warning = lam_mismatch(config, sim.controller)
+    warning = lam_mismatch(config, sim)
     if warning:
         print(warning, file=sys.stderr)
     episodes = read_episodes(config.latent, config.split, grayscale=grayscale)
@@ -157,7 +160,7 @@ def build_game(config: ServeConfig) -> tuple[Game | None, str | None]:
     """The game, or the reason there is none (a missing checkpoint, controller or test frames)."""
     try:
         sim, grayscale = load_simulator(config)
-        warning = lam_mismatch(config, sim.controller)
+        warning = lam_mismatch(config, sim)
         if warning:
             print(warning, file=sys.stderr)
         episodes = read_episodes(config.latent, config.split, grayscale=grayscale, max_episodes=config.max_episodes)

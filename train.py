@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from model import LatentActionModel
 from model.checkpoint import model_config_from
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.loader import build_loader
 from pipeline.shards import PAIRS_FORMAT, load_manifest, sha256_file
 from training.checkpointer import Checkpointer, read_resume_checkpoint
@@ -38,14 +38,16 @@ from training.validate import MoveProbe, Validator
 
 
 def train(cfg: TrainConfig, resumed: dict | None = None) -> None:
-    """Check the data, start the runtime, run; `resumed` is the checkpoint to continue from."""
+    """Check the outputs and the data, start the runtime, run; `resumed` is the checkpoint to continue from."""
+    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or str(Path("runs") / cfg.run_name))
+    check_output_dir(cfg.out, "--out")
+    check_output_dir(cfg.run_dir, "--run-dir")
     manifest_sha = shards_identity(cfg.shards)
     if resumed is not None and resumed.get("shards_manifest_sha256") not in (None, manifest_sha):
         raise UserError(f"--resume: {Path(cfg.shards) / 'manifest.json'} changed since the checkpoint was written "
                         f"(sha256 {manifest_sha[:12]}, was {resumed['shards_manifest_sha256'][:12]}): the run cannot "
                         f"continue on other data; train into a new --out")
-    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or str(Path("runs") / cfg.run_name))
     rt = setup_runtime(cfg.device, cfg.amp, cfg.seed, cfg.deterministic, cfg.threads)
     try:
         run(cfg, rt, resumed, manifest_sha)
@@ -78,7 +80,7 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) 
     train_step = TrainStep(model, optimizer, rt, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
                            max_nonfinite=cfg.max_nonfinite, compile=cfg.compile, compile_backend=cfg.compile_backend)
     loaders = dict(grayscale=not cfg.rgb, seed=cfg.seed, backend=cfg.backend, device=rt.device,
-                   rank=rt.rank, world_size=rt.world_size)
+                   rank=rt.rank, world_size=rt.world_size, context=cfg.context)
     train_loader = build_loader(cfg.shards, "train", micro_batch, shuffle=True, drop_last=True, with_keys=True,
                                 **loaders)
     if len(train_loader) == 0:
@@ -132,6 +134,8 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) 
 
         # ---- speed of the update alone: validation and checkpoint time is left out below
         row.update({"lr": lr, "grad_norm": outcome.grad_norm, **throughput.row(time.perf_counter() - timer)})
+        if outcome.loss_scale is not None:     # fp16: an update the scaler skipped is still a step; say so
+            row.update({"amp/loss_scale": outcome.loss_scale, "amp/skipped_updates": train_step.overflow_skips})
 
         # ---- validation, then checkpoints (best.pt by validation loss), then the log row
         last = step == cfg.iters
@@ -148,6 +152,9 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) 
     logger.close()
     if cfg.compile and rt.main:
         print(f"torch.compile: {graph_breaks()} graph break(s) after step 1", flush=True)
+    if train_step.scaler.is_enabled() and rt.main:
+        print(f"fp16: {train_step.overflow_skips} of {step} steps were updates the GradScaler skipped for overflow "
+              f"(loss scale now {train_step.scaler.get_scale():g})", flush=True)
     report_digests(model, rt, step)
 
 
@@ -208,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cli(argv: Sequence[str] | None) -> int:
     args = argument_parser().parse_args(argv)
+    check_output_dir(args.out or TrainConfig.out, "--out")        # before --resume looks inside it
+    if args.run_dir:
+        check_output_dir(args.run_dir, "--run-dir")
     if args.resume:
         train(*resume_from_args(args))
     else:

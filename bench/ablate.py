@@ -4,7 +4,9 @@ Each variant trains the `demo` preset on the same pair shards (--set for its opt
 evaluate.py scores it on the val split (never test: the default is chosen here). Writes
 reports/ablation/ablation.json and ablation.md.
 
-    python -m bench.ablate [--shards shards/pairs] [--iters 2000] [--only NAME ...]
+    python -m bench.ablate [--shards shards/pairs] [--iters 2000] [--only NAME ...] [--set field=value ...]
+
+`--set` adds train.py settings to every variant (e.g. `--set context=1`: each with frame t-1).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, machine, markdown_table
+from pipeline.errors import check_output_dir, run_cli
 
 SEED = ["encoder_input=pair", "decoder_skips=false", "latent_every_stage=false", "residual_output=false",
         "changed_pixel_weight=1"]
@@ -26,6 +29,7 @@ VARIANTS: dict[str, list[str]] = {
     "+ encoder sees [t, t+1 - t], codes at every stage": [*SEED, *SKIPS, "changed_pixel_weight=10",
                                                           "encoder_input=pair_difference", "latent_every_stage=true"],
     "default: encoder sees t+1 - t only, codes at every stage": [],
+    "default + frame t-1 as context (encoder and decoder)": ["context=1"],
 }
 
 
@@ -67,18 +71,26 @@ HEADER = ["variant", "PSNR / copy", "SSIM / copy", "changed-pixel PSNR / copy", 
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(cli, argv)
+
+
+def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=Path, default=ROOT / "shards" / "pairs")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "ablation")
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--only", nargs="*", help="variant names (substrings) to run")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a train.py setting added to every variant (repeatable)")
     args = parser.parse_args(argv)
-    chosen = {n: s for n, s in VARIANTS.items() if not args.only or any(o in n for o in args.only)}
+    check_output_dir(args.out, "--out")
+    chosen = {n: [*s, *args.set] for n, s in VARIANTS.items() if not args.only or any(o in n for o in args.only)}
     args.out.mkdir(parents=True, exist_ok=True)
     results = [run_variant(name, settings, args.shards, args.out, args.iters) for name, settings in chosen.items()]
     (args.out / "ablation.json").write_text(json.dumps(results, indent=2, default=str))
+    common = f" Every variant with `--set {' '.join(args.set)}`." if args.set else ""
     text = (f"# Ablation: do the codes carry the action?\n\n`demo` preset, {args.iters} steps, val split of "
-            f"`{args.shards}`; {machine()}.\n\n" + markdown_table(HEADER, [row(r) for r in results]) + "\n")
+            f"`{args.shards}`;{common} {machine()}.\n\n" + markdown_table(HEADER, [row(r) for r in results]) + "\n")
     (args.out / "ablation.md").write_text(text)
     print(text)
     return 0

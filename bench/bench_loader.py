@@ -1,7 +1,9 @@
 """Loading training batches: `pipeline.loader` (dali and torch backends, decoded-frame cache on and
 off) against the loader a user would write first (PNG folders of bulk_videos, PIL
 `Image.open(...).convert("L")`, torch DataLoader with 2 workers, batch 32, shuffle), on the same real
-Breakout recording, grayscale, batch 32, train split, each configuration in a fresh child process."""
+Breakout recording, grayscale, batch 32, train split, each configuration in a fresh child process.
+Then frame t-1 (context=1) beside context=0: both loaders in one child, their epochs interleaved, so
+both see the same load on a shared box."""
 from __future__ import annotations
 
 import os
@@ -69,6 +71,62 @@ print(json.dumps({{**result, "peak_rss_mb": child_peak_rss_mb(),
 """
 
 
+# Both loaders of one configuration, epochs interleaved (0 1, 1 0, 0 1, ...), and the frames each
+# decodes per pair in an epoch (from the index: the cache decodes every frame once; a streamed batch
+# its unique frames).
+CONTEXT_CHILD = """
+import json, time
+import numpy as np
+from pipeline.loader import build_loader
+loaders = {{context: build_loader({shards!r}, "train", {batch}, backend={backend!r}, device="cpu", cache={cache},
+                                  shuffle={shuffle}, drop_last={shuffle}, context=context) for context in (0, 1)}}
+rates = {{0: [], 1: []}}
+for epoch in range({epochs}):
+    for context in ((0, 1) if epoch % 2 == 0 else (1, 0)):
+        pairs, started = 0, time.perf_counter()
+        for batch in loaders[context]:
+            pairs += batch["cur"].shape[0]
+        rates[context].append(pairs / (time.perf_counter() - started))
+def decoded_per_pair(loader):
+    if loader.cached:
+        return loader.index.num_frames / loader.index.num_pairs
+    batches = loader.schedule.batches(1)
+    frames = sum(len(np.unique(loader._pair_frames[:, pairs])) for pairs in batches)
+    return frames / sum(len(pairs) for pairs in batches)
+print(json.dumps({{"rates": {{str(c): r for c, r in rates.items()}},
+                  "decoded": {{str(c): decoded_per_pair(loader) for c, loader in loaders.items()}}}}))
+"""
+CONTEXT_CONFIGS = [("dali", True, True), ("dali", False, True), ("dali", False, False), ("torch", True, True)]
+
+
+def context_section(common: dict) -> str:
+    rows = []
+    for backend, cache, shuffle in CONTEXT_CONFIGS:
+        r = run_child(CONTEXT_CHILD.format(**common, backend=backend, cache=cache, shuffle=shuffle))
+        first = {c: r["rates"][c][0] for c in ("0", "1")}
+        warm = {c: sum(r["rates"][c][1:]) / len(r["rates"][c][1:]) for c in ("0", "1")}
+        rows.append([f"`{backend}`, cache {'on' if cache else 'off'}, {'shuffled' if shuffle else 'in order'}",
+                     f"{first['0']:.0f} / {first['1']:.0f}", f"{first['1'] / first['0']:.2f}",
+                     f"{warm['0']:.0f} / {warm['1']:.0f}", f"{warm['1'] / warm['0']:.2f}",
+                     f"{r['decoded']['0']:.2f} / {r['decoded']['1']:.2f}"])
+    table = markdown_table(["loader", "epoch 0 pairs/s, context 0 / 1", "context 1 / 0",
+                            "warm pairs/s (epochs 1-2), context 0 / 1", "context 1 / 0",
+                            "frames decoded per pair, context 0 / 1"], rows)
+    return f"""### Frame t-1 (`context=1`) beside `context=0`
+
+Both loaders of a row in one child process, their epochs interleaved (so both see the same load on
+the shared box); `context=1` yields `prev` (and `prev_valid`) beside `cur` and `next`.
+
+{table}
+
+- Decoding: the cache serves `prev` from frames it already holds (no frame decoded twice); a streamed
+  batch decodes its unique frames, prev frames included, so a shuffled batch decodes up to half as
+  many frames again while an in-order pass (extraction, evaluation) adds about one frame a batch.
+- Warm cache: the work per batch is gathering and converting its frames to float32, and
+  `context=1` makes three frames a pair where `context=0` makes two.
+"""
+
+
 def run() -> str:
     videos = recorded_videos(EPISODES, MAX_STEPS)
     shards = pair_shards(videos)
@@ -80,6 +138,7 @@ def run() -> str:
         for cache in (True, False):
             result = run_child(LOADER_CHILD.format(**common, backend=backend, cache=cache))
             rows.append((f"`{backend}` backend, cache {'on' if cache else 'off'}", result))
+    context = context_section(common)
     load_after = os.getloadavg()[0]
 
     def warm(result: dict) -> float:
@@ -108,4 +167,5 @@ order (`shuffle=False`) gives {info['in_order_distinct']:.2f}.
 - Cache off: each batch decodes its unique frames; same batches, bit for bit (tested).
 - The box is shared: load average {load_before:.1f} before and {load_after:.1f} after this benchmark, on
   {os.cpu_count()} cores; the rates move with it, the ratios less.
-"""
+
+{context}"""

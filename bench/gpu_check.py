@@ -9,7 +9,8 @@ one H100 with the machine's own torch (2.11+ works) and the wheels `make wheels`
 4. the `full` preset from real shards, compiled and eager: steps/s, data-wait fraction, peak GPU
    memory, MFU;
 5. the extraction rate.
-Writes gpu-check.json and gpu-check.md into --out.
+Writes gpu-check.json and gpu-check.md into --out. On a machine whose Python has no torch, or whose
+torch sees no CUDA GPU, it says so in one line and exits 2 (`--preflight`: only that check).
 """
 from __future__ import annotations
 
@@ -20,9 +21,25 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except Exception as error:          # noqa: BLE001 - no torch, or a broken one: main() says which, in one line
+    torch, TORCH_IMPORT_ERROR = None, error
 
 from bench.common import ROOT, machine, markdown_table, pair_shards, recorded_videos
+from pipeline.errors import check_output_dir, run_cli
+
+HOW_TO_RUN = "run it on the GPU machine with that machine's own Python: make gpu-check GPU_PY=/path/to/python3"
+
+
+def cuda_problem() -> str | None:
+    """What keeps this Python from running the check, in one line (None: nothing)."""
+    if torch is None:
+        reason = (str(TORCH_IMPORT_ERROR).strip().splitlines() or [type(TORCH_IMPORT_ERROR).__name__])[0]
+        return f"{sys.executable} cannot import torch ({reason})"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} in {sys.executable} sees no CUDA GPU"
+    return None
 
 
 def has_dali() -> bool:
@@ -149,13 +166,22 @@ def report(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(cli, argv)
+
+
+def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "gpu-check")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--preflight", action="store_true", help="only check for torch and a CUDA GPU")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu-check: no CUDA GPU here; nothing to check", file=sys.stderr)
+    problem = cuda_problem()
+    if problem:
+        print(f"gpu-check: needs torch with a CUDA GPU; {problem}; {HOW_TO_RUN}", file=sys.stderr)
         return 2
+    if args.preflight:
+        return 0
+    check_output_dir(args.out, "--out")
     args.out.mkdir(parents=True, exist_ok=True)
     if not has_dali():
         print("gpu-check: DALI is not installed; the loader runs the torch backend", flush=True)

@@ -3,13 +3,12 @@ values that loads with torch.load(weights_only=True), written atomically (temp f
 from __future__ import annotations
 
 import io
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 
-from model import clean_state_dict
+from model import clean_state_dict, read_checkpoint_file
+from model.checkpoint import first_line
 from pipeline.errors import UserError
 from pipeline.shards import atomic_write_bytes
 
@@ -35,18 +34,9 @@ def save_controller(path: str | Path, controller: Controller, *, step: int, lam:
 
 
 def read_controller_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: controller checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(f"{path}: not a readable controller checkpoint (truncated or corrupt: {first_line[:160]})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CONTROLLER_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise UserError(f"{path}: format is {found!r}, expected {CONTROLLER_FORMAT!r}")
-    return checkpoint
+    """The controller checkpoint dict; the LAM's reader (model/checkpoint.py) does the reading, so
+    any load failure is the same one line naming the file."""
+    return read_checkpoint_file(path, CONTROLLER_FORMAT, "controller checkpoint").state
 
 
 def load_controller(path: str | Path, device: str | torch.device = "cpu") -> Controller:
@@ -55,8 +45,8 @@ def load_controller(path: str | Path, device: str | torch.device = "cpu") -> Con
     try:
         controller = Controller(ControllerConfig.from_dict(checkpoint["config"]))
         controller.load_state_dict(checkpoint["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path}: controller weights or config unusable ({str(error).splitlines()[0][:160]})") from None
-    controller.step = int(checkpoint.get("step", 0))
-    controller.lam = dict(checkpoint.get("lam", {}))
+        controller.step = int(checkpoint.get("step", 0))
+        controller.lam = dict(checkpoint.get("lam", {}))
+    except Exception as error:                  # noqa: BLE001 - the file's content, whatever its shape
+        raise UserError(f"{path}: controller weights or config unusable ({first_line(error)})") from None
     return controller.to(device).eval()

@@ -4,9 +4,10 @@
 - training batches: frame t, frame t-1, the recorded action and the LAM's codes, shuffled;
 - whole episodes in order (test split), for rollouts and the play page's start frames.
 
-Frame t-1 is the previous sample's frame t when that sample is the same episode's step t-1. That
-needs the samples in shard order, so the stream is read unshuffled (shard order is shuffled per
-epoch instead) and mixed afterwards in a shuffle buffer here.
+Frame t-1 is the sample's own `prev` where the shards hold it (a LAM with context); otherwise the
+previous sample's frame t when that sample is the same episode's step t-1. That needs the samples in
+shard order, so the stream is read unshuffled (shard order is shuffled per epoch instead) and mixed
+afterwards in a shuffle buffer here.
 """
 from __future__ import annotations
 
@@ -66,7 +67,10 @@ def samples_with_prev(source, split: str, grayscale: bool, urls_seed: int | None
     previous = None
     for sample in latent_dataset(urls, grayscale, with_meta=True, split_nodes=False, split_workers=False):
         meta = sample["meta"]
-        prev = previous["cur"] if follows(previous and previous["meta"], meta) else sample["cur"]
+        if "prev" in sample:          # stored: right also at the first sample of a shard
+            prev = sample["prev"]
+        else:
+            prev = previous["cur"] if follows(previous and previous["meta"], meta) else sample["cur"]
         yield {**sample, "prev": prev, "action": action_of(meta, sample["key"])}
         previous = sample
 

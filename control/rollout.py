@@ -42,16 +42,18 @@ class Simulator:
         return self.controller.codes(cur, action.to(self.device), prev)
 
     @torch.no_grad()
-    def decode(self, cur: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        return self.lam.decode(cur, codes).float().clamp_(0, 1)
+    def decode(self, cur: torch.Tensor, codes: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """The LAM's next frame; `prev` is frame t-1 (a LAM with context uses it; None: frame t)."""
+        return self.lam.decode(cur, codes, prev).float().clamp_(0, 1)
 
     @torch.no_grad()
     def rollout(self, start: torch.Tensor, prev: torch.Tensor, actions: torch.Tensor,
                 random_codes: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """start, prev: (B, C, 210, 160); actions int64 (B, H) -> the H generated frames, one per step."""
+        """start, prev: (B, C, 210, 160); actions int64 (B, H) -> the H generated frames, one per step.
+        After the first step, frame t-1 (for the controller and the LAM) is the previous generated frame."""
         cur, prev = start.to(self.device), prev.to(self.device)
         for step in range(actions.shape[1]):
-            nxt = self.decode(cur, self.codes(cur, prev, actions[:, step], random_codes))
+            nxt = self.decode(cur, self.codes(cur, prev, actions[:, step], random_codes), prev)
             yield nxt
             prev, cur = cur, nxt
 

@@ -7,6 +7,13 @@ random test frame). Every API answer is JSON: {"step", "action", "frame" (a PNG 
 "timing_ms": {"controller", "decoder", "png"}}. A request the server cannot serve gets a 4xx and a
 one-line reason; an unexpected failure a 500 and one log line, never a traceback on the page.
 
+Under load: a listen backlog sized for a burst of concurrent steps, a thread per connection that an
+idle client gives back after IDLE_TIMEOUT_S, and one model step at a time (Game's lock): every tab
+the user opens plays the same game, their steps interleaved in arrival order. POSTs are taken only
+from the page's own origin (Origin, when sent, must match the Host header, which must name this
+server: a loopback name or the host it was started with, at its port; bound to every interface,
+also an IP address or the machine's name), so no other web page the user has open can drive it.
+
 Without a usable LAM checkpoint, controller or test frames the server still starts, and the page
 (and every API call, with 503) says what is missing and how to make it.
 """
@@ -15,8 +22,11 @@ from __future__ import annotations
 import base64
 import html
 import io
+import ipaddress
 import json
 import random
+import re
+import socket
 import sys
 import threading
 import time
@@ -38,6 +48,11 @@ STATIC_ROUTES = {"/": "index.html", "/index.html": "index.html", "/play.js": "pl
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8"}
 MAX_BODY_BYTES = 1024
+CONTENT_LENGTH = re.compile(r"[0-9]{1,9}")          # ASCII digits only: str.isdigit() also takes '²'
+LISTEN_BACKLOG = 256                                 # socketserver's default of 5 resets a burst of steps
+IDLE_TIMEOUT_S = 30.0                                # a kept-alive connection that sends nothing is closed
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
 def load_static_files() -> dict[str, tuple[bytes, str]]:
@@ -89,7 +104,7 @@ class Game:
             began = time.perf_counter()
             codes = self.sim.codes(self.cur, self.prev, torch.tensor([index]))
             coded = time.perf_counter()
-            nxt = self.sim.decode(self.cur, codes)
+            nxt = self.sim.decode(self.cur, codes, self.prev)
             decoded = time.perf_counter()
             self.prev, self.cur = self.cur, nxt
             self.step_count += 1
@@ -164,6 +179,8 @@ def make_handler(game: Game | None, problem: str | None, static: dict[str, tuple
         def guarded(self, handle) -> None:
             try:
                 handle(urlsplit(self.path).path)
+            except TimeoutError:
+                raise                                # http.server closes the connection, no answer
             except (BrokenPipeError, ConnectionResetError):
                 pass
             except Exception as error:              # one line in the log, no traceback on the page
@@ -186,6 +203,11 @@ def make_handler(game: Game | None, problem: str | None, static: dict[str, tuple
                 self.fail(HTTPStatus.NOT_FOUND, "not found")
 
         def post(self, path: str) -> None:
+            refusal = self.foreign_origin()
+            if refusal:
+                self.close_connection = True
+                self.fail(HTTPStatus.FORBIDDEN, refusal)
+                return
             body = self.read_body()
             if body is None:
                 return
@@ -198,11 +220,24 @@ def make_handler(game: Game | None, problem: str | None, static: dict[str, tuple
             else:
                 self.fail(HTTPStatus.NOT_FOUND, "not found")
 
+        def foreign_origin(self) -> str | None:
+            """Why this POST is not from the page itself (None when it is). A browser sends Origin on
+            every cross-site POST, and Host names what the user's browser thinks it is talking to
+            (which defeats DNS rebinding: attacker.example resolving to 127.0.0.1)."""
+            hosts = self.headers.get_all("Host") or []
+            host = hosts[0].strip().lower() if len(hosts) == 1 else ""       # two Host headers: which one?
+            if not self.server.serves_host(host):
+                return f"Host {host or '(none)'!r} is not this server"
+            origin = self.headers.get("Origin")
+            if origin is not None and origin.strip().lower() != f"http://{host}":
+                return f"POST from origin {origin[:80]!r} refused: only the play page itself may post"
+            return None
+
         def read_body(self) -> bytes | None:
             length = self.headers.get("Content-Length", "0")
-            if not length.isdigit():
-                self.close_connection = True
-                self.fail(HTTPStatus.BAD_REQUEST, "bad Content-Length")
+            if self.headers.get("Transfer-Encoding") or not CONTENT_LENGTH.fullmatch(length):
+                self.close_connection = True         # where the body ends is unknown: the stream cannot go on
+                self.fail(HTTPStatus.BAD_REQUEST, "bad Content-Length (ASCII digits; no Transfer-Encoding)")
                 return None
             if int(length) > MAX_BODY_BYTES:
                 self.close_connection = True
@@ -213,7 +248,7 @@ def make_handler(game: Game | None, problem: str | None, static: dict[str, tuple
         def parse_action(self, body: bytes) -> str | None:
             try:
                 action = json.loads(body or b"{}").get("action")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):    # RecursionError: a body of '[[[[...' 
                 self.fail(HTTPStatus.BAD_REQUEST, 'body must be JSON like {"action": "LEFT"}')
                 return None
             if action not in ACTION_NAMES:
@@ -230,7 +265,61 @@ def make_handler(game: Game | None, problem: str | None, static: dict[str, tuple
     return PlayHandler
 
 
-def make_server(host: str, port: int, game: Game | None, problem: str | None = None) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), make_handler(game, problem, load_static_files()))
-    server.daemon_threads = True
-    return server
+class PlayServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a listen backlog for bursts, daemon threads that never hold up
+    shutdown, and the host names it answers to (`serves_host`)."""
+
+    request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True
+    block_on_close = False                   # idle keep-alive connections must not delay server_close
+
+    def __init__(self, host: str, port: int, handler):
+        super().__init__((host, port), handler)
+        self.started_host = host
+
+    def serves_host(self, host_header: str) -> bool:
+        """Is `host_header` (lower case) this server, at its port (which a browser leaves out for 80)?
+        Its names are the loopback ones and the host it was started with. Bound to every interface
+        it is also reached by any of the machine's addresses, typed as an address, or by the
+        machine's own name; never by some other DNS name, which could be an attacker's domain
+        rebound to this machine."""
+        name, port = split_host(host_header)
+        own_port = str(self.server_address[1])
+        if port != own_port and not (own_port == "80" and port == ""):
+            return False
+        if name in {*LOOPBACK_NAMES, bracketed(self.started_host)}:
+            return True
+        return self.started_host in WILDCARD_HOSTS and (is_ip_address(name) or name in machine_names())
+
+
+def split_host(host_header: str) -> tuple[str, str]:
+    """'127.0.0.1:8000' -> ('127.0.0.1', '8000'), '[::1]:8000' -> ('[::1]', '8000'), 'localhost' ->
+    ('localhost', ''); anything else -> ('', '')."""
+    match = re.fullmatch(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::([0-9]{1,5}))?", host_header)
+    return (match.group(1), match.group(2) or "") if match else ("", "")
+
+
+def bracketed(host: str) -> str:
+    """An IPv6 address as a Host header writes it."""
+    host = host.lower()
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
+        return True
+    except ValueError:
+        return False
+
+
+def machine_names() -> set[str]:
+    return {socket.gethostname().lower(), socket.getfqdn().lower()}
+
+
+def make_server(host: str, port: int, game: Game | None, problem: str | None = None,
+                idle_timeout: float = IDLE_TIMEOUT_S) -> PlayServer:
+    """The play server on host:port (0: a free port); `idle_timeout` seconds of silence close a connection."""
+    handler = make_handler(game, problem, load_static_files())
+    handler.timeout = idle_timeout           # StreamRequestHandler puts it on each connection's socket
+    return PlayServer(host, port, handler)

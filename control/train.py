@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.shards import LATENT_FORMAT, atomic_write_bytes, atomic_write_json, load_manifest
 
 from control.checkpoint import save_controller
@@ -73,6 +73,7 @@ class ControllerTrainConfig:
             raise UserError(f"--eval-split must be train, val or test (got {self.eval_split!r})")
         if not self.latent.is_dir():
             raise UserError(f"{self.latent}: latent shard directory not found (run `make extract`)")
+        check_output_dir(self.out, "--out")
 
     def to_dict(self) -> dict:
         values = asdict(self)

@@ -3,9 +3,10 @@ torch.load(weights_only=True): format, model (unwrapped state_dict), config ({"m
 step, and whatever resume state the trainer adds (tensors and plain Python values only)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from pipeline.shards import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "lam-checkpoint/1"
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+ZIP_MAGIC = b"PK\x03\x04"             # torch.save's format since torch 1.6
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -55,49 +57,89 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict, step: int,
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load(weights_only=True) with one clear UserError for a missing, corrupt or foreign file."""
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint as read from disk: `state` was loaded from the very bytes `sha256` hashes, so a
+    file replaced while it is being read can never lend its name to another file's weights."""
+
+    path: Path
+    sha256: str
+    state: dict
+
+
+def read_checkpoint_file(path: str | Path, expected_format: str, kind: str = "checkpoint",
+                         map_location: str | torch.device = "cpu") -> CheckpointFile:
+    """Read `path` once, hash those bytes and torch.load(weights_only=True) them. Any failure
+    (missing, unreadable, not a torch file, objects weights_only refuses, another format) is one
+    UserError naming the file: the file is the user's input, so whatever torch.load raises on it
+    (KeyError, IndexError, struct.error for text or random bytes, ...) is the user's problem to fix."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
+        raise UserError(f"{path}: {kind} not found")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError,
-            io.UnsupportedOperation) as error:
-        raise UserError(f"{path}: not a readable checkpoint ({load_failure(error)})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise UserError(f"{path}: format is {found!r}, expected {CHECKPOINT_FORMAT!r}")
-    for key in ("model", "config", "step"):
-        if key not in checkpoint:
-            raise UserError(f"{path}: checkpoint has no {key!r} entry")
-    return checkpoint
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the {kind} ({error.strerror or error})") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as error:                  # noqa: BLE001 - see the docstring
+        raise UserError(f"{path}: not a readable {kind} ({load_failure(error, data)})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: holds a {type(state).__name__}, not a {kind} (a dict of format {expected_format!r})")
+    if state.get("format") != expected_format:
+        raise UserError(f"{path}: format is {state.get('format')!r}, expected {expected_format!r}")
+    return CheckpointFile(path, hashlib.sha256(data).hexdigest(), state)
 
 
-def load_failure(error: Exception) -> str:
+def load_failure(error: Exception, data: bytes) -> str:
     """Why torch.load failed, in words for the user. Its own weights-only message advises loading
     with weights_only=False, which is wrong advice for a corrupt file."""
+    if not data:
+        return "the file is empty"
     if isinstance(error, pickle.UnpicklingError):
         return "not a torch checkpoint, or it holds objects that weights_only=True refuses"
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return f"truncated or corrupt: {first_line[:160]}"
+    if not data.startswith(ZIP_MAGIC):
+        return "not a torch checkpoint: torch.save writes a zip archive"
+    return f"truncated or corrupt: {first_line(error)}"
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The checkpoint dict, with one clear UserError for a missing, corrupt or foreign file."""
+    return read_lam_checkpoint(path, map_location).state
+
+
+def read_lam_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> CheckpointFile:
+    loaded = read_checkpoint_file(path, CHECKPOINT_FORMAT, "checkpoint", map_location)
+    for key, kind in (("model", dict), ("config", dict), ("step", int)):
+        if key not in loaded.state:
+            raise UserError(f"{loaded.path}: checkpoint has no {key!r} entry")
+        if not isinstance(loaded.state[key], kind):
+            raise UserError(f"{loaded.path}: checkpoint's {key!r} is a {type(loaded.state[key]).__name__}, "
+                            f"expected a {kind.__name__}")
+    return loaded
 
 
 def model_config_from(checkpoint: dict, path: str | Path = "checkpoint") -> ModelConfig:
     try:
         return ModelConfig.from_dict(checkpoint["config"]["model"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise UserError(f"{path}: checkpoint's model config is unusable ({error})") from None
+    except Exception as error:                  # noqa: BLE001 - the file's content, whatever its shape
+        raise UserError(f"{path}: checkpoint's model config is unusable ({first_line(error)})") from None
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:160] or type(error).__name__
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LatentActionModel:
     """The trained model in eval mode on `device`, its architecture rebuilt from the checkpoint.
-    `lam.config` is its ModelConfig; `lam.step` the optimiser step it was saved at."""
-    checkpoint = read_checkpoint(path, map_location="cpu")
-    model = LatentActionModel(model_config_from(checkpoint, path))
+    `lam.config` is its ModelConfig; `lam.step` the optimiser step it was saved at; `lam.sha256`
+    the hash of the bytes the weights were loaded from (the checkpoint's identity)."""
+    loaded = read_lam_checkpoint(path, map_location="cpu")
+    model = LatentActionModel(model_config_from(loaded.state, path))
     try:
-        model.load_state_dict(clean_state_dict(checkpoint["model"]))
-    except RuntimeError as error:
-        raise UserError(f"{path}: weights do not match the saved architecture ({str(error).splitlines()[0]})") from None
-    model.step = int(checkpoint["step"])
+        model.load_state_dict(clean_state_dict(loaded.state["model"]))
+    except Exception as error:                  # noqa: BLE001 - a size mismatch, or values that are not tensors
+        raise UserError(f"{path}: weights do not match the saved architecture ({first_line(error)})") from None
+    model.step = int(loaded.state["step"])
+    model.sha256 = loaded.sha256
     return model.to(device).eval()

@@ -10,10 +10,11 @@ from pipeline.frames import CODEBOOK_SIZE, FRAME_HEIGHT, FRAME_WIDTH, GRID
 # The seed's channel progression; encoder and the decoder's frame stack share it.
 BASE_CHANNELS = (64, 128, 256, 512, 512)
 ENCODER_INPUTS = ("pair", "pair_difference", "difference")
+CONTEXTS = (0, 1)                     # frames before t the model sees: none (the seed), or frame t-1
 # The seed's own model: the encoder sees concat(t, t+1), the decoder sees frame t only through its
 # 7x5 stack and ends in a sigmoid, the loss is plain MSE. `--set` each of these to get it.
 SEED_LITERAL = dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, residual_output=False,
-                    changed_pixel_weight=1.0, motion="none")
+                    changed_pixel_weight=1.0, context=0, motion="none")
 # The shift head's block grid for each inner decoder stage (14x10, 27x20, 53x40, 105x80): the nearest
 # grid that divides 210 x 160, so blocks are 15x16, 7x8, 3x4 and 2x2 px.
 MOTION_GRIDS = ((14, 10), (30, 20), (70, 40), (105, 80))
@@ -45,6 +46,10 @@ class ModelConfig:
     residual_output: bool = True          # prediction = clamp(t + zero-initialised change); False: sigmoid (seed)
     # Plain MSE is 99.7 % unchanged pixels, which a copy of t already gets right.
     changed_pixel_weight: float = 10.0    # loss weight of pixels that differ between t and t+1 (1: plain MSE)
+    # With frame t-1 the ball's velocity is in the input (LAPO feeds o_{t-1}, o_t, o_{t+1}), so the
+    # codes need not carry it. 1: the encoder also sees t - (t-1) (or t-1 itself, for "pair"), and
+    # the decoder's frame stack concat(t, t - (t-1)).
+    context: int = 0                      # 0: frames t, t+1 (seed) | 1: frame t-1 too
     # Moving objects are copied from frame t, not redrawn (model/motion.py): the prediction is
     # clamp(shifted t + change), each block of the frame choosing its own shift.
     motion: str = "none"                  # none | shift
@@ -78,6 +83,8 @@ class ModelConfig:
             raise ValueError(f"motion_stage must be in 0..{len(MOTION_GRIDS) - 1}, got {self.motion_stage}")
         if self.reset_buffer < 1:
             raise ValueError(f"reset_buffer must be >= 1, got {self.reset_buffer}")
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context must be 0 (frames t, t+1) or 1 (frame t-1 too), got {self.context!r}")
 
     @property
     def channels(self) -> tuple[int, ...]:

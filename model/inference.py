@@ -12,7 +12,6 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.lam import LatentActionModel
 from pipeline.errors import UserError
-from pipeline.shards import sha256_file
 
 CODE_DTYPE = np.uint8          # codes are stored one byte each (codes.npy): at most 256 codes
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -24,15 +23,17 @@ class CheckpointIdentity:
     sha256: str
     step: int
     color: str                 # "gray" | "rgb": the colour mode the model was trained in
+    context: int = 0           # 1: the model takes frame t-1 too (ModelConfig.context)
 
 
 def load_model(path: Path, device: torch.device) -> tuple[LatentActionModel, CheckpointIdentity]:
-    """The model in eval mode and its identity; clear errors for an unusable checkpoint."""
+    """The model in eval mode and its identity (the sha256 of the bytes its weights came from, not
+    of a second read that a replaced file could answer); clear errors for an unusable checkpoint."""
     lam = load_checkpoint(path, device)
     if lam.config.codebook_size > np.iinfo(CODE_DTYPE).max + 1:
         raise UserError(f"{path}: codebook of {lam.config.codebook_size} codes does not fit the uint8 codes.npy")
-    identity = CheckpointIdentity(str(path), sha256_file(path), int(lam.step),
-                                  "gray" if lam.config.in_channels == 1 else "rgb")
+    identity = CheckpointIdentity(str(path), lam.sha256, int(lam.step),
+                                  "gray" if lam.config.in_channels == 1 else "rgb", lam.config.context)
     return lam, identity
 
 

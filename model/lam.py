@@ -16,12 +16,13 @@ class LatentActionModel(nn.Module):
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
         self.config = config = config or ModelConfig()
-        self.encoder = Encoder(config.in_channels, config.channels, config.code_dim, config.encoder_input)
+        self.encoder = Encoder(config.in_channels, config.channels, config.code_dim, config.encoder_input,
+                               config.context)
         self.quantizer = Quantizer(config.codebook_size, config.code_dim, config.commitment_weight,
                                    config.codebook_weight, config.entropy_weight, config.entropy_temperature,
                                    config.reset_buffer)
         self.decoder = Decoder(config.in_channels, config.channels, config.code_dim, config.decoder_skips,
-                               config.latent_every_stage, config.residual_output, config.motion,
+                               config.latent_every_stage, config.residual_output, config.context, config.motion,
                                (config.motion_max_x, config.motion_max_y), config.motion_stage,
                                config.motion_grid)
         self.set_grad_checkpoint(config.grad_checkpoint)
@@ -31,11 +32,13 @@ class LatentActionModel(nn.Module):
         self.decoder.frame_stack.grad_checkpoint = enabled
         self.decoder.up_stack.grad_checkpoint = enabled
 
-    def forward(self, cur: torch.Tensor, nxt: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Frames (B, C, 210, 160) in [0, 1] -> {"pred": (B, C, 210, 160), "codes": (B, 7, 5) int64,
-        "loss": total, "recon", "commitment", "codebook", "entropy"}."""
-        quantised, codes, losses = self.quantizer(self.encoder(cur, nxt))
-        pred = self.decoder(cur, quantised)
+        "loss": total, "recon", "commitment", "codebook", "entropy"}. `prev` is frame t-1 (see
+        `previous_frame`)."""
+        prev = self.previous_frame(cur, prev)
+        quantised, codes, losses = self.quantizer(self.encoder(cur, nxt, prev))
+        pred = self.decoder(cur, quantised, prev)
         recon = self.reconstruction_loss(pred, cur, nxt)
         total = recon + losses["commitment"] + losses["codebook"] + losses["entropy"]
         return {"pred": pred, "codes": codes, "loss": total, "recon": recon, **losses}
@@ -51,15 +54,28 @@ class LatentActionModel(nn.Module):
         return (weight * (pred - nxt).pow(2)).mean()
 
     @torch.no_grad()
-    def encode(self, cur: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
-        """Frame pairs -> latent action codes, int64 (B, 7, 5) in [0, codebook_size)."""
-        _, codes, _ = self.quantizer(self.encoder(cur, nxt))
+    def encode(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Frame pairs (and frame t-1) -> latent action codes, int64 (B, 7, 5) in [0, codebook_size)."""
+        prev = self.previous_frame(cur, prev)
+        _, codes, _ = self.quantizer(self.encoder(cur, nxt, prev))
         return codes
 
     @torch.no_grad()
-    def decode(self, cur: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Frame t and codes (B, 7, 5) -> predicted frame t+1 (B, C, 210, 160) in [0, 1]."""
-        return self.decoder(cur, self.quantizer.lookup(codes.long()))
+    def decode(self, cur: torch.Tensor, codes: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Frame t (and frame t-1) and codes (B, 7, 5) -> predicted frame t+1 (B, C, 210, 160) in [0, 1]."""
+        prev = self.previous_frame(cur, prev)
+        return self.decoder(cur, self.quantizer.lookup(codes.long()), prev)
+
+    def previous_frame(self, cur: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor | None:
+        """The frame t-1 the networks get: None for a model without context (a given `prev` is
+        checked, then ignored); frame t itself when a context model is given none, as the loader
+        does at an episode's first pair."""
+        if prev is not None and prev.shape != cur.shape:
+            raise ValueError(f"prev has shape {tuple(prev.shape)}, but cur has {tuple(cur.shape)}: "
+                             f"prev must be frame t-1 shaped like frame t")
+        if not self.config.context:
+            return None
+        return cur if prev is None else prev
 
     @property
     def codebook(self) -> torch.Tensor:

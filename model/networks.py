@@ -85,22 +85,29 @@ def down_stack(in_channels: int, channels: Sequence[int]) -> Stages:
 
 class Encoder(nn.Module):
     """Frame pair -> conv stack -> 1×1 conv to code_dim × 7 × 5. The pair enters as concat(t, t+1)
-    (2C channels, the seed), concat(t, t+1 - t) (2C), or t+1 - t alone (C); see ModelConfig.encoder_input."""
+    (2C channels, the seed), concat(t, t+1 - t) (2C), or t+1 - t alone (C); see ModelConfig.encoder_input.
+    With context 1 the previous change comes too: concat(t-1, t, t+1), concat(t, t+1 - t, t - (t-1))
+    or concat(t+1 - t, t - (t-1)), C more channels."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, input_mode: str = "pair"):
+    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, input_mode: str = "pair",
+                 context: int = 0):
         super().__init__()
-        self.input_mode = input_mode
-        self.stack = down_stack(in_channels if input_mode == "difference" else 2 * in_channels, channels)
+        self.input_mode, self.context = input_mode, context
+        frames_in = (1 if input_mode == "difference" else 2) + context
+        self.stack = down_stack(frames_in * in_channels, channels)
         self.project = nn.Conv2d(channels[-1], code_dim, 1)
 
-    def forward(self, cur: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+    def forward(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        return self.project(self.stack(self.input(cur, nxt, prev)))
+
+    def input(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         if self.input_mode == "pair":
-            x = torch.cat([cur, nxt], dim=1)
+            parts = [prev, cur, nxt] if self.context else [cur, nxt]
         elif self.input_mode == "pair_difference":
-            x = torch.cat([cur, nxt - cur], dim=1)
+            parts = [cur, nxt - cur] + ([cur - prev] if self.context else [])
         else:
-            x = nxt - cur
-        return self.project(self.stack(x))
+            parts = [nxt - cur] + ([cur - prev] if self.context else [])
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 class FiLM(nn.Module):
@@ -132,16 +139,18 @@ class Decoder(nn.Module):
     Options (ModelConfig): `skips` adds the frame stack's own features to the upsampling stage of the
     same resolution (they carry frame t only); `latent_every_stage` FiLMs every upsampling stage with
     the latent (nearest-upsampled: a cell's code governs its own patch); `residual` returns
-    clamp(frame t + change) instead of a sigmoid; `motion` "shift" returns clamp(frame t moved block
-    by block + change), the blocks being the cells of inner stage `motion_stage` (model/motion.py)."""
+    clamp(frame t + change) instead of a sigmoid; `context` 1 feeds the frame stack
+    concat(t, t - (t-1)) instead of t (what moved last step, nothing of t+1); `motion` "shift" returns
+    clamp(frame t moved block by block + change), the blocks being the cells of inner stage
+    `motion_stage` (model/motion.py)."""
 
     def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, skips: bool = False,
-                 latent_every_stage: bool = False, residual: bool = False, motion: str = "none",
+                 latent_every_stage: bool = False, residual: bool = False, context: int = 0, motion: str = "none",
                  motion_max: tuple[int, int] = (24, 8), motion_stage: int = 1,
                  motion_grid: tuple[int, int] = (30, 20)):
         super().__init__()
-        self.skips, self.residual = skips, residual
-        self.frame_stack = down_stack(in_channels, channels)
+        self.skips, self.residual, self.context = skips, residual, context
+        self.frame_stack = down_stack((1 + context) * in_channels, channels)
         self.film = FiLM(code_dim, channels[-1])
         widths = [channels[-1], *reversed(channels[:-1]), in_channels]     # 512, 512, 256, 128, 64, C
         pads = list(zip(output_paddings(FRAME_HEIGHT), output_paddings(FRAME_WIDTH)))
@@ -162,12 +171,16 @@ class Decoder(nn.Module):
             nn.init.zeros_(self.up_stack[-1][0].weight)
             nn.init.zeros_(self.up_stack[-1][0].bias)
 
-    def forward(self, cur: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def frame_input(self, cur: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([cur, cur - prev], dim=1) if self.context else cur
+
+    def forward(self, cur: torch.Tensor, latent: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        frames = self.frame_input(cur, prev)
         shifts = None
         if not (self.skips or self.stage_films is not None or self.shift_head is not None):
-            out = self.up_stack(self.film(self.frame_stack(cur), latent))
+            out = self.up_stack(self.film(self.frame_stack(frames), latent))
         else:
-            frame_features = self.frame_stack.outputs(cur)             # 105×80, 53×40, 27×20, 14×10, 7×5
+            frame_features = self.frame_stack.outputs(frames)          # 105×80, 53×40, 27×20, 14×10, 7×5
             x = self.film(frame_features[-1], latent)
             inner = len(self.up_stack) - 1
             for i, stage in enumerate(self.up_stack):

@@ -1,7 +1,9 @@
 """User-facing errors: one clear line and a non-zero exit, never a traceback for a user's mistake."""
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 
@@ -24,3 +26,21 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def check_output_dir(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, an output directory that cannot be made or written: `path` is a file,
+    or the nearest part of it that exists is a file or not writable. Without this check a run
+    would train or evaluate for as long as it takes to reach its first write, then fail there."""
+    path = Path(path)
+    try:
+        existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+        is_dir = existing.is_dir()
+    except OSError as error:                     # e.g. a parent folder the user may not search
+        raise UserError(f"{flag} {path}: cannot be checked ({error.strerror or error})") from None
+    if not is_dir:
+        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise UserError(f"{flag} {path}: {where}, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is" if existing == path else f"would be made in {existing}, which is"
+        raise UserError(f"{flag} {path}: {where} not writable")

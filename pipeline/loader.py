@@ -3,11 +3,16 @@
     loader = build_loader("shards/pairs", "train", 32, backend="dali", device="cuda")
     for batch in loader:                       # one pass is one epoch
         batch["cur"], batch["next"]            # float32 (B, C, 210, 160) in [0, 1] on the device
+        batch["prev"], batch["prev_valid"]     # with context=1: frame t-1, and bool (B,) (see below)
 
 How it works, shared by both backends (they differ only in the decoder, pipeline/frame_decoders.py):
 
 - Index (pipeline/pair_index.py): every pair of the split and every unique frame, from the `.idx`
   files. A frame appears in two pairs (t-1, t) and (t, t+1) but has one frame id.
+- Context (context=1): each pair also gets frame t-1 of its episode, by frame id from the index
+  (`prev`; frame t itself, with `prev_valid` False, at an episode's first pair or after a frame the
+  packer rejected). It is one more frame id per pair for the same cache or per-batch decode, so no
+  frame is decoded twice and sampling, DDP shares and resume are those of context=0.
 - Sampling (EpochSchedule): epoch e visits the split in a fresh permutation drawn from (seed, e) over
   the whole split, so a batch mixes episodes; shuffle=False keeps manifest order. Each DDP rank takes
   a contiguous slice of that order; with drop_last every rank gets the same number of batches.
@@ -15,7 +20,8 @@ How it works, shared by both backends (they differ only in the decoder, pipeline
   the first pass decodes each unique frame exactly once into a cache on the device and every batch
   afterwards is a gather from it; otherwise each batch decodes its unique frames (in-order batches
   share frames, so an in-order pass decodes about one frame per pair). Either way the batch is the
-  same (frames are decoded losslessly), and `frames.to_model_input` makes the model input.
+  same (frames are decoded losslessly), and `frames.to_model_input` makes the model input, a role
+  (cur, next, prev) at a time.
 - DDP: each rank caches the whole split, not its share, because the permutation, and so the share,
   changes every epoch; the budget is per rank.
 - Batches are made in a background thread (BackgroundIterator), `prefetch` ahead of the consumer.
@@ -41,6 +47,7 @@ from pipeline.frames import rgb_to_gray_uint8, to_model_input
 from pipeline.pair_index import PairIndex, build_pair_index
 
 BACKENDS = ("dali", "torch")
+CONTEXTS = (0, 1)               # frames before t a pair carries: none, or frame t-1
 STATE_FORMAT = "lam-loader/1"
 DEFAULT_CACHE_BUDGET_GB = 4.0
 CACHE_FILL_FRAMES = 128          # frames per decoder job while filling the cache
@@ -93,16 +100,20 @@ class PairLoader:
     """Iterable over batches of pairs; see the module docstring. Built by `build_loader`."""
 
     def __init__(self, index: PairIndex, schedule: EpochSchedule, decoder: FrameDecoder, *,
-                 grayscale: bool, device: torch.device, with_keys: bool, cache: bool, prefetch: int = 2):
+                 grayscale: bool, device: torch.device, with_keys: bool, cache: bool, prefetch: int = 2,
+                 context: int = 0):
         self.index, self.schedule, self.decoder, self.prefetch = index, schedule, decoder, prefetch
-        self.grayscale, self.device, self.with_keys = grayscale, device, with_keys
+        self.grayscale, self.device, self.with_keys, self.context = grayscale, device, with_keys, context
         self.cached = cache
         self._cache: torch.Tensor | None = None
         self._epoch, self._batch = 0, 0          # the next batch to yield
         self._resume_pending = False
         self._assembling: BackgroundIterator | None = None
-        self._cur_frame = torch.from_numpy(index.cur).to(device)
-        self._next_frame = torch.from_numpy(index.next).to(device)
+        # the frames each pair yields, one row per role: frame ids (roles, pairs)
+        self.roles = ("cur", "next", "prev")[:2 + context]
+        self._pair_frames = np.stack([getattr(index, role) for role in self.roles])
+        self._pair_frames_on_device = torch.from_numpy(self._pair_frames).to(device)
+        self._prev_valid = torch.from_numpy(index.prev_valid).to(device)
 
     # ------------------------------------------------------------------------------- public
     def __len__(self) -> int:
@@ -171,8 +182,13 @@ class PairLoader:
         """The batches of this pass, as the model takes them (runs in the BackgroundIterator's thread)."""
         frame_batches = self._cached_frames(batches) if self.cached else self._streamed_frames(batches)
         try:
-            for pairs, (cur, nxt) in zip(batches, frame_batches):
-                batch = {"cur": to_model_input(cur, self.grayscale), "next": to_model_input(nxt, self.grayscale)}
+            for pairs, (frames, rows) in zip(batches, frame_batches):
+                # a role at a time: index_select (several times faster on a CPU than frames[rows] for
+                # whole-frame rows), then the float conversion while the gathered frames are in cache
+                batch = {role: to_model_input(frames.index_select(0, role_rows), self.grayscale)
+                         for role, role_rows in zip(self.roles, rows)}
+                if self.context:
+                    batch["prev_valid"] = self._prev_valid[torch.from_numpy(pairs).to(self.device)]
                 if self.with_keys:
                     batch["key"] = [self.index.keys[pair] for pair in pairs]
                 yield batch
@@ -194,11 +210,11 @@ class PairLoader:
         return out
 
     def _cached_frames(self, batches: Sequence[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch, (the cache's uint8 frames, the rows of each role's frames in it (roles, B))."""
         if self._cache is None and batches:
             self._cache = self._fill_cache()
         for pairs in batches:
-            pairs = torch.from_numpy(pairs).to(self.device)
-            yield self._cache[self._cur_frame[pairs]], self._cache[self._next_frame[pairs]]
+            yield self._cache, self._pair_frames_on_device[:, torch.from_numpy(pairs).to(self.device)]
 
     def _fill_cache(self) -> torch.Tensor:
         """Decode every unique frame of the split once, in big multi-threaded jobs."""
@@ -217,15 +233,14 @@ class PairLoader:
         return cache
 
     def _streamed_frames(self, batches: Sequence[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # each batch decodes its unique frames once; `where` maps cur then next back into them
-        plans = [np.unique(np.concatenate([self.index.cur[pairs], self.index.next[pairs]]), return_inverse=True)
-                 for pairs in batches]
+        """Per batch, (its unique frames, decoded once each (a prev frame that is also a cur or next
+        frame of the batch included), the rows of each role's frames in them (roles, B))."""
+        plans = [np.unique(self._pair_frames[:, pairs], return_inverse=True) for pairs in batches]
         decoded = self.decoder.decode([unique for unique, _ in plans])
         try:
             for (_, where), frames in zip(plans, decoded):
-                frames = self._kept(frames)
-                where = torch.from_numpy(where.reshape(2, -1)).to(self.device)
-                yield frames[where[0]], frames[where[1]]
+                rows = torch.from_numpy(where.reshape(len(self.roles), -1)).to(self.device)
+                yield self._kept(frames), rows
         finally:
             decoded.close()
 
@@ -301,9 +316,13 @@ class BackgroundIterator:
 def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: bool = True,
                  shuffle: bool = True, seed: int = 0, backend: str = "dali", device: str | torch.device | None = None,
                  rank: int = 0, world_size: int = 1, drop_last: bool = True, with_keys: bool = False,
-                 cache: bool | None = None, cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB,
+                 context: int = 0, cache: bool | None = None, cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB,
                  threads: int | None = None, prefetch: int = 2, sample: int = 0) -> PairLoader:
     """Loader over `<shards>/<split>` pair shards (DESIGN.md, "Loader").
+
+    context: 0 yields {"cur", "next"}; 1 adds "prev" (frame t-1 of the same episode, shaped like
+    "cur") and "prev_valid" (bool (B,); False where "prev" is frame t itself: an episode's first
+    pair, or frame t-1 rejected by the packer).
 
     Extra tuning:
       cache            None (default): cache decoded frames when they fit `cache_budget_gb`;
@@ -323,6 +342,8 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
         raise UserError(f"rank {rank} is outside world_size {world_size}")
     if seed < 0:
         raise UserError(f"seed must be non-negative, got {seed}")
+    if context not in CONTEXTS:
+        raise UserError(f"context must be 0 (frames t, t+1) or 1 (frame t-1 too), got {context!r}")
     device = resolve_device(device)
     index = build_pair_index(Path(shards), split)
     subset = spread_sample(index.episodes, sample, seed) if 0 < sample < index.num_pairs else None
@@ -332,14 +353,14 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
     threads = threads or default_threads()
     if backend == "dali":
         _require_dali()
-        decoder = DaliFrameDecoder(index, device, max_frames=max(2 * batch_size, CACHE_FILL_FRAMES),
+        decoder = DaliFrameDecoder(index, device, max_frames=max((2 + context) * batch_size, CACHE_FILL_FRAMES),
                                    threads=threads, prefetch=prefetch)
     else:
         decoder = PilFrameDecoder(index, device, workers=threads, prefetch=prefetch)
     cache_bytes = index.num_frames * index.height * index.width * (1 if grayscale else 3)
     use_cache = cache if cache is not None else cache_bytes <= cache_budget_gb * 2**30
     return PairLoader(index, schedule, decoder, grayscale=grayscale, device=device, with_keys=with_keys,
-                      cache=use_cache, prefetch=prefetch)
+                      cache=use_cache, prefetch=prefetch, context=context)
 
 
 def spread_sample(episodes: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -361,11 +382,13 @@ def spread_sample(episodes: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def in_order_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: bool,
-                    backend: str | None = None, device: str | torch.device | None = None) -> PairLoader:
+                    backend: str | None = None, device: str | torch.device | None = None,
+                    context: int = 0) -> PairLoader:
     """Every pair of `split` once, in manifest order, with keys and no cache: what extraction and
     evaluation walk (the decoded-frame cache pays only from the second epoch on)."""
     return build_loader(shards, split, batch_size, grayscale=grayscale, shuffle=False, drop_last=False,
-                        with_keys=True, backend=backend or default_backend(), device=device, cache=False)
+                        with_keys=True, backend=backend or default_backend(), device=device, cache=False,
+                        context=context)
 
 
 def default_backend() -> str:

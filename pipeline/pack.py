@@ -42,7 +42,7 @@ from typing import Iterator, Sequence
 
 from zlib_ng import zlib_ng
 
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 from pipeline.png import BadFrame, Ihdr, png_chunks
 from pipeline.shards import PAIRS_FORMAT, SPLITS, TarShardWriter, WrittenShard, atomic_write_json, fsync_dir
@@ -436,6 +436,7 @@ def pack(src: Path, out: Path, *, seed: int = 0, fractions: Sequence[float] = (0
     options = PackOptions(seed=seed, fractions=tuple(fractions), pairs_per_shard=pairs_per_shard,
                           workers=workers, strict=strict)
     src, out = Path(src), Path(out)
+    check_output_dir(out, "--out")
     names = list_episodes(src)
     if out.resolve().is_relative_to(src.resolve()):
         raise UserError(f"--out {out} is inside --src {src}: it would be read as an episode")

@@ -4,6 +4,11 @@ bytes sit in which tar, built from the `.idx` files alone (no tar is read to bui
 Shards hold consecutive pairs of each episode, so pair (episode, t)'s `next.png` is pair
 (episode, t+1)'s `cur.png`: the index gives both the same frame id, and a loader that decodes by
 frame id decodes every frame once instead of twice.
+
+The same ids give each pair its frame t-1 (`prev`): pair (t, t+1) has one exactly when the split
+holds pair (t-1, t) of its episode, the pair whose `next` frame is this pair's `cur` frame. A pair
+without one (an episode's first pair, or frame t-1 rejected or missing, so the packer made no pair
+(t-1, t)) gets its own frame t as `prev` and `prev_valid` False.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ class PairIndex:
     episodes: np.ndarray             # int64 (pairs,): episode id, for mixing statistics
     cur: np.ndarray                  # int64 (pairs,): frame id of frame t
     next: np.ndarray                 # int64 (pairs,): frame id of frame t+1
+    prev: np.ndarray                 # int64 (pairs,): frame id of frame t-1 (of frame t where prev_valid is False)
+    prev_valid: np.ndarray           # bool (pairs,): the split holds frame t-1 of the same episode
     frame_tar: np.ndarray            # int64 (frames,): which tar holds the frame's bytes
     frame_offset: np.ndarray         # int64 (frames,): byte offset of the PNG data in that tar
     frame_size: np.ndarray           # int64 (frames,): PNG size in bytes
@@ -87,11 +94,25 @@ def build_pair_index(shard_dir: Path, split: str) -> PairIndex:
                 out.append(frames.add(identity, shard_number, offset, size, f"{sample.key}.{ext}"))
 
     as_array = lambda values: np.asarray(values, dtype=np.int64)
+    prev, prev_valid = previous_frames(as_array(cur), as_array(nxt), len(frames.member))
     return PairIndex(split=split, tars=[entry["tar"] for entry in entries], keys=keys,
                      episodes=as_array(episodes), cur=as_array(cur), next=as_array(nxt),
+                     prev=prev, prev_valid=prev_valid,
                      frame_tar=as_array(frames.tar), frame_offset=as_array(frames.offset),
                      frame_size=as_array(frames.size), frame_member=frames.member,
                      height=height, width=width)
+
+
+def previous_frames(cur: np.ndarray, nxt: np.ndarray, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair, the frame id of frame t-1 and whether there is one: the `cur` frame of the pair
+    whose `next` frame is this pair's `cur` frame. Frame ids are per (episode, t), so that pair is
+    (t-1, t) of the same episode; a rejected or missing frame t-1 has no such pair. Where there is
+    none, frame t itself stands in."""
+    cur_of_pair_ending_at = np.full(num_frames, -1, dtype=np.int64)
+    cur_of_pair_ending_at[nxt] = cur
+    prev = cur_of_pair_ending_at[cur]
+    valid = prev >= 0
+    return np.where(valid, prev, cur), valid
 
 
 class _FrameTable:
@@ -150,6 +171,25 @@ class FrameReader:
 
     def __getstate__(self):
         return {"index": self.index, "_fds": {}}     # file descriptors do not travel to spawned workers
+
+
+class PreviousFrames:
+    """Frame t-1 of pairs by key, as the PNG bytes stored in the shards (frame t's where the pair has
+    none): what extraction writes as `<key>.prev.png`, and what evaluation decodes for a model with
+    context outside the loader."""
+
+    def __init__(self, index: PairIndex):
+        self.index = index
+        self._pair = {key: pair for pair, key in enumerate(index.keys)}
+        self._reader = FrameReader(index)
+
+    def png(self, key: str) -> tuple[bytes, bool]:
+        """(PNG bytes of frame t-1, prev_valid) of pair `key`."""
+        pair = self._pair[key]
+        return self._reader.read_png(int(self.index.prev[pair])), bool(self.index.prev_valid[pair])
+
+    def close(self) -> None:
+        self._reader.close()
 
 
 def png_problem(data: bytes, height: int, width: int) -> str | None:

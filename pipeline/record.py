@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, check_output_dir, run_cli
 
 NOOP, FIRE, RIGHT, LEFT = 0, 1, 2, 3
 PADDLE_WIDTH = 16
@@ -206,6 +206,7 @@ def record(out_dir: Path, *, episodes: int, max_steps: int, seed: int = 0, worke
         raise UserError(f"--workers must be at least 1 (got {workers})")
     options = RecordOptions(max_steps=max_steps, seed=seed, frameskip=frameskip, sticky=sticky)
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
     plans = [plan_episode(seed, index) for index in range(episodes)]

@@ -12,7 +12,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Container, Iterator, Sequence
+from typing import Any, Callable, Container, Iterator, Sequence
 
 from pipeline.errors import UserError
 
@@ -95,14 +95,17 @@ class WrittenShard:
 class TarShardWriter:
     """Writes one webdataset tar byte-for-byte reproducibly (fixed mtime, owner, mode, member order)
     under a temp name, and its `.idx` alongside; `close()` renames both into place (index first,
-    tar last), so a crash at any point leaves no tar that looks complete.
+    tar last), so a crash at any point leaves no tar that looks complete. `before_publish(shard)`,
+    if given, runs once the tar is whole on disk and before it gets its name: a completion record
+    written there exists before the tar does, so no visible tar ever lacks one.
 
         with TarShardWriter(Path("out/pairs-000000.tar")) as w:
             w.add("00000_000000", {"cur.png": b"...", "next.png": b"...", "json": b"{...}"})
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, before_publish: Callable[[WrittenShard], None] | None = None):
         self.path = Path(path)
+        self.before_publish = before_publish
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = temp_path_for(self.path)
         self._file = open(self._tmp, "wb")
@@ -140,9 +143,16 @@ class TarShardWriter:
         self._file.close()
         index_path = self.path.with_suffix(".idx")
         atomic_write_bytes(index_path, self.index_text().encode())
+        written = WrittenShard(self.path, index_path, self.samples, self._hash.hexdigest())
+        if self.before_publish is not None:
+            try:
+                self.before_publish(written)
+            except BaseException:
+                self._tmp.unlink(missing_ok=True)
+                raise
         os.replace(self._tmp, self.path)
         fsync_dir(self.path.parent)
-        self.result = WrittenShard(self.path, index_path, self.samples, self._hash.hexdigest())
+        self.result = written
         return self.result
 
     def abort(self) -> None:

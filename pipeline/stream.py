@@ -3,6 +3,7 @@
     from pipeline.stream import latent_dataset
     for sample in latent_dataset("shards/latent", split="train"):
         sample["cur"], sample["codes"], sample["next"]    # float (C,210,160), int64 (7,5), float
+        sample["prev"], sample["prev_valid"]              # shards of a model with context: frame t-1, bool
 
     loader = torch.utils.data.DataLoader(latent_dataset(urls, shuffle=1000, batch_size=32),
                                          batch_size=None, num_workers=4)
@@ -127,28 +128,40 @@ def decode_codes(data: bytes) -> torch.Tensor:
     return torch.from_numpy(codes.astype(np.int64))
 
 
+FRAMES = ("cur", "next", "prev")       # "prev" only in shards of a model with context
+
+
 def decode_latent_sample(sample: dict, grayscale: bool = True, with_meta: bool = False) -> dict:
-    """A raw webdataset sample of a latent shard -> {"key", "cur", "codes", "next"} (+ "meta"), frames
-    still uint8 (H, W, C): the float conversion runs once per batch where there are batches."""
+    """A raw webdataset sample of a latent shard -> {"key", "cur", "codes", "next"} (+ "prev",
+    "prev_valid" where the shard has frame t-1; + "meta"), frames still uint8 (H, W, C): the float
+    conversion runs once per batch where there are batches."""
     out = {"key": sample["__key__"],
            "cur": decode_png(sample["cur.png"]),
            "codes": decode_codes(sample["codes.npy"]),
            "next": decode_png(sample["next.png"])}
+    meta = json.loads(sample["json"]) if with_meta or "prev.png" in sample else None
+    if "prev.png" in sample:
+        out["prev"] = decode_png(sample["prev.png"])
+        out["prev_valid"] = bool(meta.get("prev_valid", True))
     if with_meta:
-        out["meta"] = json.loads(sample["json"])
+        out["meta"] = meta
     return out
 
 
 def to_model_sample(sample: dict, grayscale: bool) -> dict:
     """uint8 frames -> float (C, H, W) in [0, 1] by the shared preprocessing."""
-    return {**sample, "cur": to_model_input(sample["cur"], grayscale), "next": to_model_input(sample["next"], grayscale)}
+    return {**sample, **{name: to_model_input(sample[name], grayscale) for name in FRAMES if name in sample}}
 
 
 def collate_latent(samples: list[dict], grayscale: bool) -> dict:
-    """Stack a batch: frames float (B, C, H, W), codes int64 (B, 7, 5), keys (and metas) as lists."""
+    """Stack a batch: frames float (B, C, H, W), codes int64 (B, 7, 5), prev_valid bool (B,), keys
+    (and metas) as lists."""
     batch = {"key": [s["key"] for s in samples], "codes": torch.stack([s["codes"] for s in samples])}
-    for name in ("cur", "next"):
-        batch[name] = to_model_input(torch.stack([s[name] for s in samples]), grayscale)
+    for name in FRAMES:
+        if name in samples[0]:
+            batch[name] = to_model_input(torch.stack([s[name] for s in samples]), grayscale)
+    if "prev_valid" in samples[0]:
+        batch["prev_valid"] = torch.tensor([s["prev_valid"] for s in samples], dtype=torch.bool)
     if "meta" in samples[0]:
         batch["meta"] = [s["meta"] for s in samples]
     return batch
@@ -168,7 +181,9 @@ def latent_dataset(source, grayscale: bool = True, *, split: str | None = None, 
                    shuffle: int = 0, seed: int = 0, batch_size: int | None = None, partial_batches: bool = True,
                    with_meta: bool = False, split_nodes: bool = True, split_workers: bool = True,
                    handler: Callable = raise_user_error) -> wds.DataPipeline:
-    """A webdataset pipeline over latent shards yielding {"key", "cur", "codes", "next"}.
+    """A webdataset pipeline over latent shards yielding {"key", "cur", "codes", "next"}, plus
+    "prev" (frame t-1, shaped like "cur") and "prev_valid" where the shards hold frame t-1 (the
+    model used context; see extract.py).
 
     source: a latent directory, a list of urls, a brace pattern or one shard (see `latent_urls`).
     shuffle: 0 keeps manifest order; n > 0 shuffles shard order (by `seed`) and samples in a buffer of n.

@@ -64,6 +64,18 @@ def test_stream_carries_actions_and_the_previous_frame(latent_dir):
             assert torch.equal(after["cur"], before["next"])
 
 
+def test_stream_uses_the_stored_previous_frame(context_latent_dir):
+    """Latents of a LAM with context hold frame t-1: it is the controller's prev even at the first
+    sample of a shard read after another episode's shard (shard order shuffled)."""
+    from pipeline.stream import latent_dataset
+
+    stored = {s["key"]: s["prev"] for s in latent_dataset(context_latent_dir, split="train", split_nodes=False,
+                                                           split_workers=False)}
+    samples = list(samples_with_prev(context_latent_dir, "train", grayscale=True, urls_seed=3))
+    assert sorted(s["key"] for s in samples) == sorted(stored)
+    assert all(torch.equal(s["prev"], stored[s["key"]]) for s in samples)
+
+
 def test_episodes_are_whole_and_in_order(latent_dir):
     episodes = read_episodes(latent_dir, "test", grayscale=True)
     for episode in episodes:

@@ -163,3 +163,28 @@ def test_probes_find_an_action_written_into_one_cell():
     assert set(move["classes"]) == set(MOVES)
     assert move["codes_linear"] > 0.95 and move["codes_mlp"] > 0.7 and move["pixel_diff"] > 0.95
     assert move["frame_t"] < 0.55 and move["majority"] < 0.5
+
+
+def test_a_context_model_is_evaluated_with_frame_t_minus_1(pair_shards, context_checkpoint, tmp_path, monkeypatch):
+    """evaluate.py gives a context model the loader's prev in every encode and decode, and the
+    action probe's train pairs (encoded now) their frame t-1 read from the shards."""
+    from model import LatentActionModel
+
+    calls = {"encode": [], "decode": []}
+    for name in calls:
+        original = getattr(LatentActionModel, name)
+
+        def recording(self, cur, second, prev=None, _original=original, _name=name):
+            calls[_name].append(None if prev is None else bool((prev != cur).any()))
+            return _original(self, cur, second, prev)
+
+        monkeypatch.setattr(LatentActionModel, name, recording)
+    metrics, _ = evaluate.evaluate(evaluate.EvaluateConfig(pair_shards, context_checkpoint, "val", tmp_path / "val",
+                                                           batch_size=32, latent=None, probe_limit=40,
+                                                           backend="torch", progress=False))
+    manifest = json.loads((pair_shards / "manifest.json").read_text())
+    assert metrics["pairs"] == manifest["splits"]["val"]["pairs"]
+    assert metrics["actions"]["train_codes_from"] == "encoded now"
+    val_batches = -(-metrics["pairs"] // 32)
+    assert len(calls["encode"]) == val_batches + -(-40 // 32) and len(calls["decode"]) == 2 * val_batches
+    assert None not in calls["encode"] + calls["decode"] and any(calls["encode"][val_batches:])

@@ -1,5 +1,6 @@
-"""extract.py: latent shards that round-trip to the model's codes and the pair shards' bytes, resume
-by skipping finished shards, refuse to mix checkpoints, and fail with one clear line on bad input."""
+"""extract.py: latent shards that round-trip to the model's codes and the pair shards' bytes (and,
+for a model with context, frame t-1's), resume by skipping finished shards, refuse to mix
+checkpoints, and fail with one clear line on bad input."""
 from __future__ import annotations
 
 import io
@@ -41,6 +42,7 @@ def test_one_latent_shard_per_pair_shard_with_the_same_pairs(pair_shards, latent
     assert latent["format"] == "lam-latent/1"
     assert latent["checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
     assert latent["checkpoint"]["step"] == 20 and latent["checkpoint"]["color"] == "gray"
+    assert latent["checkpoint"]["context"] == 0
     assert set(latent["splits"]) == set(pairs["splits"]) == {"train", "val", "test"}
     for split, info in pairs["splits"].items():
         mine = latent["splits"][split]
@@ -192,3 +194,37 @@ def test_a_half_written_latent_tar_is_redone(pair_shards, tiny_checkpoint, laten
     shard.write_bytes(whole[: len(whole) // 2])                # its .done.json still claims it finished
     assert run_extract(pair_shards, tiny_checkpoint, out) == 0
     assert shard.read_bytes() == whole
+
+
+def test_a_context_models_samples_hold_frame_t_minus_1(pair_shards, context_latent_dir, context_checkpoint):
+    """prev.png is the source bytes of frame t-1: the cur.png of the pair (same episode, t-1) found by
+    its json, wherever that pair's shard is; frame t's bytes and prev_valid False at an episode's
+    first pair. The codes are the model's given that frame t-1."""
+    from model import load_checkpoint
+
+    lam = load_checkpoint(context_checkpoint, "cpu")
+    latent = json.loads((context_latent_dir / "manifest.json").read_text())
+    assert lam.config.context == 1 and latent["checkpoint"]["context"] == 1
+    firsts = 0
+    for split, info in pair_manifest(pair_shards)["splits"].items():
+        originals = {key: m for source in info["shards"]
+                     for key, m in iter_samples(pair_shards / source["file"], pair_shards / source["index"])}
+        by_position = {(meta["episode"], meta["t"]): key
+                       for key, meta in ((k, json.loads(m["json"])) for k, m in originals.items())}
+        written = {key: m for shard in latent["splits"][split]["shards"]
+                   for key, m in iter_samples(context_latent_dir / shard["file"], context_latent_dir / shard["index"])}
+        assert list(written) == list(originals)
+        for key, members in written.items():
+            assert list(members) == ["cur.png", "next.png", "prev.png", "codes.npy", "json"]
+            pair_meta = json.loads(originals[key]["json"])
+            before = by_position.get((pair_meta["episode"], pair_meta["t"] - 1))
+            assert members["prev.png"] == originals[before or key]["cur.png"], key
+            assert json.loads(members["json"]) == {**pair_meta, "prev_valid": before is not None,
+                                                   "checkpoint": {"sha256": sha256_file(context_checkpoint),
+                                                                  "step": 10}}
+            firsts += before is None
+        keys = list(written)
+        cur, nxt, prev = (torch.stack([decode(written[k][m]) for k in keys]) for m in ("cur.png", "next.png", "prev.png"))
+        stored = np.stack([np.load(io.BytesIO(written[k]["codes.npy"])) for k in keys])
+        assert np.array_equal(stored, lam.encode(cur, nxt, prev).numpy())
+    assert firsts == sum(len(info["episodes"]) for info in pair_manifest(pair_shards)["splits"].values())

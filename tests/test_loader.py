@@ -1,6 +1,8 @@
 """pipeline/loader.py: both backends against a PIL reference read straight from the tars, sampling
-(every pair once, episode mixing, DDP shares), exact resume, cache on == cache off, and clear errors.
-Real DALI and real DataLoader workers throughout; the shards are the session's `pair_shards`."""
+(every pair once, episode mixing, DDP shares), exact resume, cache on == cache off, frame t-1 with
+context=1 (against the pair (t-1, t) found by its json, also after rejected frames), and clear
+errors. Real DALI and real DataLoader workers throughout; the shards are the session's `pair_shards`
+(and `broken_shards` for rejected frames)."""
 from __future__ import annotations
 
 import io
@@ -40,20 +42,51 @@ def take(loader, count=None) -> list[dict]:
 def assert_same_batches(got: list[dict], expected: list[dict]) -> None:
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
-        assert a["key"] == b["key"]
-        assert torch.equal(a["cur"], b["cur"]) and torch.equal(a["next"], b["next"])
+        assert a["key"] == b["key"] and a.keys() == b.keys()
+        for name in ("cur", "next", "prev", "prev_valid"):
+            assert name not in a or torch.equal(a[name], b[name]), name
+
+
+def split_samples_from_tars(shards: Path, split: str) -> dict[str, dict[str, bytes]]:
+    """key -> {"cur.png", "next.png", "json"} of every pair in manifest order, read with tarfile:
+    independent of the loader."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in manifest["splits"][split]["shards"]:
+        with tarfile.open(shards / shard["file"]) as tar:
+            for member in tar.getmembers():                                       # tar order
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
 
 
 def split_pairs_from_tars(shards: Path, split: str) -> list[tuple[str, bytes, bytes]]:
-    """(key, cur.png, next.png) of every pair in manifest order, read with tarfile: independent of the loader."""
-    manifest = json.loads((shards / "manifest.json").read_text())
-    pairs = []
-    for shard in manifest["splits"][split]["shards"]:
-        with tarfile.open(shards / shard["file"]) as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-        keys = list(dict.fromkeys(name.split(".", 1)[0] for name in members))      # tar order
-        pairs += [(key, members[f"{key}.cur.png"], members[f"{key}.next.png"]) for key in keys]
-    return pairs
+    """(key, cur.png, next.png) of every pair in manifest order."""
+    return [(key, m["cur.png"], m["next.png"]) for key, m in split_samples_from_tars(shards, split).items()]
+
+
+def prev_reference(samples: dict[str, dict[str, bytes]]) -> dict[str, tuple[bytes, bool]]:
+    """key -> (PNG of frame t-1, whether there is one): the cur.png of the pair whose json says it is
+    (same episode, t-1); frame t's own PNG where the split has no such pair."""
+    metas = {key: json.loads(m["json"]) for key, m in samples.items()}
+    by_position = {(meta["episode"], meta["t"]): key for key, meta in metas.items()}
+    reference = {}
+    for key, meta in metas.items():
+        before = by_position.get((meta["episode"], meta["t"] - 1))
+        reference[key] = (samples[before]["cur.png"], True) if before else (samples[key]["cur.png"], False)
+    return reference
+
+
+def assert_prev_matches_reference(batches: list[dict], reference: dict[str, tuple[bytes, bool]],
+                                  grayscale: bool = True) -> None:
+    for batch in batches:
+        assert batch["prev"].shape == batch["cur"].shape and batch["prev"].dtype == batch["cur"].dtype
+        assert batch["prev_valid"].dtype == torch.bool and batch["prev_valid"].shape == (len(batch["key"]),)
+        expected = [reference[key] for key in batch["key"]]
+        assert torch.equal(batch["prev"], pil_reference([png for png, _ in expected], grayscale))
+        assert batch["prev_valid"].tolist() == [valid for _, valid in expected]
+        # where there is no frame t-1, frame t stands in
+        assert torch.equal(batch["prev"][~batch["prev_valid"]], batch["cur"][~batch["prev_valid"]])
 
 
 def pil_reference(pngs: list[bytes], grayscale: bool) -> torch.Tensor:
@@ -165,6 +198,20 @@ def test_resume_yields_what_the_uninterrupted_loader_would(pair_shards, backend,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_mid_epoch_resume_with_context_yields_the_same_prev(pair_shards, backend):
+    options = dict(split="val", batch_size=8, backend=backend, seed=5, with_keys=True, context=1)
+    reference = load(pair_shards, **options)
+    uninterrupted = take(reference)
+    stop = len(reference) // 2
+    interrupted = load(pair_shards, **options)
+    take(interrupted, stop)
+    resumed = load(pair_shards, **options)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert_same_batches(take(resumed), uninterrupted[stop:])
+    assert all("prev" in batch for batch in uninterrupted)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_pass_left_half_way_ends_its_epoch(pair_shards, tmp_path, backend):
     """train.py's validation stops after a few batches; the next pass starts the next epoch (the
     decoder, stopped mid-pass, starts afresh), and the state survives torch.load(weights_only=True)."""
@@ -200,15 +247,18 @@ def test_loading_a_state_from_another_loader_configuration_is_refused(pair_shard
 
 
 # ---------------------------------------------------------------------- backends and the cache
-def test_dali_and_torch_backends_give_identical_batches(pair_shards):
-    dali = take(load(pair_shards, backend="dali", seed=3, with_keys=True, drop_last=False))
-    plain = take(load(pair_shards, backend="torch", seed=3, with_keys=True, drop_last=False))
+@pytest.mark.parametrize("context", [0, 1])
+def test_dali_and_torch_backends_give_identical_batches(pair_shards, context):
+    dali = take(load(pair_shards, backend="dali", seed=3, with_keys=True, drop_last=False, context=context))
+    plain = take(load(pair_shards, backend="torch", seed=3, with_keys=True, drop_last=False, context=context))
+    assert ("prev" in dali[0]) == bool(context)
     assert_same_batches(dali, plain)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cache_on_equals_cache_off(pair_shards, backend):
-    options = dict(split="val", backend=backend, with_keys=True, grayscale=False)
+@pytest.mark.parametrize("context", [0, 1])
+def test_cache_on_equals_cache_off(pair_shards, backend, context):
+    options = dict(split="val", backend=backend, with_keys=True, grayscale=False, context=context)
     cached, streamed = load(pair_shards, cache=True, **options), load(pair_shards, cache=False, **options)
     assert cached.cached and not streamed.cached
     for _ in range(2):                     # the first pass fills the cache, the second reads it
@@ -222,6 +272,100 @@ def test_cache_follows_the_budget(pair_shards):
     # every frame sits in two pairs but is decoded (and cached) once
     pairs = load(pair_shards, backend="torch").index.num_pairs
     assert index_frames < 1.2 * pairs
+
+
+# ------------------------------------------------------------------------ frame t-1 (context=1)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "stream"])
+def test_prev_is_frame_t_minus_1_of_the_same_episode(pair_shards, backend, cache):
+    """Every pair of a shuffled epoch: prev is the cur.png of the pair (t-1, t) of its episode (by
+    the pairs' json), bit for bit; at each episode's first pair it is frame t, with prev_valid False."""
+    samples = split_samples_from_tars(pair_shards, "train")
+    reference = prev_reference(samples)
+    batches = take(load(pair_shards, backend=backend, cache=cache, context=1, with_keys=True, drop_last=False))
+    assert sorted(key for batch in batches for key in batch["key"]) == sorted(samples)
+    assert_prev_matches_reference(batches, reference)
+
+    valid = {key: bool(v) for batch in batches for key, v in zip(batch["key"], batch["prev_valid"])}
+    metas = {key: json.loads(m["json"]) for key, m in samples.items()}
+    first_pairs = {episode: min(meta["t"] for meta in metas.values() if meta["episode"] == episode)
+                   for episode in {meta["episode"] for meta in metas.values()}}
+    # the recordings have no gaps: exactly the first pair of each episode has no frame t-1
+    assert sorted(key for key, v in valid.items() if not v) == sorted(
+        key for key, meta in metas.items() if meta["t"] == first_pairs[meta["episode"]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prev_is_never_a_rejected_or_missing_frame(broken_shards, backend):
+    """After a frame the packer rejected (or a gap in the numbering) the next pair has no frame t-1:
+    prev is frame t, prev_valid False; every other pair's prev is the reference frame t-1."""
+    manifest = json.loads((broken_shards / "manifest.json").read_text())
+    bad = {tuple(path.rsplit("/", 1)) for path in [r["file"] for r in manifest["rejected"]] + manifest["missing"]}
+    after_bad = 0
+    for split in ("train", "val", "test"):
+        samples = split_samples_from_tars(broken_shards, split)
+        batches = take(load(broken_shards, split, backend=backend, context=1, with_keys=True, shuffle=False,
+                            drop_last=False))
+        assert_prev_matches_reference(batches, prev_reference(samples))
+        for batch in batches:
+            for key, valid in zip(batch["key"], batch["prev_valid"].tolist()):
+                meta = json.loads(samples[key]["json"])
+                if (meta["episode"], f"{meta['t'] - 1}.png") in bad:
+                    after_bad += 1
+                    assert not valid, key
+    assert after_bad >= 6          # A: after 5, 8, 20, 30; B: after 3, 10, 12, 30
+
+
+def test_context_changes_no_sampling_and_no_rank_share(pair_shards):
+    """context=1 adds prev to the same batches: same pairs, same cur and next, per DDP rank."""
+    for rank in range(2):
+        options = dict(backend="torch", seed=4, with_keys=True, rank=rank, world_size=2)
+        plain, with_prev = take(load(pair_shards, **options)), take(load(pair_shards, context=1, **options))
+        assert_same_batches([{k: v for k, v in b.items() if k not in ("prev", "prev_valid")} for b in with_prev],
+                            plain)
+        assert "prev" not in plain[0] and "prev_valid" not in plain[0]
+
+
+class DecodeLog:
+    """Wraps a loader's decoder: the frame ids of every job it is asked to decode."""
+
+    def __init__(self, loader):
+        self.jobs: list[np.ndarray] = []
+        decode = loader.decoder.decode
+
+        def logged(jobs):
+            self.jobs += [np.asarray(job) for job in jobs]
+            return decode(jobs)
+
+        loader.decoder.decode = logged
+
+
+def test_cache_serves_prev_without_decoding_a_frame_twice(pair_shards):
+    loader = load(pair_shards, backend="torch", cache=True, context=1)
+    log = DecodeLog(loader)
+    take(loader), take(loader)
+    decoded = np.concatenate(log.jobs)
+    assert np.array_equal(np.sort(decoded), np.arange(loader.index.num_frames))
+
+
+def test_streamed_batches_decode_each_of_their_frames_once(pair_shards):
+    loader = load(pair_shards, "val", batch_size=8, backend="torch", cache=False, context=1, shuffle=False,
+                  drop_last=False)
+    log = DecodeLog(loader)
+    take(loader)
+    index, batches = loader.index, loader.schedule.batches(0)
+    assert len(log.jobs) == len(batches)
+    for job, pairs in zip(log.jobs, batches):
+        needed = np.concatenate([index.cur[pairs], index.next[pairs], index.prev[pairs]])
+        assert len(job) == len(set(job.tolist())) and set(job.tolist()) == set(needed.tolist())
+    # in order, a batch's prev frames are its own cur frames but for the first: about one frame a pair
+    assert sum(len(job) for job in log.jobs) <= index.num_frames + 2 * len(batches)
+
+
+@pytest.mark.parametrize("context", [2, -1])
+def test_context_beyond_one_frame_is_refused(pair_shards, context):
+    with pytest.raises(UserError, match=rf"context must be 0 \(frames t, t\+1\) or 1 \(frame t-1 too\), got {context}"):
+        load(pair_shards, backend="torch", context=context)
 
 
 # ----------------------------------------------------------------------------------- errors

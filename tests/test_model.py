@@ -256,3 +256,84 @@ def test_model_option_values_are_validated():
         ModelConfig(encoder_input="t_only")
     with pytest.raises(ValueError, match="changed_pixel_weight"):
         ModelConfig(changed_pixel_weight=0.5)
+
+
+# ------------------------------------------------------------------------ frame t-1 (context=1)
+def context_model(**options) -> LatentActionModel:
+    torch.manual_seed(0)
+    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, context=1, **options))
+    cur, nxt = frames(4, seed=1)
+    model.train()(cur, nxt, prev=frames(4, seed=5)[0])["loss"].backward()     # seed codebook, move BatchNorm
+    return model.eval()
+
+
+@pytest.mark.parametrize("encoder_input, encoder_frames", [("difference", 2), ("pair", 3), ("pair_difference", 3)])
+def test_context_model_sees_frame_t_minus_1(encoder_input, encoder_frames):
+    """The encoder gets the previous change (C more channels), the decoder's frame stack
+    concat(t, t - (t-1)); both change with prev."""
+    model = context_model(encoder_input=encoder_input)
+    assert model.encoder.stack[0][0].weight.shape[1] == encoder_frames
+    assert model.decoder.frame_stack[0][0].weight.shape[1] == 2
+    cur, nxt = frames(3, seed=2)
+    prev, other = frames(3, seed=3)[0], frames(3, seed=4)[0]
+    with torch.no_grad():
+        assert not torch.allclose(model.encoder(cur, nxt, prev), model.encoder(cur, nxt, other))
+        latent = model.quantizer.lookup(model.encode(cur, nxt, prev))
+        assert not torch.allclose(model.decoder.frame_stack(model.decoder.frame_input(cur, prev)),
+                                  model.decoder.frame_stack(model.decoder.frame_input(cur, other)))
+        assert model.decoder(cur, latent, prev).shape == cur.shape
+
+
+@pytest.mark.parametrize("encoder_input", ["difference", "pair", "pair_difference"])
+def test_context_model_keeps_the_api(encoder_input):
+    model = context_model(encoder_input=encoder_input)
+    cur, nxt = frames(3, seed=2)
+    prev = frames(3, seed=3)[0]
+    out = model(cur, nxt, prev)
+    codes = model.encode(cur, nxt, prev)
+    assert torch.equal(codes, out["codes"]) and out["pred"].shape == (3, 1, 210, 160)
+    torch.testing.assert_close(model.decode(cur, codes, prev), out["pred"], rtol=0, atol=1e-6)
+    # given no prev, a context model takes frame t (as the loader does at an episode's first pair)
+    assert torch.equal(model.encode(cur, nxt), model.encode(cur, nxt, cur))
+    assert torch.equal(model.decode(cur, codes), model.decode(cur, codes, cur))
+    assert torch.equal(model(cur, nxt)["pred"], model(cur, nxt, cur)["pred"])
+
+
+def test_model_without_context_ignores_prev():
+    torch.manual_seed(0)
+    model = LatentActionModel(SMALL)
+    model.train()(*frames(4, seed=1))
+    model.eval()
+    cur, nxt = frames(3, seed=2)
+    prev = frames(3, seed=3)[0]
+    codes = model.encode(cur, nxt)
+    assert torch.equal(model.encode(cur, nxt, prev), codes)
+    assert torch.equal(model.decode(cur, codes, prev), model.decode(cur, codes))
+
+
+@pytest.mark.parametrize("context", [0, 1])
+@pytest.mark.parametrize("call", ["encode", "decode", "forward"])
+def test_prev_of_the_wrong_shape_is_refused(context, call):
+    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, context=context)).eval()
+    cur, nxt = frames(2)
+    codes = torch.zeros(2, 7, 5, dtype=torch.int64)
+    wrong = torch.rand(2, 3, 210, 160)
+    run = {"encode": lambda: model.encode(cur, nxt, wrong), "decode": lambda: model.decode(cur, codes, wrong),
+           "forward": lambda: model(cur, nxt, wrong)}[call]
+    with pytest.raises(ValueError, match=r"prev has shape \(2, 3, 210, 160\), but cur has \(2, 1, 210, 160\)"):
+        run()
+
+
+def test_context_is_validated_and_old_configs_load_as_context_0(tmp_path):
+    for context in (2, -1):
+        with pytest.raises(ValueError, match=f"context must be 0 .* or 1 .*, got {context}"):
+            ModelConfig(context=context)
+    saved = ModelConfig(width=0.125).to_dict()
+    del saved["context"]                                  # a checkpoint from before the field
+    assert ModelConfig.from_dict(saved).context == 0
+    assert ModelConfig.from_dict(ModelConfig(width=0.125, context=1).to_dict()).context == 1
+    model = LatentActionModel(ModelConfig.from_dict(saved))
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": {"model": saved, "train": {}},
+                "step": 3}, tmp_path / "old.pt")
+    lam = load_checkpoint(tmp_path / "old.pt", "cpu")
+    assert lam.config.context == 0 and lam.decoder.frame_stack[0][0].weight.shape[1] == 1

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import zlib
@@ -20,6 +19,8 @@ from pipeline import pack as packer
 from pipeline.errors import UserError, run_cli
 from pipeline.pack import Frame, assign_splits, check_frame, pack, split_counts
 from pipeline.shards import iter_samples, load_manifest, sha256_file
+
+from bad_frames import copy_episode, make_broken_videos, rewrite_idat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,12 +56,6 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def copy_episode(videos: Path, index: int, dst: Path) -> Path:
-    source = sorted(videos.iterdir())[index]
-    shutil.copytree(source, dst)
-    return dst
 
 
 # ------------------------------------------------------------------------------- good input
@@ -183,47 +178,10 @@ def test_webdataset_library_reads_shards(pair_shards):
 
 
 # ------------------------------------------------------------------------------- bad input
-def rewrite_idat(data: bytes, change) -> bytes:
-    """`data` with its IDAT payload changed by `change` and the chunk CRC made valid again."""
-    pos = 8
-    while True:
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        if kind == b"IDAT":
-            body = change(data[pos + 8:pos + 8 + length])
-            chunk = struct.pack(">I4s", len(body), kind) + body + struct.pack(">I", zlib.crc32(kind + body))
-            return data[:pos] + chunk + data[pos + 12 + length:]
-        pos += 12 + length
-
-
 @pytest.fixture
 def broken(videos, tmp_path) -> Path:
     """Four episodes with every kind of bad and unusual frame (see the expectations below)."""
-    src = tmp_path / "broken"
-    a = copy_episode(videos, 0, src / "A bad bytes")
-    (a / "5.png").write_bytes(b"hello, not a png")
-    (a / "8.png").write_bytes((a / "8.png").read_bytes()[:300])
-    (a / "20.png").write_bytes(b"")
-    shutil.copy(a / "30.png", a / "030.png")        # two files claim frame 30
-    b = copy_episode(videos, 1, src / "B [gaps].v2")
-    Image.open(b / "3.png").resize((80, 100)).save(b / "3.png")
-    (b / "10.png").unlink()
-    data = bytearray((b / "12.png").read_bytes())
-    data[len(data) // 2] ^= 0xFF                    # a flipped byte inside the image data: CRC fails
-    (b / "12.png").write_bytes(bytes(data))
-    good = (b / "30.png").read_bytes()              # valid CRCs, but the deflate stream is cut short
-    (b / "30.png").write_bytes(rewrite_idat(good, lambda body: body[: len(body) // 2]))
-    (b / "meta.jsonl").write_text((b / "meta.jsonl").read_text() + "{not json\n")
-    c = copy_episode(videos, 2, src / "C converted")
-    Image.open(c / "1.png").convert("L").save(c / "1.png")
-    Image.open(c / "2.png").convert("RGBA").save(c / "2.png")
-    Image.open(c / "3.png").quantize(16).save(c / "3.png")
-    gray16 = (np.asarray(Image.open(c / "4.png").convert("L")).astype(np.uint16) * 257)
-    Image.fromarray(gray16).save(c / "4.png")
-    assert Image.open(c / "4.png").mode.startswith("I")
-    d = src / "D one frame"
-    d.mkdir()
-    shutil.copy(c / "0.png", d / "0.png")
-    return src
+    return make_broken_videos(videos, tmp_path / "broken")
 
 
 BROKEN_REJECTED = {"A bad bytes/5.png": "not a PNG", "A bad bytes/8.png": "truncated PNG",

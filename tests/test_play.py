@@ -1,5 +1,6 @@
 """play.py and control/{rollout,server}.py: rollouts and their metrics, controllability scoring, the
-play page's server (its files only, 4xx for bad requests, a clear page without a model) and a real
+play page's server (its files only, 4xx for bad requests, a burst of concurrent steps, idle
+connections closed, POSTs from its own origin only, a clear page without a model) and a real
 headless Chromium pressing keys on the page."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ import play
 from control import Controller, ControllerConfig, Simulator, save_controller
 from control.data import read_episodes
 from control.rollout import HorizonMeter, direction_score, run_rollouts
-from control.server import Game, StartFrame, make_server
+from control.server import STATIC_DIR, Game, StartFrame, make_server
 from model import load_checkpoint
 from evaluation.events import PADDLE_BOTTOM, PADDLE_TOP, detect_elements
 
@@ -61,6 +63,19 @@ def test_rollout_yields_frames_fed_back_in(sim, episodes):
     # step 2 decodes step 1's frame: the model's own output is its next input
     codes = sim.codes(out[0], frames[1:3], torch.tensor([3, 3]))
     assert torch.allclose(sim.decode(out[0], codes), out[1])
+
+
+def test_a_context_lam_decodes_with_the_previous_frame(context_checkpoint, controller_path, episodes):
+    """Rolled out, a LAM with context gets frame t-1 each step: the recorded one at the start, then
+    the frame it generated the step before."""
+    from control import load_controller
+
+    sim = Simulator(load_checkpoint(context_checkpoint), load_controller(controller_path))
+    frames, actions = episodes[0].frames, torch.tensor([[2, 3, 0], [3, 3, 1]])
+    out = list(sim.rollout(frames[1:3], frames[0:2], actions))
+    for step, (cur, prev) in enumerate([(frames[1:3], frames[0:2]), (out[0], frames[1:3]), (out[1], out[0])]):
+        codes = sim.codes(cur, prev, actions[:, step])
+        torch.testing.assert_close(sim.decode(cur, codes, prev), out[step], rtol=0, atol=1e-6)
 
 
 def test_rollout_metrics_have_one_value_per_horizon(sim, episodes):
@@ -118,15 +133,16 @@ def test_rollout_cli_writes_report_gifs_and_figures(tiny_checkpoint, controller_
 
 
 # ------------------------------------------------------------------------------------ server
-def start_server(game, problem=None):
-    server = make_server("127.0.0.1", 0, game, problem)
+def start_server(game, problem=None, **options):
+    server = make_server("127.0.0.1", 0, game, problem, **options)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 
 def request(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
     connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
-    connection.putrequest(method, path, skip_accept_encoding=True)     # the path goes out byte for byte
+    connection.putrequest(method, path, skip_accept_encoding=True,     # the path goes out byte for byte
+                          skip_host="Host" in (headers or {}))
     for name, value in {"Content-Length": str(len(body or b"")), **(headers or {})}.items():
         connection.putheader(name, value)
     connection.endheaders(body)
@@ -170,13 +186,38 @@ def test_page_and_steps(game_server):
     assert frame_of(answer).shape == (210, 160) and set(answer["timing_ms"]) == {"controller", "decoder", "png"}
 
 
-@pytest.mark.parametrize("path", ["/../pyproject.toml", "/%2e%2e/%2e%2e/etc/passwd", "/..%2fplay.py",
-                                  "/static/../../play.py", "/play.js/../../play.py", "//etc/passwd", "/etc/passwd",
-                                  "/%2Fetc%2Fpasswd", "/control/static/index.html", "/server.py", "/.%2e/play.py",
-                                  "http://127.0.0.1/../../etc/passwd", "/..\\..\\play.py", "/play.js%00.html"])
+# The first three do reach real files when joined naively to the static folder (see the next test):
+# a server that served STATIC_DIR / unquote(path) would answer them with play.py, pyproject.toml
+# and /etc/passwd.
+TRAVERSALS = ["/../../play.py", "/%2e%2e/%2e%2e/pyproject.toml", "/" + "../" * 24 + "etc/passwd",
+              "/../pyproject.toml", "/%2e%2e/%2e%2e/etc/passwd", "/..%2fplay.py",
+              "/static/../../play.py", "/play.js/../../play.py", "//etc/passwd", "/etc/passwd",
+              "/%2Fetc%2Fpasswd", "/control/static/index.html", "/server.py", "/.%2e/play.py",
+              "http://127.0.0.1/../../etc/passwd", "/..\\..\\play.py", "/play.js%00.html"]
+
+
+def files_a_naive_server_would_serve(path: str) -> list[Path]:
+    """What `path` names when joined to the static folder, decoded once or not at all."""
+    found = []
+    for url_path in {urlsplit(path).path, unquote(urlsplit(path).path)}:
+        candidate = Path(os.path.normpath(STATIC_DIR / url_path.lstrip("/")))
+        if "\0" not in str(candidate) and candidate.is_file():
+            found.append(candidate)
+    return found
+
+
+def test_the_traversal_paths_reach_real_files():
+    assert [files_a_naive_server_would_serve(path)[0].name for path in TRAVERSALS[:3]] == \
+        ["play.py", "pyproject.toml", "passwd"]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
 def test_no_file_outside_the_page(game_server, path):
     status, body = request(game_server, "GET", path)
     assert 400 <= status < 500
+    for reached in files_a_naive_server_would_serve(path):
+        if reached.parent != STATIC_DIR:
+            assert reached.read_bytes() not in body, reached
     assert b"root:" not in body and b"import" not in body
 
 
@@ -187,6 +228,9 @@ def test_bad_requests_are_4xx_not_tracebacks(game_server):
     assert request(game_server, "POST", step, b"[1, 2]")[0] == 400
     assert request(game_server, "POST", step, b"x", {"Content-Length": "999999"})[0] == 413
     assert request(game_server, "POST", step, b"", {"Content-Length": "-5"})[0] == 400
+    assert request(game_server, "POST", step, b"[" * 1000)[0] == 400           # RecursionError inside json
+    assert request(game_server, "POST", step, b"x", {"Content-Length": "\u00b2"})[0] == 400   # '²'.isdigit()
+    assert request(game_server, "POST", step, b"x", {"Content-Length": "1\u00b9"})[0] == 400   # '¹' too
     assert request(game_server, "GET", step)[0] == 405
     assert request(game_server, "PUT", "/")[0] == 405
     assert request(game_server, "DELETE", "/api/restart")[0] == 405
@@ -195,6 +239,95 @@ def test_bad_requests_are_4xx_not_tracebacks(game_server):
     assert b"400" in raw_request(game_server, b"NONSENSE\r\n\r\n")         # no status line: HTTP/0.9 style
     assert raw_request(game_server, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n").split(b" ")[1].startswith(b"4")
     assert request(game_server, "GET", "/")[0] == 200            # and it still serves
+
+
+def paddle_game(episodes) -> Game:
+    frames = [f for e in episodes for f in e.frames if (x := detect_elements(f).paddle_x) is not None and x < 100]
+    assert frames, "no test frame with the paddle away from the right wall"
+    return Game(PaddleScript(), [StartFrame(frames[0], frames[0])], seed=0)
+
+
+def test_a_burst_of_concurrent_steps_is_served_in_full_and_in_order(episodes):
+    server = start_server(paddle_game(episodes))
+    answers, failures, start = [], [], threading.Barrier(200)
+
+    def step():
+        start.wait()
+        try:
+            status, body = request(server, "POST", "/api/step", b'{"action": "NOOP"}')
+            answers.append((status, json.loads(body)["step"]))
+        except Exception as error:                   # a reset connection, a timeout
+            failures.append(repr(error))
+
+    threads = [threading.Thread(target=step) for _ in range(200)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not failures, f"{len(failures)} of 200 failed, e.g. {failures[0]}"
+    assert sorted(answers) == [(200, n) for n in range(1, 201)]        # one model step at a time
+
+
+def test_an_idle_connection_is_closed_after_the_timeout(episodes):
+    import socket
+
+    server = start_server(paddle_game(episodes), idle_timeout=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as silent:
+            began = time.perf_counter()
+            assert silent.recv(1024) == b""                            # closed by the server, no answer
+            assert time.perf_counter() - began < 5
+        kept_alive = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        kept_alive.request("GET", "/api/state")
+        assert kept_alive.getresponse().read()
+        time.sleep(1.5)                                                # idle after one request
+        assert kept_alive.sock.recv(1024) == b""
+        kept_alive.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_posts_only_from_the_page_itself(game_server):
+    port = game_server.server_address[1]
+    step = "/api/step"
+    body = json.dumps({"action": "NOOP"}).encode()
+    steps = lambda: json.loads(request(game_server, "GET", "/api/state")[1])["step"]  # noqa: E731
+    before = steps()
+    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                    {"Origin": f"http://127.0.0.1:{port + 1}"},             # another local page
+                    {"Host": f"evil.example:{port}"},                        # DNS rebinding
+                    {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}):
+        status, answer = request(game_server, "POST", step, body, headers)
+        assert status == 403 and "error" in json.loads(answer), headers
+        assert request(game_server, "POST", "/api/restart", b"", headers)[0] == 403
+    two_hosts = (b"POST /api/step HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nHost: evil.example:%d\r\n"
+                 b"Content-Length: 2\r\n\r\n{}" % (port, port))
+    assert raw_request(game_server, two_hosts).startswith(b"HTTP/1.1 403")
+    assert steps() == before                                                # none of them played
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+        status, _ = request(game_server, "POST", step, body, {"Host": host, "Origin": f"http://{host}"})
+        assert status == 200, host
+    assert request(game_server, "POST", step, body)[0] == 200                # no Origin: not a browser's cross-site POST
+    assert steps() == before + 4
+
+
+def test_the_names_the_server_answers_to():
+    local, everywhere = make_server("127.0.0.1", 0, None), make_server("0.0.0.0", 0, None)
+    try:
+        port, other = local.server_address[1], everywhere.server_address[1]
+        assert all(local.serves_host(f"{name}:{port}") for name in ("127.0.0.1", "localhost", "[::1]"))
+        assert not any(local.serves_host(host) for host in (f"127.0.0.1:{port + 1}", "127.0.0.1", f"10.0.0.7:{port}",
+                                                           f"evil.example:{port}", f"127.0.0.1:{port}@evil", ""))
+        assert all(everywhere.serves_host(f"{name}:{other}") for name in ("localhost", "10.0.0.7", "[fe80::1]"))
+        assert not everywhere.serves_host(f"evil.example:{other}")       # a domain rebound to this machine
+    finally:
+        local.server_close()
+        everywhere.server_close()
 
 
 def test_missing_checkpoint_gives_a_clear_page(tmp_path, controller_path, latent_dir):
@@ -235,7 +368,7 @@ class PaddleScript:
     def codes(self, cur, prev, action, random_codes=None):
         return action.view(-1, 1, 1).expand(-1, 7, 5).clone()
 
-    def decode(self, cur, codes):
+    def decode(self, cur, codes, prev=None):
         shift = {2: 4, 3: -4}.get(int(codes[0, 0, 0]), 0)
         x = detect_elements(cur[0]).paddle_x
         nxt = cur.clone()
@@ -255,9 +388,7 @@ def test_browser_arrow_keys_move_the_paddle(episodes):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    frames = [f for e in episodes for f in e.frames if (x := detect_elements(f).paddle_x) is not None and x < 100]
-    assert frames, "no test frame with the paddle away from the right wall"
-    server = start_server(Game(PaddleScript(), [StartFrame(frames[0], frames[0])], seed=0))
+    server = start_server(paddle_game(episodes))
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=800,1000"):

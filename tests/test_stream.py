@@ -1,4 +1,5 @@
-"""pipeline/stream.py: the downstream webdataset reader of latent shards, `.tar` and `.tar.zst`."""
+"""pipeline/stream.py: the downstream webdataset reader of latent shards, `.tar` and `.tar.zst`, with
+and without frame t-1 (`prev`, from a model with context)."""
 from __future__ import annotations
 
 import io
@@ -46,6 +47,34 @@ def test_reads_every_sample_in_manifest_order_with_the_right_tensors(latent_dir,
         assert np.array_equal(sample["codes"].numpy(), np.load(io.BytesIO(raw["codes.npy"])))
         rgb = torch.from_numpy(np.array(Image.open(io.BytesIO(raw["next.png"])).convert("RGB")))
         assert torch.equal(sample["next"], to_model_input(rgb, grayscale=True))   # the shared preprocessing
+
+
+def test_shards_without_frame_t_minus_1_yield_no_prev(latent_dir):
+    sample = next(iter(latent_dataset(latent_dir, split="val")))
+    batch = next(iter(latent_dataset(latent_dir, split="val", batch_size=4)))
+    assert "prev" not in sample and "prev_valid" not in sample and "prev" not in batch and "prev_valid" not in batch
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["tar", "tar.zst"])
+def test_latent_round_trip_keeps_prev(context_latent_dir, compressed):
+    """Samples and batches carry prev (frame t-1, the stored prev.png through the shared
+    preprocessing) and prev_valid (the json's), from .tar and .tar.zst alike."""
+    manifest = json.loads((context_latent_dir / "manifest.json").read_text())
+    raw = {key: m for shard in manifest["splits"]["val"]["shards"]
+           for key, m in iter_samples(context_latent_dir / shard["file"], context_latent_dir / shard["index"])}
+    samples = list(latent_dataset(context_latent_dir, split="val", compressed=compressed))
+    assert [s["key"] for s in samples] == list(raw)
+    for sample in samples:
+        members = raw[sample["key"]]
+        expected = torch.from_numpy(np.array(Image.open(io.BytesIO(members["prev.png"])).convert("L")))[None] / 255
+        assert sample["prev"].shape == sample["cur"].shape == (1, 210, 160)
+        assert torch.equal(sample["prev"], expected)
+        assert sample["prev_valid"] == json.loads(members["json"])["prev_valid"]
+    assert [s["prev_valid"] for s in samples].count(False) == len(manifest["splits"]["val"]["episodes"])
+    batches = list(latent_dataset(context_latent_dir, split="val", compressed=compressed, batch_size=8))
+    assert torch.equal(torch.cat([b["prev"] for b in batches]), torch.stack([s["prev"] for s in samples]))
+    assert batches[0]["prev_valid"].dtype == torch.bool
+    assert torch.cat([b["prev_valid"] for b in batches]).tolist() == [s["prev_valid"] for s in samples]
 
 
 def test_decoding_and_shared_gray_match_pil(raw_samples):

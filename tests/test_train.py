@@ -174,6 +174,7 @@ def test_manifest_of_another_format_is_one_clear_error(pair_shards, tmp_path, ca
     ("iters=many", "--set iters: bad value 'many'"),
     ("amp=fp8", "amp must be"),
     ("compile", "expected field=value"),
+    ("context=2", "bad configuration: context must be 0 (frames t, t+1) or 1 (frame t-1 too), got 2"),
 ])
 def test_bad_set_is_one_clear_error(pair_shards, tmp_path, capsys, setting, message):
     assert train.main(tiny_args(pair_shards, tmp_path, 2, "--set", setting)) == 2
@@ -183,8 +184,8 @@ def test_bad_set_is_one_clear_error(pair_shards, tmp_path, capsys, setting, mess
 def test_non_finite_loss_stops_with_a_clear_error(pair_shards, tmp_path, capsys, monkeypatch):
     forward = LatentActionModel.forward
 
-    def poisoned(self, cur, nxt):
-        out = forward(self, cur, nxt)
+    def poisoned(self, cur, nxt, prev=None):
+        out = forward(self, cur, nxt, prev)
         return {**out, "loss": out["loss"] * float("nan")}
 
     monkeypatch.setattr(LatentActionModel, "forward", poisoned)
@@ -192,6 +193,26 @@ def test_non_finite_loss_stops_with_a_clear_error(pair_shards, tmp_path, capsys,
     captured = capsys.readouterr().err
     assert "non-finite loss at step 1" in captured and "(2/2 in a row): stopping" in captured
     assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("step-*.pt"))
+
+
+def test_context_run_feeds_prev_to_training_and_validation(context_checkpoint, pair_shards, tmp_path, monkeypatch):
+    """--set context=1 builds a context model and loaders with prev, and every forward (training
+    steps and validation) gets the batch's prev: frame t-1, not frame t, wherever the pair has one."""
+    state = torch.load(context_checkpoint, weights_only=True)
+    assert state["config"]["model"]["context"] == 1 and state["config"]["train"]["context"] == 1
+    assert state["model"]["decoder.frame_stack.0.0.weight"].shape[1] == 2
+
+    forward, seen = LatentActionModel.forward, []
+
+    def recording(self, cur, nxt, prev=None):
+        seen.append((self.training, None if prev is None else bool((prev != cur).any())))
+        return forward(self, cur, nxt, prev)
+
+    monkeypatch.setattr(LatentActionModel, "forward", recording)
+    assert train.main(tiny_args(pair_shards, tmp_path, 5, "--set", "context=1")) == 0
+    assert None not in {differs for _, differs in seen}
+    # steps and validation both got frame t-1 (not a copy of frame t) in some batch
+    assert {training for training, differs in seen if differs} == {True, False}
 
 
 def test_help_lists_the_fields(capsys):

@@ -81,6 +81,32 @@ def test_fp16_training_goes_on_after_a_skipped_step(pair_shards, tmp_path, monke
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_fp16_logs_the_loss_scale_and_the_updates_the_scaler_skipped(pair_shards, tmp_path, monkeypatch, capsys):
+    """A loss scale far too high makes the fp16 gradients overflow: the GradScaler skips those updates
+    and halves its scale each time. The steps still count; the log says how many were skipped."""
+    real_scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *args, **kwargs: real_scaler(*args, **kwargs, init_scale=2.0 ** 40))
+    assert train.main(tiny_args(pair_shards, tmp_path, 6, "--amp", "fp16", "--set", "ckpt_every=3")) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    scales = [row["amp/loss_scale"] for row in rows]
+    lowered = [after < before for before, after in zip(scales, scales[1:])]
+    assert scales[0] == 2.0 ** 40 and sum(lowered) >= 1
+    skipped = [row["amp/skipped_updates"] for row in rows]
+    assert skipped[:-1] == list(np.cumsum(lowered)) and skipped[-1] >= skipped[-2]
+    assert f"fp16: {skipped[-1]} of 6 steps were updates the GradScaler skipped" in capsys.readouterr().out
+    # the count goes on across --resume
+    monkeypatch.setattr(torch.amp, "GradScaler", real_scaler)
+    assert train.main(tiny_args(pair_shards, tmp_path, 7, "--amp", "fp16", "--resume")) == 0
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 7 and row["amp/skipped_updates"] >= skipped[-1]
+
+
+def test_fp32_logs_no_loss_scale(tiny_checkpoint):
+    rows = (tiny_checkpoint.parent.parent / "run" / "metrics.jsonl").read_text().splitlines()
+    assert not any("amp/loss_scale" in json.loads(line) for line in rows)
+
+
 # ------------------------------------------------------------------------------ resume
 def test_resume_without_flags_is_the_same_run(pair_shards, tmp_path, capsys):
     """No --preset and no --set on resume: every setting comes from the checkpoint (a fallback to
@@ -146,6 +172,52 @@ def test_validation_sample_spreads_over_every_episode(pair_shards):
     again = build_loader(pair_shards, "val", 4, shuffle=False, drop_last=False, backend="torch", device="cpu",
                          sample=8, seed=3)
     assert [b["cur"].sum() for b in sample] == [b["cur"].sum() for b in again]     # fixed for a seed
+
+
+class RecordingLoader:
+    """A loader that notes the key of every pair it yields, and is otherwise the loader it wraps."""
+
+    def __init__(self, loader):
+        self.loader, self.keys = loader, []
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.keys += batch["key"]
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+
+def test_training_validates_on_a_sample_from_every_val_episode(videos, tmp_path, monkeypatch):
+    """The shared shards have one val episode, where any sample covers every episode: these have three."""
+    from pipeline.pack import pack
+    from pipeline.pair_index import episode_and_step
+
+    shards = tmp_path / "pairs"
+    pack(videos, shards, seed=0, fractions=(0.34, 0.5, 0.16), pairs_per_shard=16, workers=1, progress=False)
+    everything = build_loader(shards, "val", 4, shuffle=False, drop_last=False, with_keys=True, backend="torch",
+                              device="cpu")
+    val_pairs = [key for batch in everything for key in batch["key"]]
+    val_episodes = {episode_and_step(key)[0] for key in val_pairs}
+    assert len(val_episodes) == 3
+    validated, real_validator = [], train.Validator
+
+    def recording_validator(model, loader, *args, **kwargs):
+        validated.append(RecordingLoader(loader))
+        return real_validator(model, validated[-1], *args, **kwargs)
+
+    monkeypatch.setattr(train, "Validator", recording_validator)
+    assert train.main(tiny_args(shards, tmp_path, 5, "--set", "val_every=5")) == 0
+    keys = validated[0].keys
+    sample = 2 * 4                                               # tiny: val_batches 2 of micro-batch 4
+    assert len(keys) == len(set(keys)) == sample < len(val_pairs)
+    assert {episode_and_step(key)[0] for key in keys} == val_episodes
+    row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert (row["val/pairs"], row["val/episodes"]) == (sample, 3)
 
 
 def test_spread_sample_draws_from_each_episode_in_proportion():

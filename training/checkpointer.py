@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from model import clean_state_dict, read_checkpoint, save_checkpoint
+from model.checkpoint import first_line
 from pipeline.errors import UserError
 from pipeline.shards import remove_orphaned_temps
 from training.config import TrainConfig
@@ -85,8 +86,9 @@ class Checkpointer:
             self.loader.load_state_dict(loader_states[self.rt.rank if len(loader_states) == self.rt.world_size else 0])
             set_rng_state(resumed["rng"])
             self.best_val = float(resumed["best_val_loss"])
-        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise UserError(f"--resume: checkpoint in {self.out} does not fit this run ({str(error).splitlines()[0]})") from None
+            self.train_step.overflow_skips = int(resumed.get("amp_overflow_skips", 0))
+        except Exception as error:              # noqa: BLE001 - the file's content, whatever its shape
+            raise UserError(f"--resume: checkpoint in {self.out} does not fit this run ({first_line(error)})") from None
         if self.rt.main and len(loader_states) != self.rt.world_size:
             print(f"warning: checkpoint was written by {len(loader_states)} rank(s), this run has "
                   f"{self.rt.world_size}: data order is not resumed exactly", flush=True)
@@ -117,6 +119,7 @@ class Checkpointer:
         cfg = self.cfg
         return {"config": {"model": cfg.model_config().to_dict(), "train": asdict(cfg)}, "step": step,
                 "optimizer": self.train_step.optimizer.state_dict(), "scaler": self.train_step.scaler.state_dict(),
+                "amp_overflow_skips": self.train_step.overflow_skips,
                 "schedule": {"kind": cfg.lr_schedule, "lr": learning_rate(cfg, step - 1), "lr_min": cfg.lr_min,
                              "warmup": cfg.warmup, "horizon": schedule_horizon(cfg)},
                 "rng": rng_state(), "loader": all_gather(plain(self.loader.state_dict()), self.rt),

@@ -56,6 +56,7 @@ class TrainConfig:
     latent_every_stage: bool = True
     residual_output: bool = True
     changed_pixel_weight: float = 10.0
+    context: int = 0                         # 1: frame t-1 too (loader, encoder, decoder); see ModelConfig
     motion: str = "none"                     # none | shift (model/motion.py)
     motion_max_x: int = 24
     motion_max_y: int = 8

@@ -48,6 +48,8 @@ class StepOutcome:
     terms: dict[str, float]           # loss terms, averaged over the micro-batches
     grad_norm: float
     skipped: str | None = None        # why the update was not applied (non-finite), else None
+    loss_scale: float | None = None   # fp16: the GradScaler's scale this update was taken at
+    overflowed: bool = False          # fp16: the GradScaler found inf/NaN gradients and skipped the update
 
 
 class TrainStep:
@@ -61,6 +63,7 @@ class TrainStep:
         self.grad_accum, self.grad_clip, self.max_nonfinite = grad_accum, grad_clip, max_nonfinite
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.uses_scaler)
         self.nonfinite_in_a_row = 0
+        self.overflow_skips = 0           # updates the GradScaler skipped (they still count as steps)
         # Compiled first, then wrapped (as torchtitan does): dynamo then traces the model alone, in one
         # graph, instead of breaking at DDP's own Python forward.
         compiled = torch.compile(model, backend=compile_backend) if compile else model
@@ -83,7 +86,7 @@ class TrainStep:
             keys += batch.get("key", [])
             sync = micro == self.grad_accum - 1 or not self.rt.distributed
             with (contextlib.nullcontext() if sync else self.step_model.no_sync()), self.rt.autocast():
-                out = self.step_model(batch["cur"], batch["next"])
+                out = self.step_model(batch["cur"], batch["next"], batch.get("prev"))
             self.scaler.scale(out["loss"] / self.grad_accum).backward()
             values = torch.stack([out[name].detach().float() for name in LOSS_TERMS]).tolist()   # one sync
             for name, value in zip(LOSS_TERMS, values):
@@ -92,15 +95,19 @@ class TrainStep:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf).item()
         loss_finite = all_sum([float(math.isfinite(terms["loss"]))], self.rt)[0] == self.rt.world_size
         # fp16: an overflowing gradient is the GradScaler's business (it skips that update and lowers
-        # its scale; the step still counts); a non-finite loss is ours.
+        # its scale; the step still counts, and amp/skipped_updates says how many); a non-finite loss is ours.
         if not (loss_finite and (self.rt.uses_scaler or math.isfinite(grad_norm))):
             self._restore(before)
             return StepOutcome(terms, grad_norm, self._skip(terms, grad_norm, step, keys))
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_in_a_row = 0
-        return StepOutcome(terms, grad_norm)
+        # update() lowers the scale exactly when step() found inf/NaN gradients and skipped the update
+        overflowed = scale is not None and self.scaler.get_scale() < scale
+        self.overflow_skips += overflowed
+        return StepOutcome(terms, grad_norm, loss_scale=scale, overflowed=overflowed)
 
     def _snapshot(self) -> dict:
         """What a forward pass changes besides the gradients: BatchNorm running statistics, the

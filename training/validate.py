@@ -57,7 +57,7 @@ class MoveProbe:
             return None                                   # no labels: nothing to probe
         loader = build_loader(cfg.shards, "train", batch_size, grayscale=not cfg.rgb, shuffle=False, drop_last=False,
                               with_keys=True, seed=cfg.seed, backend=cfg.backend, device=rt.device,
-                              rank=rt.rank, world_size=rt.world_size, sample=cfg.probe_pairs)
+                              rank=rt.rank, world_size=rt.world_size, sample=cfg.probe_pairs, context=cfg.context)
         return cls(loader, metas)
 
     def labelled(self, codes: list[np.ndarray], keys: list[str], rt: Runtime) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +72,7 @@ class MoveProbe:
         train_codes, train_keys = [], []
         for batch in self.loader:
             with rt.autocast():
-                train_codes.append(codes_to_array(model.encode(batch["cur"], batch["next"])))
+                train_codes.append(codes_to_array(model.encode(batch["cur"], batch["next"], batch.get("prev"))))
             train_keys += batch["key"]
         x_train, y_train = self.labelled(train_codes, train_keys, rt)
         x_val, y_val = self.labelled(val_codes, val_keys, rt)
@@ -108,7 +108,7 @@ class Validator:
         for batch in self.loader:
             cur, nxt = batch["cur"], batch["next"]
             with self.rt.autocast():
-                out = self.model(cur, nxt)
+                out = self.model(cur, nxt, batch.get("prev"))
             pred = out["pred"].float().clamp(0, 1)
             model_meter.update(pred, nxt, cur)
             copy_meter.update(cur, nxt, cur)
