@@ -29,6 +29,7 @@ from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.loader import build_loader
 from pipeline.shards import PAIRS_FORMAT, load_manifest, sha256_file
 from training.checkpointer import Checkpointer, read_resume_checkpoint
+from training.labels import ActionLabels
 from training.config import PRESETS, TrainConfig, build_config, fields_help, resumed_config
 from training.logger import Logger
 from training.runtime import Runtime, git_sha, graph_breaks, report_digests, setup_runtime, shutdown
@@ -77,7 +78,8 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) 
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                  fused=rt.device.type == "cuda")
-    train_step = TrainStep(model, optimizer, rt, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
+    labels = ActionLabels.from_shards(cfg.shards, cfg.action_fraction, cfg.seed) if cfg.action_fraction else None
+    train_step = TrainStep(model, optimizer, rt, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, action_labels=labels,
                            max_nonfinite=cfg.max_nonfinite, compile=cfg.compile, compile_backend=cfg.compile_backend)
     loaders = dict(grayscale=not cfg.rgb, seed=cfg.seed, backend=cfg.backend, device=rt.device,
                    rank=rt.rank, world_size=rt.world_size, context=cfg.context)
@@ -108,6 +110,9 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: dict | None, manifest_sha: str) 
         print(f"model: {n_params / 1e6:.2f}M parameters; amp {rt.amp_dtype or 'off'}; compile {cfg.compile}; "
               f"{rt.world_size} rank(s) × {cfg.grad_accum} micro-batch(es) of {micro_batch}", flush=True)
         print(validator.describe(), flush=True)
+        if labels is not None:
+            print(f"action labels: {len(labels)} train pairs ({cfg.action_fraction:.1%} asked) train the action head",
+                  flush=True)
     print(f"[rank {rt.rank}/{rt.world_size}] on {rt.device}: {len(train_loader)} train batches per epoch", flush=True)
 
     batches = forever(train_loader)

@@ -1,98 +1,175 @@
-"""Ablation of the model options that decide whether the codes carry the action (`make ablate`).
+"""Ablation of the model options that decide whether the prediction draws what moved and whether the
+codes carry the action (`make ablate`).
 
-Each variant trains the `demo` preset on the same pair shards (--set for its options), then
-evaluate.py scores it on the val split (never test: the default is chosen here). Writes
-reports/ablation/ablation.json and ablation.md.
+Each variant trains the `demo` preset on the same pair shards (`--set` for its options) once per
+seed, then, all on the val split (never test: the default is chosen here):
+- evaluate.py: drawing (paddle and ball within 2 px of the true frame's, missing), PSNR, the probes;
+- extract.py, a short controller run (control.train) and play.py rollout: controllability, whether
+  always-LEFT / always-RIGHT move the paddle that way inside the model.
+Writes reports/ablation/ablation.json (after every run, so a long ablation can be read while it
+goes) and ablation.md: each variant's mean over its seeds, and the seeds' spread.
 
-    python -m bench.ablate [--shards shards/pairs] [--iters 2000] [--only NAME ...] [--set field=value ...]
+    python -m bench.ablate [--shards shards/pairs] [--iters N] [--seeds 0 1] [--only NAME ...]
+        [--set field=value ...] [--controller-steps 300]
 
 `--set` adds train.py settings to every variant (e.g. `--set context=1`: each with frame t-1).
+Every stage runs as its own process, through the same command lines a user types.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench.common import ROOT, machine, markdown_table
-from pipeline.errors import check_output_dir, run_cli
+from pipeline.errors import UserError, check_output_dir, run_cli
 
-SEED = ["encoder_input=pair", "decoder_skips=false", "latent_every_stage=false", "residual_output=false",
-        "changed_pixel_weight=1"]
-SKIPS = ["decoder_skips=true", "residual_output=true"]
+SEED_LITERAL = ["encoder_input=pair", "decoder_skips=false", "latent_every_stage=false", "residual_output=false",
+                "changed_pixel_weight=1", "motion=none", "encoder_match=false", "motion_codes=false"]
+# last round's default: the codes carry the move, the decoder redraws t+1 as t + change
+RESIDUAL = ["motion=none", "encoder_match=false", "motion_codes=false"]
 VARIANTS: dict[str, list[str]] = {
-    "seed-literal (no skips, sigmoid, plain MSE, encoder sees t and t+1)": SEED,
-    "+ decoder frame-t skips, residual output": [*SEED, *SKIPS],
-    "+ changed pixels x10": [*SEED, *SKIPS, "changed_pixel_weight=10"],
-    "+ encoder sees [t, t+1 - t], codes at every stage": [*SEED, *SKIPS, "changed_pixel_weight=10",
-                                                          "encoder_input=pair_difference", "latent_every_stage=true"],
-    "default: encoder sees t+1 - t only, codes at every stage": [],
-    "default + frame t-1 as context (encoder and decoder)": ["context=1"],
+    "seed-literal": SEED_LITERAL,
+    "residual output (last round's default)": RESIDUAL,
+    "+ shift decoder": ["encoder_match=false", "motion_codes=false"],
+    "+ codes vote on the shifts": ["encoder_match=false"],
+    "+ encoder matching features (default)": [],
+    "default + frame t-1 as context": ["context=1"],
+    "default + 2.5 % action labels": ["action_fraction=0.025"],
 }
 
 
-def run_variant(name: str, settings: list[str], shards: Path, out: Path, iters: int) -> dict:
-    import evaluate
-    import train
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name)[:60].strip("-")
 
-    slug = "".join(c if c.isalnum() else "-" for c in name)[:60].strip("-")
-    root = out / slug
-    args = ["--shards", str(shards), "--preset", "demo", "--iters", str(iters), "--out", str(root / "ckpt"),
-            "--run-dir", str(root / "run"), "--wandb", "disabled"]
+
+def run(args: list[str], log: Path) -> None:
+    """One stage as its own process (the command a user types); its output goes to `log`."""
+    with open(log, "a") as out:
+        code = subprocess.call([sys.executable, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    if code:
+        raise UserError(f"{' '.join(args[:2])} failed (exit {code}); see {log}")
+
+
+def run_variant(settings: list[str], seed: int, root: Path, shards: Path, iters: int | None,
+                controller_steps: int) -> dict:
+    """Train, evaluate, extract, fit a controller and roll it out; returns the numbers."""
+    log = root / "log.txt"
+    root.mkdir(parents=True, exist_ok=True)
+    train = ["train.py", "--shards", str(shards), "--preset", "demo", "--out", str(root / "ckpt"),
+             "--run-dir", str(root / "run"), "--wandb", "disabled", "--set", f"seed={seed}"]
+    train += (["--iters", str(iters), "--set", f"lr_decay_iters={iters}"] if iters else [])
     for setting in settings:
-        args += ["--set", setting]
+        train += ["--set", setting]
     started = time.perf_counter()
-    assert train.main(args) == 0, f"training {name} failed"
+    run(train, log)
     seconds = time.perf_counter() - started
-    metrics, _ = evaluate.evaluate(evaluate.EvaluateConfig(shards, root / "ckpt" / "best.pt", "val", root / "val",
-                                                           latent=None, progress=False))
-    return {"name": name, "settings": settings, "train_seconds": seconds, "iters": iters, "metrics": metrics}
+    checkpoint = root / "ckpt" / "best.pt"
+    run(["evaluate.py", "--shards", str(shards), "--checkpoint", str(checkpoint), "--split", "val",
+         "--out", str(root / "val"), "--latent", str(root / "latent"), "--no-progress"], log)
+    run(["extract.py", "--shards", str(shards), "--checkpoint", str(checkpoint), "--out", str(root / "latent"),
+         "--no-progress"], log)
+    run(["-m", "control.train", "--latent", str(root / "latent"), "--out", str(root / "controller"),
+         "--steps", str(controller_steps), "--eval-split", "val"], log)
+    run(["play.py", "rollout", "--checkpoint", str(checkpoint), "--controller", str(root / "controller" / "controller.pt"),
+         "--latent", str(root / "latent"), "--split", "val", "--out", str(root / "play")], log)
+    rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = max(row["step"] for row in rows)
+    return {"seed": seed, "train_seconds": seconds, "steps": steps,
+            "seconds_per_step": statistics.median(1 / r["steps_per_s"] for r in rows if r.get("steps_per_s")),
+            "val": json.loads((root / "val" / "metrics.json").read_text()),
+            "play": json.loads((root / "play" / "metrics.json").read_text())}
 
 
-def row(result: dict) -> list:
-    m = result["metrics"]
-    pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
-    num = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
-    move = (m.get("actions") or {}).get("move") or {}
-    ball = m["elements"]["ball"]["model"]
-    return [result["name"], f"{num(m['model']['psnr'])} / {num(m['copy_baseline']['psnr'])}",
-            f"{num(m['model']['ssim'], 3)} / {num(m['copy_baseline']['ssim'], 3)}",
-            f"{num(m['model']['psnr_changed'])} / {num(m['copy_baseline']['psnr_changed'])}",
-            pct(ball.get("within_2px")), pct(ball.get("spurious")), pct(m["codebook"]["used_fraction"]),
-            pct(move.get("codes_linear")), pct(move.get("codes_mlp")), pct(move.get("frame_t")),
-            pct(move.get("pixel_diff")), pct(move.get("majority")),
-            f"{result['iters'] / result['train_seconds']:.2f}"]
+def summary(result: dict) -> dict:
+    """The figures a row shows, from one run."""
+    val, control = result["val"], result["play"]["controllability"]
+    actions = val.get("actions") or {}
+    paddle, ball = val["elements"]["paddle"], val["elements"]["ball"]
+    lost = result["play"]["rollouts"]["curves"]["paddle_lost"][-1]          # at the last step (50)
+    return {"paddle_within_2px": paddle["model"]["within_2px"], "paddle_missing": paddle["model"]["missing"],
+            "ball_within_2px": ball["model"]["within_2px"], "ball_missing": ball["model"]["missing"],
+            "move": (actions.get("move") or {}).get("codes_linear"),
+            "move_bins": (actions.get("move_bins") or {}).get("codes_linear"),
+            "left": control["controller"]["left"]["success"], "right": control["controller"]["right"]["success"],
+            "rollout_paddle_lost": lost, "codes_used": val["codebook"]["used_fraction"],
+            "psnr": val["model"]["psnr"], "psnr_copy": val["copy_baseline"]["psnr"],
+            "seconds_per_step": result["seconds_per_step"]}
 
 
-HEADER = ["variant", "PSNR / copy", "SSIM / copy", "changed-pixel PSNR / copy", "ball within 2 px", "spurious ball",
-          "codes used", "move: codes linear", "codes MLP", "frame t", "pixel diff", "majority", "steps/s (incl. val)"]
+def cell(values: list, percent: bool = True) -> str:
+    """Mean over seeds, with the spread (max − min) when there are several."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean, spread = statistics.fmean(values), max(values) - min(values)
+    if percent:
+        return f"{mean:.0%}" + (f" ±{spread / 2:.0%}" if len(values) > 1 else "")
+    return f"{mean:.2f}" + (f" ±{spread / 2:.2f}" if len(values) > 1 else "")
+
+
+HEADER = ["variant", "seeds", "paddle within 2 px", "paddle missing", "ball within 2 px", "ball missing",
+          "move probe", "5-bin move probe", "LEFT moves left", "RIGHT moves right", "rollout: paddle lost by step 50",
+          "codes used", "PSNR (copy)", "s / step"]
+
+
+def table_row(name: str, results: list[dict]) -> list:
+    rows = [summary(r) for r in results]
+    column = lambda key: [row[key] for row in rows]  # noqa: E731
+    return [name, len(rows), cell(column("paddle_within_2px")), cell(column("paddle_missing")),
+            cell(column("ball_within_2px")), cell(column("ball_missing")), cell(column("move")),
+            cell(column("move_bins")), cell(column("left")), cell(column("right")),
+            cell(column("rollout_paddle_lost")), cell(column("codes_used")),
+            f"{cell(column('psnr'), False)} ({cell(column('psnr_copy'), False)})",
+            cell(column("seconds_per_step"), False)]
+
+
+def write_tables(out: Path, results: dict[str, list[dict]], note: str) -> str:
+    (out / "ablation.json").write_text(json.dumps(results, indent=2, default=str))
+    text = (f"# Ablation: drawing what moved, and codes that carry the action\n\n{note}\n\n"
+            + markdown_table(HEADER, [table_row(name, runs) for name, runs in results.items() if runs])
+            + "\n\nMean over seeds ± half the spread between them. Drawing and probes: evaluate.py on the val "
+              "split; LEFT / RIGHT: play.py rollout's controllability on val (always-LEFT or always-RIGHT for "
+              "its steps, success when the paddle ends that way and visible); s / step: training's median.\n")
+    (out / "ablation.md").write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(cli, argv)
 
 
-def cli(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=Path, default=ROOT / "shards" / "pairs")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "ablation")
-    parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--iters", type=int, default=None, help="training steps (default: the demo preset's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--controller-steps", type=int, default=300)
     parser.add_argument("--only", nargs="*", help="variant names (substrings) to run")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a train.py setting added to every variant (repeatable)")
+                        help="a train.py setting for every variant (repeatable)")
     args = parser.parse_args(argv)
     check_output_dir(args.out, "--out")
+    if not (args.shards / "manifest.json").is_file():
+        raise UserError(f"--shards {args.shards}: no manifest.json (run make shards first)")
     chosen = {n: [*s, *args.set] for n, s in VARIANTS.items() if not args.only or any(o in n for o in args.only)}
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [run_variant(name, settings, args.shards, args.out, args.iters) for name, settings in chosen.items()]
-    (args.out / "ablation.json").write_text(json.dumps(results, indent=2, default=str))
-    common = f" Every variant with `--set {' '.join(args.set)}`." if args.set else ""
-    text = (f"# Ablation: do the codes carry the action?\n\n`demo` preset, {args.iters} steps, val split of "
-            f"`{args.shards}`;{common} {machine()}.\n\n" + markdown_table(HEADER, [row(r) for r in results]) + "\n")
-    (args.out / "ablation.md").write_text(text)
-    print(text)
+    note = (f"`demo` preset{f', {args.iters} steps' if args.iters else ''}, seeds {args.seeds}, val split of "
+            f"`{args.shards}`; controller {args.controller_steps} steps"
+            f"{'; every variant with --set ' + ' '.join(args.set) if args.set else ''}. {machine()}.")
+    results: dict[str, list[dict]] = {name: [] for name in chosen}
+    for name, settings in chosen.items():
+        for seed in args.seeds:
+            result = run_variant(settings, seed, args.out / slug(name) / f"seed-{seed}", args.shards, args.iters,
+                                 args.controller_steps)
+            results[name].append({"settings": settings, **result})
+            write_tables(args.out, results, note)
+    print(write_tables(args.out, results, note))
     return 0
 
 

@@ -14,7 +14,8 @@ CONTEXTS = (0, 1)                     # frames before t the model sees: none (th
 # The seed's own model: the encoder sees concat(t, t+1), the decoder sees frame t only through its
 # 7x5 stack and ends in a sigmoid, the loss is plain MSE. `--set` each of these to get it.
 SEED_LITERAL = dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, residual_output=False,
-                    changed_pixel_weight=1.0, context=0, motion="none")
+                    changed_pixel_weight=1.0, context=0, motion="none",
+                    encoder_grid_mixing=False, encoder_match=False)
 # The shift head's block grid for each inner decoder stage (14x10, 27x20, 53x40, 105x80): the nearest
 # grid that divides 210 x 160, so blocks are 15x16, 7x8, 3x4 and 2x2 px.
 MOTION_GRIDS = ((14, 10), (30, 20), (70, 40), (105, 80))
@@ -33,6 +34,11 @@ class ModelConfig:
     reset_every: int = 10_000             # optimiser steps between dead-code resets (0: never)
     reset_buffer: int = 4096              # recent encoder outputs kept for resets
     grad_checkpoint: bool = False         # recompute each conv stage in backward (memory for time)
+    # a 3x3 conv over the 7x5 grid before the code projection: each code sees its neighbour cells (Encoder)
+    encoder_grid_mixing: bool = False
+    # per cell, how well each whole-pixel move (up to motion_max_x / _y) explains the change, beside
+    # the encoder's conv features (model/motion.match_features)
+    encoder_match: bool = False
     # Whether the codes carry the action (DESIGN.md "Model"). The defaults are the measured choice
     # (val split, README "Ablation": paddle-move probe from codes 79 % against 55 % seed-literal);
     # SEED_LITERAL above is the seed's setting, one --set each away.
@@ -56,6 +62,11 @@ class ModelConfig:
     motion_max_x: int = 24                # largest shift across, px (the paddle moves up to 24)
     motion_max_y: int = 8                 # largest shift down, px (the ball moves up to 8)
     motion_stage: int = 1                 # inner decoder stage whose cells choose a shift: 0..3 = 14x10 .. 105x80
+    motion_codes: bool = False            # the codes' 3x3 neighbourhood votes on each block's shift directly
+    # Light supervision (off: 0): a linear head on the code grid predicts the recorded action of the
+    # few labelled pairs (TrainConfig.action_fraction), LAOM-style.
+    action_classes: int = 0               # actions the head tells apart (Breakout: 4); 0 = no head
+    action_weight: float = 1.0            # weight of its cross-entropy in the loss
 
     def __post_init__(self):
         if self.in_channels not in (1, 3):
@@ -81,6 +92,10 @@ class ModelConfig:
             raise ValueError(f"motion_max_x and motion_max_y must be >= 0, got {self.motion_max_x}, {self.motion_max_y}")
         if not 0 <= self.motion_stage < len(MOTION_GRIDS):
             raise ValueError(f"motion_stage must be in 0..{len(MOTION_GRIDS) - 1}, got {self.motion_stage}")
+        if self.action_classes < 0 or self.action_classes == 1:
+            raise ValueError(f"action_classes must be 0 (no action head) or >= 2, got {self.action_classes}")
+        if self.action_weight < 0:
+            raise ValueError(f"action_weight must be >= 0, got {self.action_weight}")
         if self.reset_buffer < 1:
             raise ValueError(f"reset_buffer must be >= 1, got {self.reset_buffer}")
         if self.context not in CONTEXTS:

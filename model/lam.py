@@ -17,14 +17,18 @@ class LatentActionModel(nn.Module):
         super().__init__()
         self.config = config = config or ModelConfig()
         self.encoder = Encoder(config.in_channels, config.channels, config.code_dim, config.encoder_input,
-                               config.context)
+                               config.context, config.encoder_grid_mixing,
+                               (config.motion_max_x, config.motion_max_y) if config.encoder_match else None)
         self.quantizer = Quantizer(config.codebook_size, config.code_dim, config.commitment_weight,
                                    config.codebook_weight, config.entropy_weight, config.entropy_temperature,
                                    config.reset_buffer)
         self.decoder = Decoder(config.in_channels, config.channels, config.code_dim, config.decoder_skips,
                                config.latent_every_stage, config.residual_output, config.context, config.motion,
                                (config.motion_max_x, config.motion_max_y), config.motion_stage,
-                               config.motion_grid)
+                               config.motion_grid, config.motion_codes)
+        rows, cols = config.grid
+        self.action_head = (nn.Linear(config.code_dim * rows * cols, config.action_classes)
+                            if config.action_classes else None)
         self.set_grad_checkpoint(config.grad_checkpoint)
 
     def set_grad_checkpoint(self, enabled: bool) -> None:
@@ -32,16 +36,30 @@ class LatentActionModel(nn.Module):
         self.decoder.frame_stack.grad_checkpoint = enabled
         self.decoder.up_stack.grad_checkpoint = enabled
 
-    def forward(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None,
+                action: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Frames (B, C, 210, 160) in [0, 1] -> {"pred": (B, C, 210, 160), "codes": (B, 7, 5) int64,
-        "loss": total, "recon", "commitment", "codebook", "entropy"}. `prev` is frame t-1 (see
-        `previous_frame`)."""
+        "loss": total, "recon", "commitment", "codebook", "entropy", "action"}. `prev` is frame t-1
+        (see `previous_frame`); `action` int64 (B,) the recorded actions of labelled pairs (-1 where
+        none), which train the action head when the model has one."""
         prev = self.previous_frame(cur, prev)
         quantised, codes, losses = self.quantizer(self.encoder(cur, nxt, prev))
         pred = self.decoder(cur, quantised, prev)
         recon = self.reconstruction_loss(pred, cur, nxt)
-        total = recon + losses["commitment"] + losses["codebook"] + losses["entropy"]
+        losses["action"] = self.action_loss(quantised, action)
+        total = recon + losses["commitment"] + losses["codebook"] + losses["entropy"] + losses["action"]
         return {"pred": pred, "codes": codes, "loss": total, "recon": recon, **losses}
+
+    def action_loss(self, quantised: torch.Tensor, action: torch.Tensor | None) -> torch.Tensor:
+        """Weighted cross-entropy of the action head over the labelled pairs (0 without labels or
+        head). The head reads the whole quantised grid linearly, so its gradient asks the codes
+        themselves to name the action, through the straight-through estimator."""
+        if self.action_head is None or action is None:
+            return quantised.new_zeros((), dtype=torch.float32)
+        logits = self.action_head(quantised.flatten(1).float())
+        labelled = (action >= 0).float()
+        per_pair = F.cross_entropy(logits, action.clamp(min=0), reduction="none")
+        return self.config.action_weight * (per_pair * labelled).sum() / labelled.sum().clamp(min=1)
 
     def reconstruction_loss(self, pred: torch.Tensor, cur: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
         """MSE, with pixels that changed between t and t+1 weighted by changed_pixel_weight: plain MSE

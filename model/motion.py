@@ -46,7 +46,7 @@ class ShiftHead(nn.Module):
     Starts at identity with half of each factor's weight on shift 0: sharp enough that an untrained
     model still resembles frame t, spread enough that every shift has a gradient."""
 
-    def __init__(self, features: int, max_x: int, max_y: int, grid: tuple[int, int]):
+    def __init__(self, features: int, max_x: int, max_y: int, grid: tuple[int, int], code_dim: int = 0):
         super().__init__()
         self.grid = tuple(grid)
         # (dim, step, bins each side) per factor: across first, then down
@@ -61,12 +61,23 @@ class ShiftHead(nn.Module):
             start += size
         with torch.no_grad():
             self.to_logits.bias.copy_(bias)
+        # The codes' own say: a 3 x 3 conv over the code grid, so a block's shift can come from its
+        # cell's code and its neighbours' (the paddle crosses cells), not only from what the decoder's
+        # features make of frame t (which can guess a move from the scene and leave the codes idle).
+        self.from_codes = nn.Conv2d(code_dim, self.to_logits.out_channels, 3, padding=1) if code_dim else None
+        if self.from_codes is not None:
+            nn.init.zeros_(self.from_codes.weight)
+            nn.init.zeros_(self.from_codes.bias)
 
-    def forward(self, features: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
-        """-> [(dim, step, probabilities (B, bins, *grid) in fp32)] per factor, to apply in order."""
+    def forward(self, features: torch.Tensor, latent: torch.Tensor | None = None) -> list[tuple[int, int, torch.Tensor]]:
+        """Features, and the quantised latent (B, D, 7, 5) when the head reads the codes ->
+        [(dim, step, probabilities (B, bins, *grid) in fp32)] per factor, to apply in order."""
         logits = self.to_logits(features).float()
         if tuple(logits.shape[-2:]) != self.grid:
             logits = F.interpolate(logits, size=self.grid, mode="bilinear", align_corners=False)
+        if self.from_codes is not None:
+            logits = logits + F.interpolate(self.from_codes(latent.to(features.dtype)).float(), size=self.grid,
+                                            mode="nearest")
         chunks = logits[:, :sum(self.sizes)].split(self.sizes, dim=1)
         return [(dim, step, chunk.softmax(1)) for (dim, step, _), chunk in zip(self.factors, chunks)]
 
@@ -102,3 +113,38 @@ def _gather_shifted(frame: torch.Tensor, weights: torch.Tensor, dim: int, step: 
         term = source * per_block[:, i]
         out = term if out is None else out + term
     return out.reshape(frame.shape)
+
+
+# ------------------------------------------------------------------------------------ matching
+def match_shifts(max_x: int, max_y: int) -> list[tuple[int, int]]:
+    """Candidate moves (dx, dy) the encoder's matching features test: every shift across (the paddle
+    moves 0..24 px in whole pixels, only across), and a lattice of even shifts that also go down
+    (the ball moves ±2..8 px each way, in even steps)."""
+    across = [(dx, 0) for dx in range(-max_x, max_x + 1)]
+    reach_x, reach_y = min(max_x, max_y) // 2 * 2, max_y // 2 * 2
+    both = [(dx, dy) for dy in range(-reach_y, reach_y + 1, 2) if dy for dx in range(-reach_x, reach_x + 1, 2)]
+    return across + both
+
+
+@torch.no_grad()
+def match_features(cur: torch.Tensor, nxt: torch.Tensor, shifts: list[tuple[int, int]],
+                   grid: tuple[int, int]) -> torch.Tensor:
+    """How well each candidate move explains each cell's change, (B, len(shifts), *grid) in [−1, 1]:
+    with a = mean |t+1 − t| over the cell and b = mean |t+1 − (t moved by s)|, (a − b) / (a + b):
+    1 when s explains the change exactly, 0 when it does no better than no move (and wherever
+    nothing changed), towards −1 when it only makes things worse.
+
+    Why: a cell's code must name how far the paddle moved, not where it is. The encoder's convs see
+    a moved paddle as a change at some position; these features are the same wherever in the cell
+    the move happens (FlowNet's correlation layer, with whole-pixel moves and cell pooling)."""
+    cur, nxt = cur.float().mean(1, keepdim=True), nxt.float().mean(1, keepdim=True)
+    height, width = cur.shape[-2:]
+    reach_x = max(abs(dx) for dx, _ in shifts)
+    reach_y = max(abs(dy) for _, dy in shifts)
+    padded = F.pad(cur, (reach_x, reach_x, reach_y, reach_y))
+    cell = (height // grid[0], width // grid[1])
+    costs = [F.avg_pool2d((nxt - padded[..., reach_y - dy:reach_y - dy + height, reach_x - dx:reach_x - dx + width]).abs(),
+                          cell) for dx, dy in shifts]
+    still = F.avg_pool2d((nxt - cur).abs(), cell)
+    moved = torch.cat(costs, dim=1)
+    return (still - moved) / (still + moved + 1e-4)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.motion import ShiftHead, shift_frame
+from model.motion import ShiftHead, match_features, match_shifts, shift_frame
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 
 
@@ -87,18 +87,33 @@ class Encoder(nn.Module):
     """Frame pair -> conv stack -> 1×1 conv to code_dim × 7 × 5. The pair enters as concat(t, t+1)
     (2C channels, the seed), concat(t, t+1 - t) (2C), or t+1 - t alone (C); see ModelConfig.encoder_input.
     With context 1 the previous change comes too: concat(t-1, t, t+1), concat(t, t+1 - t, t - (t-1))
-    or concat(t+1 - t, t - (t-1)), C more channels."""
+    or concat(t+1 - t, t - (t-1)), C more channels.
+
+    `grid_mixing` adds a 3 × 3 conv on the 7 × 5 grid before the projection. The stack alone sees a
+    63 px window around each cell (its own 32 px and 15 px each side), so the cell a paddle moves
+    into often misses where it came from (up to 24 px away); with the mixing each code sees its
+    neighbouring cells too and can name the whole move."""
 
     def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, input_mode: str = "pair",
-                 context: int = 0):
+                 context: int = 0, grid_mixing: bool = False, match: tuple[int, int] | None = None):
         super().__init__()
         self.input_mode, self.context = input_mode, context
         frames_in = (1 if input_mode == "difference" else 2) + context
         self.stack = down_stack(frames_in * in_channels, channels)
-        self.project = nn.Conv2d(channels[-1], code_dim, 1)
+        # `match` (max across, max down): per cell, how well each whole-pixel move explains the change
+        # (model/motion.match_features), beside the conv features: the move, wherever it happens
+        self.match_shifts = match_shifts(*match) if match else []
+        width = channels[-1] + len(self.match_shifts)
+        self.mixing = (nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                     nn.BatchNorm2d(width), nn.ReLU(inplace=True)) if grid_mixing else None)
+        self.project = nn.Conv2d(width, code_dim, 1)
 
     def forward(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
-        return self.project(self.stack(self.input(cur, nxt, prev)))
+        features = self.stack(self.input(cur, nxt, prev))
+        if self.match_shifts:
+            matches = match_features(cur, nxt, self.match_shifts, tuple(features.shape[-2:]))
+            features = torch.cat([features, matches.to(features.dtype)], dim=1)
+        return self.project(features if self.mixing is None else self.mixing(features))
 
     def input(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         if self.input_mode == "pair":
@@ -147,7 +162,7 @@ class Decoder(nn.Module):
     def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, skips: bool = False,
                  latent_every_stage: bool = False, residual: bool = False, context: int = 0, motion: str = "none",
                  motion_max: tuple[int, int] = (24, 8), motion_stage: int = 1,
-                 motion_grid: tuple[int, int] = (30, 20)):
+                 motion_grid: tuple[int, int] = (30, 20), motion_codes: bool = False):
         super().__init__()
         self.skips, self.residual, self.context = skips, residual, context
         self.frame_stack = down_stack((1 + context) * in_channels, channels)
@@ -164,7 +179,8 @@ class Decoder(nn.Module):
         # One FiLM after each inner upsampling stage (14×10 .. 105×80).
         self.stage_films = (nn.ModuleList(FiLM(code_dim, w) for w in widths[1:-1]) if latent_every_stage else None)
         self.motion_stage = motion_stage
-        self.shift_head = ShiftHead(widths[1 + motion_stage], *motion_max, motion_grid) if motion == "shift" else None
+        self.shift_head = ShiftHead(widths[1 + motion_stage], *motion_max, motion_grid,
+                                     code_dim if motion_codes else 0) if motion == "shift" else None
         if residual or self.shift_head is not None:
             # The change starts at zero: an untrained model copies frame t (33 dB) instead of
             # having to learn to redraw the whole screen first.
@@ -191,7 +207,7 @@ class Decoder(nn.Module):
                     if self.stage_films is not None:
                         x = self.stage_films[i](x, latent)
                     if self.shift_head is not None and i == self.motion_stage:
-                        shifts = self.shift_head(x)
+                        shifts = self.shift_head(x, latent)
             out = x
         if shifts is not None:
             return (shift_frame(cur, shifts) + out.float()).clamp(0, 1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import LatentActionModel, ModelConfig
-from model.motion import ShiftHead, shift_factors, shift_frame
+from model.motion import ShiftHead, match_features, match_shifts, shift_factors, shift_frame
 
 
 def one_hot_factors(head: ShiftHead, dx: int, dy: int, batch: int = 1) -> list:
@@ -128,3 +128,36 @@ def test_bad_motion_option_on_the_command_line_is_one_line(tmp_path, capsys):
     code = train.main(["--shards", str(tmp_path), "--preset", "tiny", "--set", "motion=warp"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "motion must be one of none, shift" in err
+
+
+# ------------------------------------------------------------------------------------ matching
+def test_matching_names_the_move_wherever_it_happens_in_the_cell():
+    """The encoder's matching features peak (near 1) at the true move wherever in the cell it happens,
+    and are 0 where nothing changed: what a code must name is the move, not the place."""
+    shifts = match_shifts(24, 8)
+    for x in (33, 38, 43):                              # three places in cell column 1 (x 32..63)
+        cur = torch.zeros(1, 1, 210, 160)
+        cur[..., 189:193, x:x + 16] = 0.43
+        nxt = rolled(cur, 5, 0)
+        features = match_features(cur, nxt, shifts, (7, 5))
+        assert features[0, :, :6].abs().max() == 0       # rows of cells where nothing changed
+        assert shifts[int(features[0, :, 6, 1].argmax())] == (5, 0) and features[0, :, 6, 1].max() > 0.99
+
+
+def test_matching_finds_a_diagonal_ball_move():
+    shifts = match_shifts(24, 8)
+    cur = torch.zeros(1, 1, 210, 160)
+    cur[..., 100:104, 70:72] = 0.43
+    nxt = rolled(cur, -6, 4)
+    features = match_features(cur, nxt, shifts, (7, 5))
+    assert shifts[int(features[0, :, 3, 2].argmax())] == (-6, 4)
+
+
+def test_encoder_with_matching_keeps_the_api():
+    torch.manual_seed(0)
+    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, motion="shift", encoder_match=True,
+                                          motion_codes=True)).eval()
+    cur = torch.rand(2, 1, 210, 160)
+    nxt = rolled(cur, 5, 0)
+    codes = model.encode(cur, nxt)
+    assert codes.shape == (2, 7, 5) and model.decode(cur, codes).shape == cur.shape

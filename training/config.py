@@ -13,6 +13,7 @@ from model import ModelConfig
 from model.inference import AMP_MODES
 from pipeline.errors import UserError
 
+ACTION_CLASSES = 4            # Breakout's minimal action set: pipeline/record.py's action ids 0..3
 # Field defaults are the seed's `full` run; presets override some of them.
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -61,6 +62,14 @@ class TrainConfig:
     motion_max_x: int = 24
     motion_max_y: int = 8
     motion_stage: int = 1
+    motion_codes: bool = False
+    encoder_grid_mixing: bool = False
+    encoder_match: bool = False
+    action_classes: int = 0                  # set by action_fraction > 0 (see ModelConfig)
+    action_weight: float = 1.0
+    # Light supervision, off by default: the recorded action of this fraction of the train pairs
+    # (a fixed, seeded choice) trains an action head on the codes (training/labels.py).
+    action_fraction: float = 0.0
     # optimisation
     iters: int = 100_000
     batch_size: int = 32                     # global batch per optimiser step (all ranks, all micro-batches)
@@ -112,6 +121,7 @@ class TrainConfig:
             (0 < self.lr_min <= self.lr, "need 0 < lr_min <= lr"),
             (self.warmup >= 0 and self.lr_decay_iters >= 0, "warmup and lr_decay_iters must be >= 0"),
             (self.threads >= 0, "threads must be >= 0"),
+            (0 <= self.action_fraction <= 1, f"action_fraction must be in [0, 1], got {self.action_fraction}"),
             (self.grad_clip >= 0 and self.max_nonfinite >= 1, "need grad_clip >= 0 and max_nonfinite >= 1"),
             (min(self.val_every, self.val_batches, self.metrics_every, self.hist_every, self.image_every,
                  self.ckpt_every) >= 0, "cadences and val_batches must be >= 0"),
@@ -119,6 +129,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.action_fraction > 0 and not self.action_classes:
+            self.action_classes = ACTION_CLASSES
         self.model_config()        # validates the model fields
 
     def model_config(self) -> ModelConfig:

@@ -1,0 +1,48 @@
+"""Light supervision, off by default (TrainConfig.action_fraction): the recorded action of a small,
+fixed fraction of the train transitions trains an action head on the code grid, so the codes lean
+towards the real controls. LAOM (Nikulin et al., ICML 2025) reports that labels on 2.5 % of the
+data, used while the latent actions are learned, raise downstream performance 4.2x on average."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from pipeline.shards import PAIRS_FORMAT, load_manifest, read_members, split_shards
+
+NO_LABEL = -1
+
+
+def chosen(key: str, fraction: float, seed: int) -> bool:
+    """Whether pair `key` is among the labelled fraction: a hash of (seed, key), so the choice
+    depends on neither the order the pairs are read in nor the number of ranks."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+class ActionLabels:
+    """Recorded actions of the labelled train pairs, looked up by key."""
+
+    def __init__(self, labels: dict[str, int]):
+        self.labels = labels
+
+    @classmethod
+    def from_shards(cls, shards: str | Path, fraction: float, seed: int) -> "ActionLabels":
+        shards = Path(shards)
+        entries = split_shards(shards, load_manifest(shards, PAIRS_FORMAT), "train")
+        labels = {}
+        for key, members in read_members(entries, ("json",)).items():
+            meta = json.loads(members["json"])
+            if "action" in meta and chosen(key, fraction, seed):
+                labels[key] = int(meta["action"])
+        return cls(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __call__(self, keys: Sequence[str], device: torch.device) -> torch.Tensor:
+        """int64 (B,): each pair's action, NO_LABEL where it is not among the labelled."""
+        return torch.tensor([self.labels.get(key, NO_LABEL) for key in keys], dtype=torch.int64, device=device)
