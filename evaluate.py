@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.device import resolve_device
+from common.errors import UserError, check_output_dir, run_cli
 from evaluation.code_analysis import event_code_analysis
 from evaluation.events import Elements, count_events, detect_elements, transition_events
 from evaluation.figures import Example, code_tsne, codebook_histogram, codes_by_event, reconstruction_grid
@@ -34,9 +36,8 @@ from evaluation.probes import ProbeSet, action_label, action_probes, move_label,
 from evaluation.metrics import ElementMeter, ReconstructionMeter, code_counts, codebook_stats
 from evaluation.report import write_report, write_summary
 from model.inference import CheckpointIdentity, autocast, codes_to_array, load_model
-from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import to_model_input
-from pipeline.loader import in_order_loader, resolve_device
+from pipeline.loader import in_order_loader
 from pipeline.pair_index import PreviousFrames, build_pair_index, episode_and_step
 from pipeline.shards import LATENT_FORMAT, PAIRS_FORMAT, atomic_write_json, load_manifest, read_members, split_shards
 from pipeline.stream import decode_png

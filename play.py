@@ -27,8 +27,8 @@ from typing import Sequence
 
 import torch
 
+from common.errors import UserError, check_output_dir, run_cli
 from model import load_checkpoint
-from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.shards import atomic_write_json
 
 from control.checkpoint import load_controller

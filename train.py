@@ -23,9 +23,9 @@ from typing import Iterator, Sequence
 import torch
 from tqdm import tqdm
 
+from common.errors import UserError, check_output_dir, run_cli
 from model import LatentActionModel
 from model.checkpoint import model_config_from
-from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.loader import build_loader
 from pipeline.shards import PAIRS_FORMAT, load_manifest, sha256_file
 from training.checkpointer import Checkpointer, read_resume_checkpoint

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.errors import check_output_dir, run_cli
 from bench.common import ROOT, machine, markdown_table
-from pipeline.errors import check_output_dir, run_cli
 
 SEED = ["encoder_input=pair", "decoder_skips=false", "latent_every_stage=false", "residual_output=false",
         "changed_pixel_weight=1"]

@@ -26,8 +26,8 @@ try:
 except Exception as error:          # noqa: BLE001 - no torch, or a broken one: main() says which, in one line
     torch, TORCH_IMPORT_ERROR = None, error
 
+from common.errors import check_output_dir, run_cli
 from bench.common import ROOT, machine, markdown_table, pair_shards, recorded_videos
-from pipeline.errors import check_output_dir, run_cli
 
 HOW_TO_RUN = "run it on the GPU machine with that machine's own Python: make gpu-check GPU_PY=/path/to/python3"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from common.errors import UserError
 from model import clean_state_dict, read_checkpoint_file
 from model.checkpoint import first_line
-from pipeline.errors import UserError
 from pipeline.shards import atomic_write_bytes
 
 from control.network import Controller, ControllerConfig

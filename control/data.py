@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.stream import latent_dataset, latent_urls
 
 from control.network import ACTION_NAMES

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError, check_output_dir, run_cli
+from common.errors import UserError, check_output_dir, run_cli
 from pipeline.shards import LATENT_FORMAT, atomic_write_bytes, atomic_write_json, load_manifest
 
 from control.checkpoint import save_controller

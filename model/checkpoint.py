@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.errors import UserError
 from model.config import ModelConfig
 from model.lam import LatentActionModel
-from pipeline.errors import UserError
 from pipeline.shards import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "lam-checkpoint/1"

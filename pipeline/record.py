@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import UserError, check_output_dir, run_cli
+from common.errors import UserError, check_output_dir, run_cli
 
 NOOP, FIRE, RIGHT, LEFT = 0, 1, 2, 3
 PADDLE_WIDTH = 16

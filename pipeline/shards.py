@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Container, Iterator, Sequence
 
-from pipeline.errors import UserError
+from common.errors import UserError
 
 INDEX_VERSION = "v1.2"      # the format DALI's wds2idx writes and fn.readers.webdataset reads
 PAIRS_FORMAT = "lam-pairs/1"      # manifest.json of pair shards (pack.py)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.loader import build_loader
 from pipeline.shards import read_index
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UserError
 from model import CHECKPOINT_FORMAT, LatentActionModel, ModelConfig, Quantizer, load_checkpoint
-from pipeline.errors import UserError
 
 SMALL = ModelConfig(width=0.125, reset_buffer=64)
 

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import UserError
 from model import clean_state_dict, read_checkpoint, save_checkpoint
 from model.checkpoint import first_line
-from pipeline.errors import UserError
 from pipeline.shards import remove_orphaned_temps
 from training.config import TrainConfig
 from training.runtime import Runtime, all_gather, average_batchnorm_stats

@@ -9,9 +9,9 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
+from common.errors import UserError
 from model import ModelConfig
 from model.inference import AMP_MODES
-from pipeline.errors import UserError
 
 # Field defaults are the seed's `full` run; presets override some of them.
 PRESETS: dict[str, dict[str, Any]] = {
