@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.cli import add_config_flags, config_values, flag
 from common.device import resolve_device
 from common.errors import UserError, check_output_dir, run_cli
 from evaluation.code_analysis import event_code_analysis
@@ -39,7 +40,7 @@ from model.inference import CheckpointIdentity, autocast, codes_to_array, load_m
 from pipeline.frames import to_model_input
 from pipeline.loader import in_order_loader
 from pipeline.pair_index import PreviousFrames, build_pair_index, episode_and_step
-from pipeline.shards import LATENT_FORMAT, PAIRS_FORMAT, atomic_write_json, load_manifest, read_members, split_shards
+from pipeline.shards import LATENT_FORMAT, PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest, read_members, split_shards
 from pipeline.stream import decode_png
 
 EXAMPLES = 6                   # pairs in the reconstruction grid
@@ -220,16 +221,17 @@ def draw_figures(out: Path, state: SplitPass, lam, metrics: dict, seed: int) -> 
 # ------------------------------------------------------------------------------------ the run
 @dataclass
 class EvaluateConfig:
-    shards: Path
-    checkpoint: Path
-    split: str = "test"
-    out: Path | None = None                  # None: reports/<split>
+    shards: Path = flag(help="pair shard directory (lam-pairs/1)")
+    checkpoint: Path = flag(help="LAM checkpoint")
+    split: str = flag("test", choices=SPLITS)
+    out: Path | None = flag(None, "report directory (default reports/<split>)")
     batch_size: int = 64
-    latent: Path | None = Path("shards/latent")   # train codes the action probe may reuse
-    probe_limit: int = 1500                  # train transitions for the action probe
-    seed: int = 0                            # random codes for ΔPSNR, t-SNE, probes
-    device: str | None = None
-    backend: str | None = None
+    latent: Path | None = flag(Path("shards/latent"), "latent shards whose train codes the action probe may reuse "
+                                                      "(if this checkpoint made them)")
+    probe_limit: int = flag(1500, "train transitions for the action probe")
+    seed: int = flag(0, "random codes for ΔPSNR, t-SNE, probes")
+    device: str | None = flag(None, "auto (default), cpu or cuda")
+    backend: str | None = flag(None, "data loader (default: dali where installed)", choices=("dali", "torch"))
     progress: bool = True
 
     def __post_init__(self):
@@ -285,28 +287,10 @@ def headline(metrics: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ cli
-def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate a latent action model on one split.")
-    parser.add_argument("--shards", type=Path, required=True, help="pair shard directory (lam-pairs/1)")
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--out", type=Path, default=None, help="report directory (default reports/<split>)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--latent", type=Path, default=Path("shards/latent"),
-                        help="latent shards whose train codes the action probe may reuse (if this checkpoint made them)")
-    parser.add_argument("--probe-limit", type=int, default=1500, help="train transitions for the action probe")
-    parser.add_argument("--seed", type=int, default=0, help="random codes for ΔPSNR, t-SNE, probes")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--backend", choices=("dali", "torch"), default=None)
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
-
-
 def cli(argv: Sequence[str] | None = None) -> int:
-    args = argument_parser().parse_args(argv)
-    cfg = EvaluateConfig(args.shards, args.checkpoint, args.split, args.out, args.batch_size, args.latent,
-                         args.probe_limit, args.seed, args.device, args.backend, not args.no_progress)
-    metrics, report = evaluate(cfg)
+    parser = argparse.ArgumentParser(description="Evaluate a latent action model on one split.")
+    add_config_flags(parser, EvaluateConfig)
+    metrics, report = evaluate(EvaluateConfig(**config_values(parser.parse_args(argv), EvaluateConfig)))
     print(f"{metrics['split']}: {metrics['pairs']} pairs in {metrics['seconds']} s; {headline(metrics)}")
     print(f"report: {report}")
     return 0

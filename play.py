@@ -27,9 +27,10 @@ from typing import Sequence
 
 import torch
 
+from common.cli import add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 from model import load_checkpoint
-from pipeline.shards import atomic_write_json
+from pipeline.shards import SPLITS, atomic_write_json
 
 from control.checkpoint import load_controller
 from control.data import read_episodes
@@ -45,11 +46,11 @@ DEFAULT_LATENT = Path("shards/latent")
 
 @dataclass
 class ModelPaths:
-    checkpoint: Path = DEFAULT_CHECKPOINT
-    controller: Path = DEFAULT_CONTROLLER
-    latent: Path = DEFAULT_LATENT
-    split: str = "test"
-    threads: int = 0                    # torch CPU threads; 0 leaves torch's default
+    checkpoint: Path = flag(DEFAULT_CHECKPOINT, "LAM checkpoint")
+    controller: Path = flag(DEFAULT_CONTROLLER, "controller checkpoint")
+    latent: Path = flag(DEFAULT_LATENT, "latent shards (episodes to start from)")
+    split: str = flag("test", choices=SPLITS)
+    threads: int = flag(0, "torch CPU threads (0: torch's default)")
 
 
 @dataclass
@@ -76,7 +77,7 @@ class RolloutConfig(ModelPaths):
 class ServeConfig(ModelPaths):
     host: str = "127.0.0.1"
     port: int = 8000
-    max_episodes: int = 4               # test episodes whose frames are the restart points
+    max_episodes: int = flag(4, "test episodes whose frames are the restart points")
     seed: int | None = None
 
 
@@ -230,37 +231,26 @@ def config_paths(config: ModelPaths) -> ModelPaths:
 
 
 # ------------------------------------------------------------------------------------ cli
-def add_path_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="LAM checkpoint")
-    parser.add_argument("--controller", type=Path, default=DEFAULT_CONTROLLER, help="controller checkpoint")
-    parser.add_argument("--latent", type=Path, default=DEFAULT_LATENT, help="latent shards (episodes to start from)")
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+# command -> (its config, help, fields that are not flags: the server's address comes from HOST=, PORT=)
+COMMANDS = {"rollout": (RolloutConfig, "rollouts, controllability, GIFs and report", ()),
+            "serve": (ServeConfig, "the play page (HOST=, PORT= override 127.0.0.1:8000)", ("host", "port", "seed")),
+            "bench": (BenchConfig, "time play steps through the HTTP server", ())}
 
 
 def parse_args(argv: Sequence[str] | None):
     parser = argparse.ArgumentParser(description="Play Breakout inside the latent action model.")
     commands = parser.add_subparsers(dest="command", required=True)
-    roll = commands.add_parser("rollout", help="rollouts, controllability, GIFs and report")
-    add_path_flags(roll)
-    for name, spec in RolloutConfig.__dataclass_fields__.items():
-        if name not in ModelPaths.__dataclass_fields__:
-            roll.add_argument("--" + name.replace("_", "-"), type=Path if name == "out" else int, default=spec.default)
-    srv = commands.add_parser("serve", help="the play page (HOST=, PORT= override 127.0.0.1:8000)")
-    add_path_flags(srv)
-    srv.add_argument("--max-episodes", type=int, default=4)
-    bch = commands.add_parser("bench", help="time play steps through the HTTP server")
-    add_path_flags(bch)
-    bch.add_argument("--steps", type=int, default=100)
-    bch.add_argument("--out", type=Path, default=Path("reports/play"))
-    args = vars(parser.parse_args(argv))
-    command = args.pop("command")
-    if command == "serve":
+    for name, (config, help_text, not_flags) in COMMANDS.items():
+        add_config_flags(commands.add_parser(name, help=help_text), config, skip=not_flags)
+    args = parser.parse_args(argv)
+    config = COMMANDS[args.command][0]
+    values = config_values(args, config)
+    if args.command == "serve":
         port = os.environ.get("PORT", "8000")
         if not port.isdigit() or not 0 <= int(port) < 65536:
             raise UserError(f"PORT={port!r} is not a port number")
-        return command, ServeConfig(**args, host=os.environ.get("HOST", "127.0.0.1"), port=int(port))
-    return command, (RolloutConfig if command == "rollout" else BenchConfig)(**args)
+        values.update(host=os.environ.get("HOST", "127.0.0.1"), port=int(port))
+    return args.command, config(**values)
 
 
 def run(argv: Sequence[str] | None = None) -> int:

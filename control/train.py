@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from common.cli import add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 from pipeline.shards import LATENT_FORMAT, atomic_write_bytes, atomic_write_json, load_manifest
 
@@ -42,7 +43,7 @@ CHECKPOINT_NAME = "controller.pt"
 
 @dataclass
 class ControllerTrainConfig:
-    latent: Path
+    latent: Path = flag(help="latent shard directory (lam-latent/1)")
     out: Path = Path("checkpoints/controller")
     steps: int = 1500
     batch_size: int = 32
@@ -219,21 +220,9 @@ def report_markdown(metrics: dict, split: str, checkpoint: Path) -> str:
 
 # ------------------------------------------------------------------------------------ cli
 def parse_args(argv: Sequence[str] | None) -> ControllerTrainConfig:
-    defaults = ControllerTrainConfig.__dataclass_fields__
     parser = argparse.ArgumentParser(description="Train the action -> latent code controller on latent shards.")
-    parser.add_argument("--latent", type=Path, required=True, help="latent shard directory (lam-latent/1)")
-    for name, spec in defaults.items():
-        if name == "latent":
-            continue
-        flag = "--" + name.replace("_", "-")
-        if spec.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default)
-        elif name == "channels":
-            parser.add_argument(flag, type=int, nargs=5, default=list(spec.default))
-        else:
-            kind = {"Path": Path, "int": int, "float": float, "str": str}[str(spec.type)]
-            parser.add_argument(flag, type=kind, default=spec.default)
-    return ControllerTrainConfig(**vars(parser.parse_args(argv)))
+    add_config_flags(parser, ControllerTrainConfig)
+    return ControllerTrainConfig(**config_values(parser.parse_args(argv), ControllerTrainConfig))
 
 
 def run(argv: Sequence[str] | None = None) -> int:
