@@ -18,14 +18,12 @@ class LatentActionModel(nn.Module):
         self.config = config = config or ModelConfig()
         self.encoder = Encoder(config.in_channels, config.channels, config.code_dim, config.encoder_input,
                                config.context)
-        self.quantizer = Quantizer(config.codebook_size, config.code_dim, config.commitment_weight,
-                                   config.codebook_weight, config.entropy_weight, config.entropy_temperature,
-                                   config.reset_buffer)
+        self.quantizer = Quantizer(config)
         self.decoder = Decoder(config.in_channels, config.channels, config.code_dim, config.decoder_skips,
                                config.latent_every_stage, config.residual_output, config.context)
-        self.set_grad_checkpoint(config.grad_checkpoint)
 
     def set_grad_checkpoint(self, enabled: bool) -> None:
+        """Recompute each conv stage in backward (memory for time): a training setting, off when built."""
         self.encoder.stack.grad_checkpoint = enabled
         self.decoder.frame_stack.grad_checkpoint = enabled
         self.decoder.up_stack.grad_checkpoint = enabled

@@ -88,8 +88,7 @@ class Encoder(nn.Module):
     With context 1 the previous change comes too: concat(t-1, t, t+1), concat(t, t+1 - t, t - (t-1))
     or concat(t+1 - t, t - (t-1)), C more channels."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, input_mode: str = "pair",
-                 context: int = 0):
+    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, input_mode: str, context: int):
         super().__init__()
         self.input_mode, self.context = input_mode, context
         frames_in = (1 if input_mode == "difference" else 2) + context
@@ -135,8 +134,8 @@ class Decoder(nn.Module):
     clamp(frame t + change) instead of a sigmoid; `context` 1 feeds the frame stack
     concat(t, t - (t-1)) instead of t (what moved last step, nothing of t+1)."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, skips: bool = False,
-                 latent_every_stage: bool = False, residual: bool = False, context: int = 0):
+    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, skips: bool,
+                 latent_every_stage: bool, residual: bool, context: int):
         super().__init__()
         self.skips, self.residual, self.context = skips, residual, context
         self.frame_stack = down_stack((1 + context) * in_channels, channels)

@@ -269,6 +269,13 @@ def load_manifest(shard_dir: Path, expected_format: str) -> dict:
     return manifest
 
 
+def manifest_sha256(shard_dir: Path, expected_format: str) -> str:
+    """sha256 of a shard directory's manifest.json, once it is checked to be one of `expected_format`:
+    how a checkpoint remembers the data it was trained on."""
+    load_manifest(shard_dir, expected_format)
+    return sha256_file(shard_dir / "manifest.json")
+
+
 def split_shards(shard_dir: Path, manifest: dict, split: str) -> list[dict]:
     """The manifest's shard entries for `split`, with `tar`/`idx` resolved to paths that exist."""
     splits = manifest.get("splits", {})

@@ -57,7 +57,7 @@ class MoveProbe:
             return None                                   # no labels: nothing to probe
         loader = build_loader(cfg.shards, "train", batch_size, grayscale=not cfg.rgb, shuffle=False, drop_last=False,
                               with_keys=True, seed=cfg.seed, backend=cfg.backend, device=rt.device,
-                              rank=rt.rank, world_size=rt.world_size, sample=cfg.probe_pairs, context=cfg.context)
+                              rank=rt.rank, world_size=rt.world_size, sample=cfg.probe_pairs, context=cfg.model.context)
         return cls(loader, metas)
 
     def labelled(self, codes: list[np.ndarray], keys: list[str], rt: Runtime) -> tuple[np.ndarray, np.ndarray]:
