@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
@@ -40,8 +40,6 @@ from training.validate import MoveProbe, Validator
 
 def train(cfg: TrainConfig, resumed: Resumed | None = None) -> None:
     """Check the outputs and the data, start the runtime, run; `resumed` is the checkpoint to continue from."""
-    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or str(Path("runs") / cfg.run_name))
     check_output_dir(cfg.out, "--out")
     check_output_dir(cfg.run_dir, "--run-dir")
     manifest_sha = manifest_sha256(Path(cfg.shards), PAIRS_FORMAT)     # a checkpoint remembers its data
@@ -55,10 +53,7 @@ def train(cfg: TrainConfig, resumed: Resumed | None = None) -> None:
 
 
 def run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_sha: str) -> None:
-    micro_batch, remainder = divmod(cfg.batch_size, rt.world_size * cfg.grad_accum)
-    if remainder or micro_batch < 1:
-        raise UserError(f"batch_size {cfg.batch_size} must be a multiple of world_size × grad_accum "
-                        f"({rt.world_size} × {cfg.grad_accum})")
+    micro_batch = cfg.micro_batch(rt.world_size)
     sha = git_sha()
     if rt.main:
         print(f"train.py at git {sha}; config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
@@ -99,7 +94,7 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_sha: st
         print(validator.describe(), flush=True)
     print(f"[rank {rt.rank}/{rt.world_size}] on {rt.device}: {len(train_loader)} train batches per epoch", flush=True)
 
-    batches = forever(train_loader)
+    batches = train_loader.forever()
     progress = tqdm(total=cfg.iters, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1,
                     disable=not rt.main)
     model.train()
@@ -128,11 +123,10 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_sha: st
 
         # ---- validation, then checkpoints (best.pt by validation loss), then the log row
         last = step == cfg.iters
-        due = validator.due(step, last)
-        if due:
-            row.update(validator.run(due))
+        validation = validator(step, last)
+        row.update(validation.scalars)
         checkpointer.save(step, last=last, val_loss=row.get("val/recon"))
-        logger.log(step, row)
+        logger.log(step, row, validation.code_counts, validation.examples)
         progress.set_postfix(loss=f"{outcome.terms['loss']:.4f}", recon=f"{outcome.terms['recon']:.5f}", refresh=False)
         progress.update(1)
         timer = time.perf_counter()
@@ -145,12 +139,6 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_sha: st
         print(f"fp16: {train_step.overflow_skips} of {step} steps were updates the GradScaler skipped for overflow "
               f"(loss scale now {train_step.scaler.get_scale():g})", flush=True)
     report_digests(model, rt, step)
-
-
-def forever(loader) -> Iterator[dict]:
-    """Epoch after epoch; the loader's own state_dict() knows the position inside the epoch."""
-    while True:
-        yield from loader
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -4,6 +4,7 @@
     for batch in loader:                       # one pass is one epoch
         batch["cur"], batch["next"]            # float32 (B, C, 210, 160) in [0, 1] on the device
         batch["prev"], batch["prev_valid"]     # with context=1: frame t-1, and bool (B,) (see below)
+    batches = loader.forever()                 # epoch after epoch, as training draws them
 
 How it works, shared by both backends (they differ only in the decoder, pipeline/frame_decoders.py):
 
@@ -154,6 +155,11 @@ class PairLoader:
                 yield batch
         finally:
             assembled.close()
+
+    def forever(self) -> Iterator[dict]:
+        """Epoch after epoch, as training draws batches; state_dict() knows the position inside the epoch."""
+        while True:
+            yield from self
 
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "epoch": self._epoch, "batch": self._batch, **asdict(self.schedule)}

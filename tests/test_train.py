@@ -77,6 +77,26 @@ def test_metrics_rows_start_at_step_1_and_cadences_fire(tiny_checkpoint):
     assert (run_dir / logged[-1]["images/reconstruction"]).is_file()
 
 
+def test_validation_labels_examples_by_pair_key_and_computes_ssim_only_when_due(pair_shards, tmp_path, monkeypatch):
+    """Images and histograms reach the logger as arguments, not as keys in the scalar row; the
+    example reconstructions are labelled by their pair keys; SSIM is computed only for the metrics."""
+    import training.logger
+    import training.validate
+    from pipeline.pair_index import episode_and_step
+
+    labels, with_ssim = [], []
+    grid, meter = training.logger.reconstruction_grid, training.validate.ReconstructionMeter
+    monkeypatch.setattr(training.logger, "reconstruction_grid",
+                        lambda examples, path: labels.append([e.key for e in examples]) or grid(examples, path))
+    monkeypatch.setattr(training.validate, "ReconstructionMeter",
+                        lambda device, ssim=True: with_ssim.append(ssim) or meter(device, ssim))
+    assert train.main(tiny_args(pair_shards, tmp_path, 10)) == 0      # tiny: val/recon at 5, metrics at 10
+    assert with_ssim == [False, False, True, False]                      # per pass: the model's meter, the copy's
+    assert len(labels) == 1 and labels[0] and all(episode_and_step(key) for key in labels[0])
+    logged = rows(tmp_path / "run")
+    assert not [key for row in logged for key in row if key.startswith("_")]
+
+
 def test_tiny_training_lowers_the_loss(tiny_checkpoint):
     recon = [row["train/recon"] for row in rows(tiny_checkpoint.parent.parent / "run")]
     first, last = sum(recon[:5]) / 5, sum(recon[-5:]) / 5

@@ -3,6 +3,8 @@ and `--resume`; from them the run's config and, when resuming, the checkpoint it
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import time
 from pathlib import Path
 
 from common.cli import add_config_flags, config_values
@@ -33,6 +35,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Resumed | N
     if args.run_dir:
         check_output_dir(args.run_dir, "--run-dir")
     flags = {name: value for name, value in config_values(args, TrainConfig).items() if name != "preset"}
-    if args.resume:
-        return resume(Path(out), args.preset, args.set, flags)
-    return build_config(args.preset or "full", args.set, flags), None
+    cfg, resumed = (resume(Path(out), args.preset, args.set, flags) if args.resume
+                    else (build_config(args.preset or "full", args.set, flags), None))
+    return named(cfg), resumed
+
+
+def named(cfg: TrainConfig) -> TrainConfig:
+    """The run's name and its folder: as given (or saved), else <preset>-<date>-<time> and runs/<name>."""
+    run_name = cfg.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return dataclasses.replace(cfg, run_name=run_name, run_dir=cfg.run_dir or str(Path("runs") / run_name))

@@ -108,6 +108,14 @@ class TrainConfig:
                 raise ValueError(message)
         self.model = dataclasses.replace(self.model, in_channels=3 if self.rgb else 1)
 
+    def micro_batch(self, world_size: int) -> int:
+        """Pairs per forward pass: the global batch shared out over the ranks and the accumulation steps."""
+        micro_batch, remainder = divmod(self.batch_size, world_size * self.grad_accum)
+        if remainder or micro_batch < 1:
+            raise UserError(f"batch_size {self.batch_size} must be a multiple of world_size × grad_accum "
+                            f"({world_size} × {self.grad_accum})")
+        return micro_batch
+
     def to_dict(self) -> dict:
         """The training settings, as a checkpoint's config["train"] holds them (config["model"] the model's)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
