@@ -5,11 +5,11 @@
 
 One batched pass over every pair of the split (the project loader, manifest order) scores the
 model's prediction of frame t+1 beside copying frame t and beside decoding random codes, counts code
-use, and detects ball, paddle and bricks in the true and predicted frames (pipeline/events.py).
-Then: codes by gameplay event (NMI), the action probe (pipeline/code_analysis.py; fitted on the train
-split, whose codes come from the latent shards when they were extracted by this checkpoint), figures,
-and the report. `reports/summary.md` puts every split evaluated so far side by side.
-Conventions are DESIGN.md's ("Evaluation"); see pipeline/metrics.py.
+use, and detects ball, paddle and bricks in the true and predicted frames (evaluation/events.py).
+Then: codes by gameplay event (NMI, evaluation/code_analysis.py), the action probes
+(evaluation/probes.py; fitted on the train split, whose codes come from the latent shards when they
+were extracted by this checkpoint), figures, and the report. `reports/summary.md` puts every split
+evaluated so far side by side. Conventions are DESIGN.md's ("Evaluation"); see evaluation/metrics.py.
 """
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ from common.errors import UserError, check_output_dir, run_cli
 from evaluation.code_analysis import event_code_analysis
 from evaluation.events import Elements, count_events, detect_elements, transition_events
 from evaluation.figures import Example, code_tsne, codebook_histogram, codes_by_event, reconstruction_grid
-from evaluation.probes import ProbeSet, action_label, action_probes, move_label, pooled
+from evaluation.formatting import num, pct
 from evaluation.metrics import ElementMeter, ReconstructionMeter, code_counts, codebook_stats
+from evaluation.probes import ProbeSet, action_label, action_probes, move_label, pooled
 from evaluation.report import write_report, write_summary
 from model.inference import CheckpointIdentity, autocast, codes_to_array, load_model
 from pipeline.frames import to_model_input
@@ -271,18 +272,17 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict, Path]:
 
 def headline(metrics: dict) -> str:
     model, copy = metrics["model"], metrics["copy_baseline"]
-    fmt = lambda value: "n/a" if value is None else f"{value:.2f}"  # noqa: E731
-    pct = lambda value: "n/a" if value is None else f"{value:.0%}"  # noqa: E731
-    parts = [f"PSNR {fmt(model['psnr'])} dB (copy frame t: {fmt(copy['psnr'])})",
-             f"SSIM {fmt(model['ssim'])} (copy: {fmt(copy['ssim'])})",
-             f"changed pixels {fmt(model['psnr_changed'])} dB (copy: {fmt(copy['psnr_changed'])})",
-             f"ΔPSNR {fmt(metrics['delta_psnr'])} dB",
-             f"codes used {metrics['codebook']['used_fraction']:.0%}, perplexity {metrics['codebook']['perplexity']:.1f}"]
+    parts = [f"PSNR {num(model['psnr'])} dB (copy frame t: {num(copy['psnr'])})",
+             f"SSIM {num(model['ssim'])} (copy: {num(copy['ssim'])})",
+             f"changed pixels {num(model['psnr_changed'])} dB (copy: {num(copy['psnr_changed'])})",
+             f"ΔPSNR {num(metrics['delta_psnr'])} dB",
+             f"codes used {pct(metrics['codebook']['used_fraction'], 0)}, "
+             f"perplexity {num(metrics['codebook']['perplexity'], 1)}"]
     move = (metrics.get("actions") or {}).get("move")
     if move:
-        parts.append(f"paddle move from codes {pct(move['codes_linear'])} linear / {pct(move['codes_mlp'])} MLP "
-                     f"(frame t alone {pct(move['frame_t'])}, pixel difference {pct(move['pixel_diff'])}, "
-                     f"majority {pct(move['majority'])})")
+        parts.append(f"paddle move from codes {pct(move['codes_linear'], 0)} linear / {pct(move['codes_mlp'], 0)} MLP "
+                     f"(frame t alone {pct(move['frame_t'], 0)}, pixel difference {pct(move['pixel_diff'], 0)}, "
+                     f"majority {pct(move['majority'], 0)})")
     return "; ".join(parts)
 
 

@@ -3,6 +3,7 @@
 The stages, in the order data flows (DESIGN.md, "Data flow"):
 
     record.py         real ALE Breakout play -> bulk_videos/<episode>/<N>.png + meta.jsonl
+      actions.py      Breakout's action ids and names (meta.jsonl's `action`)
     pack.py           validate, pair (t, t+1) inside episodes, split by episode -> shards/pairs/
       png.py          PNG structure checks (shared by the packer and the loader)
       shards.py       reproducible atomic tar + .idx writer, index reader, manifests
