@@ -29,15 +29,19 @@ import torch
 
 from common.cli import add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
+from evaluation.formatting import num, pct
 from model import load_checkpoint
+from pipeline.actions import ACTION_NAMES
 from pipeline.shards import SPLITS, atomic_write_json
 
 from control.checkpoint import load_controller
+from control.controllability import run_controllability
 from control.data import read_episodes
 from control.figures import controllability_bars, rollout_curves, write_gif
-from control.report import CONTROL_GOAL, write_play_report
-from control.rollout import Simulator, run_controllability, run_rollouts
+from control.report import CONTROL_GOAL, REPORT_HORIZONS, write_play_report
+from control.rollout import run_rollouts
 from control.server import Game, StartFrame, make_server
+from control.simulator import Simulator
 
 DEFAULT_CHECKPOINT = Path("checkpoints/latent_action/best.pt")
 DEFAULT_CONTROLLER = Path("checkpoints/controller/controller.pt")
@@ -210,7 +214,7 @@ def bench(config: BenchConfig) -> dict:
         rows = []
         for _ in range(config.steps):
             began = time.perf_counter()
-            answer = post_json(url, {"action": rng.choice(["LEFT", "RIGHT", "NOOP", "FIRE"])})
+            answer = post_json(url, {"action": rng.choice(ACTION_NAMES)})
             total = 1000 * (time.perf_counter() - began)
             timing = answer["timing_ms"]
             rows.append({**timing, "total": total, "http_and_json": total - sum(timing.values())})
@@ -266,16 +270,16 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     metrics = rollout(config)
     curves, control = metrics["rollouts"]["curves"], metrics["controllability"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    for h in (1, 10, 50):
+    for h in REPORT_HORIZONS:
         if h <= len(curves["psnr"]):
-            print(f"step {h}: PSNR {fmt(curves['psnr'][h - 1])} dB (copy start {fmt(curves['psnr_copy'][h - 1])}), "
-                  f"changed px {fmt(curves['psnr_changed'][h - 1])} (copy {fmt(curves['psnr_changed_copy'][h - 1])}), "
-                  f"paddle err {fmt(curves['paddle_error_px'][h - 1])} px, ball found {fmt(curves['ball_found'][h - 1])}")
-    pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
-    print(f"controllability: LEFT {pct(control['controller']['left']['success'])}, "
-          f"RIGHT {pct(control['controller']['right']['success'])} (random codes "
-          f"{pct(control['random_codes']['left']['success'])}, {pct(control['random_codes']['right']['success'])})")
+            at = {name: num(values[h - 1]) for name, values in curves.items()}
+            print(f"step {h}: PSNR {at['psnr']} dB (copy start {at['psnr_copy']}), changed px {at['psnr_changed']} "
+                  f"(copy {at['psnr_changed_copy']}), paddle err {at['paddle_error_px']} px, "
+                  f"ball found {at['ball_found']}")
+    moved = {(codes, side): pct(control[codes][side]["success"], 0)
+             for codes in ("controller", "random_codes") for side in ("left", "right")}
+    print(f"controllability: LEFT {moved['controller', 'left']}, RIGHT {moved['controller', 'right']} "
+          f"(random codes {moved['random_codes', 'left']}, {moved['random_codes', 'right']})")
     print(f"report: {metrics['report']}")
     return 0
 

@@ -20,9 +20,8 @@ from typing import Iterator
 import torch
 
 from common.errors import UserError
+from pipeline.actions import ACTION_NAMES
 from pipeline.stream import latent_dataset, latent_urls
-
-from control.network import ACTION_NAMES
 
 
 @dataclass
