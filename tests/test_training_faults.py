@@ -12,7 +12,7 @@ import torch
 
 import train
 from model import LatentActionModel, ModelConfig
-from pipeline.loader import build_loader, spread_sample
+from pipeline.loader import PairLoader, build_loader, spread_sample
 from training.resume import latest_checkpoint
 from training.runtime import Runtime
 from training.step import TrainStep
@@ -24,9 +24,10 @@ def tiny_args(shards: Path, root: Path, iters: int, *extra: str) -> list[str]:
 
 
 def poison_batches(monkeypatch, at: set[int]) -> list[list[str]]:
-    """Make train.py's batch stream yield, before its batches number `at` (0-based), a copy of that
-    batch with one NaN pixel and keys of its own. Returns the poisoned batches' keys as they come."""
-    original, poisoned = train.forever, []
+    """Make train.py's batch stream (PairLoader.forever) yield, before its batches number `at` (0-based),
+    a copy of that batch with one NaN pixel and keys of its own. Returns the poisoned batches' keys as
+    they come."""
+    original, poisoned = PairLoader.forever, []
 
     def forever(loader):
         for number, batch in enumerate(original(loader)):
@@ -37,7 +38,7 @@ def poison_batches(monkeypatch, at: set[int]) -> list[list[str]]:
                 yield bad
             yield batch
 
-    monkeypatch.setattr(train, "forever", forever)
+    monkeypatch.setattr(PairLoader, "forever", forever)
     return poisoned
 
 
