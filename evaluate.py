@@ -41,7 +41,8 @@ from model.inference import CheckpointIdentity, autocast, codes_to_array, load_m
 from pipeline.frames import to_model_input
 from pipeline.loader import in_order_loader
 from pipeline.pair_index import PreviousFrames, build_pair_index, episode_and_step
-from pipeline.shards import LATENT_FORMAT, PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest, read_members, split_shards
+from pipeline.shards import (LATENT_FORMAT, PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest, read_members,
+                             split_shards)
 from pipeline.stream import decode_png
 
 EXAMPLES = 6                   # pairs in the reconstruction grid

@@ -37,11 +37,12 @@ def failures(curves: dict) -> list[str]:
         lost = next((h for h, v in found if v < 0.5), None)
         notes.append(("**Losing the ball**: the ball is found in fewer than half the model's frames from step "
                       f"{lost} on" if lost else "The ball is found in at least half the model's frames throughout") +
-                     f" (step 1: {pct(found[0][1], 0)}, step {found[-1][0]}: {pct(found[-1][1], 0)} of frames where the "
-                     f"recording shows it).")
+                     f" (step 1: {pct(found[0][1], 0)}, step {found[-1][0]}: {pct(found[-1][1], 0)} of frames "
+                     f"where the recording shows it).")
     phantom = at(curves, "ball_phantom", last)
     if phantom:
-        notes.append(f"Where the recording shows no ball, the model draws one in {pct(phantom, 0)} of frames at step {last}.")
+        notes.append(f"Where the recording shows no ball, the model draws one in {pct(phantom, 0)} of frames "
+                     f"at step {last}.")
     real, model = at(curves, "bricks_broken_real", last), at(curves, "bricks_broken_model", last)
     if real is not None and model is not None:
         if real > 0 and model < 0.5 * real:
@@ -62,7 +63,8 @@ def control_verdict(control: dict) -> str:
     met = left is not None and right is not None and min(left, right) >= CONTROL_GOAL
     return (f"**Controllability {'meets' if met else 'misses'} the {CONTROL_GOAL:.0%} goal**: after "
             f"{control['steps']} steps of always-LEFT the paddle ended left of its start in {pct(left, 0)} of starts, "
-            f"after always-RIGHT right of it in {pct(right, 0)} (random codes: {pct(floor_l, 0)} and {pct(floor_r, 0)}).")
+            f"after always-RIGHT right of it in {pct(right, 0)} (random codes: {pct(floor_l, 0)} and "
+            f"{pct(floor_r, 0)}).")
 
 
 # ------------------------------------------------------------------------------------ controller
