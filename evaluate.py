@@ -5,11 +5,11 @@
 
 One batched pass over every pair of the split (the project loader, manifest order) scores the
 model's prediction of frame t+1 beside copying frame t and beside decoding random codes, counts code
-use, and detects ball, paddle and bricks in the true and predicted frames (pipeline/events.py).
-Then: codes by gameplay event (NMI), the action probe (pipeline/code_analysis.py; fitted on the train
-split, whose codes come from the latent shards when they were extracted by this checkpoint), figures,
-and the report. `reports/summary.md` puts every split evaluated so far side by side.
-Conventions are DESIGN.md's ("Evaluation"); see pipeline/metrics.py.
+use, and detects ball, paddle and bricks in the true and predicted frames (evaluation/events.py).
+Then: codes by gameplay event (NMI, evaluation/code_analysis.py), the action probes
+(evaluation/probes.py; fitted on the train split, whose codes come from the latent shards when they
+were extracted by this checkpoint), figures, and the report. `reports/summary.md` puts every split
+evaluated so far side by side. Conventions are DESIGN.md's ("Evaluation"); see evaluation/metrics.py.
 """
 from __future__ import annotations
 
@@ -27,18 +27,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.cli import add_config_flags, config_values, flag
+from common.device import resolve_device
+from common.errors import UserError, check_output_dir, run_cli
 from evaluation.code_analysis import event_code_analysis
 from evaluation.events import Elements, count_events, detect_elements, transition_events
 from evaluation.figures import Example, code_tsne, codebook_histogram, codes_by_event, reconstruction_grid
-from evaluation.probes import ProbeSet, action_label, action_probes, move_label, pooled
+from evaluation.formatting import num, pct
 from evaluation.metrics import ElementMeter, ReconstructionMeter, code_counts, codebook_stats
+from evaluation.probes import ProbeSet, action_label, action_probes, move_label, pooled
 from evaluation.report import write_report, write_summary
 from model.inference import CheckpointIdentity, autocast, codes_to_array, load_model
-from pipeline.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import to_model_input
-from pipeline.loader import in_order_loader, resolve_device
+from pipeline.loader import in_order_loader
 from pipeline.pair_index import PreviousFrames, build_pair_index, episode_and_step
-from pipeline.shards import LATENT_FORMAT, PAIRS_FORMAT, atomic_write_json, load_manifest, read_members, split_shards
+from pipeline.shards import (LATENT_FORMAT, PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest, read_members,
+                             split_shards)
 from pipeline.stream import decode_png
 
 EXAMPLES = 6                   # pairs in the reconstruction grid
@@ -219,16 +223,17 @@ def draw_figures(out: Path, state: SplitPass, lam, metrics: dict, seed: int) -> 
 # ------------------------------------------------------------------------------------ the run
 @dataclass
 class EvaluateConfig:
-    shards: Path
-    checkpoint: Path
-    split: str = "test"
-    out: Path | None = None                  # None: reports/<split>
+    shards: Path = flag(help="pair shard directory (lam-pairs/1)")
+    checkpoint: Path = flag(help="LAM checkpoint")
+    split: str = flag("test", choices=SPLITS)
+    out: Path | None = flag(None, "report directory (default reports/<split>)")
     batch_size: int = 64
-    latent: Path | None = Path("shards/latent")   # train codes the action probe may reuse
-    probe_limit: int = 1500                  # train transitions for the action probe
-    seed: int = 0                            # random codes for ΔPSNR, t-SNE, probes
-    device: str | None = None
-    backend: str | None = None
+    latent: Path | None = flag(Path("shards/latent"), "latent shards whose train codes the action probe may reuse "
+                                                      "(if this checkpoint made them)")
+    probe_limit: int = flag(1500, "train transitions for the action probe")
+    seed: int = flag(0, "random codes for ΔPSNR, t-SNE, probes")
+    device: str | None = flag(None, "auto (default), cpu or cuda")
+    backend: str | None = flag(None, "data loader (default: dali where installed)", choices=("dali", "torch"))
     progress: bool = True
 
     def __post_init__(self):
@@ -268,52 +273,34 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict, Path]:
 
 def headline(metrics: dict) -> str:
     model, copy = metrics["model"], metrics["copy_baseline"]
-    fmt = lambda value: "n/a" if value is None else f"{value:.2f}"  # noqa: E731
-    pct = lambda value: "n/a" if value is None else f"{value:.0%}"  # noqa: E731
-    parts = [f"PSNR {fmt(model['psnr'])} dB (copy frame t: {fmt(copy['psnr'])})",
-             f"SSIM {fmt(model['ssim'])} (copy: {fmt(copy['ssim'])})",
-             f"changed pixels {fmt(model['psnr_changed'])} dB (copy: {fmt(copy['psnr_changed'])})",
-             f"ΔPSNR {fmt(metrics['delta_psnr'])} dB",
-             f"codes used {metrics['codebook']['used_fraction']:.0%}, perplexity {metrics['codebook']['perplexity']:.1f}"]
+    parts = [f"PSNR {num(model['psnr'])} dB (copy frame t: {num(copy['psnr'])})",
+             f"SSIM {num(model['ssim'])} (copy: {num(copy['ssim'])})",
+             f"changed pixels {num(model['psnr_changed'])} dB (copy: {num(copy['psnr_changed'])})",
+             f"ΔPSNR {num(metrics['delta_psnr'])} dB",
+             f"codes used {pct(metrics['codebook']['used_fraction'], 0)}, "
+             f"perplexity {num(metrics['codebook']['perplexity'], 1)}"]
     paddle, ball = (metrics["elements"][name] for name in ("paddle", "ball"))
-    parts.append(f"paddle within 2 px {pct(paddle['model']['within_2px'])} (copy {pct(paddle['copy_baseline']['within_2px'])}), "
-                 f"missing {pct(paddle['model']['missing'])}; ball within 2 px {pct(ball['model']['within_2px'])} "
-                 f"(copy {pct(ball['copy_baseline']['within_2px'])}), missing {pct(ball['model']['missing'])}")
+    parts.append(f"paddle within 2 px {pct(paddle['model']['within_2px'], 0)} "
+                 f"(copy {pct(paddle['copy_baseline']['within_2px'], 0)}), missing {pct(paddle['model']['missing'], 0)}; "
+                 f"ball within 2 px {pct(ball['model']['within_2px'], 0)} (copy {pct(ball['copy_baseline']['within_2px'], 0)}), "
+                 f"missing {pct(ball['model']['missing'], 0)}")
     move = (metrics.get("actions") or {}).get("move")
     if move:
-        parts.append(f"paddle move from codes {pct(move['codes_linear'])} linear / {pct(move['codes_mlp'])} MLP "
-                     f"(frame t alone {pct(move['frame_t'])}, pixel difference {pct(move['pixel_diff'])}, "
-                     f"majority {pct(move['majority'])})")
+        parts.append(f"paddle move from codes {pct(move['codes_linear'], 0)} linear / {pct(move['codes_mlp'], 0)} MLP "
+                     f"(frame t alone {pct(move['frame_t'], 0)}, pixel difference {pct(move['pixel_diff'], 0)}, "
+                     f"majority {pct(move['majority'], 0)})")
     bins = (metrics.get("actions") or {}).get("move_bins")
     if bins:
-        parts.append(f"paddle displacement (5 bins) from codes {pct(bins['codes_linear'])} linear "
-                     f"(pixel difference {pct(bins['pixel_diff'])}, majority {pct(bins['majority'])})")
+        parts.append(f"paddle displacement (5 bins) from codes {pct(bins['codes_linear'], 0)} linear "
+                     f"(pixel difference {pct(bins['pixel_diff'], 0)}, majority {pct(bins['majority'], 0)})")
     return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------ cli
-def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate a latent action model on one split.")
-    parser.add_argument("--shards", type=Path, required=True, help="pair shard directory (lam-pairs/1)")
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--out", type=Path, default=None, help="report directory (default reports/<split>)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--latent", type=Path, default=Path("shards/latent"),
-                        help="latent shards whose train codes the action probe may reuse (if this checkpoint made them)")
-    parser.add_argument("--probe-limit", type=int, default=1500, help="train transitions for the action probe")
-    parser.add_argument("--seed", type=int, default=0, help="random codes for ΔPSNR, t-SNE, probes")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--backend", choices=("dali", "torch"), default=None)
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
-
-
 def cli(argv: Sequence[str] | None = None) -> int:
-    args = argument_parser().parse_args(argv)
-    cfg = EvaluateConfig(args.shards, args.checkpoint, args.split, args.out, args.batch_size, args.latent,
-                         args.probe_limit, args.seed, args.device, args.backend, not args.no_progress)
-    metrics, report = evaluate(cfg)
+    parser = argparse.ArgumentParser(description="Evaluate a latent action model on one split.")
+    add_config_flags(parser, EvaluateConfig)
+    metrics, report = evaluate(EvaluateConfig(**config_values(parser.parse_args(argv), EvaluateConfig)))
     print(f"{metrics['split']}: {metrics['pairs']} pairs in {metrics['seconds']} s; {headline(metrics)}")
     print(f"report: {report}")
     return 0

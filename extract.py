@@ -37,10 +37,11 @@ import torch
 import zstandard
 from tqdm import tqdm
 
-from pipeline.errors import UserError, check_output_dir, run_cli
+from common.device import resolve_device
+from common.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import GRID
 from model.inference import CODE_DTYPE, CheckpointIdentity, autocast, codes_to_array, load_model
-from pipeline.loader import in_order_loader, resolve_device
+from pipeline.loader import in_order_loader
 from pipeline.pair_index import PreviousFrames
 from pipeline.shards import (LATENT_FORMAT, PAIRS_FORMAT, SPLITS, TarShardWriter, atomic_write_bytes,
                              atomic_write_json, iter_samples, load_manifest, remove_orphaned_temps, sha256_file,

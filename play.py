@@ -27,16 +27,21 @@ from typing import Sequence
 
 import torch
 
+from common.cli import add_config_flags, config_values, flag
+from common.errors import UserError, check_output_dir, run_cli
+from evaluation.formatting import num, pct
 from model import load_checkpoint
-from pipeline.errors import UserError, check_output_dir, run_cli
-from pipeline.shards import atomic_write_json
+from pipeline.actions import ACTION_NAMES
+from pipeline.shards import SPLITS, atomic_write_json
 
 from control.checkpoint import load_controller
+from control.controllability import run_controllability
 from control.data import read_episodes
 from control.figures import controllability_bars, rollout_curves, write_gif
-from control.report import CONTROL_GOAL, write_play_report
-from control.rollout import Simulator, run_controllability, run_rollouts
+from control.report import CONTROL_GOAL, REPORT_HORIZONS, write_play_report
+from control.rollout import run_rollouts
 from control.server import Game, StartFrame, make_server
+from control.simulator import Simulator
 
 DEFAULT_CHECKPOINT = Path("checkpoints/latent_action/best.pt")
 DEFAULT_CONTROLLER = Path("checkpoints/controller/controller.pt")
@@ -45,11 +50,11 @@ DEFAULT_LATENT = Path("shards/latent")
 
 @dataclass
 class ModelPaths:
-    checkpoint: Path = DEFAULT_CHECKPOINT
-    controller: Path = DEFAULT_CONTROLLER
-    latent: Path = DEFAULT_LATENT
-    split: str = "test"
-    threads: int = 0                    # torch CPU threads; 0 leaves torch's default
+    checkpoint: Path = flag(DEFAULT_CHECKPOINT, "LAM checkpoint")
+    controller: Path = flag(DEFAULT_CONTROLLER, "controller checkpoint")
+    latent: Path = flag(DEFAULT_LATENT, "latent shards (episodes to start from)")
+    split: str = flag("test", choices=SPLITS)
+    threads: int = flag(0, "torch CPU threads (0: torch's default)")
 
 
 @dataclass
@@ -76,7 +81,7 @@ class RolloutConfig(ModelPaths):
 class ServeConfig(ModelPaths):
     host: str = "127.0.0.1"
     port: int = 8000
-    max_episodes: int = 4               # test episodes whose frames are the restart points
+    max_episodes: int = flag(4, "test episodes whose frames are the restart points")
     seed: int | None = None
 
 
@@ -209,7 +214,7 @@ def bench(config: BenchConfig) -> dict:
         rows = []
         for _ in range(config.steps):
             began = time.perf_counter()
-            answer = post_json(url, {"action": rng.choice(["LEFT", "RIGHT", "NOOP", "FIRE"])})
+            answer = post_json(url, {"action": rng.choice(ACTION_NAMES)})
             total = 1000 * (time.perf_counter() - began)
             timing = answer["timing_ms"]
             rows.append({**timing, "total": total, "http_and_json": total - sum(timing.values())})
@@ -230,37 +235,26 @@ def config_paths(config: ModelPaths) -> ModelPaths:
 
 
 # ------------------------------------------------------------------------------------ cli
-def add_path_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="LAM checkpoint")
-    parser.add_argument("--controller", type=Path, default=DEFAULT_CONTROLLER, help="controller checkpoint")
-    parser.add_argument("--latent", type=Path, default=DEFAULT_LATENT, help="latent shards (episodes to start from)")
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+# command -> (its config, help, fields that are not flags: the server's address comes from HOST=, PORT=)
+COMMANDS = {"rollout": (RolloutConfig, "rollouts, controllability, GIFs and report", ()),
+            "serve": (ServeConfig, "the play page (HOST=, PORT= override 127.0.0.1:8000)", ("host", "port", "seed")),
+            "bench": (BenchConfig, "time play steps through the HTTP server", ())}
 
 
 def parse_args(argv: Sequence[str] | None):
     parser = argparse.ArgumentParser(description="Play Breakout inside the latent action model.")
     commands = parser.add_subparsers(dest="command", required=True)
-    roll = commands.add_parser("rollout", help="rollouts, controllability, GIFs and report")
-    add_path_flags(roll)
-    for name, spec in RolloutConfig.__dataclass_fields__.items():
-        if name not in ModelPaths.__dataclass_fields__:
-            roll.add_argument("--" + name.replace("_", "-"), type=Path if name == "out" else int, default=spec.default)
-    srv = commands.add_parser("serve", help="the play page (HOST=, PORT= override 127.0.0.1:8000)")
-    add_path_flags(srv)
-    srv.add_argument("--max-episodes", type=int, default=4)
-    bch = commands.add_parser("bench", help="time play steps through the HTTP server")
-    add_path_flags(bch)
-    bch.add_argument("--steps", type=int, default=100)
-    bch.add_argument("--out", type=Path, default=Path("reports/play"))
-    args = vars(parser.parse_args(argv))
-    command = args.pop("command")
-    if command == "serve":
+    for name, (config, help_text, not_flags) in COMMANDS.items():
+        add_config_flags(commands.add_parser(name, help=help_text), config, skip=not_flags)
+    args = parser.parse_args(argv)
+    config = COMMANDS[args.command][0]
+    values = config_values(args, config)
+    if args.command == "serve":
         port = os.environ.get("PORT", "8000")
         if not port.isdigit() or not 0 <= int(port) < 65536:
             raise UserError(f"PORT={port!r} is not a port number")
-        return command, ServeConfig(**args, host=os.environ.get("HOST", "127.0.0.1"), port=int(port))
-    return command, (RolloutConfig if command == "rollout" else BenchConfig)(**args)
+        values.update(host=os.environ.get("HOST", "127.0.0.1"), port=int(port))
+    return args.command, config(**values)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -276,16 +270,16 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     metrics = rollout(config)
     curves, control = metrics["rollouts"]["curves"], metrics["controllability"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    for h in (1, 10, 50):
+    for h in REPORT_HORIZONS:
         if h <= len(curves["psnr"]):
-            print(f"step {h}: PSNR {fmt(curves['psnr'][h - 1])} dB (copy start {fmt(curves['psnr_copy'][h - 1])}), "
-                  f"changed px {fmt(curves['psnr_changed'][h - 1])} (copy {fmt(curves['psnr_changed_copy'][h - 1])}), "
-                  f"paddle err {fmt(curves['paddle_error_px'][h - 1])} px, ball found {fmt(curves['ball_found'][h - 1])}")
-    pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
-    print(f"controllability: LEFT {pct(control['controller']['left']['success'])}, "
-          f"RIGHT {pct(control['controller']['right']['success'])} (random codes "
-          f"{pct(control['random_codes']['left']['success'])}, {pct(control['random_codes']['right']['success'])})")
+            at = {name: num(values[h - 1]) for name, values in curves.items()}
+            print(f"step {h}: PSNR {at['psnr']} dB (copy start {at['psnr_copy']}), changed px {at['psnr_changed']} "
+                  f"(copy {at['psnr_changed_copy']}), paddle err {at['paddle_error_px']} px, "
+                  f"ball found {at['ball_found']}")
+    moved = {(codes, side): pct(control[codes][side]["success"], 0)
+             for codes in ("controller", "random_codes") for side in ("left", "right")}
+    print(f"controllability: LEFT {moved['controller', 'left']}, RIGHT {moved['controller', 'right']} "
+          f"(random codes {moved['random_codes', 'left']}, {moved['random_codes', 'right']})")
     print(f"report: {metrics['report']}")
     return 0
 

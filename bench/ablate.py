@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, machine, markdown_table
-from pipeline.errors import UserError, check_output_dir, run_cli
+from common.errors import UserError, check_output_dir, run_cli
 
 SEED_LITERAL = ["encoder_input=pair", "decoder_skips=false", "latent_every_stage=false", "residual_output=false",
                 "changed_pixel_weight=1", "motion=none", "encoder_match=false", "motion_codes=false"]

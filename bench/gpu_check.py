@@ -26,8 +26,8 @@ try:
 except Exception as error:          # noqa: BLE001 - no torch, or a broken one: main() says which, in one line
     torch, TORCH_IMPORT_ERROR = None, error
 
+from common.errors import check_output_dir, run_cli
 from bench.common import ROOT, machine, markdown_table, pair_shards, recorded_videos
-from pipeline.errors import check_output_dir, run_cli
 
 HOW_TO_RUN = "run it on the GPU machine with that machine's own Python: make gpu-check GPU_PY=/path/to/python3"
 
@@ -98,7 +98,7 @@ def full_preset_speed(shards: Path, steps: int, compile: bool) -> dict:
 
     cfg = build_config("full", flags={"shards": str(shards), "compile": compile, "backend": default_backend()})
     rt = setup_runtime("cuda", cfg.amp, cfg.seed, False, 0)
-    model = LatentActionModel(cfg.model_config()).to(rt.device)
+    model = LatentActionModel(cfg.model).to(rt.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     train_step = TrainStep(model, optimizer, rt, grad_clip=cfg.grad_clip, compile=compile)
     loader = build_loader(shards, "train", cfg.batch_size, backend=cfg.backend, device=rt.device)
@@ -126,7 +126,7 @@ def full_preset_speed(shards: Path, steps: int, compile: bool) -> dict:
         train_step(source, learning_rate(cfg, i), i)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
-    speed = Throughput(cfg.model_config(), rt.device, rt.amp_dtype, cfg.batch_size).row(elapsed / steps)
+    speed = Throughput(cfg.model, rt.device, rt.amp_dtype, cfg.batch_size).row(elapsed / steps)
     return {"compile": compile, "backend": cfg.backend, "steps": steps, "steps_per_s": speed["steps_per_s"],
             "data_wait_fraction": waited / elapsed, "peak_gpu_memory_gb": speed["gpu/max_memory_allocated_gb"],
             "mfu": speed.get("mfu")}

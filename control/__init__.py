@@ -5,10 +5,24 @@ decoder against recorded episodes, controllability, and the play page's server.
     controller = load_controller("checkpoints/controller/controller.pt")
     sim = Simulator(lam, controller)
     codes = sim.codes(cur, prev, action); nxt = sim.decode(cur, codes, prev)
-"""
-from control.checkpoint import CONTROLLER_FORMAT, load_controller, read_controller_checkpoint, save_controller
-from control.network import ACTION_NAMES, Controller, ControllerConfig
-from control.rollout import Simulator
 
-__all__ = ["ACTION_NAMES", "CONTROLLER_FORMAT", "Controller", "ControllerConfig", "Simulator", "load_controller",
-           "read_controller_checkpoint", "save_controller"]
+    network.py          Controller: frame t (and t-1) + action -> logits over the codebook per grid cell
+    checkpoint.py       its checkpoint, in model/checkpoint.py's format ("lam-controller/1")
+    data.py             batches and whole episodes from the latent shards (frame t-1, the recorded action)
+    train.py            `python -m control.train`: the command and its training loop
+    scores.py           the controller against each cell's most common code, on a split
+    simulator.py        one step of play: controller codes -> LAM decoder; rollouts feed frames back in
+    rollout.py          rollouts against recorded episodes, scored per step by evaluation's meters
+    controllability.py  does always-LEFT / always-RIGHT move the paddle that way?
+    figures.py          rollout GIFs, curves, controllability bars
+    report.py           report.md of the controller, and of the rollouts and controllability
+    server.py           the play page's HTTP server (play.py serve)
+
+The grid, the codebook size and the action ids are pipeline's (frames.py, actions.py); numbers,
+figures and the checkpoint format are evaluation's and model's.
+"""
+from control.checkpoint import CONTROLLER_FORMAT, load_controller, save_controller
+from control.network import Controller, ControllerConfig
+from control.simulator import Simulator
+
+__all__ = ["CONTROLLER_FORMAT", "Controller", "ControllerConfig", "Simulator", "load_controller", "save_controller"]

@@ -19,10 +19,9 @@ from typing import Iterator
 
 import torch
 
-from pipeline.errors import UserError
+from common.errors import UserError
+from pipeline.actions import ACTION_NAMES
 from pipeline.stream import latent_dataset, latent_urls
-
-from control.network import ACTION_NAMES
 
 
 @dataclass

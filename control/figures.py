@@ -13,11 +13,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from evaluation.figures import save_figure  # noqa: E402
 from pipeline.shards import atomic_write_bytes  # noqa: E402
 
 GIF_SCALE = 2
 GIF_FRAME_MS = 120
 GAP_PX = 4
+FIGURE_DPI = 110               # the curves' small print stays legible
 
 
 def to_uint8_image(frame: torch.Tensor) -> np.ndarray:
@@ -49,14 +51,6 @@ def write_gif(path: Path, real: torch.Tensor, model: torch.Tensor) -> Path:
     return path
 
 
-def save_figure(fig, path: Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
 def rollout_curves(curves: dict, path: Path) -> Path:
     """PSNR (all and changed pixels), paddle error and ball found, against the horizon."""
     h = curves["horizon"]
@@ -77,7 +71,7 @@ def rollout_curves(curves: dict, path: Path) -> Path:
     axes[2].plot(h, value("ball_phantom"), ":", label="ball drawn where there is none", color="C3")
     axes[2].set(xlabel="steps", ylabel="fraction", title="ball", ylim=(-0.02, 1.02))
     axes[2].legend(fontsize=8)
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=FIGURE_DPI)
 
 
 def controllability_bars(scores: dict, path: Path, goal: float) -> Path:
@@ -94,4 +88,4 @@ def controllability_bars(scores: dict, path: Path, goal: float) -> Path:
     ax.set(ylim=(0, 1.05), ylabel="starts where the paddle moved that way",
            title=f"controllability: {scores['steps']} steps from {scores['starts']} test frames")
     ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=FIGURE_DPI)

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTION_NAMES = ("NOOP", "FIRE", "RIGHT", "LEFT")      # pipeline/record.py's action ids 0..3
-NOOP, FIRE, RIGHT, LEFT = range(4)
-GRID = (7, 5)
+from pipeline.actions import ACTION_NAMES
+from pipeline.frames import CODEBOOK_SIZE, GRID
 
 
 @dataclass
@@ -20,7 +19,7 @@ class ControllerConfig:
     channels: tuple[int, ...] = (16, 32, 64, 96, 128)   # five stride-2 stages: 210 x 160 -> 7 x 5
     action_dim: int = 32
     hidden: int = 192
-    codebook_size: int = 256
+    codebook_size: int = CODEBOOK_SIZE
     num_actions: int = len(ACTION_NAMES)
 
     def __post_init__(self):

@@ -1,20 +1,14 @@
-"""report.md of rollouts and controllability. Plain words first: where the model fails is the news."""
+"""control/'s report.md files, in plain words first: the controller's scores (control/train.py), and
+the rollouts and controllability (play.py), where the model's failures are the news."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from evaluation.formatting import num, pct
 from pipeline.shards import atomic_write_bytes
 
 CONTROL_GOAL = 0.95
 REPORT_HORIZONS = (1, 10, 50)
-
-
-def num(value, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def pct(value) -> str:
-    return "n/a" if value is None else f"{value:.0%}"
 
 
 def at(curves: dict, name: str, horizon: int):
@@ -43,11 +37,12 @@ def failures(curves: dict) -> list[str]:
         lost = next((h for h, v in found if v < 0.5), None)
         notes.append(("**Losing the ball**: the ball is found in fewer than half the model's frames from step "
                       f"{lost} on" if lost else "The ball is found in at least half the model's frames throughout") +
-                     f" (step 1: {pct(found[0][1])}, step {found[-1][0]}: {pct(found[-1][1])} of frames where the "
-                     f"recording shows it).")
+                     f" (step 1: {pct(found[0][1], 0)}, step {found[-1][0]}: {pct(found[-1][1], 0)} of frames "
+                     f"where the recording shows it).")
     phantom = at(curves, "ball_phantom", last)
     if phantom:
-        notes.append(f"Where the recording shows no ball, the model draws one in {pct(phantom)} of frames at step {last}.")
+        notes.append(f"Where the recording shows no ball, the model draws one in {pct(phantom, 0)} of frames "
+                     f"at step {last}.")
     real, model = at(curves, "bricks_broken_real", last), at(curves, "bricks_broken_model", last)
     if real is not None and model is not None:
         if real > 0 and model < 0.5 * real:
@@ -58,7 +53,7 @@ def failures(curves: dict) -> list[str]:
                          f"(a blurred-out brick counts as broken).")
     paddle, copy = at(curves, "paddle_error_px", last), at(curves, "paddle_error_px_copy", last)
     notes.append(f"Paddle x error after {last} steps: {num(paddle, 1)} px (the start frame's paddle: {num(copy, 1)} px); "
-                 f"the paddle is not found in {pct(at(curves, 'paddle_lost', last))} of the model's frames.")
+                 f"the paddle is not found in {pct(at(curves, 'paddle_lost', last), 0)} of the model's frames.")
     return notes
 
 
@@ -67,10 +62,39 @@ def control_verdict(control: dict) -> str:
     floor_l, floor_r = control["random_codes"]["left"]["success"], control["random_codes"]["right"]["success"]
     met = left is not None and right is not None and min(left, right) >= CONTROL_GOAL
     return (f"**Controllability {'meets' if met else 'misses'} the {CONTROL_GOAL:.0%} goal**: after "
-            f"{control['steps']} steps of always-LEFT the paddle ended left of its start in {pct(left)} of starts, "
-            f"after always-RIGHT right of it in {pct(right)} (random codes: {pct(floor_l)} and {pct(floor_r)}).")
+            f"{control['steps']} steps of always-LEFT the paddle ended left of its start in {pct(left, 0)} of starts, "
+            f"after always-RIGHT right of it in {pct(right, 0)} (random codes: {pct(floor_l, 0)} and "
+            f"{pct(floor_r, 0)}).")
 
 
+# ------------------------------------------------------------------------------------ controller
+def write_controller_report(out: Path, metrics: dict, split: str, checkpoint: Path) -> Path:
+    """report.md of a trained controller: its scores on `split` beside the most common code per cell."""
+    scores = metrics[split]
+    beats = (scores["accuracy"] or 0) > (scores["majority_accuracy"] or 0)
+    lines = [f"# Controller: frame t, t-1 and the real action -> the LAM's codes ({split} split)", "",
+             f"Checkpoint `{checkpoint}`, {metrics['training']['steps']} steps, "
+             f"LAM {metrics['lam'].get('sha256', '?')[:12]} (step {metrics['lam'].get('step', '?')}).", "",
+             f"**The controller {'beats' if beats else 'does not beat'} predicting each cell's most common code**: "
+             f"{pct(scores['accuracy'])} of cells right against {pct(scores['majority_accuracy'])}. "
+             f"On the {pct(scores['changed_fraction'])} of cells whose code is not the cell's most common one "
+             f"(the changed cells, where the majority guess scores 0) it gets {pct(scores['changed_accuracy'])}.",
+             "", f"Changing the action from LEFT to RIGHT changes the predicted grid on {pct(scores['action_effect'])} "
+             f"of {split} frames" + (" — the controller barely uses the action." if (scores["action_effect"] or 0) < 0.5
+                                     else "."), "",
+             "| | all cells | changed cells | cross-entropy (nats/cell) |", "|---|---|---|---|",
+             f"| controller | {pct(scores['accuracy'])} | {pct(scores['changed_accuracy'])} | {scores['loss']:.4f} |",
+             f"| most common code per cell (code frequencies for the cross-entropy) | "
+             f"{pct(scores['majority_accuracy'])} | 0.0% | {scores['frequency_loss']:.4f} |", "",
+             "| recorded action | transitions | all cells | changed cells |", "|---|---|---|---|"]
+    for name, row in scores["by_action"].items():
+        lines.append(f"| {name} | {row['transitions']} | {pct(row['accuracy'])} | {pct(row['changed_accuracy'])} |")
+    path = out / "report.md"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+# ------------------------------------------------------------------------------------ rollouts
 def write_play_report(out: Path, metrics: dict, figures: dict[str, str], gifs: list[str]) -> Path:
     curves = metrics["rollouts"]["curves"]
     lines = ["# Playing Breakout inside the model", "",
@@ -87,7 +111,7 @@ def write_play_report(out: Path, metrics: dict, figures: dict[str, str], gifs: l
             lines.append(f"| {h} | {num(at(curves, 'psnr', h))} | {num(at(curves, 'psnr_copy', h))} | "
                          f"{num(at(curves, 'psnr_changed', h))} | {num(at(curves, 'psnr_changed_copy', h))} | "
                          f"{num(at(curves, 'paddle_error_px', h), 1)} | {num(at(curves, 'paddle_error_px_copy', h), 1)} | "
-                         f"{pct(at(curves, 'ball_found', h))} |")
+                         f"{pct(at(curves, 'ball_found', h), 0)} |")
     lines += ["", f"![curves]({figures['curves']})", ""]
     lines += ["GIFs (recorded | model | |difference| in red): " + ", ".join(f"[{g}]({g})" for g in gifs), ""]
     control = metrics.get("controllability")
@@ -96,8 +120,8 @@ def write_play_report(out: Path, metrics: dict, figures: dict[str, str], gifs: l
                   "| | LEFT | RIGHT |", "|---|---|---|"]
         for name, label in (("controller", "controller"), ("random_codes", "random codes (floor)")):
             row = control[name]
-            lines.append(f"| {label} | {pct(row['left']['success'])} of {row['left']['scored']} | "
-                         f"{pct(row['right']['success'])} of {row['right']['scored']} |")
+            lines.append(f"| {label} | {pct(row['left']['success'], 0)} of {row['left']['scored']} | "
+                         f"{pct(row['right']['success'], 0)} of {row['right']['scored']} |")
         left = control["controller"]["left"]
         right = control["controller"]["right"]
         lines += ["", f"Starts whose paddle already touches the wall it is pushed towards are left out of that "

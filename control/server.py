@@ -39,9 +39,10 @@ from urllib.parse import urlsplit
 import torch
 from PIL import Image
 
+from pipeline.actions import ACTION_NAMES
+
 from control.figures import to_uint8_image
-from control.network import ACTION_NAMES
-from control.rollout import Simulator
+from control.simulator import Simulator
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_ROUTES = {"/": "index.html", "/index.html": "index.html", "/play.js": "play.js", "/style.css": "style.css"}
@@ -128,154 +129,163 @@ def unavailable_page(problem: str) -> bytes:
             f"(<code>make controller</code>), then restart <code>make play</code>.</p></body></html>").encode()
 
 
-def make_handler(game: Game | None, problem: str | None, static: dict[str, tuple[bytes, str]]):
-    """A request handler class bound to one game (or to the reason there is none)."""
+class PlayHandler(BaseHTTPRequestHandler):
+    """One connection's requests. The game (or the reason there is none) and the page's files are
+    the server's: `self.server` is the PlayServer that made this handler."""
 
-    class PlayHandler(BaseHTTPRequestHandler):
-        server_version = "BreakoutPlay/1"
-        protocol_version = "HTTP/1.1"        # keep-alive: a held key sends one request per frame
+    server: PlayServer
+    server_version = "BreakoutPlay/1"
+    protocol_version = "HTTP/1.1"        # keep-alive: a held key sends one request per frame
 
-        def log_message(self, format, *args):      # noqa: A002 - the base class's name
-            pass                                     # one line per frame would drown the server's messages
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout      # StreamRequestHandler puts it on the connection's socket
+        super().setup()
 
-        # ---------------------------------------------------------------- answers
-        def send_bytes(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+    def log_message(self, format, *args):      # noqa: A002 - the base class's name
+        pass                                     # one line per frame would drown the server's messages
 
-        def send_json(self, status: int, payload: dict) -> None:
-            self.send_bytes(status, json.dumps(payload).encode(), "application/json")
+    # ---------------------------------------------------------------- answers
+    def send_bytes(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
-        def fail(self, status: HTTPStatus, reason: str) -> None:
-            self.send_json(status, {"error": reason})
+    def send_json(self, status: int, payload: dict) -> None:
+        self.send_bytes(status, json.dumps(payload).encode(), "application/json")
 
-        # ---------------------------------------------------------------- methods
-        def do_GET(self) -> None:                   # noqa: N802 - http.server's naming
-            self.guarded(self.get)
+    def fail(self, status: HTTPStatus, reason: str) -> None:
+        self.send_json(status, {"error": reason})
 
-        def do_POST(self) -> None:                  # noqa: N802
-            self.guarded(self.post)
+    # ---------------------------------------------------------------- methods
+    def do_GET(self) -> None:                   # noqa: N802 - http.server's naming
+        self.guarded(self.get)
 
-        def refuse_method(self) -> None:
+    def do_POST(self) -> None:                  # noqa: N802
+        self.guarded(self.post)
+
+    def refuse_method(self) -> None:
+        self.close_connection = True
+        self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
+        self.send_header("Allow", "GET, POST")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def __getattr__(self, name: str):
+        # http.server answers a method it has no do_<METHOD> for with 501; here any other
+        # method is the client's mistake: 405
+        if name.startswith("do_"):
+            return self.refuse_method
+        raise AttributeError(name)
+
+    def guarded(self, handle) -> None:
+        try:
+            handle(urlsplit(self.path).path)
+        except TimeoutError:
+            raise                                # http.server closes the connection, no answer
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as error:              # one line in the log, no traceback on the page
+            print(f"play server: {self.command} {self.path[:80]!r} failed: {type(error).__name__}: {error}",
+                  file=sys.stderr)
             self.close_connection = True
-            self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
-            self.send_header("Allow", "GET, POST")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self.fail(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the server's log)")
 
-        def __getattr__(self, name: str):
-            # http.server answers a method it has no do_<METHOD> for with 501; here any other
-            # method is the client's mistake: 405
-            if name.startswith("do_"):
-                return self.refuse_method
-            raise AttributeError(name)
+    def get(self, path: str) -> None:
+        if path in ("/", "/index.html") and self.server.problem is not None:
+            self.send_bytes(HTTPStatus.SERVICE_UNAVAILABLE, unavailable_page(self.server.problem),
+                            CONTENT_TYPES[".html"])
+        elif path in self.server.static:
+            self.send_bytes(HTTPStatus.OK, *self.server.static[path])
+        elif path == "/api/state":
+            self.api(lambda game: game.state())
+        elif path.startswith("/api/"):
+            self.fail(HTTPStatus.METHOD_NOT_ALLOWED if path in ("/api/step", "/api/restart") else HTTPStatus.NOT_FOUND,
+                      f"{path}: use POST" if path in ("/api/step", "/api/restart") else "no such API")
+        else:
+            self.fail(HTTPStatus.NOT_FOUND, "not found")
 
-        def guarded(self, handle) -> None:
-            try:
-                handle(urlsplit(self.path).path)
-            except TimeoutError:
-                raise                                # http.server closes the connection, no answer
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            except Exception as error:              # one line in the log, no traceback on the page
-                print(f"play server: {self.command} {self.path[:80]!r} failed: {type(error).__name__}: {error}",
-                      file=sys.stderr)
-                self.close_connection = True
-                self.fail(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the server's log)")
+    def post(self, path: str) -> None:
+        refusal = self.foreign_origin()
+        if refusal:
+            self.close_connection = True
+            self.fail(HTTPStatus.FORBIDDEN, refusal)
+            return
+        body = self.read_body()
+        if body is None:
+            return
+        if path == "/api/restart":
+            self.api(lambda game: game.restart())
+        elif path == "/api/step":
+            action = self.parse_action(body)
+            if action is not None:
+                self.api(lambda game: game.step(action))
+        else:
+            self.fail(HTTPStatus.NOT_FOUND, "not found")
 
-        def get(self, path: str) -> None:
-            if path in ("/", "/index.html") and problem is not None:
-                self.send_bytes(HTTPStatus.SERVICE_UNAVAILABLE, unavailable_page(problem), CONTENT_TYPES[".html"])
-            elif path in static:
-                self.send_bytes(HTTPStatus.OK, *static[path])
-            elif path == "/api/state":
-                self.api(lambda: game.state())
-            elif path.startswith("/api/"):
-                self.fail(HTTPStatus.METHOD_NOT_ALLOWED if path in ("/api/step", "/api/restart") else HTTPStatus.NOT_FOUND,
-                          f"{path}: use POST" if path in ("/api/step", "/api/restart") else "no such API")
-            else:
-                self.fail(HTTPStatus.NOT_FOUND, "not found")
+    def foreign_origin(self) -> str | None:
+        """Why this POST is not from the page itself (None when it is). A browser sends Origin on
+        every cross-site POST, and Host names what the user's browser thinks it is talking to
+        (which defeats DNS rebinding: attacker.example resolving to 127.0.0.1)."""
+        hosts = self.headers.get_all("Host") or []
+        host = hosts[0].strip().lower() if len(hosts) == 1 else ""       # two Host headers: which one?
+        if not self.server.serves_host(host):
+            return f"Host {host or '(none)'!r} is not this server"
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.strip().lower() != f"http://{host}":
+            return f"POST from origin {origin[:80]!r} refused: only the play page itself may post"
+        return None
 
-        def post(self, path: str) -> None:
-            refusal = self.foreign_origin()
-            if refusal:
-                self.close_connection = True
-                self.fail(HTTPStatus.FORBIDDEN, refusal)
-                return
-            body = self.read_body()
-            if body is None:
-                return
-            if path == "/api/restart":
-                self.api(lambda: game.restart())
-            elif path == "/api/step":
-                action = self.parse_action(body)
-                if action is not None:
-                    self.api(lambda: game.step(action))
-            else:
-                self.fail(HTTPStatus.NOT_FOUND, "not found")
-
-        def foreign_origin(self) -> str | None:
-            """Why this POST is not from the page itself (None when it is). A browser sends Origin on
-            every cross-site POST, and Host names what the user's browser thinks it is talking to
-            (which defeats DNS rebinding: attacker.example resolving to 127.0.0.1)."""
-            hosts = self.headers.get_all("Host") or []
-            host = hosts[0].strip().lower() if len(hosts) == 1 else ""       # two Host headers: which one?
-            if not self.server.serves_host(host):
-                return f"Host {host or '(none)'!r} is not this server"
-            origin = self.headers.get("Origin")
-            if origin is not None and origin.strip().lower() != f"http://{host}":
-                return f"POST from origin {origin[:80]!r} refused: only the play page itself may post"
+    def read_body(self) -> bytes | None:
+        length = self.headers.get("Content-Length", "0")
+        if self.headers.get("Transfer-Encoding") or not CONTENT_LENGTH.fullmatch(length):
+            self.close_connection = True         # where the body ends is unknown: the stream cannot go on
+            self.fail(HTTPStatus.BAD_REQUEST, "bad Content-Length (ASCII digits; no Transfer-Encoding)")
             return None
+        if int(length) > MAX_BODY_BYTES:
+            self.close_connection = True
+            self.fail(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
+            return None
+        return self.rfile.read(int(length))
 
-        def read_body(self) -> bytes | None:
-            length = self.headers.get("Content-Length", "0")
-            if self.headers.get("Transfer-Encoding") or not CONTENT_LENGTH.fullmatch(length):
-                self.close_connection = True         # where the body ends is unknown: the stream cannot go on
-                self.fail(HTTPStatus.BAD_REQUEST, "bad Content-Length (ASCII digits; no Transfer-Encoding)")
-                return None
-            if int(length) > MAX_BODY_BYTES:
-                self.close_connection = True
-                self.fail(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
-                return None
-            return self.rfile.read(int(length))
+    def parse_action(self, body: bytes) -> str | None:
+        try:
+            action = json.loads(body or b"{}").get("action")
+        except (ValueError, AttributeError, RecursionError):    # RecursionError: a body of '[[[[...' 
+            self.fail(HTTPStatus.BAD_REQUEST, 'body must be JSON like {"action": "LEFT"}')
+            return None
+        if action not in ACTION_NAMES:
+            self.fail(HTTPStatus.BAD_REQUEST, f"action must be one of {', '.join(ACTION_NAMES)}")
+            return None
+        return action
 
-        def parse_action(self, body: bytes) -> str | None:
-            try:
-                action = json.loads(body or b"{}").get("action")
-            except (ValueError, AttributeError, RecursionError):    # RecursionError: a body of '[[[[...' 
-                self.fail(HTTPStatus.BAD_REQUEST, 'body must be JSON like {"action": "LEFT"}')
-                return None
-            if action not in ACTION_NAMES:
-                self.fail(HTTPStatus.BAD_REQUEST, f"action must be one of {', '.join(ACTION_NAMES)}")
-                return None
-            return action
-
-        def api(self, answer) -> None:
-            if game is None:
-                self.fail(HTTPStatus.SERVICE_UNAVAILABLE, problem or "no game")
-            else:
-                self.send_json(HTTPStatus.OK, answer())
-
-    return PlayHandler
+    def api(self, answer) -> None:
+        """`answer(game)` as JSON; 503 with the reason when there is no game."""
+        if self.server.game is None:
+            self.fail(HTTPStatus.SERVICE_UNAVAILABLE, self.server.problem or "no game")
+        else:
+            self.send_json(HTTPStatus.OK, answer(self.server.game))
 
 
 class PlayServer(ThreadingHTTPServer):
     """ThreadingHTTPServer with a listen backlog for bursts, daemon threads that never hold up
-    shutdown, and the host names it answers to (`serves_host`)."""
+    shutdown, and the host names it answers to (`serves_host`); it holds what its handlers serve:
+    the game (or the reason there is none) and the page's files."""
 
     request_queue_size = LISTEN_BACKLOG
     daemon_threads = True
     block_on_close = False                   # idle keep-alive connections must not delay server_close
 
-    def __init__(self, host: str, port: int, handler):
-        super().__init__((host, port), handler)
+    def __init__(self, host: str, port: int, game: Game | None, problem: str | None = None,
+                 idle_timeout: float = IDLE_TIMEOUT_S):
+        super().__init__((host, port), PlayHandler)
         self.started_host = host
+        self.game, self.problem, self.idle_timeout = game, problem, idle_timeout
+        self.static = load_static_files()
 
     def serves_host(self, host_header: str) -> bool:
         """Is `host_header` (lower case) this server, at its port (which a browser leaves out for 80)?
@@ -320,6 +330,4 @@ def machine_names() -> set[str]:
 def make_server(host: str, port: int, game: Game | None, problem: str | None = None,
                 idle_timeout: float = IDLE_TIMEOUT_S) -> PlayServer:
     """The play server on host:port (0: a free port); `idle_timeout` seconds of silence close a connection."""
-    handler = make_handler(game, problem, load_static_files())
-    handler.timeout = idle_timeout           # StreamRequestHandler puts it on each connection's socket
-    return PlayServer(host, port, handler)
+    return PlayServer(host, port, game, problem, idle_timeout)

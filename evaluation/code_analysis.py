@@ -9,7 +9,6 @@ wall), so no model of frames could tell the action. The criterion comes from the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -19,8 +18,6 @@ from sklearn.metrics import normalized_mutual_info_score
 from evaluation.events import TransitionEvents
 
 EVENT_KINDS = ("paddle", "bounce", "brick", "life_lost")
-EFFECT_DEFINITION = ("the paddle moved between t and t+1, or the ball came into play (launched), "
-                     "per the recorder's labels")
 
 
 # ------------------------------------------------------------------------------------- events
@@ -74,10 +71,6 @@ def visible_effect(meta: dict) -> bool:
     moved = meta.get("paddle_x") is not None and meta.get("next_paddle_x") != meta.get("paddle_x")
     launched = meta.get("ball_x") is None and meta.get("next_ball_x") is not None
     return bool(moved or launched)
-
-
-def has_action_labels(metas: Sequence[dict]) -> bool:
-    return bool(metas) and all("action" in m and "paddle_x" in m and "next_paddle_x" in m for m in metas)
 
 
 def one_hot_codes(codes: np.ndarray, codebook_size: int) -> scipy.sparse.csr_matrix:

@@ -119,11 +119,6 @@ def above_background(frame) -> np.ndarray:
     return gray - float(np.median(gray[BRICK_TOP + BRICK_ROWS * BRICK_HEIGHT:PADDLE_TOP, FIELD_LEFT:FIELD_RIGHT]))
 
 
-def foreground(frame) -> np.ndarray:
-    """bool (210, 160): pixels that belong to some object."""
-    return above_background(frame) > FOREGROUND
-
-
 # --------------------------------------------------------------------------------- detectors
 def detect_bricks(mask: np.ndarray) -> np.ndarray:
     """bool (6, 18): which brick cells are filled."""
@@ -251,12 +246,6 @@ def transition_events(before: Elements | None, cur: Elements, nxt: Elements,
     lost, source = life_lost(cur, nxt, meta)
     return TransitionEvents(paddle=paddle_motion(cur, nxt), ball_bounced=ball_bounced(before, cur, nxt),
                             bricks_broken=bricks_broken(cur, nxt), life_lost=lost, life_source=source)
-
-
-def episode_events(frames: Sequence, metas: Sequence[dict] | None = None) -> list[TransitionEvents]:
-    """Events of every transition of one episode, from its frames 0..T (T transitions)."""
-    elements = [detect_elements(frame) for frame in frames]
-    return sequence_events(elements, metas)
 
 
 def sequence_events(elements: Sequence[Elements], metas: Sequence[dict] | None = None) -> list[TransitionEvents]:

@@ -2,6 +2,7 @@
 difference heat-maps, and codes by gameplay event. Each function draws one figure into `path`."""
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -13,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from evaluation.code_analysis import EVENT_KINDS  # noqa: E402
+from pipeline.shards import atomic_write_bytes  # noqa: E402
 
 
 @dataclass
@@ -36,10 +38,13 @@ def as_image(frame: np.ndarray) -> np.ndarray:
     return frame[0] if frame.shape[0] == 1 else frame.transpose(1, 2, 0)
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+def save_figure(fig, path: Path, dpi: int = 90) -> Path:
+    """Write `fig` as a PNG at `path` atomically (a half-written figure never appears) and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -53,7 +58,7 @@ def codebook_histogram(counts: Sequence[int], path: Path, title: str) -> Path:
     ax_sorted.stairs(ordered, np.arange(len(counts) + 1) - 0.5, fill=True, color="tab:orange")
     ax_sorted.set(xlabel="codes, most used first", ylabel="uses", yscale="log" if ordered.max() > 0 else "linear",
                   title=f"{int((counts > 0).sum())} of {len(counts)} codes used")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def code_tsne(codebook: np.ndarray, counts: Sequence[int], path: Path, seed: int = 0) -> Path:
@@ -75,7 +80,7 @@ def code_tsne(codebook: np.ndarray, counts: Sequence[int], path: Path, seed: int
     fig.colorbar(points, ax=ax, label="log10(uses)")
     ax.set(title="t-SNE of the code vectors", xticks=[], yticks=[])
     ax.legend(loc="best", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def reconstruction_grid(examples: Sequence[Example], path: Path) -> Path:
@@ -96,7 +101,7 @@ def reconstruction_grid(examples: Sequence[Example], path: Path) -> Path:
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def codes_by_event(analysis: dict, path: Path) -> Path:
@@ -120,4 +125,4 @@ def codes_by_event(analysis: dict, path: Path) -> Path:
         ax_bar.set_title(f"cell {tuple(info['best_cell'])}: lift of codes", fontsize=9)
         ax_bar.set_xlabel("P(code | event) / P(code)")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="NMI(code at cell, event)")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from evaluation.events import Elements
+from evaluation.events import Elements, bricks_broken
 
 
 def psnr_from_mse(mse: float) -> float | None:
@@ -51,10 +51,7 @@ class ReconstructionMeter:
                                   error[changed].pow(2).sum(dtype=torch.float64), changed.sum(dtype=torch.float64)])
 
     def compute(self) -> dict[str, float | None]:
-        sums = self.sums.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
-        abs_error, pixels, changed_sq_error, changed_pixels = sums.tolist()
+        abs_error, pixels, changed_sq_error, changed_pixels = self._summed()
         if pixels == 0:
             raise ValueError("no frames were scored")
         with self.psnr.sync_context():                 # every rank's SSE and count (a no-op on one process)
@@ -62,6 +59,18 @@ class ReconstructionMeter:
         return {"psnr": psnr_from_mse(mse), "ssim": None if self.ssim is None else float(self.ssim.compute()),
                 "l1": abs_error / pixels, "l2": mse,
                 "psnr_changed": psnr_from_mse(changed_sq_error / changed_pixels) if changed_pixels else None}
+
+    def changed_fraction(self) -> float:
+        """The share of pixels that differ between frame t and the target: the part copying gets wrong."""
+        _, pixels, _, changed_pixels = self._summed()
+        return changed_pixels / pixels if pixels else 0.0
+
+    def _summed(self) -> list[float]:
+        """The sums, every rank's share added under DDP (each rank must call it)."""
+        sums = self.sums.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        return sums.tolist()
 
 
 # ----------------------------------------------------------------------------------- codebook
@@ -110,6 +119,8 @@ class ElementMeter:
     brick_pairs: int = 0
     broken_pairs: int = 0
     broken_shown: int = 0
+    bricks_broken_true: int = 0                             # bricks present in frame t, gone in the true t+1
+    bricks_broken_pred: int = 0                             # ... gone in the prediction
 
     def update(self, pred: Elements, truth: Elements, cur: Elements) -> None:
         self._update_paddle(pred, truth, cur)
@@ -146,6 +157,8 @@ class ElementMeter:
         self.brick_cells += equal.size
         self.brick_maps_equal += bool(equal.all())
         self.brick_pairs += 1
+        self.bricks_broken_true += bricks_broken(cur, truth)
+        self.bricks_broken_pred += bricks_broken(cur, pred)
         broken = cur.bricks & ~truth.bricks
         if broken.any():
             self.broken_pairs += 1
@@ -170,5 +183,7 @@ class ElementMeter:
                        "cell_accuracy": _rate(self.brick_cells_equal, self.brick_cells),
                        "map_accuracy": _rate(self.brick_maps_equal, self.brick_pairs),
                        "broken_pairs": self.broken_pairs,
-                       "broken_shown": _rate(self.broken_shown, self.broken_pairs)},
+                       "broken_shown": _rate(self.broken_shown, self.broken_pairs),
+                       "broken_per_pair": _rate(self.bricks_broken_true, self.brick_pairs),
+                       "broken_per_pair_pred": _rate(self.bricks_broken_pred, self.brick_pairs)},
         }

@@ -7,24 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from evaluation.formatting import num, pct, table
 from pipeline.shards import atomic_write_bytes
 
 SEED_PSNR_TARGET = 28.0        # the seed's success criterion, stated for RGB frames
 SEED_USED_TARGET = 0.5         # at least half the codebook in use
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
-
-
-def num(value, digits: int = 2, unit: str = "") -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}{unit}"
-
-
-def pct(value) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
 
 # ------------------------------------------------------------------------------------ verdicts
@@ -143,7 +131,7 @@ def elements_section(metrics: dict) -> str:
     paddle, ball, bricks = (elements[k]["model"] for k in ("paddle", "ball", "bricks"))
     return "\n".join([
         "## Game elements", "",
-        "Detected from pixels (pipeline/events.py) in the true and the predicted frame t+1: paddle left edge, "
+        "Detected from pixels (evaluation/events.py) in the true and the predicted frame t+1: paddle left edge, "
         "ball top-left, and the 6 × 18 brick map.", "",
         table(["element", "measure", "model", "copy frame t"], rows), "",
         f"Pairs: paddle {paddle['pairs']} (moved in {paddle['moved_pairs']}), ball visible in {ball['pairs']}, "

@@ -1,6 +1,8 @@
 """The checkpoint format, read and written here only: a plain dict loadable with
-torch.load(weights_only=True): format, model (unwrapped state_dict), config ({"model", "train"}),
-step, and whatever resume state the trainer adds (tensors and plain Python values only)."""
+torch.load(weights_only=True): format, model (unwrapped state_dict), config, step, and whatever
+else its writer adds (tensors and plain Python values only). Two kinds share it: the LAM's
+("lam-checkpoint/1": config {"model", "train"}, plus the trainer's resume state) and the
+controller's (control/checkpoint.py: "lam-controller/1")."""
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.errors import UserError
 from model.config import ModelConfig
 from model.lam import LatentActionModel
-from pipeline.errors import UserError
 from pipeline.shards import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "lam-checkpoint/1"
@@ -47,11 +49,13 @@ def clean_state_dict(state: dict) -> dict:
     return cleaned
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, config: dict, step: int, **resume_state) -> None:
+def save_checkpoint(path: str | Path, model: nn.Module, config: dict, step: int, *,
+                    checkpoint_format: str = CHECKPOINT_FORMAT, **extra) -> None:
     """Write a checkpoint of `model` (unwrapped, no `_orig_mod.`/`module.` keys) atomically: torch.save
-    to memory, then temp file + fsync + rename, so a crash never leaves a half-written .pt."""
-    state = {"format": CHECKPOINT_FORMAT, "model": clean_state_dict(unwrap(model).state_dict()),
-             "config": config, "step": int(step), **resume_state}
+    to memory, then temp file + fsync + rename, so a crash never leaves a half-written .pt. `extra`:
+    the rest of the dict (the trainer's resume state, the controller's LAM identity and metrics)."""
+    state = {"format": checkpoint_format, "model": clean_state_dict(unwrap(model).state_dict()),
+             "config": config, "step": int(step), **extra}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(Path(path), buffer.getvalue())
@@ -70,9 +74,10 @@ class CheckpointFile:
 def read_checkpoint_file(path: str | Path, expected_format: str, kind: str = "checkpoint",
                          map_location: str | torch.device = "cpu") -> CheckpointFile:
     """Read `path` once, hash those bytes and torch.load(weights_only=True) them. Any failure
-    (missing, unreadable, not a torch file, objects weights_only refuses, another format) is one
-    UserError naming the file: the file is the user's input, so whatever torch.load raises on it
-    (KeyError, IndexError, struct.error for text or random bytes, ...) is the user's problem to fix."""
+    (missing, unreadable, not a torch file, objects weights_only refuses, another format, an entry
+    missing) is one UserError naming the file: the file is the user's input, so whatever torch.load
+    raises on it (KeyError, IndexError, struct.error for text or random bytes, ...) is the user's
+    problem to fix."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {kind} not found")
@@ -88,6 +93,11 @@ def read_checkpoint_file(path: str | Path, expected_format: str, kind: str = "ch
         raise UserError(f"{path}: holds a {type(state).__name__}, not a {kind} (a dict of format {expected_format!r})")
     if state.get("format") != expected_format:
         raise UserError(f"{path}: format is {state.get('format')!r}, expected {expected_format!r}")
+    for key, entry in (("model", dict), ("config", dict), ("step", int)):
+        if key not in state:
+            raise UserError(f"{path}: {kind} has no {key!r} entry")
+        if not isinstance(state[key], entry):
+            raise UserError(f"{path}: {kind}'s {key!r} is a {type(state[key]).__name__}, expected a {entry.__name__}")
     return CheckpointFile(path, hashlib.sha256(data).hexdigest(), state)
 
 
@@ -105,18 +115,7 @@ def load_failure(error: Exception, data: bytes) -> str:
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """The checkpoint dict, with one clear UserError for a missing, corrupt or foreign file."""
-    return read_lam_checkpoint(path, map_location).state
-
-
-def read_lam_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> CheckpointFile:
-    loaded = read_checkpoint_file(path, CHECKPOINT_FORMAT, "checkpoint", map_location)
-    for key, kind in (("model", dict), ("config", dict), ("step", int)):
-        if key not in loaded.state:
-            raise UserError(f"{loaded.path}: checkpoint has no {key!r} entry")
-        if not isinstance(loaded.state[key], kind):
-            raise UserError(f"{loaded.path}: checkpoint's {key!r} is a {type(loaded.state[key]).__name__}, "
-                            f"expected a {kind.__name__}")
-    return loaded
+    return read_checkpoint_file(path, CHECKPOINT_FORMAT, "checkpoint", map_location).state
 
 
 def model_config_from(checkpoint: dict, path: str | Path = "checkpoint") -> ModelConfig:
@@ -134,12 +133,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Lat
     """The trained model in eval mode on `device`, its architecture rebuilt from the checkpoint.
     `lam.config` is its ModelConfig; `lam.step` the optimiser step it was saved at; `lam.sha256`
     the hash of the bytes the weights were loaded from (the checkpoint's identity)."""
-    loaded = read_lam_checkpoint(path, map_location="cpu")
-    model = LatentActionModel(model_config_from(loaded.state, path))
+    loaded = read_checkpoint_file(path, CHECKPOINT_FORMAT)
+    return with_weights(LatentActionModel(model_config_from(loaded.state, path)), loaded).to(device)
+
+
+def with_weights(module: nn.Module, loaded: CheckpointFile) -> nn.Module:
+    """`module` (built from the checkpoint's config) with its weights, in eval mode; `.step` the step
+    it was saved at, `.sha256` the hash of the bytes the weights were loaded from."""
     try:
-        model.load_state_dict(clean_state_dict(loaded.state["model"]))
+        module.load_state_dict(clean_state_dict(loaded.state["model"]))
     except Exception as error:                  # noqa: BLE001 - a size mismatch, or values that are not tensors
-        raise UserError(f"{path}: weights do not match the saved architecture ({first_line(error)})") from None
-    model.step = int(loaded.state["step"])
-    model.sha256 = loaded.sha256
-    return model.to(device).eval()
+        raise UserError(f"{loaded.path}: weights do not match the saved architecture ({first_line(error)})") from None
+    module.step = int(loaded.state["step"])
+    module.sha256 = loaded.sha256
+    return module.eval()

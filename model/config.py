@@ -16,6 +16,8 @@ CONTEXTS = (0, 1)                     # frames before t the model sees: none (th
 SEED_LITERAL = dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, residual_output=False,
                     changed_pixel_weight=1.0, context=0, motion="none",
                     encoder_grid_mixing=False, encoder_match=False)
+# Training settings that checkpoints before TrainConfig took them saved with the model's fields.
+MOVED_TO_TRAINING = ("reset_every", "grad_checkpoint")
 # The shift head's block grid for each inner decoder stage (14x10, 27x20, 53x40, 105x80): the nearest
 # grid that divides 210 x 160, so blocks are 15x16, 7x8, 3x4 and 2x2 px.
 MOTION_GRIDS = ((14, 10), (30, 20), (70, 40), (105, 80))
@@ -31,9 +33,7 @@ class ModelConfig:
     codebook_weight: float = 1.0          # weight of ||sg(z) - e||²
     entropy_weight: float = 0.05          # weight of the differentiable codebook-entropy term
     entropy_temperature: float = 0.5      # τ of the soft assignments, relative to the 8th-neighbour gap; see Quantizer.entropy_loss
-    reset_every: int = 10_000             # optimiser steps between dead-code resets (0: never)
-    reset_buffer: int = 4096              # recent encoder outputs kept for resets
-    grad_checkpoint: bool = False         # recompute each conv stage in backward (memory for time)
+    reset_buffer: int = 4096              # recent encoder outputs kept for dead-code resets
     # a 3x3 conv over the 7x5 grid before the code projection: each code sees its neighbour cells (Encoder)
     encoder_grid_mixing: bool = False
     # per cell, how well each whole-pixel move (up to motion_max_x / _y) explains the change, beside
@@ -77,7 +77,7 @@ class ModelConfig:
             raise ValueError(f"codebook_size must be in [2, 65536], got {self.codebook_size}")
         if self.code_dim < 1:
             raise ValueError(f"code_dim must be >= 1, got {self.code_dim}")
-        for name in ("commitment_weight", "codebook_weight", "entropy_weight", "reset_every"):
+        for name in ("commitment_weight", "codebook_weight", "entropy_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.entropy_temperature <= 0:
@@ -123,8 +123,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
         """A saved config; fields it lacks predate them, so they take the seed-literal values its
-        weights were trained with, not today's defaults."""
+        weights were trained with, not today's defaults. Training settings older checkpoints saved
+        here are dropped: the checkpoint's train config holds them too."""
         known = {f.name for f in fields(cls)}
+        values = {name: value for name, value in values.items() if name not in MOVED_TO_TRAINING}
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown model config field(s): {', '.join(sorted(unknown))}")

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import UserError
 from model.checkpoint import load_checkpoint
 from model.lam import LatentActionModel
-from pipeline.errors import UserError
 
 CODE_DTYPE = np.uint8          # codes are stored one byte each (codes.npy): at most 256 codes
 AMP_MODES = ("auto", "bf16", "fp16", "off")

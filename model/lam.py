@@ -19,9 +19,7 @@ class LatentActionModel(nn.Module):
         self.encoder = Encoder(config.in_channels, config.channels, config.code_dim, config.encoder_input,
                                config.context, config.encoder_grid_mixing,
                                (config.motion_max_x, config.motion_max_y) if config.encoder_match else None)
-        self.quantizer = Quantizer(config.codebook_size, config.code_dim, config.commitment_weight,
-                                   config.codebook_weight, config.entropy_weight, config.entropy_temperature,
-                                   config.reset_buffer)
+        self.quantizer = Quantizer(config)
         self.decoder = Decoder(config.in_channels, config.channels, config.code_dim, config.decoder_skips,
                                config.latent_every_stage, config.residual_output, config.context, config.motion,
                                (config.motion_max_x, config.motion_max_y), config.motion_stage,
@@ -29,9 +27,9 @@ class LatentActionModel(nn.Module):
         rows, cols = config.grid
         self.action_head = (nn.Linear(config.code_dim * rows * cols, config.action_classes)
                             if config.action_classes else None)
-        self.set_grad_checkpoint(config.grad_checkpoint)
 
     def set_grad_checkpoint(self, enabled: bool) -> None:
+        """Recompute each conv stage in backward (memory for time): a training setting, off when built."""
         self.encoder.stack.grad_checkpoint = enabled
         self.decoder.frame_stack.grad_checkpoint = enabled
         self.decoder.up_stack.grad_checkpoint = enabled

@@ -94,8 +94,8 @@ class Encoder(nn.Module):
     into often misses where it came from (up to 24 px away); with the mixing each code sees its
     neighbouring cells too and can name the whole move."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, input_mode: str = "pair",
-                 context: int = 0, grid_mixing: bool = False, match: tuple[int, int] | None = None):
+    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, input_mode: str, context: int,
+                 grid_mixing: bool, match: tuple[int, int] | None):
         super().__init__()
         self.input_mode, self.context = input_mode, context
         frames_in = (1 if input_mode == "difference" else 2) + context
@@ -159,10 +159,9 @@ class Decoder(nn.Module):
     clamp(frame t moved block by block + change), the blocks being the cells of inner stage
     `motion_stage` (model/motion.py)."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, skips: bool = False,
-                 latent_every_stage: bool = False, residual: bool = False, context: int = 0, motion: str = "none",
-                 motion_max: tuple[int, int] = (24, 8), motion_stage: int = 1,
-                 motion_grid: tuple[int, int] = (30, 20), motion_codes: bool = False):
+    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, skips: bool,
+                 latent_every_stage: bool, residual: bool, context: int, motion: str, motion_max: tuple[int, int],
+                 motion_stage: int, motion_grid: tuple[int, int], motion_codes: bool):
         super().__init__()
         self.skips, self.residual, self.context = skips, residual, context
         self.frame_stack = down_stack((1 + context) * in_channels, channels)

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import ModelConfig
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -21,13 +23,14 @@ def _distributed() -> bool:
 
 class Quantizer(nn.Module):
     ENTROPY_NEIGHBOURS = 8        # soft assignments are scaled to spread over about this many codes
-    def __init__(self, codebook_size: int = 256, code_dim: int = 128, commitment_weight: float = 0.25,
-                 codebook_weight: float = 1.0, entropy_weight: float = 0.05, entropy_temperature: float = 0.1,
-                 reset_buffer: int = 4096):
+
+    def __init__(self, config: ModelConfig):
+        """Sizes and loss weights from `config`: ModelConfig is where their defaults are stated."""
         super().__init__()
+        codebook_size, code_dim, reset_buffer = config.codebook_size, config.code_dim, config.reset_buffer
         self.codebook_size, self.code_dim = codebook_size, code_dim
-        self.commitment_weight, self.codebook_weight = commitment_weight, codebook_weight
-        self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
+        self.commitment_weight, self.codebook_weight = config.commitment_weight, config.codebook_weight
+        self.entropy_weight, self.entropy_temperature = config.entropy_weight, config.entropy_temperature
         self.codebook = nn.Parameter(torch.empty(codebook_size, code_dim).uniform_(-1 / codebook_size, 1 / codebook_size))
         # Counts since the last reset decide which codes are dead; float so all_reduce(SUM) is exact enough.
         self.register_buffer("usage", torch.zeros(codebook_size))

@@ -3,6 +3,7 @@
 The stages, in the order data flows (DESIGN.md, "Data flow"):
 
     record.py         real ALE Breakout play -> bulk_videos/<episode>/<N>.png + meta.jsonl
+      actions.py      Breakout's action ids and names (meta.jsonl's `action`)
     pack.py           validate, pair (t, t+1) inside episodes, split by episode -> shards/pairs/
       png.py          PNG structure checks (shared by the packer and the loader)
       shards.py       reproducible atomic tar + .idx writer, index reader, manifests
@@ -11,8 +12,7 @@ The stages, in the order data flows (DESIGN.md, "Data flow"):
       frame_decoders.py  DALI and PIL decoders behind one interface
       frames.py       the one preprocessing function both decoders feed (gray, normalise)
     stream.py         latent_dataset: shards/latent/ (.tar or .tar.zst) -> samples for downstream training
-    errors.py         UserError and run_cli: one clear line and an exit code for a user's mistake
 
-Imports run one way: pipeline <- model <- training, evaluation <- scripts (train.py, extract.py,
-evaluate.py).
+Imports run one way: common <- pipeline <- model <- evaluation <- training, control <- scripts; the
+user-error channel and the device rule live in common/.
 """

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.pair_index import FrameReader, PairIndex, decode_png_rgb, raise_for_bad_frames
 
 Job = np.ndarray        # int64 frame ids, decoded together

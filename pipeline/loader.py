@@ -4,6 +4,7 @@
     for batch in loader:                       # one pass is one epoch
         batch["cur"], batch["next"]            # float32 (B, C, 210, 160) in [0, 1] on the device
         batch["prev"], batch["prev_valid"]     # with context=1: frame t-1, and bool (B,) (see below)
+    batches = loader.forever()                 # epoch after epoch, as training draws them
 
 How it works, shared by both backends (they differ only in the decoder, pipeline/frame_decoders.py):
 
@@ -41,7 +42,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from common.device import resolve_device
+from common.errors import UserError
 from pipeline.frame_decoders import DaliFrameDecoder, FrameDecoder, PilFrameDecoder, default_threads
 from pipeline.frames import rgb_to_gray_uint8, to_model_input
 from pipeline.pair_index import PairIndex, build_pair_index
@@ -153,6 +155,11 @@ class PairLoader:
                 yield batch
         finally:
             assembled.close()
+
+    def forever(self) -> Iterator[dict]:
+        """Epoch after epoch, as training draws batches; state_dict() knows the position inside the epoch."""
+        while True:
+            yield from self
 
     def state_dict(self) -> dict:
         return {"format": STATE_FORMAT, "epoch": self._epoch, "batch": self._batch, **asdict(self.schedule)}
@@ -398,22 +405,6 @@ def default_backend() -> str:
         return "dali"
     except ImportError:
         return "torch"
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The one device rule: None or "auto" is the current GPU when there is one, else the CPU; a GPU
-    asked for by name must exist."""
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' asked for, but torch sees no GPU (use device='cpu')")
-    if device.type not in ("cuda", "cpu"):
-        raise UserError(f"device {device} is not supported; use 'cuda' or 'cpu'")
-    if device.type == "cuda" and device.index is None:
-        # pin the caller's current GPU (its DDP rank's): the loader's thread would otherwise see GPU 0
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _require_dali() -> None:

@@ -42,7 +42,7 @@ from typing import Iterator, Sequence
 
 from zlib_ng import zlib_ng
 
-from pipeline.errors import UserError, check_output_dir, run_cli
+from common.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 from pipeline.png import BadFrame, Ihdr, png_chunks
 from pipeline.shards import PAIRS_FORMAT, SPLITS, TarShardWriter, WrittenShard, atomic_write_json, fsync_dir

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 from pipeline.png import BadFrame, png_chunks
 from pipeline.shards import PAIRS_FORMAT, load_manifest, read_index, split_shards

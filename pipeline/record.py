@@ -37,9 +37,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import UserError, check_output_dir, run_cli
+from common.errors import UserError, check_output_dir, run_cli
+from pipeline.actions import ACTION_NAMES, FIRE, LEFT, NOOP, RIGHT
 
-NOOP, FIRE, RIGHT, LEFT = 0, 1, 2, 3
 PADDLE_WIDTH = 16
 PARTIAL_MARK = ".partial-"          # temp folders of unfinished episodes: `.<name>.partial-<pid>`
 
@@ -98,7 +98,7 @@ class TrackerPolicy:
 
     def act(self, ram: np.ndarray) -> int:
         if self.rng.random() < self.noise:
-            return int(self.rng.integers(4))
+            return int(self.rng.integers(len(ACTION_NAMES)))
         where = positions(ram)
         if where["ball_x"] is None:
             self.aim = int(self.rng.integers(-6, 7))
@@ -118,7 +118,7 @@ class RandomPolicy:
         self.rng = rng
 
     def act(self, ram: np.ndarray) -> int:
-        return int(self.rng.integers(4))
+        return int(self.rng.integers(len(ACTION_NAMES)))
 
 
 POLICIES = {policy.name: policy for policy in (TrackerPolicy, RandomPolicy)}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Container, Iterator, Sequence
 
-from pipeline.errors import UserError
+from common.errors import UserError
 
 INDEX_VERSION = "v1.2"      # the format DALI's wds2idx writes and fn.readers.webdataset reads
 PAIRS_FORMAT = "lam-pairs/1"      # manifest.json of pair shards (pack.py)
@@ -267,6 +267,13 @@ def load_manifest(shard_dir: Path, expected_format: str) -> dict:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise UserError(f"{path}: format is {found!r}, expected {expected_format!r}")
     return manifest
+
+
+def manifest_sha256(shard_dir: Path, expected_format: str) -> str:
+    """sha256 of a shard directory's manifest.json, once it is checked to be one of `expected_format`:
+    how a checkpoint remembers the data it was trained on."""
+    load_manifest(shard_dir, expected_format)
+    return sha256_file(shard_dir / "manifest.json")
 
 
 def split_shards(shard_dir: Path, manifest: dict, split: str) -> list[dict]:

@@ -30,7 +30,7 @@ import zstandard
 
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.frames import GRID, to_model_input
 from pipeline.pair_index import decode_png_rgb
 from pipeline.shards import LATENT_FORMAT, SPLITS, load_manifest, read_index

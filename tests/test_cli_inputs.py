@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import UserError
 import evaluate
 import extract
 import play
@@ -24,7 +25,6 @@ from model import load_checkpoint, read_checkpoint
 from model.inference import load_model
 import pipeline.pack as pack
 import pipeline.record as record
-from pipeline.errors import UserError
 
 
 # ------------------------------------------------------------------------------------ junk

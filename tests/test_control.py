@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 import pytest
 
+from common.errors import UserError
 from control import CONTROLLER_FORMAT, Controller, ControllerConfig, load_controller, save_controller
 from control import train as control_train
 from control.data import read_episodes, samples_with_prev
-from control.network import ACTION_NAMES
-from pipeline.errors import UserError
+from pipeline.actions import ACTION_NAMES
 
 SMALL = dict(channels=(4, 8, 8, 8, 8), hidden=16, action_dim=8)
 

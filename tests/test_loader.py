@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.loader import build_loader
 from pipeline.shards import read_index
 
@@ -168,12 +168,6 @@ def test_rank_shares_are_disjoint_and_complete(pair_shards, world_size):
 
 
 # ------------------------------------------------------------------------------------ resume
-def forever(loader):
-    """Epoch after epoch, as train.py walks its loader."""
-    while True:
-        yield from loader
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["mid-epoch", "epoch-end", "next-epoch"])
 def test_resume_yields_what_the_uninterrupted_loader_would(pair_shards, backend, where):
@@ -184,7 +178,7 @@ def test_resume_yields_what_the_uninterrupted_loader_would(pair_shards, backend,
     stop = {"mid-epoch": per_epoch // 2, "epoch-end": per_epoch, "next-epoch": per_epoch + 2}[where]
 
     interrupted = load(pair_shards, **options)
-    batches = forever(interrupted)
+    batches = interrupted.forever()                                  # as train.py walks its loader
     for _ in range(stop):
         next(batches)
     state = interrupted.state_dict()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UserError
 from model import CHECKPOINT_FORMAT, LatentActionModel, ModelConfig, Quantizer, load_checkpoint
-from pipeline.errors import UserError
 
 SMALL = ModelConfig(width=0.125, reset_buffer=64)
 
@@ -22,7 +22,7 @@ def frames(batch: int, channels: int = 1, seed: int = 0) -> tuple[torch.Tensor, 
 
 def seeded_quantizer(k: int = 16, d: int = 8, seed: int = 0) -> Quantizer:
     torch.manual_seed(seed)
-    q = Quantizer(codebook_size=k, code_dim=d, reset_buffer=32)
+    q = Quantizer(ModelConfig(codebook_size=k, code_dim=d, reset_buffer=32))
     q.codebook.data.normal_()
     q.initialised.fill_(True)
     q._seeded = True
@@ -322,6 +322,17 @@ def test_prev_of_the_wrong_shape_is_refused(context, call):
            "forward": lambda: model(cur, nxt, wrong)}[call]
     with pytest.raises(ValueError, match=r"prev has shape \(2, 3, 210, 160\), but cur has \(2, 1, 210, 160\)"):
         run()
+
+
+def test_checkpoints_whose_model_config_holds_training_settings_still_load(tmp_path):
+    """reset_every and grad_checkpoint were ModelConfig fields once: a checkpoint that saved them
+    there loads (they are dropped; its train config holds them too)."""
+    saved = {**ModelConfig(width=0.125).to_dict(), "reset_every": 200, "grad_checkpoint": True}
+    assert ModelConfig.from_dict(saved) == ModelConfig(width=0.125)
+    model = LatentActionModel(ModelConfig(width=0.125))
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": {"model": saved, "train": {}},
+                "step": 3}, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt", "cpu").config == ModelConfig(width=0.125)
 
 
 def test_context_is_validated_and_old_configs_load_as_context_0(tmp_path):

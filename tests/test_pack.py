@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.errors import UserError, run_cli
 from pipeline import pack as packer
-from pipeline.errors import UserError, run_cli
 from pipeline.pack import Frame, assign_splits, check_frame, pack, split_counts
 from pipeline.shards import iter_samples, load_manifest, sha256_file
 

@@ -24,8 +24,9 @@ from PIL import Image
 
 import play
 from control import Controller, ControllerConfig, Simulator, save_controller
+from control.controllability import direction_score
 from control.data import read_episodes
-from control.rollout import HorizonMeter, direction_score, run_rollouts
+from control.rollout import HorizonMeter, run_rollouts
 from control.server import STATIC_DIR, Game, StartFrame, make_server
 from model import load_checkpoint
 from evaluation.events import PADDLE_BOTTOM, PADDLE_TOP, detect_elements

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.errors import run_cli
 from pipeline import record as recorder
-from pipeline.errors import run_cli
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 
 BALL_AND_PADDLE_RGB = (200, 72, 72)

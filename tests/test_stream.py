@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from pipeline.frames import to_model_input
 from pipeline.shards import iter_samples, read_index
 from pipeline.stream import decode_png, latent_dataset, latent_urls

@@ -13,7 +13,9 @@ import torch
 
 import train
 from model import CHECKPOINT_FORMAT, LatentActionModel, load_checkpoint
+from training.cli import argument_parser, config_from_args
 from training.config import TrainConfig
+from training.resume import resumed_config
 from training.step import learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +75,26 @@ def test_metrics_rows_start_at_step_1_and_cadences_fire(tiny_checkpoint):
     assert 0 < logged[-1]["codebook/used_fraction"] <= 1 and logged[-1]["codebook/perplexity"] >= 1
     assert steps_with("images/reconstruction") == [10, 20]
     assert (run_dir / logged[-1]["images/reconstruction"]).is_file()
+
+
+def test_validation_labels_examples_by_pair_key_and_computes_ssim_only_when_due(pair_shards, tmp_path, monkeypatch):
+    """Images and histograms reach the logger as arguments, not as keys in the scalar row; the
+    example reconstructions are labelled by their pair keys; SSIM is computed only for the metrics."""
+    import training.logger
+    import training.validate
+    from pipeline.pair_index import episode_and_step
+
+    labels, with_ssim = [], []
+    grid, meter = training.logger.reconstruction_grid, training.validate.ReconstructionMeter
+    monkeypatch.setattr(training.logger, "reconstruction_grid",
+                        lambda examples, path: labels.append([e.key for e in examples]) or grid(examples, path))
+    monkeypatch.setattr(training.validate, "ReconstructionMeter",
+                        lambda device, ssim=True: with_ssim.append(ssim) or meter(device, ssim))
+    assert train.main(tiny_args(pair_shards, tmp_path, 10)) == 0      # tiny: val/recon at 5, metrics at 10
+    assert with_ssim == [False, False, True, False]                      # per pass: the model's meter, the copy's
+    assert len(labels) == 1 and labels[0] and all(episode_and_step(key) for key in labels[0])
+    logged = rows(tmp_path / "run")
+    assert not [key for row in logged for key in row if key.startswith("_")]
 
 
 def test_tiny_training_lowers_the_loss(tiny_checkpoint):
@@ -199,7 +221,7 @@ def test_context_run_feeds_prev_to_training_and_validation(context_checkpoint, p
     """--set context=1 builds a context model and loaders with prev, and every forward (training
     steps and validation) gets the batch's prev: frame t-1, not frame t, wherever the pair has one."""
     state = torch.load(context_checkpoint, weights_only=True)
-    assert state["config"]["model"]["context"] == 1 and state["config"]["train"]["context"] == 1
+    assert state["config"]["model"]["context"] == 1
     assert state["model"]["decoder.frame_stack.0.0.weight"].shape[1] == 2
 
     forward, seen = LatentActionModel.forward, []
@@ -222,12 +244,27 @@ def test_help_lists_the_fields(capsys):
         assert name in text
 
 
-def test_set_overrides_preset_and_flags_override_set():
-    args = train.argument_parser().parse_args(["--preset", "demo", "--set", "lr=0.001", "--set", "rgb=true",
-                                               "--set", "iters=5", "--iters", "7", "--no-compile"])
-    cfg = train.config_from_args(args)
-    assert (cfg.lr, cfg.rgb, cfg.iters, cfg.compile, cfg.width) == (0.001, True, 7, False, 0.25)
-    assert cfg.model_config().in_channels == 3
+def test_set_overrides_preset_and_flags_override_set(tmp_path):
+    args = argument_parser().parse_args(["--preset", "demo", "--set", "lr=0.001", "--set", "rgb=true", "--set",
+                                         "iters=5", "--iters", "7", "--no-compile", "--out", str(tmp_path)])
+    cfg, resumed = config_from_args(args)
+    assert (cfg.lr, cfg.rgb, cfg.iters, cfg.compile, cfg.model.width, resumed) == (0.001, True, 7, False, 0.25, None)
+    assert cfg.model.in_channels == 3
+
+
+def test_model_defaults_are_model_configs_and_training_settings_are_not_architecture():
+    """ModelConfig alone states the model's defaults (TrainConfig and the networks take them from it);
+    reset_every and grad_checkpoint are training fields, so --resume may change them."""
+    from model import ModelConfig
+
+    assert TrainConfig().model == ModelConfig()
+    assert LatentActionModel(ModelConfig(width=0.0625)).quantizer.entropy_temperature == ModelConfig.entropy_temperature
+    cfg, changes = resumed_config(TrainConfig(reset_every=5).to_dict(), ModelConfig(width=0.0625),
+                                  settings=["reset_every=7", "grad_checkpoint=true", "width=0.5"])
+    assert (cfg.reset_every, cfg.grad_checkpoint, cfg.model.width) == (7, True, 0.0625)
+    assert "reset_every: 5 -> 7 (from the command line)" in changes
+    assert "grad_checkpoint: False -> True (from the command line)" in changes
+    assert "width: the checkpoint's 0.0625 kept (the architecture comes from the checkpoint)" in changes
 
 
 def test_learning_rate_decays_from_lr_to_lr_min():

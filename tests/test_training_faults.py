@@ -12,8 +12,8 @@ import torch
 
 import train
 from model import LatentActionModel, ModelConfig
-from pipeline.loader import build_loader, spread_sample
-from training.checkpointer import latest_checkpoint
+from pipeline.loader import PairLoader, build_loader, spread_sample
+from training.resume import latest_checkpoint
 from training.runtime import Runtime
 from training.step import TrainStep
 
@@ -24,9 +24,10 @@ def tiny_args(shards: Path, root: Path, iters: int, *extra: str) -> list[str]:
 
 
 def poison_batches(monkeypatch, at: set[int]) -> list[list[str]]:
-    """Make train.py's batch stream yield, before its batches number `at` (0-based), a copy of that
-    batch with one NaN pixel and keys of its own. Returns the poisoned batches' keys as they come."""
-    original, poisoned = train.forever, []
+    """Make train.py's batch stream (PairLoader.forever) yield, before its batches number `at` (0-based),
+    a copy of that batch with one NaN pixel and keys of its own. Returns the poisoned batches' keys as
+    they come."""
+    original, poisoned = PairLoader.forever, []
 
     def forever(loader):
         for number, batch in enumerate(original(loader)):
@@ -37,7 +38,7 @@ def poison_batches(monkeypatch, at: set[int]) -> list[list[str]]:
                 yield bad
             yield batch
 
-    monkeypatch.setattr(train, "forever", forever)
+    monkeypatch.setattr(PairLoader, "forever", forever)
     return poisoned
 
 
@@ -132,6 +133,25 @@ def test_resume_lists_what_the_command_line_changes(pair_shards, tmp_path, capsy
     out = capsys.readouterr().out
     assert "lr: 0.003 -> 0.001 (from the command line)" in out
     assert "width: the checkpoint's 0.0625 kept" in out
+
+
+def test_resume_from_a_checkpoint_with_the_old_config_layout(pair_shards, tmp_path, capsys):
+    """Checkpoints written before TrainConfig held the model's settings in `cfg.model` saved them flat in
+    config["train"], and reset_every / grad_checkpoint in config["model"] too: they resume, with
+    reset_every from the training settings and the architecture from the model's."""
+    assert train.main(tiny_args(pair_shards, tmp_path, 2, "--set", "ckpt_every=2", "--set", "reset_every=3")) == 0
+    path = tmp_path / "ckpt" / "step-000002.pt"
+    state = torch.load(path, weights_only=True)
+    model = state["config"]["model"]
+    state["config"] = {"model": {**model, "reset_every": 3, "grad_checkpoint": False},
+                       "train": {**state["config"]["train"], **{k: v for k, v in model.items() if k != "in_channels"}}}
+    torch.save(state, path)
+    capsys.readouterr()
+    assert train.main(tiny_args(pair_shards, tmp_path, 4, "--resume")) == 0
+    out = capsys.readouterr().out
+    assert "iters: 2 -> 4 (from the command line)" in out and "kept" not in out
+    resumed = torch.load(tmp_path / "ckpt" / "step-000004.pt", weights_only=True)["config"]
+    assert resumed["train"]["reset_every"] == 3 and resumed["model"] == model
 
 
 def test_resume_refuses_a_loader_change_that_breaks_exact_resume(pair_shards, tmp_path, capsys):

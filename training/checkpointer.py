@@ -1,36 +1,21 @@
 """Checkpoints of a training run: `step-NNNNNN.pt` on its cadence and at the end, `best.pt` when the
-validation loss improves, and `--resume` from the latest step file. The format itself (atomic
-write, weights_only) is model/checkpoint.py's; this module decides what goes in and when."""
+validation loss improves. The format itself (atomic write, weights_only) is model/checkpoint.py's;
+this module decides what goes in and when (training/resume.py puts it back)."""
 from __future__ import annotations
 
 import math
 import random
-import re
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from model import clean_state_dict, read_checkpoint, save_checkpoint
-from model.checkpoint import first_line
-from pipeline.errors import UserError
+from model import save_checkpoint
 from pipeline.shards import remove_orphaned_temps
 from training.config import TrainConfig
 from training.runtime import Runtime, all_gather, average_batchnorm_stats
 from training.step import TrainStep, every, learning_rate, schedule_horizon
-
-STEP_FILE = re.compile(r"step-(\d+)\.pt")
-
-
-def latest_checkpoint(out: Path) -> Path:
-    """The step file with the highest step number (by number: step-1000000.pt comes after step-999999.pt)."""
-    found = [(int(match.group(1)), path) for path in (out.glob("step-*.pt") if out.is_dir() else [])
-             if (match := STEP_FILE.fullmatch(path.name))]
-    if not found:
-        raise UserError(f"--resume: no step-*.pt checkpoint in {out}")
-    return max(found)[1]
 
 
 def plain(value: Any) -> Any:
@@ -65,34 +50,16 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    """Saves and restores everything a run needs to continue exactly: the unwrapped model, optimiser,
-    GradScaler, schedule, step, RNG, every rank's loader position and the best validation loss."""
+    """Saves everything a run needs to continue exactly: the unwrapped model, optimiser, GradScaler,
+    schedule, step, RNG, every rank's loader position and the best validation loss."""
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, model: torch.nn.Module, train_step: TrainStep, loader,
-                 extra: dict):
+                 extra: dict, best_val: float = math.inf):
         self.cfg, self.rt, self.model, self.train_step, self.loader = cfg, rt, model, train_step, loader
         self.out, self.extra = Path(cfg.out), extra
-        self.best_val = math.inf
+        self.best_val = best_val                 # the best validation loss so far (a resumed run's too)
         if rt.main and self.out.is_dir():
             remove_orphaned_temps(self.out)             # left by a run killed inside a write
-
-    def restore(self, resumed: dict) -> int:
-        """Load a checkpoint's state into the run's components; returns its step."""
-        try:
-            self.model.load_state_dict(clean_state_dict(resumed["model"]))
-            self.train_step.optimizer.load_state_dict(resumed["optimizer"])
-            self.train_step.scaler.load_state_dict(resumed["scaler"])
-            loader_states = resumed["loader"]
-            self.loader.load_state_dict(loader_states[self.rt.rank if len(loader_states) == self.rt.world_size else 0])
-            set_rng_state(resumed["rng"])
-            self.best_val = float(resumed["best_val_loss"])
-            self.train_step.overflow_skips = int(resumed.get("amp_overflow_skips", 0))
-        except Exception as error:              # noqa: BLE001 - the file's content, whatever its shape
-            raise UserError(f"--resume: checkpoint in {self.out} does not fit this run ({first_line(error)})") from None
-        if self.rt.main and len(loader_states) != self.rt.world_size:
-            print(f"warning: checkpoint was written by {len(loader_states)} rank(s), this run has "
-                  f"{self.rt.world_size}: data order is not resumed exactly", flush=True)
-        return int(resumed["step"])
 
     def improves(self, val_loss: float | None) -> bool:
         return val_loss is not None and val_loss < self.best_val
@@ -117,7 +84,7 @@ class Checkpointer:
 
     def _state(self, step: int) -> dict:
         cfg = self.cfg
-        return {"config": {"model": cfg.model_config().to_dict(), "train": asdict(cfg)}, "step": step,
+        return {"config": {"model": cfg.model.to_dict(), "train": cfg.to_dict()}, "step": step,
                 "optimizer": self.train_step.optimizer.state_dict(), "scaler": self.train_step.scaler.state_dict(),
                 "amp_overflow_skips": self.train_step.overflow_skips,
                 "schedule": {"kind": cfg.lr_schedule, "lr": learning_rate(cfg, step - 1), "lr_min": cfg.lr_min,
@@ -125,7 +92,3 @@ class Checkpointer:
                 "rng": rng_state(), "loader": all_gather(plain(self.loader.state_dict()), self.rt),
                 "best_val_loss": self.best_val, "world_size": self.rt.world_size, **self.extra}
 
-
-def read_resume_checkpoint(out: Path) -> tuple[Path, dict]:
-    path = latest_checkpoint(out)
-    return path, read_checkpoint(path)

@@ -1,7 +1,8 @@
 """The trainer's one config dataclass, its presets, and `--set field=value` parsing.
 
-Model fields sit flat beside the training fields (so `--set width=0.25` works); `model_config()`
-picks them out by ModelConfig's own field names, so a new model field needs only its line here.
+The model's settings are a ModelConfig inside it (`cfg.model`), whose fields state their defaults;
+`--set` and the presets name them flat beside the training fields (`--set width=0.25`), so a new
+model field needs only its line in model/config.py.
 """
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
+from common.cli import flag
+from common.errors import UserError
 from model import ModelConfig
 from model.inference import AMP_MODES
-from pipeline.errors import UserError
+from pipeline.actions import ACTION_NAMES
 
-ACTION_CLASSES = 4            # Breakout's minimal action set: pipeline/record.py's action ids 0..3
-# Field defaults are the seed's `full` run; presets override some of them.
+WANDB_MODES = ("offline", "online", "disabled")
+# Field defaults are the seed's `full` run; presets override some of them (model fields by name too).
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     # ~1M params at width 0.25 (eager beats compiled on a CPU). 600 steps: with the action-carrying
@@ -34,45 +37,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
-    preset: str = "full"
-    shards: str = "shards/pairs"
-    out: str = "checkpoints/latent_action"   # step-NNNNNN.pt and best.pt
-    run_dir: str = ""                        # metrics.jsonl, images, wandb files; "" = runs/<run_name>
+    preset: str = flag("full", "default full; on --resume, the checkpoint's", choices=tuple(PRESETS))
+    shards: str = flag("shards/pairs", "pair shard directory (manifest lam-pairs/1)")
+    out: str = flag("checkpoints/latent_action", "checkpoint directory: step-NNNNNN.pt and best.pt")
+    run_dir: str = flag("", "metrics.jsonl, images, wandb files (default runs/<run name>)")
     run_name: str = ""                       # "" = <preset>-<date>-<time>
-    # model: every ModelConfig field but in_channels, which `rgb` gives (on --resume the
-    # architecture comes from the checkpoint)
-    rgb: bool = False
-    width: float = 1.0                       # channel multiplier on 64, 128, 256, 512, 512
-    codebook_size: int = 256
-    code_dim: int = 128
-    commitment_weight: float = 0.25
-    codebook_weight: float = 1.0
-    entropy_weight: float = 0.05
-    entropy_temperature: float = 0.5
+    rgb: bool = flag(False, "RGB frames (default grayscale); the model's in_channels follows")
+    # The model: ModelConfig states its fields and their defaults; `--set` and the presets name them
+    # flat beside the training fields (`--set width=0.25`). On --resume it is the checkpoint's.
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     reset_every: int = 10_000                # dead-code reset interval in steps (0 = never)
-    reset_buffer: int = 4096
-    grad_checkpoint: bool = False
-    encoder_input: str = "difference"        # pair (seed) | pair_difference | difference; see ModelConfig
-    decoder_skips: bool = True
-    latent_every_stage: bool = True
-    residual_output: bool = True
-    changed_pixel_weight: float = 10.0
-    context: int = 0                         # 1: frame t-1 too (loader, encoder, decoder); see ModelConfig
-    motion: str = "none"                     # none | shift (model/motion.py)
-    motion_max_x: int = 24
-    motion_max_y: int = 8
-    motion_stage: int = 1
-    motion_codes: bool = False
-    encoder_grid_mixing: bool = False
-    encoder_match: bool = False
-    action_classes: int = 0                  # set by action_fraction > 0 (see ModelConfig)
-    action_weight: float = 1.0
-    # Light supervision, off by default: the recorded action of this fraction of the train pairs
-    # (a fixed, seeded choice) trains an action head on the codes (training/labels.py).
+    grad_checkpoint: bool = False            # recompute each conv stage in backward (memory for time)
+    # Light supervision, off by default: the recorded action of this fraction of the train pairs (a
+    # fixed, seeded choice) trains an action head on the codes (training/labels.py); the model then
+    # gets the head (ModelConfig.action_classes).
     action_fraction: float = 0.0
     # optimisation
-    iters: int = 100_000
-    batch_size: int = 32                     # global batch per optimiser step (all ranks, all micro-batches)
+    iters: int = flag(100_000, "train until this step (also after --resume)")
+    batch_size: int = flag(32, "global batch per optimiser step (all ranks, all micro-batches)")
     grad_accum: int = 1                      # micro-batches per step
     lr: float = 3e-4
     lr_min: float = 1e-4
@@ -88,13 +70,13 @@ class TrainConfig:
     # runtime
     device: str = "auto"                     # auto | cpu | cuda
     backend: str = "dali"                    # data loader: dali | torch
-    compile: bool = True
+    compile: bool = flag(True, "torch.compile the model (--no-compile: eager)")
     compile_backend: str = "inductor"        # torch.compile backend (aot_eager: traced, no code generation)
     # Off by default: SyncBatchNorm breaks torch.compile's graph at every norm, so DDP ranks normalise
     # their own micro-batch and average BatchNorm's running statistics before validation and checkpoints.
     sync_batchnorm: bool = False
-    amp: str = "auto"                        # auto (bf16 on CUDA if supported, else off) | bf16 | fp16 | off
-    wandb: str = ""                          # offline | online | disabled; "" = $WANDB_MODE or offline
+    amp: str = flag("auto", "auto: bf16 on CUDA if supported, else off", choices=AMP_MODES)
+    wandb: str = flag("", "default $WANDB_MODE, else offline", choices=WANDB_MODES)
     seed: int = 0
     deterministic: bool = False
     threads: int = 0                         # CPU threads per rank; 0 = the cores shared out among local ranks
@@ -114,7 +96,8 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (self.backend in ("dali", "torch"), "backend must be dali or torch"),
             (self.amp in AMP_MODES, "amp must be auto, bf16, fp16 or off"),
-            (self.wandb in ("", "offline", "online", "disabled"), "wandb must be offline, online or disabled"),
+            (self.wandb in ("", *WANDB_MODES), "wandb must be offline, online or disabled"),
+            (self.reset_every >= 0, "reset_every must be >= 0"),
             (self.iters >= 1, "iters must be >= 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.batch_size % self.grad_accum == 0, "batch_size must be divisible by grad_accum"),
@@ -129,23 +112,31 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.action_fraction > 0 and not self.action_classes:
-            self.action_classes = ACTION_CLASSES
-        self.model_config()        # validates the model fields
+        self.model = dataclasses.replace(self.model, in_channels=3 if self.rgb else 1)
+        if self.action_fraction > 0 and not self.model.action_classes:
+            self.model = dataclasses.replace(self.model, action_classes=len(ACTION_NAMES))
 
-    def model_config(self) -> ModelConfig:
-        shared = {name: getattr(self, name) for name in model_field_names()}
-        return ModelConfig(in_channels=3 if self.rgb else 1, **shared)
+    def micro_batch(self, world_size: int) -> int:
+        """Pairs per forward pass: the global batch shared out over the ranks and the accumulation steps."""
+        micro_batch, remainder = divmod(self.batch_size, world_size * self.grad_accum)
+        if remainder or micro_batch < 1:
+            raise UserError(f"batch_size {self.batch_size} must be a multiple of world_size × grad_accum "
+                            f"({world_size} × {self.grad_accum})")
+        return micro_batch
 
-    def with_model(self, model: ModelConfig) -> "TrainConfig":
-        """This config with the architecture of `model` (a checkpoint's)."""
-        return dataclasses.replace(self, rgb=model.in_channels == 3,
-                                   **{name: getattr(model, name) for name in model_field_names()})
+    def to_dict(self) -> dict:
+        """The training settings, as a checkpoint's config["train"] holds them (config["model"] the model's)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
 
 
-def model_field_names() -> list[str]:
-    """ModelConfig's fields that TrainConfig carries under the same name (all but in_channels)."""
-    return [f.name for f in fields(ModelConfig) if f.name != "in_channels"]
+# The model's fields `--set` and the presets name: all but in_channels, which `rgb` gives.
+MODEL_SETTINGS = tuple(f.name for f in fields(ModelConfig) if f.name != "in_channels")
+
+
+def settable_fields() -> dict[str, dataclasses.Field]:
+    """What `--set` and the presets name: the training fields and, flat beside them, the model's."""
+    return {**{f.name: f for f in fields(TrainConfig) if f.name != "model"},
+            **{f.name: f for f in fields(ModelConfig) if f.name in MODEL_SETTINGS}}
 
 
 def parse_value(field: dataclasses.Field, text: str) -> Any:
@@ -165,7 +156,7 @@ def parse_value(field: dataclasses.Field, text: str) -> Any:
 
 def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
     """`field=value` strings -> typed values; one clear UserError for an unknown field or bad value."""
-    by_name = {f.name: f for f in fields(TrainConfig)}
+    by_name = settable_fields()
     values: dict[str, Any] = {}
     for item in settings:
         name, sep, text = item.partition("=")
@@ -184,39 +175,25 @@ def build_config(preset: str, settings: Sequence[str] = (), flags: dict[str, Any
     """Preset, then `--set` settings, then the dedicated flags (those that are not None)."""
     values: dict[str, Any] = {"preset": preset, **PRESETS[preset], **parse_settings(settings)}
     values.update({name: value for name, value in (flags or {}).items() if value is not None})
-    try:
-        return TrainConfig(**values)
-    except ValueError as error:
-        raise UserError(f"bad configuration: {error}") from None
+    return make_config(values)
 
 
-def resumed_config(saved: dict, model: ModelConfig, preset: str | None = None, settings: Sequence[str] = (),
-                   flags: dict[str, Any] | None = None) -> tuple[TrainConfig, list[str]]:
-    """The config of a resumed run: every field as the checkpoint saved it, so a resume is the same
-    run; then what the command line gives (a different --preset, --set, flags) overrides, except the
-    architecture, which is the checkpoint's. Returns the config and one line per field that changed."""
-    known = {f.name for f in fields(TrainConfig)}
-    values = {name: value for name, value in saved.items() if name in known}
-    if preset is not None and preset != values.get("preset"):
-        values.update({"preset": preset, **PRESETS[preset]})
-    values.update(parse_settings(settings))
-    values.update({name: value for name, value in (flags or {}).items() if value is not None})
-    architecture = {"rgb": model.in_channels == 3, **{name: getattr(model, name) for name in model_field_names()}}
-    kept = [name for name, value in architecture.items() if name in values and values[name] != value]
-    values.update(architecture)
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from flat settings (training and model fields side by side); a value out of
+    range is one UserError."""
+    model = {name: values[name] for name in MODEL_SETTINGS if name in values}
+    train = {name: value for name, value in values.items() if name not in model}
     try:
-        cfg = TrainConfig(**values)
+        return TrainConfig(**train, model=ModelConfig(**model))
     except ValueError as error:
         raise UserError(f"bad configuration: {error}") from None
-    changes = [f"{name}: {saved[name]!r} -> {getattr(cfg, name)!r} (from the command line)"
-               for name in sorted(known) if name in saved and saved[name] != getattr(cfg, name)]
-    changes += [f"{name}: the checkpoint's {architecture[name]!r} kept (the architecture comes from the checkpoint)"
-                for name in kept]
-    return cfg, changes
 
 
 def fields_help() -> str:
     """The --help epilog: every field with its default, and what each preset changes."""
-    field_help = "\n".join(f"  {f.name} = {f.default!r}" for f in fields(TrainConfig))
+    train = [f for f in fields(TrainConfig) if f.name != "model"]
+    model = [f for f in fields(ModelConfig) if f.name in MODEL_SETTINGS]
+    listed = lambda group: "\n".join(f"  {f.name} = {f.default!r}" for f in group)  # noqa: E731
     preset_help = "\n".join(f"  {name}: {overrides or '(the field defaults)'}" for name, overrides in PRESETS.items())
-    return f"fields for --set (defaults = the full preset):\n{field_help}\n\npresets:\n{preset_help}"
+    return (f"fields for --set (defaults = the full preset):\n{listed(train)}\n\n"
+            f"model fields for --set (ModelConfig's defaults):\n{listed(model)}\n\npresets:\n{preset_help}")

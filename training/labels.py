@@ -26,11 +26,14 @@ def chosen(key: str, fraction: float, seed: int) -> bool:
 class ActionLabels:
     """Recorded actions of the labelled train pairs, looked up by key."""
 
-    def __init__(self, labels: dict[str, int]):
-        self.labels = labels
+    def __init__(self, labels: dict[str, int], fraction: float):
+        self.labels, self.fraction = labels, fraction
 
     @classmethod
-    def from_shards(cls, shards: str | Path, fraction: float, seed: int) -> "ActionLabels":
+    def build(cls, shards: str | Path, fraction: float, seed: int) -> "ActionLabels | None":
+        """The labelled pairs of the train split (None when `fraction` is 0: no supervision)."""
+        if not fraction:
+            return None
         shards = Path(shards)
         entries = split_shards(shards, load_manifest(shards, PAIRS_FORMAT), "train")
         labels = {}
@@ -38,7 +41,10 @@ class ActionLabels:
             meta = json.loads(members["json"])
             if "action" in meta and chosen(key, fraction, seed):
                 labels[key] = int(meta["action"])
-        return cls(labels)
+        return cls(labels, fraction)
+
+    def describe(self) -> str:
+        return f"action labels on {len(self.labels)} train pairs ({self.fraction:.1%} asked) train the action head"
 
     def __len__(self) -> int:
         return len(self.labels)

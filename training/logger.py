@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.figures import reconstruction_grid
+from evaluation.figures import Example, reconstruction_grid
 from pipeline.shards import atomic_write_bytes
 
 
@@ -39,11 +39,12 @@ class Logger:
             self.wandb = wandb.init(project="latent-actions", name=run_name, id=run_id, resume="allow",
                                     dir=str(run_dir), mode=mode, config=config)
 
-    def log(self, step: int, row: dict) -> None:
-        """Scalars; `_counts` (code use) becomes a histogram and `_examples` a reconstruction PNG."""
+    def log(self, step: int, row: dict, counts: np.ndarray | None = None,
+            examples: list[Example] | None = None) -> None:
+        """The step's scalars; `counts` (code use) becomes a histogram, `examples` a reconstruction PNG."""
         if not self.enabled:
             return
-        counts, examples = row.pop("_counts", None), row.pop("_examples", None)
+        row = dict(row)
         if counts is not None:
             row["codebook/counts"] = np.asarray(counts).tolist()
         image_path = None

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.device import resolve_device
 from model.inference import autocast_dtype
-from pipeline.loader import resolve_device
 
 
 @dataclass

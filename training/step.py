@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.errors import UserError
+from common.errors import UserError
 from training.config import TrainConfig
 from training.runtime import Runtime, all_sum
 

@@ -3,9 +3,8 @@ codebook use, and example reconstructions, each on its own cadence. The numbers 
 evaluation.metrics, the same code evaluate.py reports with."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,16 @@ class Due:
         return self.loss or self.metrics or self.histogram or self.images
 
 
+@dataclass
+class Validation:
+    """A validation pass's results, each for its own channel of the log: the scalars go in the step's
+    row; code use (for the histogram) and the example reconstructions are there when due."""
+
+    scalars: dict = field(default_factory=dict)
+    code_counts: np.ndarray | None = None        # (codebook_size,) uses of each code
+    examples: list[Example] | None = None
+
+
 class MoveProbe:
     """Are the codes becoming actions? A linear probe on one-hot codes, fitted on a fixed sample of
     train pairs and scored on the validation sample, predicting the paddle's move from the labels
@@ -57,7 +66,7 @@ class MoveProbe:
             return None                                   # no labels: nothing to probe
         loader = build_loader(cfg.shards, "train", batch_size, grayscale=not cfg.rgb, shuffle=False, drop_last=False,
                               with_keys=True, seed=cfg.seed, backend=cfg.backend, device=rt.device,
-                              rank=rt.rank, world_size=rt.world_size, sample=cfg.probe_pairs, context=cfg.context)
+                              rank=rt.rank, world_size=rt.world_size, sample=cfg.probe_pairs, context=cfg.model.context)
         return cls(loader, metas)
 
     def labelled(self, codes: list[np.ndarray], keys: list[str], rt: Runtime) -> tuple[np.ndarray, np.ndarray]:
@@ -96,13 +105,19 @@ class Validator:
         return Due(every(step, cfg.val_every) or last, every(step, cfg.metrics_every) or last,
                    every(step, cfg.hist_every) or last, every(step, cfg.image_every) or last)
 
+    def __call__(self, step: int, last: bool = False) -> Validation:
+        """What is due at `step` (nothing, most steps); collective under DDP: every rank calls it."""
+        due = self.due(step, last)
+        return self.run(due) if due else Validation()
+
     @torch.no_grad()
-    def run(self, due: Due) -> dict:
-        """One pass over the validation sample (each rank its share, summed across ranks) -> logged
-        values (`_counts` and `_examples` for the logger's histogram and image when due)."""
+    def run(self, due: Due) -> Validation:
+        """One pass over the validation sample (each rank its share, summed across ranks). SSIM, the
+        costly metric, only when the metrics are due."""
         average_batchnorm_stats(self.model, self.rt)
         self.model.eval()
-        model_meter, copy_meter = ReconstructionMeter(self.rt.device), ReconstructionMeter(self.rt.device, ssim=False)
+        model_meter = ReconstructionMeter(self.rt.device, ssim=due.metrics)
+        copy_meter = ReconstructionMeter(self.rt.device, ssim=False)
         counts = torch.zeros(self.model.config.codebook_size, dtype=torch.float64, device=self.rt.device)
         examples, frames, loss_sum, codes, keys = [], 0, 0.0, [], []
         for batch in self.loader:
@@ -118,18 +133,18 @@ class Validator:
             keys += batch["key"]
             frames += nxt.shape[0]
             if not examples:
-                examples = [Example.of(str(k), c, n, p) for k, c, n, p in
-                            zip(range(EXAMPLES), *(x[:EXAMPLES].float().cpu().numpy() for x in (cur, nxt, pred)))]
+                shown = (x[:EXAMPLES].float().cpu().numpy() for x in (cur, nxt, pred))
+                examples = [Example.of(*example) for example in zip(batch["key"][:EXAMPLES], *shown)]
         self.model.train()
         frames_all, loss_sum = all_sum([frames, loss_sum], self.rt)
         if frames_all == 0:
-            return {}
+            return Validation()
         if self.rt.distributed:
             dist.all_reduce(counts)
         scores, copy = model_meter.compute(), copy_meter.compute()
         codebook = codebook_stats(counts.long().cpu().numpy())
-        row: dict = {"val/recon": scores["l2"], "val/loss": loss_sum / frames_all,
-                     "val/pairs": self.pairs, "val/episodes": self.episodes}
+        row = {"val/recon": scores["l2"], "val/loss": loss_sum / frames_all,
+               "val/pairs": self.pairs, "val/episodes": self.episodes}
         if due.metrics:
             row.update({"val/psnr": scores["psnr"], "val/psnr_copy": copy["psnr"], "val/ssim": scores["ssim"],
                         "codebook/used_fraction": codebook["used_fraction"],
@@ -138,8 +153,5 @@ class Validator:
                 self.model.eval()
                 row.update(self.probe.score(self.model, codes, keys, self.rt))
                 self.model.train()
-        if due.histogram:
-            row["_counts"] = np.asarray(codebook["counts"])
-        if due.images:
-            row["_examples"] = examples
-        return row
+        return Validation(row, np.asarray(codebook["counts"]) if due.histogram else None,
+                          examples if due.images else None)

@@ -1,0 +1,46 @@
+"""train.py's command line: a few flags of their own (TrainConfig's fields), `--set` for any field,
+and `--resume`; from them the run's config and, when resuming, the checkpoint it continues."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+from common.cli import add_config_flags, config_values
+from common.errors import check_output_dir
+from training.config import TrainConfig, build_config, fields_help
+from training.resume import Resumed, resume
+
+FLAGS = ("shards", "preset", "out", "run_dir", "iters", "batch_size", "rgb", "compile", "amp", "wandb")
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train the latent action VQ-VAE on pair shards.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=fields_help())
+    # default None for every flag: on --resume only what the command line gives overrides the checkpoint
+    add_config_flags(parser, TrainConfig, only=FLAGS, unset=True)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest step-*.pt in --out")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set any config field (repeatable)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Resumed | None]:
+    """The run's config: the preset, then --set, then the flags; on --resume the checkpoint's, with
+    what the command line gives on top. Output folders are checked first, before --resume looks
+    inside --out."""
+    out = args.out or TrainConfig.out
+    check_output_dir(out, "--out")
+    if args.run_dir:
+        check_output_dir(args.run_dir, "--run-dir")
+    flags = {name: value for name, value in config_values(args, TrainConfig).items() if name != "preset"}
+    cfg, resumed = (resume(Path(out), args.preset, args.set, flags) if args.resume
+                    else (build_config(args.preset or "full", args.set, flags), None))
+    return named(cfg), resumed
+
+
+def named(cfg: TrainConfig) -> TrainConfig:
+    """The run's name and its folder: as given (or saved), else <preset>-<date>-<time> and runs/<name>."""
+    run_name = cfg.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return dataclasses.replace(cfg, run_name=run_name, run_dir=cfg.run_dir or str(Path("runs") / run_name))
