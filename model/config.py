@@ -2,6 +2,7 @@
 checkpoint rebuilds its own architecture."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from model.motion import MOTIONS
@@ -9,13 +10,14 @@ from pipeline.frames import CODEBOOK_SIZE, FRAME_HEIGHT, FRAME_WIDTH, GRID
 
 # The seed's channel progression; encoder and the decoder's frame stack share it.
 BASE_CHANNELS = (64, 128, 256, 512, 512)
+QUANTIZERS = ("vq", "fsq")
 ENCODER_INPUTS = ("pair", "pair_difference", "difference")
 CONTEXTS = (0, 1)                     # frames before t the model sees: none (the seed), or frame t-1
 # The seed's own model: the encoder sees concat(t, t+1), the decoder sees frame t only through its
 # 7x5 stack and ends in a sigmoid, the loss is plain MSE. `--set` each of these to get it.
 SEED_LITERAL = dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, residual_output=False,
                     changed_pixel_weight=1.0, context=0, motion="none",
-                    encoder_grid_mixing=False, encoder_match=False)
+                    encoder_grid_mixing=False, encoder_match=False, quantizer="vq")
 # Training settings that checkpoints before TrainConfig took them saved with the model's fields.
 MOVED_TO_TRAINING = ("reset_every", "grad_checkpoint")
 # The shift head's block grid for each inner decoder stage (14x10, 27x20, 53x40, 105x80): the nearest
@@ -34,6 +36,10 @@ class ModelConfig:
     entropy_weight: float = 0.05          # weight of the differentiable codebook-entropy term
     entropy_temperature: float = 0.5      # τ of the soft assignments, relative to the 8th-neighbour gap; see Quantizer.entropy_loss
     reset_buffer: int = 4096              # recent encoder outputs kept for dead-code resets
+    # vq: nearest of codebook_size learnt code vectors (the seed) | fsq: each cell's vector projected
+    # to len(fsq_levels) scalars, each rounded to its number of levels (model/fsq.py)
+    quantizer: str = "vq"
+    fsq_levels: str = "8,8,4"             # levels per scalar; their product must be codebook_size
     # a 3x3 conv over the 7x5 grid before the code projection: each code sees its neighbour cells (Encoder)
     encoder_grid_mixing: bool = False
     # per cell, how well each whole-pixel move (up to motion_max_x / _y) explains the change, beside
@@ -96,6 +102,11 @@ class ModelConfig:
             raise ValueError(f"action_classes must be 0 (no action head) or >= 2, got {self.action_classes}")
         if self.action_weight < 0:
             raise ValueError(f"action_weight must be >= 0, got {self.action_weight}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
+        if self.quantizer == "fsq" and math.prod(self.fsq_level_list) != self.codebook_size:
+            raise ValueError(f"fsq_levels {self.fsq_levels!r} make {math.prod(self.fsq_level_list)} codes, "
+                             f"not codebook_size {self.codebook_size}")
         if self.reset_buffer < 1:
             raise ValueError(f"reset_buffer must be >= 1, got {self.reset_buffer}")
         if self.context not in CONTEXTS:
@@ -108,6 +119,16 @@ class ModelConfig:
     @property
     def frame_shape(self) -> tuple[int, int, int]:
         return (self.in_channels, FRAME_HEIGHT, FRAME_WIDTH)
+
+    @property
+    def fsq_level_list(self) -> list[int]:
+        try:
+            levels = [int(part) for part in self.fsq_levels.split(",")]
+        except ValueError:
+            levels = []
+        if not levels or min(levels) < 2:
+            raise ValueError(f"fsq_levels must be comma-separated integers >= 2, got {self.fsq_levels!r}")
+        return levels
 
     @property
     def motion_grid(self) -> tuple[int, int]:

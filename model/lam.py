@@ -7,6 +7,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.networks import Decoder, Encoder
+from model.fsq import ScalarQuantizer
 from model.quantizer import Quantizer
 
 CHANGED = 0.5 / 255      # frames are 8-bit: any pixel whose value changed
@@ -19,7 +20,7 @@ class LatentActionModel(nn.Module):
         self.encoder = Encoder(config.in_channels, config.channels, config.code_dim, config.encoder_input,
                                config.context, config.encoder_grid_mixing,
                                (config.motion_max_x, config.motion_max_y) if config.encoder_match else None)
-        self.quantizer = Quantizer(config)
+        self.quantizer = ScalarQuantizer(config) if config.quantizer == "fsq" else Quantizer(config)
         self.decoder = Decoder(config.in_channels, config.channels, config.code_dim, config.decoder_skips,
                                config.latent_every_stage, config.residual_output, config.context, config.motion,
                                (config.motion_max_x, config.motion_max_y), config.motion_stage,

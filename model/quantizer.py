@@ -94,6 +94,16 @@ class Quantizer(nn.Module):
         batch = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
         return per_sample + (math.log(self.codebook_size) - batch)
 
+    def forward_state(self) -> dict:
+        """What a training forward pass changes besides the buffers: the codebook, which the first
+        batch seeds (TrainStep puts it back when it skips a non-finite step)."""
+        return {"codebook": self.codebook.detach().clone()}
+
+    @torch.no_grad()
+    def restore_forward_state(self, state: dict) -> None:
+        self.codebook.copy_(state["codebook"])
+        self._seeded = bool(self.initialised)
+
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, H, W) -> quantised vectors (B, D, H, W), as the forward pass produces them."""
         return F.embedding(codes, self.codebook).permute(0, 3, 1, 2).contiguous()

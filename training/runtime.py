@@ -128,12 +128,15 @@ def graph_breaks(reset: bool = False) -> int:
     return found
 
 
+PER_RANK_BUFFERS = tuple(f"quantizer.{name}" for name in ("usage", "recent"))   # recent, recent_next, recent_count
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """Hash of the parameters and BatchNorm statistics: what must agree across DDP ranks (the
     quantiser's usage counts and recent-output buffer are per rank by design)."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        if name.startswith("quantizer.") and name != "quantizer.codebook":
+        if name.startswith(PER_RANK_BUFFERS):
             continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -116,7 +116,7 @@ class TrainStep:
         quantiser's usage counts and recent outputs (and, on the first step, the codebook it seeds
         from the batch), and the RNG the seeding draws from."""
         return {"buffers": {name: b.detach().clone() for name, b in self.model.named_buffers()},
-                "codebook": self.model.quantizer.codebook.detach().clone(),
+                "quantizer": self.model.quantizer.forward_state(),
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.rt.device.type == "cuda" else None}
 
@@ -124,8 +124,7 @@ class TrainStep:
     def _restore(self, before: dict) -> None:
         for name, buffer in self.model.named_buffers():
             buffer.copy_(before["buffers"][name])
-        self.model.quantizer.codebook.copy_(before["codebook"])
-        self.model.quantizer._seeded = bool(self.model.quantizer.initialised)
+        self.model.quantizer.restore_forward_state(before["quantizer"])
         torch.set_rng_state(before["rng"])
         if before["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(before["cuda_rng"])
