@@ -80,8 +80,9 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_sha: st
                               sample=cfg.val_batches * micro_batch * rt.world_size, **loaders)
     validator = Validator(model, val_loader, cfg, rt, MoveProbe.build(cfg, rt, micro_batch))
     throughput = Throughput(cfg.model, rt.device, rt.amp_dtype, cfg.batch_size)
-    # ---- resume: weights, optimiser, scaler, loader position, RNG, best validation loss
-    step, best_val = (resumed.step, restore(resumed, model, train_step, train_loader, rt)) if resumed else (0, math.inf)
+    # ---- resume: weights, optimiser, scaler, loader position, RNG, best validation measure
+    step, best_val = ((resumed.step, restore(resumed, model, train_step, train_loader, rt, cfg.best_by)) if resumed
+                      else (0, math.inf))
     checkpointer = Checkpointer(cfg, rt, model, train_step, train_loader, best_val=best_val,
                                 extra={"git_sha": sha, "shards_manifest_sha256": manifest_sha})
 
@@ -127,7 +128,7 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_sha: st
         last = step == cfg.iters
         validation = validator(step, last)
         row.update(validation.scalars)
-        checkpointer.save(step, last=last, val_loss=row.get("val/recon"))
+        checkpointer.save(step, last=last, row=row)
         logger.log(step, row, validation.code_counts, validation.examples)
         progress.set_postfix(loss=f"{outcome.terms['loss']:.4f}", recon=f"{outcome.terms['recon']:.5f}", refresh=False)
         progress.update(1)

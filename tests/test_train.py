@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,7 +44,7 @@ def test_checkpoint_loads_weights_only_without_wrapper_prefixes(tiny_checkpoint)
     assert state["format"] == CHECKPOINT_FORMAT and state["step"] == 20
     assert not [key for key in state["model"] if key.startswith(("_orig_mod.", "module."))]
     assert state["config"]["train"]["preset"] == "tiny" and state["config"]["model"]["width"] == 0.0625
-    for key in ("optimizer", "scaler", "schedule", "rng", "loader", "best_val_loss"):
+    for key in ("optimizer", "scaler", "schedule", "rng", "loader", "best"):
         assert key in state
     assert (tiny_checkpoint.parent / "step-000010.pt").is_file() and (tiny_checkpoint.parent / "best.pt").is_file()
     assert not list(tiny_checkpoint.parent.glob(".*tmp*"))          # no temp file left behind
@@ -288,3 +289,32 @@ def test_two_ddp_ranks_compiled_without_graph_breaks(pair_shards, tmp_path):
     assert proc.returncode == 0, output[-3000:]
     assert "torch.compile: 0 graph break(s) after step 1" in output
     assert "identical on all 2 ranks" in output
+
+
+# ------------------------------------------------------------------------------------ best.pt
+def test_selection_score_is_the_mean_of_what_was_measured():
+    from training.validate import selection_score
+
+    assert selection_score({"val/paddle_within_2px": 0.9, "val/ball_within_2px": 0.3, "val/move_probe_codes": 0.6}) \
+        == pytest.approx(0.6)
+    assert selection_score({"val/paddle_within_2px": 0.9, "val/ball_within_2px": None}) == pytest.approx(0.9)
+    assert selection_score({"val/recon": 0.1}) is None
+
+
+@pytest.mark.parametrize("best_by, key, pick", [("selection", "val/selection", max), ("recon", "val/recon", min)])
+def test_best_checkpoint_is_the_step_with_the_best_validation_measure(pair_shards, tmp_path, best_by, key, pick):
+    """best.pt holds the step whose validation measure was best: the drawing-and-probe score by
+    default, val/recon with best_by=recon (the seed's rule). Measured every 3 steps here."""
+    args = tiny_args(pair_shards, tmp_path, 12, *[part for name in ("val_every", "metrics_every", "hist_every",
+                                                                   "image_every") for part in ("--set", f"{name}=3")],
+                     "--set", f"best_by={best_by}")
+    assert train.main(args) == 0
+    measured = [row for row in rows(tmp_path / "run") if row.get(key) is not None]
+    assert [row["step"] for row in measured] == [3, 6, 9, 12]
+    if best_by == "selection":
+        assert all(row["val/selection"] == pytest.approx(np.mean([row[name] for name in (
+            "val/paddle_within_2px", "val/ball_within_2px", "val/move_probe_codes") if row.get(name) is not None]))
+            for row in measured)
+    best = pick(measured, key=lambda row: row[key])          # the first of equals, as the checkpointer keeps it
+    state = torch.load(tmp_path / "ckpt" / "best.pt", weights_only=True)
+    assert state["step"] == best["step"] and state["best"]["by"] == best_by

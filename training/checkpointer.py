@@ -1,5 +1,5 @@
 """Checkpoints of a training run: `step-NNNNNN.pt` on its cadence and at the end, `best.pt` when the
-validation loss improves. The format itself (atomic write, weights_only) is model/checkpoint.py's;
+validation measure improves (TrainConfig.best_by). The format itself (atomic write, weights_only) is model/checkpoint.py's;
 this module decides what goes in and when (training/resume.py puts it back)."""
 from __future__ import annotations
 
@@ -57,20 +57,26 @@ class Checkpointer:
                  extra: dict, best_val: float = math.inf):
         self.cfg, self.rt, self.model, self.train_step, self.loader = cfg, rt, model, train_step, loader
         self.out, self.extra = Path(cfg.out), extra
-        self.best_val = best_val                 # the best validation loss so far (a resumed run's too)
+        self.best_val = best_val                 # the best validation measure so far (a resumed run's too)
         if rt.main and self.out.is_dir():
             remove_orphaned_temps(self.out)             # left by a run killed inside a write
 
-    def improves(self, val_loss: float | None) -> bool:
-        return val_loss is not None and val_loss < self.best_val
+    def measure(self, row: dict) -> float | None:
+        """The step's validation measure, lower is better: −val/selection (best_by "selection"), or
+        val/recon (best_by "recon", the seed's rule); None when it was not measured this step."""
+        if self.cfg.best_by == "selection":
+            score = row.get("val/selection")
+            return None if score is None else -score
+        return row.get("val/recon")
 
-    def save(self, step: int, *, last: bool = False, val_loss: float | None = None) -> None:
-        """`step-NNNNNN.pt` every ckpt_every steps and at the last step; `best.pt` when `val_loss`
-        beats the best so far. Collective under DDP: every rank calls it."""
+    def save(self, step: int, *, last: bool = False, row: dict | None = None) -> None:
+        """`step-NNNNNN.pt` every ckpt_every steps and at the last step; `best.pt` when the step's
+        validation measure (see `measure`) beats the best so far. Collective under DDP."""
         periodic = every(step, self.cfg.ckpt_every) or last
-        improved = self.improves(val_loss)
+        value = self.measure(row or {})
+        improved = value is not None and value < self.best_val
         if improved:
-            self.best_val = val_loss
+            self.best_val = value
         if not (periodic or improved):
             return
         average_batchnorm_stats(self.model, self.rt)
@@ -90,5 +96,5 @@ class Checkpointer:
                 "schedule": {"kind": cfg.lr_schedule, "lr": learning_rate(cfg, step - 1), "lr_min": cfg.lr_min,
                              "warmup": cfg.warmup, "horizon": schedule_horizon(cfg)},
                 "rng": rng_state(), "loader": all_gather(plain(self.loader.state_dict()), self.rt),
-                "best_val_loss": self.best_val, "world_size": self.rt.world_size, **self.extra}
+                "best": {"by": self.cfg.best_by, "value": self.best_val}, "world_size": self.rt.world_size, **self.extra}
 

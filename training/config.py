@@ -88,6 +88,9 @@ class TrainConfig:
     hist_every: int = 5000                   # codebook usage histogram
     image_every: int = 2500                  # example reconstructions
     ckpt_every: int = 10_000
+    # best.pt: "selection" maximises the mean of paddle and ball drawn within 2 px and the move probe
+    # (training/validate.py, at the metrics cadence); "recon" minimises val/recon (the seed's rule)
+    best_by: str = "selection"
 
     def __post_init__(self):
         checks = [
@@ -98,6 +101,7 @@ class TrainConfig:
             (self.amp in AMP_MODES, "amp must be auto, bf16, fp16 or off"),
             (self.wandb in ("", *WANDB_MODES), "wandb must be offline, online or disabled"),
             (self.reset_every >= 0, "reset_every must be >= 0"),
+            (self.best_by in ("selection", "recon"), f"best_by must be selection or recon, got {self.best_by!r}"),
             (self.iters >= 1, "iters must be >= 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.batch_size % self.grad_accum == 0, "batch_size must be divisible by grad_accum"),

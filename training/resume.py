@@ -3,6 +3,8 @@ command line gives on top, each change listed), the check that the data is the s
 state put back into the run's parts (weights, optimiser, scaler, loader position, RNG)."""
 from __future__ import annotations
 
+import math
+
 import os
 import re
 from dataclasses import dataclass, fields
@@ -88,7 +90,16 @@ def check_same_shards(resumed: Resumed, manifest_sha: str, shards: str) -> None:
                         f"train into a new --out")
 
 
-def restore(resumed: Resumed, model: torch.nn.Module, train_step: TrainStep, loader, rt: Runtime) -> float:
+def best_so_far(state: dict, best_by: str) -> float:
+    """The best validation measure a checkpoint had seen (lower is better), if it measured what this
+    run's best_by asks for; otherwise nothing yet. Checkpoints from before best_by existed kept the
+    best val/recon under "best_val_loss"."""
+    by, value = (state["best"]["by"], state["best"]["value"]) if "best" in state else ("recon", state["best_val_loss"])
+    return float(value) if by == best_by else math.inf
+
+
+def restore(resumed: Resumed, model: torch.nn.Module, train_step: TrainStep, loader, rt: Runtime,
+            best_by: str) -> float:
     """Put the checkpoint's state into the run's parts; returns the best validation loss so far."""
     state = resumed.state
     try:
@@ -98,7 +109,7 @@ def restore(resumed: Resumed, model: torch.nn.Module, train_step: TrainStep, loa
         loader_states = state["loader"]
         loader.load_state_dict(loader_states[rt.rank if len(loader_states) == rt.world_size else 0])
         set_rng_state(state["rng"])
-        best_val = float(state["best_val_loss"])
+        best_val = best_so_far(state, best_by)
         train_step.overflow_skips = int(state.get("amp_overflow_skips", 0))
     except Exception as error:              # noqa: BLE001 - the file's content, whatever its shape
         raise UserError(f"--resume: checkpoint in {resumed.path.parent} does not fit this run "

@@ -1,9 +1,11 @@
-"""Validation during training: reconstruction loss (for best.pt), PSNR/SSIM beside copying frame t,
-codebook use, and example reconstructions, each on its own cadence. The numbers come from
+"""Validation during training: reconstruction loss, PSNR/SSIM beside copying frame t, codebook use,
+drawing (paddle and ball within 2 px), the move probe and the selection score best.pt is chosen by,
+and example reconstructions, each on its own cadence. The numbers come from
 evaluation.metrics, the same code evaluate.py reports with."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from evaluation.events import detect_elements
 from evaluation.figures import Example
 from evaluation.metrics import ReconstructionMeter, codebook_stats
 from evaluation.probes import linear_codes_probe, move_label
@@ -23,6 +26,7 @@ from training.runtime import Runtime, all_gather, all_sum, average_batchnorm_sta
 from training.step import every
 
 EXAMPLES = 4                   # pairs in the logged reconstruction image
+TOLERANCE_PX = 2               # the report's "within 2 px" (evaluation.metrics.ElementMeter)
 
 
 @dataclass
@@ -46,6 +50,39 @@ class Validation:
     scalars: dict = field(default_factory=dict)
     code_counts: np.ndarray | None = None        # (codebook_size,) uses of each code
     examples: list[Example] | None = None
+
+
+class DrawingMeter:
+    """Does the prediction draw the paddle and the ball where the true frame t+1 has them (within
+    2 px, the report's measure; evaluation/events.py finds them)? Counts summed over DDP ranks."""
+
+    def __init__(self):
+        self.counts = [0, 0, 0, 0]              # paddle hits, paddles, ball hits, balls
+
+    def update(self, pred: torch.Tensor, nxt: torch.Tensor) -> None:
+        for drawn, truth in zip(pred.cpu(), nxt.cpu()):
+            drawn, truth = detect_elements(drawn), detect_elements(truth)
+            if truth.paddle_x is not None:
+                self.counts[0] += drawn.paddle_x is not None and abs(drawn.paddle_x - truth.paddle_x) <= TOLERANCE_PX
+                self.counts[1] += 1
+            if truth.ball is not None:
+                self.counts[2] += drawn.ball is not None and math.dist(drawn.ball, truth.ball) <= TOLERANCE_PX
+                self.counts[3] += 1
+
+    def compute(self, rt: Runtime) -> dict:
+        paddle_hits, paddles, ball_hits, balls = all_sum(self.counts, rt)
+        return {"val/paddle_within_2px": paddle_hits / paddles if paddles else None,
+                "val/ball_within_2px": ball_hits / balls if balls else None}
+
+
+def selection_score(row: dict) -> float | None:
+    """What best.pt maximises (TrainConfig.best_by = "selection"): the mean of the paddle and the
+    ball drawn within 2 px and the codes' move probe on the validation sample, those that were
+    measured. Reconstruction alone picked models that erase what moves (a blank where the paddle
+    was costs less than a paddle 10 px off), and the probe drifts down while PSNR rises."""
+    parts = [row.get(name) for name in ("val/paddle_within_2px", "val/ball_within_2px", "val/move_probe_codes")]
+    parts = [value for value in parts if value is not None]
+    return sum(parts) / len(parts) if parts else None
 
 
 class MoveProbe:
@@ -120,6 +157,7 @@ class Validator:
         copy_meter = ReconstructionMeter(self.rt.device, ssim=False)
         counts = torch.zeros(self.model.config.codebook_size, dtype=torch.float64, device=self.rt.device)
         examples, frames, loss_sum, codes, keys = [], 0, 0.0, [], []
+        drawing = DrawingMeter()
         for batch in self.loader:
             cur, nxt = batch["cur"], batch["next"]
             with self.rt.autocast():
@@ -127,6 +165,8 @@ class Validator:
             pred = out["pred"].float().clamp(0, 1)
             model_meter.update(pred, nxt, cur)
             copy_meter.update(cur, nxt, cur)
+            if due.metrics:
+                drawing.update(pred, nxt)
             loss_sum += float(out["loss"]) * nxt.shape[0]
             counts += torch.bincount(out["codes"].reshape(-1), minlength=counts.numel()).double()
             codes.append(codes_to_array(out["codes"]))
@@ -148,10 +188,11 @@ class Validator:
         if due.metrics:
             row.update({"val/psnr": scores["psnr"], "val/psnr_copy": copy["psnr"], "val/ssim": scores["ssim"],
                         "codebook/used_fraction": codebook["used_fraction"],
-                        "codebook/perplexity": codebook["perplexity"]})
+                        "codebook/perplexity": codebook["perplexity"], **drawing.compute(self.rt)})
             if self.probe is not None:
                 self.model.eval()
                 row.update(self.probe.score(self.model, codes, keys, self.rt))
                 self.model.train()
+            row["val/selection"] = selection_score(row)
         return Validation(row, np.asarray(codebook["counts"]) if due.histogram else None,
                           examples if due.images else None)
