@@ -60,7 +60,8 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_sha: st
         print(f"train.py at git {sha}; config:\n" + json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
 
     # ---- the model, its optimiser and step, the data, validation and checkpoints
-    model = LatentActionModel(cfg.model).to(rt.device)
+    model = LatentActionModel(cfg.model).to(rt.device, memory_format=torch.channels_last if cfg.channels_last
+                                            else torch.contiguous_format)
     model.set_grad_checkpoint(cfg.grad_checkpoint)
     if rt.distributed and cfg.sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -10,34 +10,38 @@ Writes reports/ablation/ablation.json (after every run, so a long ablation can b
 goes) and ablation.md: each variant's mean over its seeds, and the seeds' spread.
 
     python -m bench.ablate [--shards shards/pairs] [--iters N] [--seeds 0 1] [--only NAME ...]
-        [--set field=value ...] [--controller-steps 300]
+        [--set field=value ...] [--controller-steps 300] [--jobs 2]
 
 `--set` adds train.py settings to every variant (e.g. `--set context=1`: each with frame t-1).
-Every stage runs as its own process, through the same command lines a user types.
+Every stage runs as its own process, through the same command lines a user types. `--jobs 2` runs
+two (variant, seed) runs side by side, one CPU thread each: on a 2-core box the small convolutions
+gain less from a second thread than from a second run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import ROOT, machine, markdown_table
 from common.errors import UserError, check_output_dir, run_cli
 
 SEED_LITERAL = ["encoder_input=pair", "decoder_skips=false", "latent_every_stage=false", "residual_output=false",
-                "changed_pixel_weight=1", "motion=none", "encoder_match=false", "motion_codes=false"]
-# last round's default: the codes carry the move, the decoder redraws t+1 as t + change
-RESIDUAL = ["motion=none", "encoder_match=false", "motion_codes=false"]
+                "changed_pixel_weight=1", "motion=none", "motion_codes=false", "quantizer=vq"]
 VARIANTS: dict[str, list[str]] = {
     "seed-literal": SEED_LITERAL,
-    "residual output (last round's default)": RESIDUAL,
-    "+ shift decoder": ["encoder_match=false", "motion_codes=false"],
-    "+ codes vote on the shifts": ["encoder_match=false"],
-    "+ encoder matching features (default)": [],
+    # last round's default: t+1 = t + change, codes on every stage, nearest-code quantiser
+    "residual output, VQ codes (last round's default)": ["motion=none", "motion_codes=false", "quantizer=vq"],
+    "shift decoder, VQ codes": ["quantizer=vq"],
+    "shift decoder, FSQ codes (the default)": [],
+    "default with 7 x 8 px shift blocks": ["motion_stage=1"],
+    "default + encoder matching features": ["encoder_match=true"],
     "default + frame t-1 as context": ["context=1"],
     "default + 2.5 % action labels": ["action_fraction=0.025"],
 }
@@ -47,36 +51,39 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name)[:60].strip("-")
 
 
-def run(args: list[str], log: Path) -> None:
+def run_stage(args: list[str], log: Path, threads: int | None) -> None:
     """One stage as its own process (the command a user types); its output goes to `log`."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(log, "a") as out:
-        code = subprocess.call([sys.executable, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        code = subprocess.call([sys.executable, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     if code:
         raise UserError(f"{' '.join(args[:2])} failed (exit {code}); see {log}")
 
 
 def run_variant(settings: list[str], seed: int, root: Path, shards: Path, iters: int | None,
-                controller_steps: int) -> dict:
+                controller_steps: int, threads: int | None = None) -> dict:
     """Train, evaluate, extract, fit a controller and roll it out; returns the numbers."""
     log = root / "log.txt"
     root.mkdir(parents=True, exist_ok=True)
+    run = lambda args: run_stage(args, log, threads)  # noqa: E731
     train = ["train.py", "--shards", str(shards), "--preset", "demo", "--out", str(root / "ckpt"),
-             "--run-dir", str(root / "run"), "--wandb", "disabled", "--set", f"seed={seed}"]
+             "--run-dir", str(root / "run"), "--wandb", "disabled", "--set", f"seed={seed}",
+             *(["--set", f"threads={threads}"] if threads else [])]
     train += (["--iters", str(iters), "--set", f"lr_decay_iters={iters}"] if iters else [])
     for setting in settings:
         train += ["--set", setting]
     started = time.perf_counter()
-    run(train, log)
+    run(train)
     seconds = time.perf_counter() - started
     checkpoint = root / "ckpt" / "best.pt"
-    run(["evaluate.py", "--shards", str(shards), "--checkpoint", str(checkpoint), "--split", "val",
-         "--out", str(root / "val"), "--latent", str(root / "latent"), "--no-progress"], log)
     run(["extract.py", "--shards", str(shards), "--checkpoint", str(checkpoint), "--out", str(root / "latent"),
-         "--no-progress"], log)
+         "--no-progress"])
+    run(["evaluate.py", "--shards", str(shards), "--checkpoint", str(checkpoint), "--split", "val",
+         "--out", str(root / "val"), "--latent", str(root / "latent"), "--no-progress"])
     run(["-m", "control.train", "--latent", str(root / "latent"), "--out", str(root / "controller"),
-         "--steps", str(controller_steps), "--eval-split", "val"], log)
+         "--steps", str(controller_steps), "--eval-split", "val"])
     run(["play.py", "rollout", "--checkpoint", str(checkpoint), "--controller", str(root / "controller" / "controller.pt"),
-         "--latent", str(root / "latent"), "--split", "val", "--out", str(root / "play")], log)
+         "--latent", str(root / "latent"), "--split", "val", "--out", str(root / "play")])
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = max(row["step"] for row in rows)
     return {"seed": seed, "train_seconds": seconds, "steps": steps,
@@ -150,6 +157,7 @@ def cli(argv: list[str] | None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="training steps (default: the demo preset's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--controller-steps", type=int, default=300)
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one CPU thread each when > 1)")
     parser.add_argument("--only", nargs="*", help="variant names (substrings) to run")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a train.py setting for every variant (repeatable)")
@@ -163,12 +171,18 @@ def cli(argv: list[str] | None) -> int:
             f"`{args.shards}`; controller {args.controller_steps} steps"
             f"{'; every variant with --set ' + ' '.join(args.set) if args.set else ''}. {machine()}.")
     results: dict[str, list[dict]] = {name: [] for name in chosen}
-    for name, settings in chosen.items():
-        for seed in args.seeds:
-            result = run_variant(settings, seed, args.out / slug(name) / f"seed-{seed}", args.shards, args.iters,
-                                 args.controller_steps)
-            results[name].append({"settings": settings, **result})
-            write_tables(args.out, results, note)
+    threads = 1 if args.jobs > 1 else None
+
+    def one(name: str, seed: int) -> None:
+        result = run_variant(chosen[name], seed, args.out / slug(name) / f"seed-{seed}", args.shards, args.iters,
+                             args.controller_steps, threads)
+        results[name].append({"settings": chosen[name], **result})
+        results[name].sort(key=lambda r: r["seed"])
+        write_tables(args.out, results, note)           # after every run: a long ablation can be read as it goes
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for done in [pool.submit(one, name, seed) for name in chosen for seed in args.seeds]:
+            done.result()
     print(write_tables(args.out, results, note))
     return 0
 

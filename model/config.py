@@ -17,7 +17,7 @@ CONTEXTS = (0, 1)                     # frames before t the model sees: none (th
 # 7x5 stack and ends in a sigmoid, the loss is plain MSE. `--set` each of these to get it.
 SEED_LITERAL = dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, residual_output=False,
                     changed_pixel_weight=1.0, context=0, motion="none",
-                    encoder_grid_mixing=False, encoder_match=False, quantizer="vq")
+                    encoder_match=False, quantizer="vq", motion_codes=False)
 # Training settings that checkpoints before TrainConfig took them saved with the model's fields.
 MOVED_TO_TRAINING = ("reset_every", "grad_checkpoint")
 # The shift head's block grid for each inner decoder stage (14x10, 27x20, 53x40, 105x80): the nearest
@@ -37,11 +37,10 @@ class ModelConfig:
     entropy_temperature: float = 0.5      # τ of the soft assignments, relative to the 8th-neighbour gap; see Quantizer.entropy_loss
     reset_buffer: int = 4096              # recent encoder outputs kept for dead-code resets
     # vq: nearest of codebook_size learnt code vectors (the seed) | fsq: each cell's vector projected
-    # to len(fsq_levels) scalars, each rounded to its number of levels (model/fsq.py)
-    quantizer: str = "vq"
+    # to len(fsq_levels) scalars, each rounded to its number of levels (model/fsq.py). fsq by
+    # measurement: the vq codes lumped paddle moves of 2 and 16 px together (README "Ablation").
+    quantizer: str = "fsq"
     fsq_levels: str = "8,8,4"             # levels per scalar; their product must be codebook_size
-    # a 3x3 conv over the 7x5 grid before the code projection: each code sees its neighbour cells (Encoder)
-    encoder_grid_mixing: bool = False
     # per cell, how well each whole-pixel move (up to motion_max_x / _y) explains the change, beside
     # the encoder's conv features (model/motion.match_features)
     encoder_match: bool = False
@@ -64,11 +63,13 @@ class ModelConfig:
     context: int = 0                      # 0: frames t, t+1 (seed) | 1: frame t-1 too
     # Moving objects are copied from frame t, not redrawn (model/motion.py): the prediction is
     # clamp(shifted t + change), each block of the frame choosing its own shift.
-    motion: str = "none"                  # none | shift
+    motion: str = "shift"                 # none | shift
     motion_max_x: int = 24                # largest shift across, px (the paddle moves up to 24)
     motion_max_y: int = 8                 # largest shift down, px (the ball moves up to 8)
-    motion_stage: int = 1                 # inner decoder stage whose cells choose a shift: 0..3 = 14x10 .. 105x80
-    motion_codes: bool = False            # the codes' 3x3 neighbourhood votes on each block's shift directly
+    # inner decoder stage whose cells choose a shift: 0..3 = 14x10 .. 105x80 (blocks of 15x16 .. 2x2 px);
+    # 2 (3x4 px blocks) lets the 2x4 px ball move without the bricks beside it
+    motion_stage: int = 2
+    motion_codes: bool = True             # the codes' 3x3 neighbourhood votes on each block's shift directly
     # Light supervision (off: 0): a linear head on the code grid predicts the recorded action of the
     # few labelled pairs (TrainConfig.action_fraction), LAOM-style.
     action_classes: int = 0               # actions the head tells apart (Breakout: 4); 0 = no head

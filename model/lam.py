@@ -18,7 +18,7 @@ class LatentActionModel(nn.Module):
         super().__init__()
         self.config = config = config or ModelConfig()
         self.encoder = Encoder(config.in_channels, config.channels, config.code_dim, config.encoder_input,
-                               config.context, config.encoder_grid_mixing,
+                               config.context,
                                (config.motion_max_x, config.motion_max_y) if config.encoder_match else None)
         self.quantizer = ScalarQuantizer(config) if config.quantizer == "fsq" else Quantizer(config)
         self.decoder = Decoder(config.in_channels, config.channels, config.code_dim, config.decoder_skips,

@@ -87,15 +87,10 @@ class Encoder(nn.Module):
     """Frame pair -> conv stack -> 1×1 conv to code_dim × 7 × 5. The pair enters as concat(t, t+1)
     (2C channels, the seed), concat(t, t+1 - t) (2C), or t+1 - t alone (C); see ModelConfig.encoder_input.
     With context 1 the previous change comes too: concat(t-1, t, t+1), concat(t, t+1 - t, t - (t-1))
-    or concat(t+1 - t, t - (t-1)), C more channels.
-
-    `grid_mixing` adds a 3 × 3 conv on the 7 × 5 grid before the projection. The stack alone sees a
-    63 px window around each cell (its own 32 px and 15 px each side), so the cell a paddle moves
-    into often misses where it came from (up to 24 px away); with the mixing each code sees its
-    neighbouring cells too and can name the whole move."""
+    or concat(t+1 - t, t - (t-1)), C more channels."""
 
     def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, input_mode: str, context: int,
-                 grid_mixing: bool, match: tuple[int, int] | None):
+                 match: tuple[int, int] | None):
         super().__init__()
         self.input_mode, self.context = input_mode, context
         frames_in = (1 if input_mode == "difference" else 2) + context
@@ -103,17 +98,14 @@ class Encoder(nn.Module):
         # `match` (max across, max down): per cell, how well each whole-pixel move explains the change
         # (model/motion.match_features), beside the conv features: the move, wherever it happens
         self.match_shifts = match_shifts(*match) if match else []
-        width = channels[-1] + len(self.match_shifts)
-        self.mixing = (nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False),
-                                     nn.BatchNorm2d(width), nn.ReLU(inplace=True)) if grid_mixing else None)
-        self.project = nn.Conv2d(width, code_dim, 1)
+        self.project = nn.Conv2d(channels[-1] + len(self.match_shifts), code_dim, 1)
 
     def forward(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         features = self.stack(self.input(cur, nxt, prev))
         if self.match_shifts:
             matches = match_features(cur, nxt, self.match_shifts, tuple(features.shape[-2:]))
             features = torch.cat([features, matches.to(features.dtype)], dim=1)
-        return self.project(features if self.mixing is None else self.mixing(features))
+        return self.project(features)
 
     def input(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         if self.input_mode == "pair":

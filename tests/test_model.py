@@ -10,7 +10,7 @@ import torch
 from common.errors import UserError
 from model import CHECKPOINT_FORMAT, LatentActionModel, ModelConfig, Quantizer, load_checkpoint
 
-SMALL = ModelConfig(width=0.125, reset_buffer=64)
+SMALL = ModelConfig(width=0.125, reset_buffer=64, quantizer="vq")      # the vector quantiser's tests
 
 
 def frames(batch: int, channels: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,7 +22,7 @@ def frames(batch: int, channels: int = 1, seed: int = 0) -> tuple[torch.Tensor, 
 
 def seeded_quantizer(k: int = 16, d: int = 8, seed: int = 0) -> Quantizer:
     torch.manual_seed(seed)
-    q = Quantizer(ModelConfig(codebook_size=k, code_dim=d, reset_buffer=32))
+    q = Quantizer(ModelConfig(codebook_size=k, code_dim=d, reset_buffer=32, quantizer="vq"))
     q.codebook.data.normal_()
     q.initialised.fill_(True)
     q._seeded = True
@@ -223,7 +223,7 @@ def test_model_options_keep_the_api(options):
 
 
 def test_residual_output_starts_as_a_copy_of_frame_t():
-    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, **ACTION_OPTIONS)).eval()
+    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, motion="none", **ACTION_OPTIONS)).eval()
     cur, nxt = frames(2)
     assert torch.equal(model(cur, nxt)["pred"], cur)
 
@@ -234,7 +234,7 @@ def test_seed_literal_setting_keeps_state_dict_keys_and_shapes():
     old = LatentActionModel(ModelConfig.from_dict({"width": 0.125})).state_dict()
     explicit = LatentActionModel(ModelConfig(width=0.125, encoder_input="pair", decoder_skips=False,
                                              latent_every_stage=False, residual_output=False,
-                                             changed_pixel_weight=1.0)).state_dict()
+                                             changed_pixel_weight=1.0, motion="none", quantizer="vq")).state_dict()
     assert {k: v.shape for k, v in old.items()} == {k: v.shape for k, v in explicit.items()}
     assert old["encoder.stack.0.0.weight"].shape[1] == 2 and not any("stage_films" in k for k in old)
     default = LatentActionModel(ModelConfig(width=0.125)).state_dict()
