@@ -24,7 +24,7 @@ EXTRACT_ARGS ?=
 CONTROLLER_DIR  ?= checkpoints/controller
 CONTROLLER      ?= $(CONTROLLER_DIR)/controller.pt
 CONTROLLER_ARGS ?=
-DEMO_CONTROLLER_ARGS ?= --steps 600
+DEMO_CONTROLLER_ARGS ?= --steps 800
 # The GPU check runs with the GPU machine's own Python and torch, installing only carried wheels.
 GPU_PY ?= python3
 WHEELS ?= wheels
