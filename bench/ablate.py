@@ -158,14 +158,18 @@ def cli(argv: list[str] | None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--controller-steps", type=int, default=300)
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one CPU thread each when > 1)")
-    parser.add_argument("--only", nargs="*", help="variant names (substrings) to run")
+    parser.add_argument("--only", nargs="*", help="variant names (substrings) to run, in this order")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a train.py setting for every variant (repeatable)")
     args = parser.parse_args(argv)
     check_output_dir(args.out, "--out")
     if not (args.shards / "manifest.json").is_file():
         raise UserError(f"--shards {args.shards}: no manifest.json (run make shards first)")
-    chosen = {n: [*s, *args.set] for n, s in VARIANTS.items() if not args.only or any(o in n for o in args.only)}
+    # in the order --only names them, so that the runs that matter most finish first
+    names = [n for o in args.only for n in VARIANTS if o in n] if args.only else list(VARIANTS)
+    chosen = {n: [*VARIANTS[n], *args.set] for n in dict.fromkeys(names)}
+    if not chosen:
+        raise UserError(f"--only {' '.join(args.only)}: no such variant (there are: {'; '.join(VARIANTS)})")
     args.out.mkdir(parents=True, exist_ok=True)
     note = (f"`demo` preset{f', {args.iters} steps' if args.iters else ''}, seeds {args.seeds}, val split of "
             f"`{args.shards}`; controller {args.controller_steps} steps"

@@ -259,7 +259,8 @@ def test_model_defaults_are_model_configs_and_training_settings_are_not_architec
     from model import ModelConfig
 
     assert TrainConfig().model == ModelConfig()
-    assert LatentActionModel(ModelConfig(width=0.0625)).quantizer.entropy_temperature == ModelConfig.entropy_temperature
+    vq = LatentActionModel(ModelConfig(width=0.0625, quantizer="vq")).quantizer
+    assert vq.entropy_temperature == ModelConfig.entropy_temperature
     cfg, changes = resumed_config(TrainConfig(reset_every=5).to_dict(), ModelConfig(width=0.0625),
                                   settings=["reset_every=7", "grad_checkpoint=true", "width=0.5"])
     assert (cfg.reset_every, cfg.grad_checkpoint, cfg.model.width) == (7, True, 0.0625)
