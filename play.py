@@ -55,6 +55,7 @@ class ModelPaths:
     latent: Path = flag(DEFAULT_LATENT, "latent shards (episodes to start from)")
     split: str = flag("test", choices=SPLITS)
     threads: int = flag(0, "torch CPU threads (0: torch's default)")
+    per_cell: bool = flag(False, "the controller picks each cell's code on its own, not one of the grids seen in training")
 
 
 @dataclass
@@ -104,7 +105,7 @@ def load_simulator(paths: ModelPaths) -> tuple[Simulator, bool]:
     if controller.config.in_channels != lam.config.in_channels:
         raise UserError(f"{paths.controller}: controller sees {controller.config.in_channels}-channel frames, "
                         f"the LAM {lam.config.in_channels}")
-    return Simulator(lam, controller), lam.config.in_channels == 1
+    return Simulator(lam, controller, per_cell=paths.per_cell), lam.config.in_channels == 1
 
 
 def lam_mismatch(paths: ModelPaths, sim: Simulator) -> str | None:
@@ -142,6 +143,7 @@ def rollout(config: RolloutConfig) -> dict:
                "controllability": controllability_bars(control, config.out / "controllability.png", CONTROL_GOAL).name}
     metrics = {"split": config.split, "checkpoint": str(config.checkpoint), "lam_step": int(sim.lam.step),
                "controller": str(config.controller), "controller_step": sim.controller.step,
+               "controller_grids": 0 if config.per_cell else len(sim.controller.seen_grids),
                "latent": str(config.latent), "config": jsonable(asdict(config)),
                "rollouts": {"starts": len(result.starts), "episodes": len({s.episode for s in result.starts}),
                             "curves": result.curves},

@@ -2,6 +2,7 @@
 cell of the 7 x 5 latent grid. Small on purpose: the play page runs it on a CPU once per frame."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -65,6 +66,8 @@ class Controller(nn.Module):
             nn.Conv2d(width + config.action_dim, config.hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(config.hidden, config.hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(config.hidden, config.codebook_size, 1))
+        # the whole code grids seen in training, most common first (control.train fills it)
+        self.register_buffer("seen_grids", torch.zeros(0, GRID[0] * GRID[1], dtype=torch.int16))
 
     def forward(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         """cur, prev: float (B, C, 210, 160) in [0, 1]; action: int64 (B,) -> logits (B, 256, 7, 5).
@@ -80,10 +83,49 @@ class Controller(nn.Module):
 
     @torch.no_grad()
     def codes(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None,
-              temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The code grid to feed the LAM decoder: int64 (B, 7, 5); argmax, or sampled at `temperature`."""
-        logits = self(cur, action, prev)
+              temperature: float = 0.0, generator: torch.Generator | None = None,
+              per_cell: bool = False) -> torch.Tensor:
+        """The code grid to feed the LAM decoder: int64 (B, 7, 5); the most likely, or sampled at
+        `temperature`. With `seen_grids` (and not `per_cell`) the choice is among the whole grids seen
+        in training, scored by the sum of their cells' log-probabilities; otherwise cell by cell.
+
+        Why whole grids: chosen cell by cell, one unlikely code beside its neighbours' (the paddle
+        spans two cells, and the decoder's shift for a block reads a 3 x 3 neighbourhood of codes)
+        makes a combination the LAM never saw, which erases the paddle; played forward, that is final."""
+        logits = self(cur, action, prev).float()
+        if len(self.seen_grids) and not per_cell:
+            scores = grid_scores(logits.log_softmax(1).flatten(2), self.seen_grids)
+            pick = (scores.argmax(1) if temperature <= 0 else
+                    torch.multinomial(F.softmax(scores / temperature, dim=1), 1, generator=generator)[:, 0])
+            return self.seen_grids[pick].long().view(-1, *GRID)
         if temperature <= 0:
             return logits.argmax(1)
-        probs = F.softmax(logits.float() / temperature, dim=1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+        probs = F.softmax(logits / temperature, dim=1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
         return torch.multinomial(probs, 1, generator=generator).view(logits.shape[0], *GRID)
+
+    def set_seen_grids(self, grids: torch.Tensor) -> None:
+        """The code grids (N, 7·5) the controller may answer with (see `codes`); empty: cell by cell."""
+        self.seen_grids = grids.to(device=self.seen_grids.device, dtype=torch.int16).reshape(-1, GRID[0] * GRID[1])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the number of seen grids is the checkpoint's; a checkpoint from before them has none
+        key = prefix + "seen_grids"
+        self.set_seen_grids(state_dict.setdefault(key, self.seen_grids.new_zeros(0, GRID[0] * GRID[1])))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def grid_scores(log_probs: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    """log_probs (B, K, cells), grids (N, cells) of code indices -> (B, N): each grid's summed
+    log-probability. One cell at a time, so memory is B x N, not B x N x cells."""
+    grids = grids.long()
+    scores = log_probs.new_zeros(log_probs.shape[0], grids.shape[0])
+    for cell in range(grids.shape[1]):
+        scores += log_probs[:, grids[:, cell], cell]
+    return scores
+
+
+def most_common_grids(counts: Counter, limit: int) -> torch.Tensor:
+    """The `limit` most frequent code grids of a Counter keyed by each grid's uint8 bytes -> (N, 35) int16."""
+    grids = [bytes(grid) for grid, _ in counts.most_common(limit)]
+    flat = torch.frombuffer(bytearray(b"".join(grids)), dtype=torch.uint8) if grids else torch.zeros(0, dtype=torch.uint8)
+    return flat.view(-1, GRID[0] * GRID[1]).to(torch.int16)

@@ -95,14 +95,20 @@ def write_controller_report(out: Path, metrics: dict, split: str, checkpoint: Pa
 
 
 # ------------------------------------------------------------------------------------ rollouts
+def choice(grids: int) -> str:
+    return (f"the most likely of the {grids:,} whole code grids it saw in training" if grids else
+            "each cell's most likely code on its own")
+
+
 def write_play_report(out: Path, metrics: dict, figures: dict[str, str], gifs: list[str]) -> Path:
     curves = metrics["rollouts"]["curves"]
     lines = ["# Playing Breakout inside the model", "",
              f"LAM `{metrics['checkpoint']}` (step {metrics['lam_step']}), controller `{metrics['controller']}` "
-             f"(step {metrics['controller_step']}); test split of `{metrics['latent']}`.", "",
-             f"{metrics['rollouts']['starts']} rollouts of {len(curves['horizon'])} steps from recorded test frames, "
-             "driven by the recorded actions: each step the controller picks the codes, the LAM decoder draws the "
-             "next frame, and that frame is fed back in.", ""]
+             f"(step {metrics['controller_step']}); {metrics['split']} split of `{metrics['latent']}`.", "",
+             f"{metrics['rollouts']['starts']} rollouts of {len(curves['horizon'])} steps from recorded "
+             f"{metrics['split']} frames, driven by the recorded actions: each step the controller picks the codes "
+             f"({choice(metrics.get('controller_grids', 0))}), the LAM decoder draws the next frame, and that frame is "
+             "fed back in.", ""]
     lines += [f"- {note}" for note in failures(curves)]
     lines += ["", "| step | PSNR model | PSNR copy start | changed px model | changed px copy | paddle err px | "
                   "paddle err copy | ball found |", "|---|---|---|---|---|---|---|---|"]

@@ -19,6 +19,7 @@ class Simulator:
     lam: torch.nn.Module
     controller: Controller | None
     device: torch.device = torch.device("cpu")
+    per_cell: bool = False              # the controller's codes cell by cell, not a grid seen in training
 
     @torch.no_grad()
     def codes(self, cur: torch.Tensor, prev: torch.Tensor, action: torch.Tensor,
@@ -26,7 +27,7 @@ class Simulator:
         if random_codes is not None or self.controller is None:
             size = self.lam.config.codebook_size
             return torch.randint(0, size, (cur.shape[0], *GRID), generator=random_codes).to(self.device)
-        return self.controller.codes(cur, action.to(self.device), prev)
+        return self.controller.codes(cur, action.to(self.device), prev, per_cell=self.per_cell)
 
     @torch.no_grad()
     def decode(self, cur: torch.Tensor, codes: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:

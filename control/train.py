@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,7 +29,7 @@ from pipeline.shards import LATENT_FORMAT, atomic_write_json, load_manifest
 
 from control.checkpoint import save_controller
 from control.data import latent_identity, training_batches
-from control.network import Controller, ControllerConfig
+from control.network import Controller, ControllerConfig, most_common_grids
 from control.report import write_controller_report
 from control.scores import score_controller
 
@@ -54,9 +55,12 @@ class ControllerTrainConfig:
     hidden: int = 192
     device: str = "cpu"
     threads: int = 0                    # torch CPU threads; 0 leaves torch's default
+    max_grids: int = 65536              # answer with one of this many most common grids seen; 0: cell by cell
 
     def __post_init__(self):
         self.latent, self.out = Path(self.latent), Path(self.out)
+        if self.max_grids < 0:
+            raise UserError(f"--max-grids must be >= 0 (got {self.max_grids})")
         for name in ("steps", "batch_size", "shuffle_buffer", "log_every", "ckpt_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -95,6 +99,7 @@ def train(config: ControllerTrainConfig, progress=print) -> dict:
     optimizer = torch.optim.AdamW(controller.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps, eta_min=config.lr * 0.1)
     code_counts = torch.zeros(*GRID, controller.config.codebook_size, dtype=torch.int64)
+    grid_counts = Counter()                               # every whole code grid seen, by its bytes
     batches = training_batches(config.latent, config.batch_size, grayscale=grayscale,
                                shuffle_buffer=config.shuffle_buffer, seed=config.seed)
     lam = latent_identity(config.latent)
@@ -103,6 +108,7 @@ def train(config: ControllerTrainConfig, progress=print) -> dict:
         controller.train()
         batch = next(batches)
         code_counts += F.one_hot(batch["codes"], controller.config.codebook_size).sum(0)
+        grid_counts.update(bytes(grid) for grid in batch["codes"].flatten(1).to(torch.uint8).numpy())
         logits = controller(batch["cur"].to(device), batch["action"].to(device), batch["prev"].to(device))
         loss = F.cross_entropy(logits, batch["codes"].to(device))
         if not torch.isfinite(loss):
@@ -117,11 +123,14 @@ def train(config: ControllerTrainConfig, progress=print) -> dict:
             progress(f"step {step}/{config.steps}  loss {history[-1]['loss']:.4f}  "
                      f"{step * config.batch_size / (time.perf_counter() - started):.0f} samples/s")
             window = []
+        if step % config.ckpt_every == 0 or step == config.steps:
+            controller.set_seen_grids(most_common_grids(grid_counts, config.max_grids))
         if step % config.ckpt_every == 0 and step != config.steps:
             save_controller(config.out / CHECKPOINT_NAME, controller, step=step, lam=lam,
                             train_config=config.to_dict())
     majority = code_counts.argmax(-1)                     # (7, 5): each cell's most common code
     metrics = {"training": {"steps": config.steps, "samples_seen": int(code_counts[0, 0].sum()),
+                            "grids_seen": len(grid_counts), "grids_kept": len(controller.seen_grids),
                          "seconds": round(time.perf_counter() - started, 1), "loss": history},
                "lam": lam, "majority_codes": majority.tolist(),
                config.eval_split: score_controller(controller, config.latent, config.eval_split, code_counts,

@@ -42,6 +42,39 @@ def test_checkpoint_round_trip_is_weights_only_and_atomic(tmp_path):
     assert torch.equal(loaded(cur, action, cur), controller(cur, action, cur))
 
 
+def test_codes_are_the_most_likely_grid_seen_in_training(tmp_path):
+    """With seen grids the answer is the seen grid whose cells' log-probabilities sum highest (checked
+    by brute force), never a grid outside them; per_cell (or no seen grids) is each cell's argmax.
+    The grids travel in the checkpoint; a checkpoint from before them loads with none."""
+    from collections import Counter
+    from control.network import most_common_grids
+
+    controller = Controller(ControllerConfig(**SMALL)).eval()
+    cur, action = frames(4), torch.tensor([0, 1, 2, 3])
+    per_cell = controller.codes(cur, action, cur)
+    seen = torch.randint(0, 256, (50, 35), generator=torch.Generator().manual_seed(0))
+    seen[7] = per_cell[2].flatten()                         # one frame's own argmax is among them
+    counts = Counter({bytes(grid.to(torch.uint8).numpy()): 50 - i for i, grid in enumerate(seen)})
+    controller.set_seen_grids(most_common_grids(counts, 40))
+    assert torch.equal(controller.seen_grids.long(), seen[:40])     # most common first, limited
+    chosen = controller.codes(cur, action, cur)
+    log_probs = controller(cur, action, cur).log_softmax(1).flatten(2)              # (B, 256, 35)
+    brute = torch.stack([log_probs[:, grid, torch.arange(35)].sum(-1) for grid in seen[:40]], 1)
+    assert torch.equal(chosen.flatten(1), seen[:40][brute.argmax(1)])
+    assert torch.equal(chosen[2], per_cell[2])              # its own argmax is the best grid there is
+    assert torch.equal(controller.codes(cur, action, cur, per_cell=True), per_cell)
+    sampled = controller.codes(cur, action, cur, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert all(any(torch.equal(grid, s) for s in seen[:40]) for grid in sampled.flatten(1))
+
+    path = save_controller(tmp_path / "controller.pt", controller, step=1)
+    assert torch.equal(load_controller(path).seen_grids, controller.seen_grids)
+    raw = torch.load(path, weights_only=True)
+    del raw["model"]["seen_grids"]                          # as saved before grids were kept
+    torch.save(raw, tmp_path / "old.pt")
+    old = load_controller(tmp_path / "old.pt")
+    assert len(old.seen_grids) == 0 and torch.equal(old.codes(cur, action, cur), per_cell)
+
+
 def test_unusable_checkpoints_are_one_clear_error(tmp_path, tiny_checkpoint):
     with pytest.raises(UserError, match="not found"):
         load_controller(tmp_path / "missing.pt")
@@ -100,6 +133,12 @@ def test_training_lowers_the_loss_to_about_the_majority_code(latent_dir, tmp_pat
     assert 0 < scores["changed_fraction"] < 1 and scores["frequency_loss"] > 0
     saved = torch.load(config.out / "controller.pt", weights_only=True)
     assert saved["step"] == 60 and saved["lam"]["sha256"] and saved["metrics"]["train"]["accuracy"] == scores["accuracy"]
+    # the grids it may answer with: exactly the distinct grids of the training stream (60 x 8 samples
+    # go round the few train pairs several times, so every train grid was seen)
+    from pipeline.stream import latent_dataset
+    train_grids = {tuple(s["codes"].flatten().tolist()) for s in latent_dataset(latent_dir, split="train")}
+    assert {tuple(g) for g in saved["model"]["seen_grids"].tolist()} == train_grids
+    assert metrics["training"]["grids_seen"] == len(train_grids) == len(saved["model"]["seen_grids"])
 
 
 def test_cli_writes_report_and_refuses_bad_input(latent_dir, tmp_path, capsys):
@@ -112,5 +151,6 @@ def test_cli_writes_report_and_refuses_bad_input(latent_dir, tmp_path, capsys):
     assert "most common code per cell" in (out / "report.md").read_text()
     assert control_train.main(["--latent", str(tmp_path / "nowhere")]) == 2
     assert control_train.main(["--latent", str(latent_dir), "--steps", "0"]) == 2
+    assert control_train.main(["--latent", str(latent_dir), "--max-grids", "-1"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
