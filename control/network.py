@@ -67,7 +67,7 @@ class Controller(nn.Module):
             nn.Conv2d(config.hidden, config.hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(config.hidden, config.codebook_size, 1))
         # the whole code grids seen in training, most common first (control.train fills it)
-        self.register_buffer("seen_grids", torch.zeros(0, GRID[0] * GRID[1], dtype=torch.int16))
+        self.register_buffer("seen_grids", torch.zeros(0, GRID[0] * GRID[1], dtype=self.grid_dtype))
 
     def forward(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         """cur, prev: float (B, C, 210, 160) in [0, 1]; action: int64 (B,) -> logits (B, 256, 7, 5).
@@ -105,7 +105,11 @@ class Controller(nn.Module):
 
     def set_seen_grids(self, grids: torch.Tensor) -> None:
         """The code grids (N, 7·5) the controller may answer with (see `codes`); empty: cell by cell."""
-        self.seen_grids = grids.to(device=self.seen_grids.device, dtype=torch.int16).reshape(-1, GRID[0] * GRID[1])
+        self.seen_grids = grids.to(device=self.seen_grids.device, dtype=self.grid_dtype).reshape(-1, GRID[0] * GRID[1])
+
+    @property
+    def grid_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.config.codebook_size <= 256 else torch.int16   # a byte a cell where it fits
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the number of seen grids is the checkpoint's; a checkpoint from before them has none
@@ -125,7 +129,7 @@ def grid_scores(log_probs: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
 
 
 def most_common_grids(counts: Counter, limit: int) -> torch.Tensor:
-    """The `limit` most frequent code grids of a Counter keyed by each grid's uint8 bytes -> (N, 35) int16."""
+    """The `limit` most frequent code grids of a Counter keyed by each grid's uint8 bytes -> (N, 35) int64."""
     grids = [bytes(grid) for grid, _ in counts.most_common(limit)]
     flat = torch.frombuffer(bytearray(b"".join(grids)), dtype=torch.uint8) if grids else torch.zeros(0, dtype=torch.uint8)
-    return flat.view(-1, GRID[0] * GRID[1]).to(torch.int16)
+    return flat.view(-1, GRID[0] * GRID[1]).long()
