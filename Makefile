@@ -24,6 +24,8 @@ EXTRACT_ARGS ?=
 CONTROLLER_DIR  ?= checkpoints/controller
 CONTROLLER      ?= $(CONTROLLER_DIR)/controller.pt
 CONTROLLER_ARGS ?=
+# the README's ablation table: 800 steps, two runs side by side (about 2 hours for all 8 variants on 2 cores)
+ABLATE_ARGS ?= --iters 800 --jobs 2
 DEMO_CONTROLLER_ARGS ?= --steps 800
 # The GPU check runs with the GPU machine's own Python and torch, installing only carried wheels.
 GPU_PY ?= python3
@@ -83,7 +85,7 @@ bench: setup
 
 # Each model variant trained at demo scale on the same shards and scored on val (hours on a CPU).
 ablate: setup
-	$(PY) -m bench.ablate --shards $(SHARDS) --out $(REPORTS)/ablation
+	$(PY) -m bench.ablate --shards $(SHARDS) --out $(REPORTS)/ablation $(ABLATE_ARGS)
 
 # The play page's browser test drives Debian's Chromium; without it that one test skips and says so.
 browser:
