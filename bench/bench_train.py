@@ -35,12 +35,16 @@ def time_steps(cfg: dict) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rt = Runtime(0, 1, 0, device, torch.bfloat16 if cfg["bf16"] else None)
-    model = LatentActionModel(ModelConfig(width=cfg["width"])).to(device).train()
+    model = LatentActionModel(ModelConfig(width=cfg["width"], **cfg.get("model", {}))).to(device).train()
+    if cfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)          # as train.py does (channels_last=True)
     model.set_grad_checkpoint(cfg["grad_checkpoint"])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
     train_step = TrainStep(model, optimizer, rt, grad_clip=1.0, compile=cfg["compile"])
     cur = torch.rand(cfg["batch"], 1, 210, 160, device=device)
     batch = {"cur": cur, "next": (cur + 0.05 * torch.rand_like(cur)).clamp(0, 1)}
+    if model.config.context:
+        batch["prev"] = (cur - 0.05 * torch.rand_like(cur)).clamp(0, 1)
 
     def steps(n: int) -> float:
         started = time.perf_counter()
@@ -60,10 +64,27 @@ def time_steps(cfg: dict) -> dict:
 
 
 def measure(width: float, batch: int, compile: bool = False, bf16: bool = False, grad_checkpoint: bool = False,
-            steps: int = 10, warmup: int = 3) -> dict:
+            steps: int = 10, warmup: int = 3, model: dict | None = None, channels_last: bool = False) -> dict:
     cfg = dict(width=width, batch=batch, compile=compile, bf16=bf16, grad_checkpoint=grad_checkpoint,
-               steps=steps, warmup=warmup)
+               steps=steps, warmup=warmup, model=model or {}, channels_last=channels_last)
     return run_child(CHILD.format(cfg=json.dumps(cfg)))
+
+
+MODEL_OPTIONS = [
+    ("last round's default: residual output, VQ", {"motion": "none", "motion_codes": False, "quantizer": "vq"}, False),
+    ("shift decoder, VQ", {"quantizer": "vq"}, False),
+    ("shift decoder, FSQ (the default)", {}, False),
+    ("the default, channels_last (as train.py runs it)", {}, True),
+    ("the default + frame t-1 as context", {"context": 1}, False),
+    ("the default + encoder matching features", {"encoder_match": True}, False),
+]
+
+
+def option_rows() -> list[list]:
+    results = [(name, measure(DEMO_WIDTH, 32, model=model, channels_last=cl, steps=8))
+               for name, model, cl in MODEL_OPTIONS]
+    base = results[0][1]["steps_per_s"]
+    return [[name, f"{1 / r['steps_per_s']:.2f}", f"{base / r['steps_per_s']:.2f}×"] for name, r in results]
 
 
 def train_step_flops(width: float) -> float:
@@ -119,6 +140,12 @@ def run() -> str:
               "Peak memory is " + ("CUDA max_memory_allocated." if on_gpu else
                                    "the child's peak RSS (includes ~0.4 GB of torch itself, so the ratio understates "
                                    "the activation saving)."), ""]
+
+    # 4. what each model option costs a step (the ablation's variants), beside last round's default
+    parts += ["### Model options, demo preset, batch 32, eager fp32 (`make ablate`'s variants)\n",
+              markdown_table(["model", "s / step", "vs last round's default"], option_rows()),
+              "The default trains with `channels_last=True` (same outputs); the other rows use the default "
+              "memory format, so they compare the options alone.", ""]
 
     if on_gpu:
         from training.throughput import peak_flops
