@@ -73,7 +73,7 @@ class ModelConfig:
     # Light supervision (off: 0): a linear head on the code grid predicts the recorded action of the
     # few labelled pairs (TrainConfig.action_fraction), LAOM-style.
     action_classes: int = 0               # actions the head tells apart (Breakout: 4); 0 = no head
-    action_weight: float = 1.0            # weight of its cross-entropy in the loss
+    action_weight: float = 0.001          # its cross-entropy's weight: at 1 it swamps a recon loss near 1e-4
 
     def __post_init__(self):
         if self.in_channels not in (1, 3):

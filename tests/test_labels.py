@@ -38,13 +38,13 @@ def test_the_labelled_pairs_are_a_fixed_fraction_with_their_recorded_actions(pai
 
 def test_the_action_loss_counts_labelled_pairs_only():
     torch.manual_seed(0)
-    model = LatentActionModel(ModelConfig(width=0.125, quantizer="fsq", action_classes=4)).eval()
+    model = LatentActionModel(ModelConfig(width=0.125, quantizer="fsq", action_classes=4, action_weight=0.5)).eval()
     cur, nxt = torch.rand(3, 1, 210, 160), torch.rand(3, 1, 210, 160)
     none = model(cur, nxt, action=torch.full((3,), NO_LABEL))["action"]
-    assert float(none) == 0
+    assert none.item() == 0
     one = model(cur, nxt, action=torch.tensor([2, NO_LABEL, NO_LABEL]))
     logits = model.action_head(model.quantizer(model.encoder(cur, nxt))[0].flatten(1))
-    expected = torch.nn.functional.cross_entropy(logits[:1], torch.tensor([2]))
+    expected = 0.5 * torch.nn.functional.cross_entropy(logits[:1], torch.tensor([2]))     # weighted
     torch.testing.assert_close(one["action"], expected)
     assert torch.isclose(one["loss"], one["recon"] + one["commitment"] + one["codebook"] + one["entropy"] + one["action"])
     assert float(LatentActionModel(ModelConfig(width=0.125))(cur, nxt, action=torch.tensor([2, 1, 0]))["action"]) == 0
