@@ -19,7 +19,7 @@ from control.checkpoint import load_controller
 from control.data import read_episodes
 from control.server import Game, StartFrame, make_server
 from control.simulator import Simulator
-from control.controllability import PADDLE_MAX_X
+from control.controllability import PADDLE_MAX_X, PADDLE_MIN_X
 from evaluation.events import detect_elements
 from model import load_checkpoint
 
@@ -49,8 +49,9 @@ def trained_server(latent_dir):
     sim = Simulator(load_checkpoint(ASSETS / "play_lam.pt"), load_controller(ASSETS / "play_controller.pt"))
     starts = [StartFrame(e.frames[t], e.frames[max(t - 1, 0)])
               for e in read_episodes(latent_dir, "test", grayscale=True) for t in range(len(e.frames))]
-    # room to move right: a paddle against the right wall cannot show the key working
-    starts = [s for s in starts if (x := detect_elements(s.cur).paddle_x) is not None and x <= PADDLE_MAX_X - 24]
+    # room to move both ways: a paddle against a wall cannot show the key working
+    starts = [s for s in starts if (x := detect_elements(s.cur).paddle_x) is not None
+              and PADDLE_MIN_X + 24 <= x <= PADDLE_MAX_X - 24]
     assert len(starts) >= RESTARTS
     server = make_server("127.0.0.1", 0, Game(sim, starts, seed=0))
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -59,12 +60,12 @@ def trained_server(latent_dir):
     server.server_close()
 
 
-def test_holding_right_moves_the_paddle_right_and_keeps_it_visible(trained_server):
-    """From several start frames: 10 x RIGHT through the page's API leaves the paddle right of where
-    it started, and it is on screen after every step. (LEFT is weaker with the demo controller, see
-    README "Playing in the model"; play.py rollout's controllability measures both.)"""
+@pytest.mark.parametrize("action, sign", [("RIGHT", 1), ("LEFT", -1)])
+def test_holding_a_key_moves_the_paddle_that_way_and_keeps_it_visible(trained_server, action, sign):
+    """From several start frames: 10 x the key through the page's API leaves the paddle on that side
+    of where it started, and it is on screen after every step."""
     for _ in range(RESTARTS):
         start = paddle_x(post(trained_server, "/api/restart"))
-        seen = [paddle_x(post(trained_server, "/api/step", {"action": "RIGHT"})) for _ in range(STEPS)]
-        assert None not in seen, f"the paddle vanished while holding RIGHT: {seen}"
-        assert seen[-1] > start, f"{STEPS} x RIGHT from x={start} ended at x={seen[-1]}: {seen}"
+        seen = [paddle_x(post(trained_server, "/api/step", {"action": action})) for _ in range(STEPS)]
+        assert None not in seen, f"the paddle vanished while holding {action}: {seen}"
+        assert sign * (seen[-1] - start) > 0, f"{STEPS} x {action} from x={start} ended at x={seen[-1]}: {seen}"
