@@ -55,7 +55,8 @@ class ModelPaths:
     latent: Path = flag(DEFAULT_LATENT, "latent shards (episodes to start from)")
     split: str = flag("test", choices=SPLITS)
     threads: int = flag(0, "torch CPU threads (0: torch's default)")
-    per_cell: bool = flag(False, "the controller picks each cell's code on its own, not one of the grids seen in training")
+    per_cell: bool = flag(False, "the controller picks each cell's code on its own, "
+                                 "not one of the grids seen in training")
 
 
 @dataclass

@@ -130,6 +130,6 @@ def grid_scores(log_probs: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
 
 def most_common_grids(counts: Counter, limit: int) -> torch.Tensor:
     """The `limit` most frequent code grids of a Counter keyed by each grid's uint8 bytes -> (N, 35) int64."""
-    grids = [bytes(grid) for grid, _ in counts.most_common(limit)]
-    flat = torch.frombuffer(bytearray(b"".join(grids)), dtype=torch.uint8) if grids else torch.zeros(0, dtype=torch.uint8)
+    joined = b"".join(grid for grid, _ in counts.most_common(limit))
+    flat = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.zeros(0, dtype=torch.uint8)
     return flat.view(-1, GRID[0] * GRID[1]).long()

@@ -130,7 +130,7 @@ def train(config: ControllerTrainConfig, progress=print) -> dict:
                             train_config=config.to_dict())
     majority = code_counts.argmax(-1)                     # (7, 5): each cell's most common code
     metrics = {"training": {"steps": config.steps, "samples_seen": int(code_counts[0, 0].sum()),
-                            "grids_seen": len(grid_counts), "grids_kept": len(controller.seen_grids),
+                         "grids_seen": len(grid_counts), "grids_kept": len(controller.seen_grids),
                          "seconds": round(time.perf_counter() - started, 1), "loss": history},
                "lam": lam, "majority_codes": majority.tolist(),
                config.eval_split: score_controller(controller, config.latent, config.eval_split, code_counts,

@@ -1,6 +1,6 @@
 """Checkpoints of a training run: `step-NNNNNN.pt` on its cadence and at the end, `best.pt` when the
-validation measure improves (TrainConfig.best_by). The format itself (atomic write, weights_only) is model/checkpoint.py's;
-this module decides what goes in and when (training/resume.py puts it back)."""
+validation measure improves (TrainConfig.best_by). The format itself (atomic write, weights_only) is
+model/checkpoint.py's; this module decides what goes in and when (training/resume.py puts it back)."""
 from __future__ import annotations
 
 import math
@@ -96,5 +96,6 @@ class Checkpointer:
                 "schedule": {"kind": cfg.lr_schedule, "lr": learning_rate(cfg, step - 1), "lr_min": cfg.lr_min,
                              "warmup": cfg.warmup, "horizon": schedule_horizon(cfg)},
                 "rng": rng_state(), "loader": all_gather(plain(self.loader.state_dict()), self.rt),
-                "best": {"by": self.cfg.best_by, "value": self.best_val}, "world_size": self.rt.world_size, **self.extra}
+                "best": {"by": self.cfg.best_by, "value": self.best_val}, "world_size": self.rt.world_size,
+                **self.extra}
 

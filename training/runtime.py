@@ -128,7 +128,8 @@ def graph_breaks(reset: bool = False) -> int:
     return found
 
 
-PER_RANK_BUFFERS = tuple(f"quantizer.{name}" for name in ("usage", "recent"))   # recent, recent_next, recent_count
+# name prefixes: "quantizer.recent" also covers recent_next and recent_count
+PER_RANK_BUFFERS = tuple(f"quantizer.{name}" for name in ("usage", "recent"))
 
 
 def weights_digest(model: torch.nn.Module) -> str:
