@@ -1,20 +1,20 @@
-"""Ablation of the model options that decide whether the prediction draws what moved and whether the
-codes carry the action (`make ablate`).
+"""Ablation of the model's named variants (`make ablate`): which draws what moved, whose codes carry
+the action, and which holds together when played forward.
 
-Each variant trains the `demo` preset on the same pair shards (`--set` for its options) once per
-seed, then, all on the val split (never test: the default is chosen here):
-- evaluate.py: drawing (paddle and ball within 2 px of the true frame's, missing), PSNR, the probes;
-- extract.py, a short controller run (control.train) and play.py rollout: controllability, whether
-  always-LEFT / always-RIGHT move the paddle that way inside the model.
+Each entry trains the `demo` preset with a named model variant (`train.py --model NAME`, plus
+training settings for entries such as `labels`) on the same pair shards once per seed, then, all on
+the val split (never test: the default is chosen here):
+- evaluate.py: drawing (paddle and ball within 2 px of the true frame's), PSNR, the probes, codes used;
+- extract.py, a controller (control.train) and play.py rollout: long rollouts of both kinds (the
+  recorded codes, the controller's) against the recording, and whether held LEFT / RIGHT steer.
 Writes reports/ablation/ablation.json (after every run, so a long ablation can be read while it
-goes) and ablation.md: each variant's mean over its seeds, and the seeds' spread.
+goes) and ablation.md: each entry's mean over its seeds, and the seeds' spread.
 
     python -m bench.ablate [--shards shards/pairs] [--iters N] [--seeds 0 1] [--only NAME ...]
         [--set field=value ...] [--controller-steps 300] [--jobs 2]
 
-`--set` adds train.py settings to every variant (e.g. `--set context=1`: each with frame t-1).
 Every stage runs as its own process, through the same command lines a user types. `--jobs 2` runs
-two (variant, seed) runs side by side, one CPU thread each: on a 2-core box the small convolutions
+two (entry, seed) runs side by side, one CPU thread each: on a 2-core box the small convolutions
 gain less from a second thread than from a second run.
 """
 from __future__ import annotations
@@ -27,28 +27,61 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import ROOT, machine, markdown_table
+from common.cli import add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 
-SEED_LITERAL = ["encoder_input=pair", "decoder_skips=false", "latent_every_stage=false", "residual_output=false",
-                "changed_pixel_weight=1", "motion=none", "motion_codes=false", "quantizer=vq"]
-VARIANTS: dict[str, list[str]] = {
-    "seed-literal": SEED_LITERAL,
-    # last round's default: t+1 = t + change, codes on every stage, nearest-code quantiser
-    "residual output, VQ codes (last round's default)": ["motion=none", "motion_codes=false", "quantizer=vq"],
-    "shift decoder, VQ codes": ["quantizer=vq"],
-    "shift decoder, FSQ codes (the default)": [],
-    "default with 7 x 8 px shift blocks": ["motion_stage=1"],
-    "default + encoder matching features": ["encoder_match=true"],
-    "default + frame t-1 as context": ["context=1"],
-    "default + 2.5 % action labels": ["action_fraction=0.025"],
+
+@dataclass(frozen=True)
+class Entry:
+    model: str                          # a named model variant (model/config.py VARIANTS)
+    about: str                          # what the row is, for the table
+    settings: tuple[str, ...] = ()      # training settings on top (train.py --set)
+
+
+ENTRIES: dict[str, Entry] = {
+    "default": Entry("default", "the default"),
+    "seed": Entry("seed", "the seed's model"),
+    "vq-residual": Entry("vq-residual", "residual output, VQ codes (two rounds ago)"),
+    "vq-shift": Entry("vq-shift", "shift decoder, VQ codes"),
+    "fsq-shift": Entry("fsq-shift", "shift decoder, FSQ codes (last round's default)"),
+    "blocks-7x8": Entry("blocks-7x8", "shift decoder with 7 x 8 px blocks"),
+    "match": Entry("match", "encoder matching features"),
+    "context": Entry("context", "frame t-1 as context"),
+    "split": Entry("split", "frame t-1, a per-frame action code, grid dropout 0.5 (Genie's split)"),
+    "labels": Entry("default", "the default + 2.5 % action labels", ("action_fraction=0.025",)),
 }
+STEPS = (10, 50, 200)                   # rollout steps the table shows
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name)[:60].strip("-")
+@dataclass
+class AblateConfig:
+    shards: Path = flag(ROOT / "shards" / "pairs", "pair shard directory")
+    out: Path = flag(ROOT / "reports" / "ablation", "ablation.md, ablation.json and each run's folder")
+    iters: int = flag(0, "training steps (0: the demo preset's)")
+    seeds: tuple[int, ...] = flag((0, 1), "training seeds of each entry", nargs="+")
+    controller_steps: int = flag(300, "controller training steps")
+    jobs: int = flag(1, "runs side by side (one CPU thread each when > 1)")
+    only: tuple[str, ...] = flag((), f"entries to run, in this order (of: {', '.join(ENTRIES)})", nargs="*")
+    set: tuple[str, ...] = flag((), "a train.py setting for every entry (FIELD=VALUE)", nargs="*")
+
+    def __post_init__(self):
+        self.shards, self.out = Path(self.shards), Path(self.out)
+        unknown = [name for name in self.only if name not in ENTRIES]
+        if unknown:
+            raise UserError(f"--only {' '.join(unknown)}: no such entry (there are: {', '.join(ENTRIES)})")
+        if self.iters < 0 or self.controller_steps < 1 or self.jobs < 1 or not self.seeds:
+            raise UserError("--iters must be >= 0, --controller-steps and --jobs >= 1, and --seeds non-empty")
+        check_output_dir(self.out, "--out")
+        if not (self.shards / "manifest.json").is_file():
+            raise UserError(f"--shards {self.shards}: no manifest.json (run make shards first)")
+
+    @property
+    def entries(self) -> dict[str, Entry]:
+        return {name: ENTRIES[name] for name in (self.only or ENTRIES)}
 
 
 def run_stage(args: list[str], log: Path, threads: int | None) -> None:
@@ -60,33 +93,31 @@ def run_stage(args: list[str], log: Path, threads: int | None) -> None:
         raise UserError(f"{' '.join(args[:2])} failed (exit {code}); see {log}")
 
 
-def run_variant(settings: list[str], seed: int, root: Path, shards: Path, iters: int | None,
-                controller_steps: int, threads: int | None = None) -> dict:
+def run_entry(entry: Entry, seed: int, root: Path, cfg: AblateConfig, threads: int | None) -> dict:
     """Train, evaluate, extract, fit a controller and roll it out; returns the numbers."""
     log = root / "log.txt"
     root.mkdir(parents=True, exist_ok=True)
     run = lambda args: run_stage(args, log, threads)  # noqa: E731
-    train = ["train.py", "--shards", str(shards), "--preset", "demo", "--out", str(root / "ckpt"),
-             "--run-dir", str(root / "run"), "--wandb", "disabled", "--set", f"seed={seed}",
-             *(["--set", f"threads={threads}"] if threads else [])]
-    train += (["--iters", str(iters), "--set", f"lr_decay_iters={iters}"] if iters else [])
-    for setting in settings:
+    train = ["train.py", "--shards", str(cfg.shards), "--preset", "demo", "--model", entry.model,
+             "--out", str(root / "ckpt"), "--run-dir", str(root / "run"), "--wandb", "disabled",
+             "--set", f"seed={seed}", *(["--set", f"threads={threads}"] if threads else [])]
+    train += (["--iters", str(cfg.iters), "--set", f"lr_decay_iters={cfg.iters}"] if cfg.iters else [])
+    for setting in (*entry.settings, *cfg.set):
         train += ["--set", setting]
     started = time.perf_counter()
     run(train)
     seconds = time.perf_counter() - started
     checkpoint = root / "ckpt" / "best.pt"
-    run(["extract.py", "--shards", str(shards), "--checkpoint", str(checkpoint), "--out", str(root / "latent"),
+    run(["extract.py", "--shards", str(cfg.shards), "--checkpoint", str(checkpoint), "--out", str(root / "latent"),
          "--no-progress"])
-    run(["evaluate.py", "--shards", str(shards), "--checkpoint", str(checkpoint), "--split", "val",
+    run(["evaluate.py", "--shards", str(cfg.shards), "--checkpoint", str(checkpoint), "--split", "val",
          "--out", str(root / "val"), "--latent", str(root / "latent"), "--no-progress"])
     run(["-m", "control.train", "--latent", str(root / "latent"), "--out", str(root / "controller"),
-         "--steps", str(controller_steps), "--eval-split", "val"])
+         "--steps", str(cfg.controller_steps), "--eval-split", "val"])
     run(["play.py", "rollout", "--checkpoint", str(checkpoint), "--controller", str(root / "controller" / "controller.pt"),
          "--latent", str(root / "latent"), "--split", "val", "--out", str(root / "play")])
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = max(row["step"] for row in rows)
-    return {"seed": seed, "train_seconds": seconds, "steps": steps,
+    return {"seed": seed, "train_seconds": seconds, "steps": max(row["step"] for row in rows),
             "seconds_per_step": statistics.median(1 / r["steps_per_s"] for r in rows if r.get("steps_per_s")),
             "val": json.loads((root / "val" / "metrics.json").read_text()),
             "play": json.loads((root / "play" / "metrics.json").read_text())}
@@ -94,18 +125,23 @@ def run_variant(settings: list[str], seed: int, root: Path, shards: Path, iters:
 
 def summary(result: dict) -> dict:
     """The figures a row shows, from one run."""
-    val, control = result["val"], result["play"]["controllability"]
+    val, control, curves = result["val"], result["play"]["controllability"], result["play"]["rollouts"]["curves"]
     actions = val.get("actions") or {}
-    paddle, ball = val["elements"]["paddle"], val["elements"]["ball"]
-    lost = result["play"]["rollouts"]["curves"]["paddle_lost"][-1]          # at the last step (50)
-    return {"paddle_within_2px": paddle["model"]["within_2px"], "paddle_missing": paddle["model"]["missing"],
-            "ball_within_2px": ball["model"]["within_2px"], "ball_missing": ball["model"]["missing"],
-            "move": (actions.get("move") or {}).get("codes_linear"),
-            "move_bins": (actions.get("move_bins") or {}).get("codes_linear"),
-            "left": control["controller"]["left"]["success"], "right": control["controller"]["right"]["success"],
-            "rollout_paddle_lost": lost, "codes_used": val["codebook"]["used_fraction"],
-            "psnr": val["model"]["psnr"], "psnr_copy": val["copy_baseline"]["psnr"],
-            "seconds_per_step": result["seconds_per_step"]}
+    figures = {"paddle_within_2px": val["elements"]["paddle"]["model"]["within_2px"],
+               "ball_within_2px": val["elements"]["ball"]["model"]["within_2px"],
+               "move": (actions.get("move") or {}).get("codes_linear"), "codes_used": val["codebook"]["used_fraction"],
+               "psnr": val["model"]["psnr"], "psnr_copy": val["copy_baseline"]["psnr"],
+               "left": control["controller"]["left"]["success"], "right": control["controller"]["right"]["success"],
+               "seconds_per_step": result["seconds_per_step"]}
+    horizon = len(curves["horizon"])
+    for kind in ("codes", "controller"):
+        for step in (s for s in STEPS if s <= horizon):
+            figures[f"{kind}_paddle_{step}"] = curves[kind]["paddle_found"][step - 1]
+            figures[f"{kind}_ball_{step}"] = curves[kind]["ball_found"][step - 1]
+        gaps = [m - c for m, c in zip(curves[kind]["psnr"], curves["copy"]["psnr"]) if None not in (m, c)]
+        figures[f"{kind}_above_copy"] = next((h for h, gap in enumerate(gaps, 1) if gap < 0), horizon + 1) - 1
+        figures[f"{kind}_two_balls"] = max(v or 0 for v in curves[kind]["two_balls"])
+    return figures
 
 
 def cell(values: list, percent: bool = True) -> str:
@@ -119,29 +155,39 @@ def cell(values: list, percent: bool = True) -> str:
     return f"{mean:.2f}" + (f" ±{spread / 2:.2f}" if len(values) > 1 else "")
 
 
-HEADER = ["variant", "seeds", "paddle within 2 px", "paddle missing", "ball within 2 px", "ball missing",
-          "move probe", "5-bin move probe", "LEFT moves left", "RIGHT moves right", "rollout: paddle lost by step 50",
-          "codes used", "PSNR (copy)", "s / step"]
+def trio(column, kind: str, what: str) -> str:
+    return " / ".join(cell(column(f"{kind}_{what}_{step}")) for step in STEPS)
+
+
+HEADER = ["entry", "seeds", "paddle / ball within 2 px", "move probe", "codes used", "PSNR (copy)",
+          "recorded codes: paddle found, steps 10 / 50 / 200", "ball found", "steps above copy",
+          "controller: paddle found", "ball found", "steps above copy", "two balls (codes / controller)",
+          "LEFT / RIGHT (20 steps)", "s / step"]
 
 
 def table_row(name: str, results: list[dict]) -> list:
     rows = [summary(r) for r in results]
-    column = lambda key: [row[key] for row in rows]  # noqa: E731
-    return [name, len(rows), cell(column("paddle_within_2px")), cell(column("paddle_missing")),
-            cell(column("ball_within_2px")), cell(column("ball_missing")), cell(column("move")),
-            cell(column("move_bins")), cell(column("left")), cell(column("right")),
-            cell(column("rollout_paddle_lost")), cell(column("codes_used")),
-            f"{cell(column('psnr'), False)} ({cell(column('psnr_copy'), False)})",
-            cell(column("seconds_per_step"), False)]
+    column = lambda key: [row.get(key) for row in rows]  # noqa: E731
+    return [f"`{name}`: {ENTRIES[name].about}", len(rows),
+            f"{cell(column('paddle_within_2px'))} / {cell(column('ball_within_2px'))}", cell(column("move")),
+            cell(column("codes_used")), f"{cell(column('psnr'), False)} ({cell(column('psnr_copy'), False)})",
+            trio(column, "codes", "paddle"), trio(column, "codes", "ball"), cell(column("codes_above_copy"), False),
+            trio(column, "controller", "paddle"), trio(column, "controller", "ball"),
+            cell(column("controller_above_copy"), False),
+            f"{cell(column('codes_two_balls'))} / {cell(column('controller_two_balls'))}",
+            f"{cell(column('left'))} / {cell(column('right'))}", cell(column("seconds_per_step"), False)]
 
 
 def write_tables(out: Path, results: dict[str, list[dict]], note: str) -> str:
     (out / "ablation.json").write_text(json.dumps(results, indent=2, default=str))
-    text = (f"# Ablation: drawing what moved, and codes that carry the action\n\n{note}\n\n"
+    text = (f"# Ablation: drawing what moved, codes that carry the action, and playing forward\n\n{note}\n\n"
             + markdown_table(HEADER, [table_row(name, runs) for name, runs in results.items() if runs])
-            + "\n\nMean over seeds ± half the spread between them. Drawing and probes: evaluate.py on the val "
-              "split; LEFT / RIGHT: play.py rollout's controllability on val (always-LEFT or always-RIGHT for "
-              "its steps, success when the paddle ends that way and visible); s / step: training's median.\n")
+            + "\n\nMean over seeds ± half the spread between them. Drawing, probe, codes used, PSNR: evaluate.py on the "
+              "val split. Rollouts: play.py rollout on val (200 steps from 48 starts, every frame fed back in after "
+              "snapping to the palette): the paddle found in the share of starts, the ball found where the recording "
+              "shows one, how many steps PSNR stays above copying the start frame, the worst step's share of two "
+              "balls. LEFT / RIGHT: held for 20 steps, success when the paddle ends that way. s / step: training's "
+              "median.\n")
     (out / "ablation.md").write_text(text)
     return text
 
@@ -152,42 +198,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", type=Path, default=ROOT / "shards" / "pairs")
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "ablation")
-    parser.add_argument("--iters", type=int, default=None, help="training steps (default: the demo preset's)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--controller-steps", type=int, default=300)
-    parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one CPU thread each when > 1)")
-    parser.add_argument("--only", nargs="*", help="variant names (substrings) to run, in this order")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a train.py setting for every variant (repeatable)")
-    args = parser.parse_args(argv)
-    check_output_dir(args.out, "--out")
-    if not (args.shards / "manifest.json").is_file():
-        raise UserError(f"--shards {args.shards}: no manifest.json (run make shards first)")
-    # in the order --only names them, so that the runs that matter most finish first
-    names = [n for o in args.only for n in VARIANTS if o in n] if args.only else list(VARIANTS)
-    chosen = {n: [*VARIANTS[n], *args.set] for n in dict.fromkeys(names)}
-    if not chosen:
-        raise UserError(f"--only {' '.join(args.only)}: no such variant (there are: {'; '.join(VARIANTS)})")
-    args.out.mkdir(parents=True, exist_ok=True)
-    note = (f"`demo` preset{f', {args.iters} steps' if args.iters else ''}, seeds {args.seeds}, val split of "
-            f"`{args.shards}`; controller {args.controller_steps} steps"
-            f"{'; every variant with --set ' + ' '.join(args.set) if args.set else ''}. {machine()}.")
-    results: dict[str, list[dict]] = {name: [] for name in chosen}
-    threads = 1 if args.jobs > 1 else None
+    add_config_flags(parser, AblateConfig)
+    cfg = AblateConfig(**config_values(parser.parse_args(argv), AblateConfig))
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    note = (f"`demo` preset{f', {cfg.iters} steps' if cfg.iters else ''}, seeds {list(cfg.seeds)}, val split of "
+            f"`{cfg.shards}`; controller {cfg.controller_steps} steps"
+            f"{'; every entry with --set ' + ' '.join(cfg.set) if cfg.set else ''}. {machine()}.")
+    results: dict[str, list[dict]] = {name: [] for name in cfg.entries}
+    threads = 1 if cfg.jobs > 1 else None
 
     def one(name: str, seed: int) -> None:
-        result = run_variant(chosen[name], seed, args.out / slug(name) / f"seed-{seed}", args.shards, args.iters,
-                             args.controller_steps, threads)
-        results[name].append({"settings": chosen[name], **result})
+        result = run_entry(cfg.entries[name], seed, cfg.out / name / f"seed-{seed}", cfg, threads)
+        results[name].append({"model": cfg.entries[name].model, "settings": list(cfg.entries[name].settings), **result})
         results[name].sort(key=lambda r: r["seed"])
-        write_tables(args.out, results, note)           # after every run: a long ablation can be read as it goes
+        write_tables(cfg.out, results, note)           # after every run: a long ablation can be read as it goes
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for done in [pool.submit(one, name, seed) for name in chosen for seed in args.seeds]:
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
+        for done in [pool.submit(one, name, seed) for name in cfg.entries for seed in cfg.seeds]:
             done.result()
-    print(write_tables(args.out, results, note))
+    print(write_tables(cfg.out, results, note))
     return 0
 
 

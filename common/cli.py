@@ -23,9 +23,11 @@ from typing import Any, Sequence
 PARSERS = {int: int, float: float, str: str, Path: Path}
 
 
-def flag(default: Any = dataclasses.MISSING, help: str | None = None, choices: Sequence | None = None):  # noqa: A002
-    """A dataclass field with what its command-line flag says: `x: int = flag(3, "what x is")`."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def flag(default: Any = dataclasses.MISSING, help: str | None = None, choices: Sequence | None = None,  # noqa: A002
+         nargs: str | None = None):
+    """A dataclass field with what its command-line flag says: `x: int = flag(3, "what x is")`;
+    `nargs` ("+", "*") lets a tuple field take any number of values."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "nargs": nargs})
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config: type, *, only: Sequence[str] | None = None,
@@ -49,7 +51,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type, *, only: Seq
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
-            options.update(type=typing.get_args(kind)[0], nargs=len(default))
+            options.update(type=typing.get_args(kind)[0], nargs=spec.metadata.get("nargs") or len(default))
         else:
             options.update(type=PARSERS[kind], required=required)
         parser.add_argument("--" + name.replace("_", "-"), **options)

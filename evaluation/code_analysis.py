@@ -12,8 +12,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import scipy.sparse
-from sklearn.metrics import normalized_mutual_info_score
 
 from evaluation.events import TransitionEvents
 
@@ -34,6 +32,8 @@ def cell_nmi(codes: np.ndarray, labels: np.ndarray) -> np.ndarray:
     n, rows, cols = codes.shape
     if len(set(labels.tolist())) < 2:
         return np.zeros((rows, cols))
+    from sklearn.metrics import normalized_mutual_info_score
+
     return np.array([[normalized_mutual_info_score(labels, codes[:, r, c]) for c in range(cols)]
                      for r in range(rows)])
 
@@ -73,11 +73,13 @@ def visible_effect(meta: dict) -> bool:
     return bool(moved or launched)
 
 
-def one_hot_codes(codes: np.ndarray, codebook_size: int) -> scipy.sparse.csr_matrix:
+def one_hot_codes(codes: np.ndarray, codebook_size: int) -> "scipy.sparse.csr_matrix":
     """(n, 7, 5) codes -> sparse (n, 35 * codebook_size): cell i holding code k sets column i*K + k."""
     n = codes.shape[0]
     flat = codes.reshape(n, -1).astype(np.int64)
     columns = flat + np.arange(flat.shape[1]) * codebook_size
     rows = np.repeat(np.arange(n), flat.shape[1])
+    import scipy.sparse
+
     return scipy.sparse.csr_matrix((np.ones(rows.size, np.float32), (rows, columns.ravel())),
                                    shape=(n, flat.shape[1] * codebook_size))

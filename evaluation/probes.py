@@ -21,13 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
-
 from evaluation.code_analysis import one_hot_codes, visible_effect
 
 MOVES = ("left", "none", "right")
@@ -85,6 +78,10 @@ def action_label(meta: dict) -> int | None:
 def _fit_and_score(model, x_train, y_train, x_test, y_test) -> float | None:
     if len(set(y_train.tolist())) < 2:
         return None                      # one class only: nothing to learn
+    # sklearn where a probe is fitted, not where its labels are read (the trainer imports this)
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+
     # one BLAS thread: for problems this small, threads only wait on each other on a busy box
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -93,6 +90,10 @@ def _fit_and_score(model, x_train, y_train, x_test, y_test) -> float | None:
 
 
 def mlp(seed: int):
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     return make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3, max_iter=300,
                                                          random_state=seed))
 
@@ -100,6 +101,8 @@ def mlp(seed: int):
 def linear_codes_probe(train_codes: np.ndarray, y_train: np.ndarray, test_codes: np.ndarray, y_test: np.ndarray,
                        codebook_size: int, seed: int = 0) -> float | None:
     """Logistic regression on one-hot codes: the probe the trainer's validation also logs."""
+    from sklearn.linear_model import LogisticRegression
+
     return _fit_and_score(LogisticRegression(max_iter=300, C=1.0, random_state=seed),
                           one_hot_codes(train_codes, codebook_size), y_train,
                           one_hot_codes(test_codes, codebook_size), y_test)

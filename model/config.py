@@ -1,117 +1,222 @@
 """The model's hyper-parameters: one dataclass, saved as a plain dict in every checkpoint so a
-checkpoint rebuilds its own architecture."""
+checkpoint rebuilds its own architecture, and the named variants.
+
+One decision is one field. The output is one field (`output`: sigmoid | residual | shift); the
+quantiser is one field (`quantizer`: vq | fsq) and its settings live with it (`vq: VQConfig` or
+`fsq: FSQConfig`: the other one does not exist, and the number of codes follows from the one that
+does); the shift output's settings live in `shift`. A setting the model does not use cannot be set
+(training/config.py turns that into one clear error naming the field).
+
+Variants are named, like torchtitan's model flavours: `ModelConfig.named("seed")` is the seed's
+model exactly, `ModelConfig()` (= "default") the measured choice (README "Ablation"), and every
+variant `make ablate` measures is an entry of VARIANTS.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from model.motion import MOTIONS
-from pipeline.frames import CODEBOOK_SIZE, FRAME_HEIGHT, FRAME_WIDTH, GRID
+from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH, GRID
 
 # The seed's channel progression; encoder and the decoder's frame stack share it.
 BASE_CHANNELS = (64, 128, 256, 512, 512)
 QUANTIZERS = ("vq", "fsq")
+OUTPUTS = ("sigmoid", "residual", "shift")
 ENCODER_INPUTS = ("pair", "pair_difference", "difference")
 CONTEXTS = (0, 1)                     # frames before t the model sees: none (the seed), or frame t-1
-# The seed's own model: the encoder sees concat(t, t+1), the decoder sees frame t only through its
-# 7x5 stack and ends in a sigmoid, the loss is plain MSE. `--set` each of these to get it.
-SEED_LITERAL = dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, residual_output=False,
-                    changed_pixel_weight=1.0, context=0, motion="none",
-                    encoder_match=False, quantizer="vq", motion_codes=False)
-# Training settings that checkpoints before TrainConfig took them saved with the model's fields.
-MOVED_TO_TRAINING = ("reset_every", "grad_checkpoint")
 # The shift head's block grid for each inner decoder stage (14x10, 27x20, 53x40, 105x80): the nearest
 # grid that divides 210 x 160, so blocks are 15x16, 7x8, 3x4 and 2x2 px.
 MOTION_GRIDS = ((14, 10), (30, 20), (70, 40), (105, 80))
 
 
+def levels_tuple(value: Any) -> tuple[int, ...]:
+    """FSQ levels from a tuple, a list or "8,8,4"."""
+    if isinstance(value, str):
+        try:
+            value = [int(part) for part in value.split(",")]
+        except ValueError:
+            raise ValueError(f"levels must be comma-separated integers >= 2, got {value!r}") from None
+    levels = tuple(int(v) for v in value)
+    if not levels or min(levels) < 2:
+        raise ValueError(f"levels must be integers >= 2, got {value!r}")
+    return levels
+
+
 @dataclass
-class ModelConfig:
-    in_channels: int = 1                  # 1 gray (default), 3 RGB
-    width: float = 1.0                    # channel multiplier for small presets (codebook/grid unchanged)
-    codebook_size: int = CODEBOOK_SIZE
-    code_dim: int = 128
+class VQConfig:
+    """Nearest of `codes` learnt vectors (the seed's quantiser, model/quantizer.py)."""
+
+    codes: int = 256
     commitment_weight: float = 0.25       # β in ||z - sg(e)||²
     codebook_weight: float = 1.0          # weight of ||sg(z) - e||²
     entropy_weight: float = 0.05          # weight of the differentiable codebook-entropy term
-    entropy_temperature: float = 0.5      # τ of the soft assignments, relative to the 8th-neighbour gap; see Quantizer.entropy_loss
+    entropy_temperature: float = 0.5      # τ of the soft assignments, relative to the 8th-neighbour gap
     reset_buffer: int = 4096              # recent encoder outputs kept for dead-code resets
-    # vq: nearest of codebook_size learnt code vectors (the seed) | fsq: each cell's vector projected
-    # to len(fsq_levels) scalars, each rounded to its number of levels (model/fsq.py). fsq by
-    # measurement: the vq codes lumped paddle moves of 2 and 16 px together (README "Ablation").
-    quantizer: str = "fsq"
-    fsq_levels: str = "8,8,4"             # levels per scalar; their product must be codebook_size
-    # per cell, how well each whole-pixel move (up to motion_max_x / _y) explains the change, beside
-    # the encoder's conv features (model/motion.match_features)
-    encoder_match: bool = False
-    # Whether the codes carry the action (DESIGN.md "Model"). The defaults are the measured choice
-    # (val split, README "Ablation": paddle-move probe from codes 79 % against 55 % seed-literal);
-    # SEED_LITERAL above is the seed's setting, one --set each away.
+
+    def __post_init__(self):
+        if not 2 <= self.codes <= 65536:
+            raise ValueError(f"vq.codes must be in [2, 65536], got {self.codes}")
+        for name in ("commitment_weight", "codebook_weight", "entropy_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"vq.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.entropy_temperature > 0:
+            raise ValueError(f"vq.entropy_temperature must be > 0, got {self.entropy_temperature}")
+        if self.reset_buffer < 1:
+            raise ValueError(f"vq.reset_buffer must be >= 1, got {self.reset_buffer}")
+
+    @property
+    def size(self) -> int:
+        return self.codes
+
+
+@dataclass
+class FSQConfig:
+    """Each cell's vector projected to len(levels) scalars, each rounded to its levels (model/fsq.py);
+    the codes are the grid points: prod(levels) of them."""
+
+    levels: tuple[int, ...] = (8, 8, 4)
+
+    def __post_init__(self):
+        self.levels = levels_tuple(self.levels)
+        if not 2 <= self.size <= 65536:
+            raise ValueError(f"fsq.levels {','.join(map(str, self.levels))} make {self.size} codes; 2 to 65536 fit")
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.levels)
+
+
+@dataclass
+class ShiftConfig:
+    """The shift output (model/motion.py): each block of the frame copies frame t's pixels from a
+    whole-pixel shift away, plus a residual for what appears."""
+
+    max_x: int = 24                       # largest shift across, px (the paddle moves up to 24)
+    max_y: int = 8                        # largest shift down, px (the ball moves up to 8)
+    # inner decoder stage whose cells choose a shift: 0..3 = 14x10 .. 105x80 (blocks of 15x16 .. 2x2 px);
+    # 2 (3x4 px blocks) lets the 2x4 px ball move without the bricks beside it
+    stage: int = 2
+    code_vote: bool = True                # the codes' 3x3 neighbourhood votes on each block's shift directly
+
+    def __post_init__(self):
+        if self.max_x < 0 or self.max_y < 0:
+            raise ValueError(f"shift.max_x and shift.max_y must be >= 0, got {self.max_x}, {self.max_y}")
+        if not 0 <= self.stage < len(MOTION_GRIDS):
+            raise ValueError(f"shift.stage must be in 0..{len(MOTION_GRIDS) - 1}, got {self.stage}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return MOTION_GRIDS[self.stage]
+
+
+@dataclass
+class ActionCodeConfig:
+    """Genie's split: one small code per frame beside the grid, and grid dropout (model/lam.py).
+
+    What the past tells (the ball's flight, a brick breaking) should come from the decoder's view of
+    frames t-1 and t, the player's choice from a code. The action code is read from every cell's
+    encoder output and quantised like FSQ (`levels`: "8" is 8 codes); `grid_dropout` of the training
+    pairs get a learnt "no grid" latent instead of the grid's, so the decoder learns to draw t+1 from
+    the past and the action code alone, which is how the model is played."""
+
+    levels: tuple[int, ...] = (8,)
+    grid_dropout: float = 0.5
+
+    def __post_init__(self):
+        self.levels = levels_tuple(self.levels)
+        if not 0 <= self.grid_dropout < 1:
+            raise ValueError(f"action_code.grid_dropout must be in [0, 1), got {self.grid_dropout}")
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.levels)
+
+
+# Parts that exist only in some variants: the field that holds them, and the field (and value) that
+# decides whether they do.
+PARTS: dict[str, tuple[type, str, str | None]] = {
+    "vq": (VQConfig, "quantizer", "vq"),
+    "fsq": (FSQConfig, "quantizer", "fsq"),
+    "shift": (ShiftConfig, "output", "shift"),
+    "action_code": (ActionCodeConfig, "action_code", None),       # present when set at all
+}
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "default"              # the named variant it was built from (VARIANTS), then changed by --set
+    in_channels: int = 1                  # 1 gray (default), 3 RGB
+    width: float = 1.0                    # channel multiplier for small presets (grid and codes unchanged)
+    code_dim: int = 128                   # each cell's latent vector
     # t+1 - t alone: the encoder cannot spend codes on the static scene, only on what changed.
     encoder_input: str = "difference"     # pair: concat(t, t+1) (seed) | pair_difference: concat(t, t+1 - t) | difference
-    # Frame t reaches the decoder at every resolution, so codes need not redraw the scene.
-    decoder_skips: bool = True            # add the decoder's own frame-t features to each upsampling stage
-    # A paddle move need not survive five upsamplings from the 7x5 bottleneck.
-    latent_every_stage: bool = True       # FiLM every upsampling stage with its cell's code, not only the bottleneck
-    # Starts as a copy of t (33 dB): training goes into the change, not into redrawing the screen.
-    residual_output: bool = True          # prediction = clamp(t + zero-initialised change); False: sigmoid (seed)
-    # Plain MSE is 99.7 % unchanged pixels, which a copy of t already gets right.
-    changed_pixel_weight: float = 10.0    # loss weight of pixels that differ between t and t+1 (1: plain MSE)
+    # per cell, how well each whole-pixel move explains the change, beside the encoder's conv features
+    # (model/motion.match_features)
+    encoder_match: bool = False
     # With frame t-1 the ball's velocity is in the input (LAPO feeds o_{t-1}, o_t, o_{t+1}), so the
     # codes need not carry it. 1: the encoder also sees t - (t-1) (or t-1 itself, for "pair"), and
     # the decoder's frame stack concat(t, t - (t-1)).
     context: int = 0                      # 0: frames t, t+1 (seed) | 1: frame t-1 too
-    # Moving objects are copied from frame t, not redrawn (model/motion.py): the prediction is
-    # clamp(shifted t + change), each block of the frame choosing its own shift.
-    motion: str = "shift"                 # none | shift
-    motion_max_x: int = 24                # largest shift across, px (the paddle moves up to 24)
-    motion_max_y: int = 8                 # largest shift down, px (the ball moves up to 8)
-    # inner decoder stage whose cells choose a shift: 0..3 = 14x10 .. 105x80 (blocks of 15x16 .. 2x2 px);
-    # 2 (3x4 px blocks) lets the 2x4 px ball move without the bricks beside it
-    motion_stage: int = 2
-    motion_codes: bool = True             # the codes' 3x3 neighbourhood votes on each block's shift directly
+    # Frame t reaches the decoder at every resolution, so codes need not redraw the scene.
+    decoder_skips: bool = True            # add the decoder's own frame-t features to each upsampling stage
+    # A paddle move need not survive five upsamplings from the 7x5 bottleneck.
+    latent_every_stage: bool = True       # FiLM every upsampling stage with its cell's code, not only the bottleneck
+    # sigmoid: the seed's; residual: clamp(t + zero-initialised change), which starts as a copy of t
+    # (33 dB); shift: frame t's blocks moved by whole pixels + change (model/motion.py), so moving
+    # objects are copied, not redrawn (README "The model").
+    output: str = "shift"
+    shift: ShiftConfig | None = field(default_factory=ShiftConfig)
+    # vq: nearest of vq.codes learnt vectors (the seed) | fsq: rounded scalars (model/fsq.py). fsq by
+    # measurement: the vq codes lumped paddle moves of 2 and 16 px together (README "Ablation").
+    quantizer: str = "fsq"
+    vq: VQConfig | None = None
+    fsq: FSQConfig | None = field(default_factory=FSQConfig)
+    action_code: ActionCodeConfig | None = None
+    # Plain MSE is 99.7 % unchanged pixels, which a copy of t already gets right.
+    changed_pixel_weight: float = 10.0    # loss weight of pixels that differ between t and t+1 (1: plain MSE)
     # Light supervision (off: 0): a linear head on the code grid predicts the recorded action of the
-    # few labelled pairs (TrainConfig.action_fraction), LAOM-style.
+    # few labelled pairs (TrainConfig.action_fraction sets it), LAOM-style.
     action_classes: int = 0               # actions the head tells apart (Breakout: 4); 0 = no head
     action_weight: float = 0.001          # its cross-entropy's weight: at 1 it swamps a recon loss near 1e-4
 
     def __post_init__(self):
-        if self.in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 (gray) or 3 (RGB), got {self.in_channels}")
-        if not 0 < self.width <= 4:
-            raise ValueError(f"width must be in (0, 4], got {self.width}")
-        if not 2 <= self.codebook_size <= 65536:
-            raise ValueError(f"codebook_size must be in [2, 65536], got {self.codebook_size}")
-        if self.code_dim < 1:
-            raise ValueError(f"code_dim must be >= 1, got {self.code_dim}")
-        for name in ("commitment_weight", "codebook_weight", "entropy_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.entropy_temperature <= 0:
-            raise ValueError(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
-        if self.encoder_input not in ENCODER_INPUTS:
-            raise ValueError(f"encoder_input must be one of {', '.join(ENCODER_INPUTS)}, got {self.encoder_input!r}")
-        if self.changed_pixel_weight < 1:
-            raise ValueError(f"changed_pixel_weight must be >= 1, got {self.changed_pixel_weight}")
-        if self.motion not in MOTIONS:
-            raise ValueError(f"motion must be one of {', '.join(MOTIONS)}, got {self.motion!r}")
-        if self.motion_max_x < 0 or self.motion_max_y < 0:
-            raise ValueError(f"motion_max_x and motion_max_y must be >= 0, got {self.motion_max_x}, {self.motion_max_y}")
-        if not 0 <= self.motion_stage < len(MOTION_GRIDS):
-            raise ValueError(f"motion_stage must be in 0..{len(MOTION_GRIDS) - 1}, got {self.motion_stage}")
-        if self.action_classes < 0 or self.action_classes == 1:
-            raise ValueError(f"action_classes must be 0 (no action head) or >= 2, got {self.action_classes}")
-        if self.action_weight < 0:
-            raise ValueError(f"action_weight must be >= 0, got {self.action_weight}")
-        if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
-        if self.quantizer == "fsq" and math.prod(self.fsq_level_list) != self.codebook_size:
-            raise ValueError(f"fsq_levels {self.fsq_levels!r} make {math.prod(self.fsq_level_list)} codes, "
-                             f"not codebook_size {self.codebook_size}")
-        if self.reset_buffer < 1:
-            raise ValueError(f"reset_buffer must be >= 1, got {self.reset_buffer}")
-        if self.context not in CONTEXTS:
-            raise ValueError(f"context must be 0 (frames t, t+1) or 1 (frame t-1 too), got {self.context!r}")
+        for name, (kind, _, _) in PARTS.items():          # parts given as dicts (a checkpoint, --set)
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, kind(**value))
+        checks = [
+            (self.in_channels in (1, 3), f"in_channels must be 1 (gray) or 3 (RGB), got {self.in_channels}"),
+            (0 < self.width <= 4, f"width must be in (0, 4], got {self.width}"),
+            (self.code_dim >= 1, f"code_dim must be >= 1, got {self.code_dim}"),
+            (self.encoder_input in ENCODER_INPUTS,
+             f"encoder_input must be one of {', '.join(ENCODER_INPUTS)}, got {self.encoder_input!r}"),
+            (self.context in CONTEXTS, f"context must be 0 (frames t, t+1) or 1 (frame t-1 too), got {self.context!r}"),
+            (self.output in OUTPUTS, f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}"),
+            (self.quantizer in QUANTIZERS, f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}"),
+            (self.changed_pixel_weight >= 1, f"changed_pixel_weight must be >= 1, got {self.changed_pixel_weight}"),
+            (self.action_classes == 0 or self.action_classes >= 2,
+             f"action_classes must be 0 (no action head) or >= 2, got {self.action_classes}"),
+            (self.action_weight >= 0, f"action_weight must be >= 0, got {self.action_weight}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for name, (kind, selector, value) in PARTS.items():
+            if value is None:
+                continue
+            wanted = getattr(self, selector) == value
+            if wanted and getattr(self, name) is None:
+                setattr(self, name, kind())
+            elif not wanted and getattr(self, name) is not None:
+                raise ValueError(f"{name}: this model has no {name} part ({selector} is {getattr(self, selector)!r})")
+
+    # ------------------------------------------------------------------------------------ derived
+    @property
+    def codebook_size(self) -> int:
+        """How many codes a cell can take: what the quantiser's settings make."""
+        return (self.vq if self.quantizer == "vq" else self.fsq).size
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -122,34 +227,130 @@ class ModelConfig:
         return (self.in_channels, FRAME_HEIGHT, FRAME_WIDTH)
 
     @property
-    def fsq_level_list(self) -> list[int]:
-        try:
-            levels = [int(part) for part in self.fsq_levels.split(",")]
-        except ValueError:
-            levels = []
-        if not levels or min(levels) < 2:
-            raise ValueError(f"fsq_levels must be comma-separated integers >= 2, got {self.fsq_levels!r}")
-        return levels
-
-    @property
-    def motion_grid(self) -> tuple[int, int]:
-        return MOTION_GRIDS[self.motion_stage]
-
-    @property
     def grid(self) -> tuple[int, int]:
         return GRID
 
+    # ------------------------------------------------------------------------------------ variants
+    @classmethod
+    def named(cls, name: str, **changes) -> "ModelConfig":
+        """The variant `name` (VARIANTS), with `changes` on top."""
+        if name not in VARIANTS:
+            raise ValueError(f"no model variant {name!r} (there are: {', '.join(VARIANTS)})")
+        return cls(**{**VARIANTS[name], "variant": name, **changes})
+
+    # ------------------------------------------------------------------------------------ saving
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        """A saved config; fields it lacks predate them, so they take the seed-literal values its
-        weights were trained with, not today's defaults. Training settings older checkpoints saved
-        here are dropped: the checkpoint's train config holds them too."""
+        """A saved config. Checkpoints written before the variants had a flat config (`motion`,
+        `residual_output`, `codebook_size`, ...): `from_legacy` reads those."""
+        if "variant" not in values:
+            return from_legacy(values)
         known = {f.name for f in fields(cls)}
-        values = {name: value for name, value in values.items() if name not in MOVED_TO_TRAINING}
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
-        return cls(**{**SEED_LITERAL, **values})
+        return cls(**values)
+
+
+# The named variants, each as its changes to ModelConfig's defaults. "default" is the measured choice;
+# the others are the seed and what `make ablate` measures against it (README "Ablation").
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # the seed's model exactly: the encoder sees concat(t, t+1), the decoder frame t only through its
+    # 7x5 stack and ends in a sigmoid, nearest-code VQ 256 x 128, plain MSE
+    "seed": dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, output="sigmoid", shift=None,
+                 quantizer="vq", vq=VQConfig(), fsq=None, changed_pixel_weight=1.0),
+    # last round's default: t+1 = t + change, codes on every stage, nearest-code VQ
+    "vq-residual": dict(output="residual", shift=None, quantizer="vq", vq=VQConfig(), fsq=None),
+    "vq-shift": dict(quantizer="vq", vq=VQConfig(), fsq=None),
+    "fsq-shift": {},
+    "blocks-7x8": dict(shift=ShiftConfig(stage=1)),
+    "match": dict(encoder_match=True),
+    "context": dict(context=1),
+    # Genie's split: frame t-1, a per-frame action code and grid dropout
+    "split": dict(context=1, action_code=ActionCodeConfig()),
+}
+
+
+# ------------------------------------------------------------------------------------ old checkpoints
+# What a flat config's missing fields were before they existed: the seed's settings.
+LEGACY_SEED = dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, residual_output=False,
+                   changed_pixel_weight=1.0, context=0, motion="none", encoder_match=False, quantizer="vq",
+                   motion_codes=False, codebook_size=256, fsq_levels="8,8,4", motion_max_x=24, motion_max_y=8,
+                   motion_stage=2)
+LEGACY_VQ = ("commitment_weight", "codebook_weight", "entropy_weight", "entropy_temperature", "reset_buffer")
+# training settings old checkpoints saved with the model's fields (the train config holds them too)
+LEGACY_TRAINING = ("reset_every", "grad_checkpoint")
+
+
+def from_legacy(values: dict) -> ModelConfig:
+    """A flat, pre-variant config (one field per option, some doing nothing) as today's ModelConfig:
+    fields it lacks take the seed's values its weights were trained with."""
+    flat = {**LEGACY_SEED, **{k: v for k, v in values.items() if k not in LEGACY_TRAINING}}
+    output = "shift" if flat.pop("motion") == "shift" else ("residual" if flat.pop("residual_output") else "sigmoid")
+    flat.pop("residual_output", None)
+    shift = ShiftConfig(flat.pop("motion_max_x"), flat.pop("motion_max_y"), flat.pop("motion_stage"),
+                        flat.pop("motion_codes"))
+    codes, levels = flat.pop("codebook_size"), flat.pop("fsq_levels")
+    vq = VQConfig(codes, **{name: flat.pop(name) for name in LEGACY_VQ if name in flat})
+    for name in LEGACY_VQ:
+        flat.pop(name, None)
+    quantizer = flat["quantizer"]
+    return ModelConfig(**flat, variant="legacy", output=output, shift=shift if output == "shift" else None,
+                       vq=vq if quantizer == "vq" else None, fsq=FSQConfig(levels) if quantizer == "fsq" else None)
+
+
+# ------------------------------------------------------------------------------------ settings by name
+# `--set` names a model field flat (`context=1`) or, inside a part, dotted (`vq.codes=512`,
+# `shift.stage=1`). Not settable by name: the variant (`--model` picks it), the colour mode (`--rgb`)
+# and the parts as a whole (the field that decides them does: `quantizer=vq`, `output=shift`).
+NOT_SETTINGS = ("variant", "in_channels", *PARTS)
+
+
+class NotInThisModel(ValueError):
+    """A setting of a part the model does not have."""
+
+
+def setting_types() -> dict[str, Any]:
+    """Every model setting's name -> its type (bool, int, float, str or tuple for FSQ levels)."""
+    types = {f.name: f.type for f in fields(ModelConfig) if f.name not in NOT_SETTINGS}
+    for part, (kind, _, _) in PARTS.items():
+        types.update({f"{part}.{f.name}": f.type for f in fields(kind)})
+    return types
+
+
+def model_settings(config: ModelConfig) -> dict[str, Any]:
+    """The config as settings by name: the flat fields and the dotted fields of the parts it has."""
+    values = {name: getattr(config, name) for name in setting_types() if "." not in name}
+    for part in PARTS:
+        if getattr(config, part) is not None:
+            values.update({f"{part}.{key}": value for key, value in dataclasses.asdict(getattr(config, part)).items()})
+    return values
+
+
+def resolve_model(base: str | ModelConfig, inherited: dict[str, Any], given: dict[str, Any], **fixed) -> ModelConfig:
+    """The variant named `base` (or a config, a checkpoint's) with settings on top: `inherited` (a
+    preset's: those of a part the model does not have are dropped) and `given` (the user's: such a
+    one is an error naming it). `fixed`: fields set by other means (in_channels). A part the
+    settings bring in (quantizer=vq, an action_code.* field) starts from its defaults."""
+    start = ModelConfig.named(base) if isinstance(base, str) else base
+    variant = start.variant
+    values = {**model_settings(start), **inherited, **given}
+    parts: dict[str, dict] = {}
+    for part, (_, selector, wanted) in PARTS.items():
+        prefix = part + "."
+        present = values.get(selector) == wanted if wanted else any(
+            k.startswith(prefix) for k in (*model_settings(start), *given))
+        mine = {k[len(prefix):]: values.pop(k) for k in list(values) if k.startswith(prefix)}
+        if present:
+            parts[part] = mine
+            continue
+        stray = sorted(prefix + k for k in mine if prefix + k in given)
+        if stray:
+            because = f"{selector} is {values.get(selector)!r}" if wanted else "the variant has none"
+            raise NotInThisModel(f"{stray[0]}: this model has no {part} part ({because}); variant {variant!r}")
+    return ModelConfig(**values, **{part: kind_values for part, kind_values in parts.items()},
+                       **{part: None for part in PARTS if part not in parts}, variant=variant, **fixed)

@@ -1,4 +1,4 @@
-"""Finite scalar quantisation (ModelConfig.quantizer = "fsq"; Mentzer et al. 2023, "Finite Scalar
+"""Finite scalar quantisation (ModelConfig.quantizer = "fsq", FSQConfig; Mentzer et al. 2023, "Finite Scalar
 Quantization: VQ-VAE Made Simple").
 
 Each cell's 128-d encoder output is projected to a few scalars (3 for levels 8, 8, 4), each bounded
@@ -21,20 +21,21 @@ import math
 import torch
 from torch import nn
 
-from model.config import ModelConfig
 
 
 class ScalarQuantizer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, levels: tuple[int, ...], code_dim: int):
+        """`levels` per scalar (FSQConfig.levels for the grid; ActionCodeConfig.levels for the
+        per-frame action code); vectors of `code_dim` in and out."""
         super().__init__()
-        levels = config.fsq_level_list
-        self.codebook_size, self.code_dim = math.prod(levels), config.code_dim
+        levels = list(levels)
+        self.codebook_size, self.code_dim = math.prod(levels), code_dim
         # derived from the config, so not saved with the weights
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         basis = [math.prod(levels[:i]) for i in range(len(levels))]
         self.register_buffer("basis", torch.tensor(basis, dtype=torch.long).view(1, -1, 1, 1), persistent=False)
-        self.down = nn.Conv2d(config.code_dim, len(levels), 1)
-        self.up = nn.Conv2d(len(levels), config.code_dim, 1)
+        self.down = nn.Conv2d(code_dim, len(levels), 1)
+        self.up = nn.Conv2d(len(levels), code_dim, 1)
 
     @property
     def half_width(self) -> torch.Tensor:

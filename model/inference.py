@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.device import cpu_native_bf16
 from common.errors import UserError
 from model.checkpoint import load_checkpoint
 from model.lam import LatentActionModel
@@ -43,14 +44,30 @@ def codes_to_array(codes: torch.Tensor) -> np.ndarray:
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for an amp mode (None: full fp32). `auto` is bf16 on GPUs that have it and
-    fp32 elsewhere: fp16 needs a GradScaler in training, so it is only ever asked for by name. The
-    quantiser's nearest-code search runs in fp32 whatever the context."""
+    """The autocast dtype for an amp mode (None: full fp32). `auto` is bf16 where the hardware runs it
+    natively (a GPU that supports it; a CPU with avx512_bf16 or AMX) and fp32 elsewhere: emulated
+    bf16 is several times slower than fp32, and fp16 needs a GradScaler in training, so it is only
+    ever asked for by name. The quantiser's rounding and nearest-code search run in fp32 whatever
+    the context."""
     if amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_native_bf16() is not None
+        return torch.bfloat16 if native else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def describe_amp(amp: str, device: torch.device) -> str:
+    """What `amp` resolves to on `device` and why, for the first lines of a log."""
+    dtype = autocast_dtype(amp, device)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
+    if amp != "auto":
+        return f"{name} (--amp {amp})"
+    if device.type == "cuda":
+        return f"{name} (auto: this GPU {'supports' if dtype else 'lacks'} bf16)"
+    flag = cpu_native_bf16()
+    return f"{name} (auto: " + (f"this CPU has native bf16, {flag})" if flag else
+                                "this CPU has no native bf16 (avx512_bf16 or AMX); emulated bf16 is slower than fp32)")
 
 
 def autocast(device: torch.device, amp: str = "auto"):

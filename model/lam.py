@@ -17,17 +17,19 @@ class LatentActionModel(nn.Module):
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
         self.config = config = config or ModelConfig()
-        self.encoder = Encoder(config.in_channels, config.channels, config.code_dim, config.encoder_input,
-                               config.context,
-                               (config.motion_max_x, config.motion_max_y) if config.encoder_match else None)
-        self.quantizer = ScalarQuantizer(config) if config.quantizer == "fsq" else Quantizer(config)
-        self.decoder = Decoder(config.in_channels, config.channels, config.code_dim, config.decoder_skips,
-                               config.latent_every_stage, config.residual_output, config.context, config.motion,
-                               (config.motion_max_x, config.motion_max_y), config.motion_stage,
-                               config.motion_grid, config.motion_codes)
+        self.encoder = Encoder(config)
+        self.quantizer = (ScalarQuantizer(config.fsq.levels, config.code_dim) if config.quantizer == "fsq"
+                          else Quantizer(config.vq, config.code_dim))
+        self.decoder = Decoder(config)
         rows, cols = config.grid
         self.action_head = (nn.Linear(config.code_dim * rows * cols, config.action_classes)
                             if config.action_classes else None)
+        # Genie's split (ModelConfig.action_code): one small code per frame, read from every cell's
+        # encoder output, and the latent that stands in for a dropped grid.
+        split = config.action_code
+        self.to_action = nn.Linear(config.code_dim * rows * cols, config.code_dim) if split else None
+        self.action_quantizer = ScalarQuantizer(split.levels, config.code_dim) if split else None
+        self.no_grid = nn.Parameter(torch.zeros(config.code_dim, rows, cols)) if split else None
 
     def set_grad_checkpoint(self, enabled: bool) -> None:
         """Recompute each conv stage in backward (memory for time): a training setting, off when built."""
@@ -42,12 +44,38 @@ class LatentActionModel(nn.Module):
         (see `previous_frame`); `action` int64 (B,) the recorded actions of labelled pairs (-1 where
         none), which train the action head when the model has one."""
         prev = self.previous_frame(cur, prev)
-        quantised, codes, losses = self.quantizer(self.encoder(cur, nxt, prev))
-        pred = self.decoder(cur, quantised, prev)
+        encoded = self.encoder(cur, nxt, prev)
+        quantised, codes, losses = self.quantizer(encoded)
+        action_codes, action_latent = self.quantise_action(encoded)
+        pred = self.decoder(cur, self.decoder_latent(quantised, action_latent, drop=self.training), prev)
         recon = self.reconstruction_loss(pred, cur, nxt)
         losses["action"] = self.action_loss(quantised, action)
         total = recon + losses["commitment"] + losses["codebook"] + losses["entropy"] + losses["action"]
-        return {"pred": pred, "codes": codes, "loss": total, "recon": recon, **losses}
+        extra = {} if action_codes is None else {"action_codes": action_codes}
+        return {"pred": pred, "codes": codes, "loss": total, "recon": recon, **losses, **extra}
+
+    def quantise_action(self, encoded: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The per-frame action code, int64 (B,), and its latent (B, D, 1, 1); (None, None) without one."""
+        if self.action_quantizer is None:
+            return None, None
+        latent, codes, _ = self.action_quantizer(self.to_action(encoded.flatten(1).float())[:, :, None, None])
+        return codes[:, 0, 0], latent
+
+    def decoder_latent(self, grid: torch.Tensor | None, action_latent: torch.Tensor | None,
+                       drop: bool = False) -> torch.Tensor:
+        """What the decoder is conditioned on: the grid's latent (B, D, 7, 5), or the "no grid"
+        latent where it is None or dropped (`drop`: a grid_dropout share of the pairs, in
+        training), plus the action code's latent in every cell."""
+        if action_latent is None:
+            return grid
+        batch = action_latent.shape[0]
+        no_grid = self.no_grid.unsqueeze(0).expand(batch, -1, -1, -1)
+        if grid is None:
+            grid = no_grid
+        elif drop and self.config.action_code.grid_dropout:
+            dropped = torch.rand(batch, 1, 1, 1, device=grid.device) < self.config.action_code.grid_dropout
+            grid = torch.where(dropped, no_grid.to(grid.dtype), grid)
+        return grid + action_latent.to(grid.dtype)
 
     def action_loss(self, quantised: torch.Tensor, action: torch.Tensor | None) -> torch.Tensor:
         """Weighted cross-entropy of the action head over the labelled pairs (0 without labels or
@@ -78,10 +106,34 @@ class LatentActionModel(nn.Module):
         return codes
 
     @torch.no_grad()
-    def decode(self, cur: torch.Tensor, codes: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
-        """Frame t (and frame t-1) and codes (B, 7, 5) -> predicted frame t+1 (B, C, 210, 160) in [0, 1]."""
+    def encode_action(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-frame action code, int64 (B,) in [0, action_codes), of a model that has one."""
+        if self.action_quantizer is None:
+            raise ValueError("this model has no per-frame action code (ModelConfig.action_code)")
         prev = self.previous_frame(cur, prev)
-        return self.decoder(cur, self.quantizer.lookup(codes.long()), prev)
+        return self.quantise_action(self.encoder(cur, nxt, prev))[0]
+
+    @torch.no_grad()
+    def decode(self, cur: torch.Tensor, codes: torch.Tensor | None, prev: torch.Tensor | None = None,
+               action: torch.Tensor | None = None) -> torch.Tensor:
+        """Frame t (and frame t-1) and codes (B, 7, 5) -> predicted frame t+1 (B, C, 210, 160) in [0, 1].
+        A model with a per-frame action code needs it (`action`, int64 (B,)) and may be given no grid
+        (`codes` None): then it draws t+1 from the past and the action alone, as it is played."""
+        prev = self.previous_frame(cur, prev)
+        if self.action_quantizer is None:
+            if codes is None or action is not None:
+                raise ValueError("this model decodes a code grid and no action code (ModelConfig.action_code)")
+            return self.decoder(cur, self.quantizer.lookup(codes.long()), prev)
+        if action is None:
+            raise ValueError("this model's decoder needs the per-frame action code (`action`)")
+        grid = None if codes is None else self.quantizer.lookup(codes.long())
+        action_latent = self.action_quantizer.lookup(action.long().view(-1, 1, 1))
+        return self.decoder(cur, self.decoder_latent(grid, action_latent), prev)
+
+    @property
+    def action_codes(self) -> int:
+        """How many per-frame action codes the model has (0: none)."""
+        return 0 if self.action_quantizer is None else self.action_quantizer.codebook_size
 
     def previous_frame(self, cur: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor | None:
         """The frame t-1 the networks get: None for a model without context (a given `prev` is

@@ -1,4 +1,4 @@
-"""A decoder output that moves the pixels of frame t (ModelConfig.motion = "shift").
+"""A decoder output that moves the pixels of frame t (ModelConfig.output = "shift").
 
 Breakout's moving things are small, bright and rigid: a 16 × 4 px paddle that moves up to 24 px
 across in one step, a 2 × 4 px ball that moves 2–8 px each way. A decoder that must *draw* them at
@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MOTIONS = ("none", "shift")
+# How far the encoder's matching features test moves (ModelConfig.encoder_match): Breakout's paddle
+# moves up to 24 px across in a step, the ball up to 8 px each way.
+MATCH_REACH = (24, 8)
 
 
 def shift_factors(reach: int) -> list[tuple[int, int]]:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.motion import ShiftHead, match_features, match_shifts, shift_frame
+from model.config import ModelConfig
+from model.motion import MATCH_REACH, ShiftHead, match_features, match_shifts, shift_frame
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 
 
@@ -89,16 +90,15 @@ class Encoder(nn.Module):
     With context 1 the previous change comes too: concat(t-1, t, t+1), concat(t, t+1 - t, t - (t-1))
     or concat(t+1 - t, t - (t-1)), C more channels."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, input_mode: str, context: int,
-                 match: tuple[int, int] | None):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.input_mode, self.context = input_mode, context
-        frames_in = (1 if input_mode == "difference" else 2) + context
-        self.stack = down_stack(frames_in * in_channels, channels)
-        # `match` (max across, max down): per cell, how well each whole-pixel move explains the change
-        # (model/motion.match_features), beside the conv features: the move, wherever it happens
-        self.match_shifts = match_shifts(*match) if match else []
-        self.project = nn.Conv2d(channels[-1] + len(self.match_shifts), code_dim, 1)
+        self.input_mode, self.context = config.encoder_input, config.context
+        frames_in = (1 if self.input_mode == "difference" else 2) + self.context
+        self.stack = down_stack(frames_in * config.in_channels, config.channels)
+        # per cell, how well each whole-pixel move explains the change (model/motion.match_features),
+        # beside the conv features: the move, wherever in the cell it happens
+        self.match_shifts = match_shifts(*MATCH_REACH) if config.encoder_match else []
+        self.project = nn.Conv2d(config.channels[-1] + len(self.match_shifts), config.code_dim, 1)
 
     def forward(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         features = self.stack(self.input(cur, nxt, prev))
@@ -140,25 +140,23 @@ class FiLM(nn.Module):
 
 class Decoder(nn.Module):
     """Frame t -> its own conv stack (512 × 7 × 5) -> FiLM from the quantised latent -> five
-    transposed convs 512 -> 512 -> 256 -> 128 -> 64 -> C -> sigmoid. No skip connections from the
+    transposed convs 512 -> 512 -> 256 -> 128 -> 64 -> C -> the output. No skip connections from the
     encoder: what frame t+1 has that frame t lacks must pass through the codes.
 
-    Options (ModelConfig): `skips` adds the frame stack's own features to the upsampling stage of the
-    same resolution (they carry frame t only); `latent_every_stage` FiLMs every upsampling stage with
-    the latent (nearest-upsampled: a cell's code governs its own patch); `residual` returns
-    clamp(frame t + change) instead of a sigmoid; `context` 1 feeds the frame stack
-    concat(t, t - (t-1)) instead of t (what moved last step, nothing of t+1); `motion` "shift" returns
-    clamp(frame t moved block by block + change), the blocks being the cells of inner stage
-    `motion_stage` (model/motion.py)."""
+    ModelConfig decides: `decoder_skips` adds the frame stack's own features to the upsampling stage
+    of the same resolution (they carry frame t only); `latent_every_stage` FiLMs every upsampling
+    stage with the latent (a cell's code governs its own patch); `context` 1 feeds the frame stack
+    concat(t, t - (t-1)) instead of t (what moved last step, nothing of t+1); `output` is a sigmoid
+    (the seed), clamp(frame t + change) ("residual"), or clamp(frame t moved block by block + change)
+    ("shift", model/motion.py), the blocks being the cells of inner stage `shift.stage`."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int, skips: bool,
-                 latent_every_stage: bool, residual: bool, context: int, motion: str, motion_max: tuple[int, int],
-                 motion_stage: int, motion_grid: tuple[int, int], motion_codes: bool):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.skips, self.residual, self.context = skips, residual, context
-        self.frame_stack = down_stack((1 + context) * in_channels, channels)
+        channels, code_dim = config.channels, config.code_dim
+        self.skips, self.output, self.context = config.decoder_skips, config.output, config.context
+        self.frame_stack = down_stack((1 + self.context) * config.in_channels, channels)
         self.film = FiLM(code_dim, channels[-1])
-        widths = [channels[-1], *reversed(channels[:-1]), in_channels]     # 512, 512, 256, 128, 64, C
+        widths = [channels[-1], *reversed(channels[:-1]), config.in_channels]     # 512, 512, 256, 128, 64, C
         pads = list(zip(output_paddings(FRAME_HEIGHT), output_paddings(FRAME_WIDTH)))
         stages = []
         for i, (source, target) in enumerate(zip(widths, widths[1:])):
@@ -168,11 +166,13 @@ class Decoder(nn.Module):
             stages.append(nn.Sequential(up) if last else nn.Sequential(up, nn.BatchNorm2d(target), nn.ReLU(inplace=True)))
         self.up_stack = Stages(*stages)
         # One FiLM after each inner upsampling stage (14×10 .. 105×80).
-        self.stage_films = (nn.ModuleList(FiLM(code_dim, w) for w in widths[1:-1]) if latent_every_stage else None)
-        self.motion_stage = motion_stage
-        self.shift_head = ShiftHead(widths[1 + motion_stage], *motion_max, motion_grid,
-                                     code_dim if motion_codes else 0) if motion == "shift" else None
-        if residual or self.shift_head is not None:
+        self.stage_films = (nn.ModuleList(FiLM(code_dim, w) for w in widths[1:-1]) if config.latent_every_stage
+                            else None)
+        shift = config.shift
+        self.motion_stage = shift.stage if shift else None
+        self.shift_head = (ShiftHead(widths[1 + shift.stage], shift.max_x, shift.max_y, shift.grid,
+                                     code_dim if shift.code_vote else 0) if shift else None)
+        if self.output != "sigmoid":
             # The change starts at zero: an untrained model copies frame t (33 dB) instead of
             # having to learn to redraw the whole screen first.
             nn.init.zeros_(self.up_stack[-1][0].weight)
@@ -182,26 +182,21 @@ class Decoder(nn.Module):
         return torch.cat([cur, cur - prev], dim=1) if self.context else cur
 
     def forward(self, cur: torch.Tensor, latent: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
-        frames = self.frame_input(cur, prev)
-        shifts = None
-        if not (self.skips or self.stage_films is not None or self.shift_head is not None):
-            out = self.up_stack(self.film(self.frame_stack(frames), latent))
-        else:
-            frame_features = self.frame_stack.outputs(frames)          # 105×80, 53×40, 27×20, 14×10, 7×5
-            x = self.film(frame_features[-1], latent)
-            inner = len(self.up_stack) - 1
-            for i, stage in enumerate(self.up_stack):
-                x = self.up_stack.run(stage, x)
-                if i < inner:
-                    if self.skips:
-                        x = x + frame_features[inner - 1 - i]
-                    if self.stage_films is not None:
-                        x = self.stage_films[i](x, latent)
-                    if self.shift_head is not None and i == self.motion_stage:
-                        shifts = self.shift_head(x, latent)
-            out = x
-        if shifts is not None:
-            return (shift_frame(cur, shifts) + out.float()).clamp(0, 1)
-        if self.residual:
-            return (cur + out).clamp(0, 1)
-        return torch.sigmoid(out)
+        frame_features = self.frame_stack.outputs(self.frame_input(cur, prev))   # 105×80, 53×40, 27×20, 14×10, 7×5
+        x = self.film(frame_features[-1], latent)
+        inner, shifts = len(self.up_stack) - 1, None
+        for i, stage in enumerate(self.up_stack):
+            x = self.up_stack.run(stage, x)
+            if i == inner:
+                break
+            if self.skips:
+                x = x + frame_features[inner - 1 - i]
+            if self.stage_films is not None:
+                x = self.stage_films[i](x, latent)
+            if i == self.motion_stage:
+                shifts = self.shift_head(x, latent)
+        if self.output == "shift":
+            return (shift_frame(cur, shifts) + x.float()).clamp(0, 1)
+        if self.output == "residual":
+            return (cur + x).clamp(0, 1)
+        return torch.sigmoid(x)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import VQConfig
 
 
 def _distributed() -> bool:
@@ -24,10 +24,10 @@ def _distributed() -> bool:
 class Quantizer(nn.Module):
     ENTROPY_NEIGHBOURS = 8        # soft assignments are scaled to spread over about this many codes
 
-    def __init__(self, config: ModelConfig):
-        """Sizes and loss weights from `config`: ModelConfig is where their defaults are stated."""
+    def __init__(self, config: VQConfig, code_dim: int):
+        """Sizes and loss weights from `config`: VQConfig is where their defaults are stated."""
         super().__init__()
-        codebook_size, code_dim, reset_buffer = config.codebook_size, config.code_dim, config.reset_buffer
+        codebook_size, reset_buffer = config.codes, config.reset_buffer
         self.codebook_size, self.code_dim = codebook_size, code_dim
         self.commitment_weight, self.codebook_weight = config.commitment_weight, config.codebook_weight
         self.entropy_weight, self.entropy_temperature = config.entropy_weight, config.entropy_temperature

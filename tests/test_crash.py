@@ -106,7 +106,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 def train_args(shards: Path, root: Path, *extra: str) -> list[str]:
     return [str(ROOT / "train.py"), "--shards", str(shards), "--preset", "tiny", "--out", str(root / "ckpt"),
             "--run-dir", str(root / "run"), "--iters", "20", "--no-compile", "--wandb", "disabled",
-            "--set", "ckpt_every=2", "--set", "reset_every=3", *extra]
+            "--set", "ckpt_every=2", "--model", "vq-shift", "--set", "reset_every=3", *extra]
 
 
 def assert_checkpoints_whole(ckpt: Path) -> None:

@@ -8,15 +8,13 @@ import pytest
 import torch
 
 from model import LatentActionModel, ModelConfig
+from model.config import FSQConfig
 from model.fsq import ScalarQuantizer
 
 
 def quantizer(levels: str = "8,8,4", code_dim: int = 16) -> ScalarQuantizer:
     torch.manual_seed(0)
-    size = 1
-    for level in levels.split(","):
-        size *= int(level)
-    return ScalarQuantizer(ModelConfig(quantizer="fsq", fsq_levels=levels, codebook_size=size, code_dim=code_dim))
+    return ScalarQuantizer(FSQConfig(levels).levels, code_dim)
 
 
 @pytest.mark.parametrize("levels", ["8,8,4", "5,5,5,2", "4,4,4,4"])
@@ -52,7 +50,7 @@ def test_gradient_reaches_the_encoder_through_the_rounding():
 
 def test_fsq_model_keeps_the_api():
     torch.manual_seed(0)
-    model = LatentActionModel(ModelConfig(width=0.125, quantizer="fsq")).eval()
+    model = LatentActionModel(ModelConfig(width=0.125)).eval()
     cur, nxt = torch.rand(2, 1, 210, 160), torch.rand(2, 1, 210, 160)
     codes = model.encode(cur, nxt)
     assert codes.shape == (2, 7, 5) and model.codebook.shape == (256, 128)
@@ -62,13 +60,19 @@ def test_fsq_model_keeps_the_api():
 
 @pytest.mark.parametrize("options, message", [
     (dict(quantizer="lfq"), "quantizer must be one of vq, fsq"),
-    (dict(quantizer="fsq", fsq_levels="8,8"), "make 64 codes, not codebook_size 256"),
-    (dict(quantizer="fsq", fsq_levels="8,x,4"), "comma-separated integers >= 2"),
-    (dict(quantizer="fsq", fsq_levels="256,1"), "comma-separated integers >= 2"),
+    (dict(fsq=FSQConfig("8,x,4")), "comma-separated integers >= 2"),
+    (dict(fsq=FSQConfig("256,1")), "integers >= 2"),
 ])
 def test_bad_quantizer_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**options)
+
+
+def test_the_number_of_codes_follows_from_the_levels():
+    assert ModelConfig(fsq=FSQConfig((8, 8))).codebook_size == 64
+    assert ModelConfig(fsq=FSQConfig("8,8,8")).codebook_size == 512
+    with pytest.raises(ValueError, match="make 131072 codes"):
+        FSQConfig((64, 64, 32))
 
 
 def test_a_checkpoint_without_the_field_is_a_vector_quantiser():

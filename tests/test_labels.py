@@ -38,7 +38,7 @@ def test_the_labelled_pairs_are_a_fixed_fraction_with_their_recorded_actions(pai
 
 def test_the_action_loss_counts_labelled_pairs_only():
     torch.manual_seed(0)
-    model = LatentActionModel(ModelConfig(width=0.125, quantizer="fsq", action_classes=4, action_weight=0.5)).eval()
+    model = LatentActionModel(ModelConfig(width=0.125, action_classes=4, action_weight=0.5)).eval()
     cur, nxt = torch.rand(3, 1, 210, 160), torch.rand(3, 1, 210, 160)
     none = model(cur, nxt, action=torch.full((3,), NO_LABEL))["action"]
     assert none.item() == 0

@@ -9,8 +9,9 @@ import torch
 
 from common.errors import UserError
 from model import CHECKPOINT_FORMAT, LatentActionModel, ModelConfig, Quantizer, load_checkpoint
+from model.config import VARIANTS, VQConfig
 
-SMALL = ModelConfig(width=0.125, reset_buffer=64, quantizer="vq")      # the vector quantiser's tests
+SMALL = ModelConfig.named("vq-shift", width=0.125, vq=VQConfig(reset_buffer=64))      # the vector quantiser's tests
 
 
 def frames(batch: int, channels: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,7 +23,7 @@ def frames(batch: int, channels: int = 1, seed: int = 0) -> tuple[torch.Tensor, 
 
 def seeded_quantizer(k: int = 16, d: int = 8, seed: int = 0) -> Quantizer:
     torch.manual_seed(seed)
-    q = Quantizer(ModelConfig(codebook_size=k, code_dim=d, reset_buffer=32, quantizer="vq"))
+    q = Quantizer(VQConfig(codes=k, reset_buffer=32), d)
     q.codebook.data.normal_()
     q.initialised.fill_(True)
     q._seeded = True
@@ -175,7 +176,7 @@ def test_model_config_validates():
     with pytest.raises(ValueError, match="in_channels"):
         ModelConfig(in_channels=2)
     with pytest.raises(ValueError, match="entropy_temperature"):
-        ModelConfig(entropy_temperature=0)
+        VQConfig(entropy_temperature=0)
     assert ModelConfig.from_dict(ModelConfig(width=0.5).to_dict()) == ModelConfig(width=0.5)
 
 
@@ -202,16 +203,13 @@ def test_load_checkpoint_round_trip_and_errors(tmp_path):
         load_checkpoint(tmp_path / "foreign.pt")
 
 
-ACTION_OPTIONS = dict(encoder_input="difference", decoder_skips=True, latent_every_stage=True,
-                      residual_output=True, changed_pixel_weight=10.0)
-
-
 @pytest.mark.parametrize("options", [
-    dict(encoder_input="pair_difference"), dict(encoder_input="difference"), dict(decoder_skips=True),
-    dict(latent_every_stage=True), dict(residual_output=True), dict(changed_pixel_weight=10.0), ACTION_OPTIONS])
+    dict(encoder_input="pair_difference"), dict(encoder_input="pair"), dict(decoder_skips=False),
+    dict(latent_every_stage=False), dict(output="residual", shift=None), dict(output="sigmoid", shift=None),
+    dict(changed_pixel_weight=1.0)])
 def test_model_options_keep_the_api(options):
     torch.manual_seed(0)
-    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, **options))
+    model = LatentActionModel(ModelConfig(width=0.125, **options))
     model.train()(*frames(4, seed=1))["loss"].backward()
     model.eval()
     cur, nxt = frames(3, seed=2)
@@ -223,22 +221,23 @@ def test_model_options_keep_the_api(options):
 
 
 def test_residual_output_starts_as_a_copy_of_frame_t():
-    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, motion="none", **ACTION_OPTIONS)).eval()
+    model = LatentActionModel(ModelConfig.named("vq-residual", width=0.125, vq=VQConfig(reset_buffer=64))).eval()
     cur, nxt = frames(2)
     assert torch.equal(model(cur, nxt)["pred"], cur)
 
 
-def test_seed_literal_setting_keeps_state_dict_keys_and_shapes():
-    """A checkpoint saved before the action options existed (its config lacks them) rebuilds the
-    seed-literal model its weights belong to, not today's defaults."""
-    old = LatentActionModel(ModelConfig.from_dict({"width": 0.125})).state_dict()
-    explicit = LatentActionModel(ModelConfig(width=0.125, encoder_input="pair", decoder_skips=False,
-                                             latent_every_stage=False, residual_output=False,
-                                             changed_pixel_weight=1.0, motion="none", quantizer="vq")).state_dict()
-    assert {k: v.shape for k, v in old.items()} == {k: v.shape for k, v in explicit.items()}
-    assert old["encoder.stack.0.0.weight"].shape[1] == 2 and not any("stage_films" in k for k in old)
-    default = LatentActionModel(ModelConfig(width=0.125)).state_dict()
-    assert default["encoder.stack.0.0.weight"].shape[1] == 1 and any("stage_films" in k for k in default)
+def test_a_flat_config_from_before_the_variants_rebuilds_its_model():
+    """A checkpoint saved before the variants has a flat config; fields it lacks predate them, so
+    it rebuilds the seed's model its weights belong to, not today's defaults."""
+    old = ModelConfig.from_dict({"width": 0.125})
+    assert old == ModelConfig.named("seed", width=0.125, variant="legacy")
+    assert {k: v.shape for k, v in LatentActionModel(old).state_dict().items()} == \
+        {k: v.shape for k, v in LatentActionModel(ModelConfig.named("seed", width=0.125)).state_dict().items()}
+    flat_default = {"width": 0.125, "codebook_size": 256, "quantizer": "fsq", "fsq_levels": "8,8,4",
+                    "encoder_input": "difference", "decoder_skips": True, "latent_every_stage": True,
+                    "residual_output": True, "changed_pixel_weight": 10.0, "motion": "shift", "motion_codes": True,
+                    "commitment_weight": 0.25, "reset_buffer": 4096, "reset_every": 200}
+    assert ModelConfig.from_dict(flat_default) == ModelConfig.named("fsq-shift", width=0.125, variant="legacy")
 
 
 def test_changed_pixel_weight_weights_only_changed_pixels():
@@ -261,7 +260,7 @@ def test_model_option_values_are_validated():
 # ------------------------------------------------------------------------ frame t-1 (context=1)
 def context_model(**options) -> LatentActionModel:
     torch.manual_seed(0)
-    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, context=1, **options))
+    model = LatentActionModel(ModelConfig(width=0.125, context=1, **options))
     cur, nxt = frames(4, seed=1)
     model.train()(cur, nxt, prev=frames(4, seed=5)[0])["loss"].backward()     # seed codebook, move BatchNorm
     return model.eval()
@@ -314,7 +313,7 @@ def test_model_without_context_ignores_prev():
 @pytest.mark.parametrize("context", [0, 1])
 @pytest.mark.parametrize("call", ["encode", "decode", "forward"])
 def test_prev_of_the_wrong_shape_is_refused(context, call):
-    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, context=context)).eval()
+    model = LatentActionModel(ModelConfig(width=0.125, context=context)).eval()
     cur, nxt = frames(2)
     codes = torch.zeros(2, 7, 5, dtype=torch.int64)
     wrong = torch.rand(2, 3, 210, 160)
@@ -325,26 +324,80 @@ def test_prev_of_the_wrong_shape_is_refused(context, call):
 
 
 def test_checkpoints_whose_model_config_holds_training_settings_still_load(tmp_path):
-    """reset_every and grad_checkpoint were ModelConfig fields once: a checkpoint that saved them
-    there loads (they are dropped; its train config holds them too)."""
-    saved = {**ModelConfig(width=0.125).to_dict(), "reset_every": 200, "grad_checkpoint": True}
-    assert ModelConfig.from_dict(saved) == ModelConfig(width=0.125)
-    model = LatentActionModel(ModelConfig(width=0.125))
-    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": {"model": saved, "train": {}},
-                "step": 3}, tmp_path / "old.pt")
-    assert load_checkpoint(tmp_path / "old.pt", "cpu").config == ModelConfig(width=0.125)
-
-
-def test_context_is_validated_and_old_configs_load_as_context_0(tmp_path):
-    for context in (2, -1):
-        with pytest.raises(ValueError, match=f"context must be 0 .* or 1 .*, got {context}"):
-            ModelConfig(context=context)
-    saved = ModelConfig(width=0.125).to_dict()
-    del saved["context"]                                  # a checkpoint from before the field
-    assert ModelConfig.from_dict(saved).context == 0
-    assert ModelConfig.from_dict(ModelConfig(width=0.125, context=1).to_dict()).context == 1
+    """reset_every and grad_checkpoint were model fields once: a checkpoint that saved them there
+    loads (they are dropped; its train config holds them too)."""
+    saved = {"width": 0.125, "reset_every": 200, "grad_checkpoint": True}
+    assert ModelConfig.from_dict(saved) == ModelConfig.named("seed", width=0.125, variant="legacy")
     model = LatentActionModel(ModelConfig.from_dict(saved))
     torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": {"model": saved, "train": {}},
                 "step": 3}, tmp_path / "old.pt")
-    lam = load_checkpoint(tmp_path / "old.pt", "cpu")
-    assert lam.config.context == 0 and lam.decoder.frame_stack[0][0].weight.shape[1] == 1
+    assert load_checkpoint(tmp_path / "old.pt", "cpu").config == ModelConfig.from_dict(saved)
+
+
+def test_context_is_validated_and_old_configs_load_as_context_0():
+    for context in (2, -1):
+        with pytest.raises(ValueError, match=f"context must be 0 .* or 1 .*, got {context}"):
+            ModelConfig(context=context)
+    assert ModelConfig.from_dict({"width": 0.125}).context == 0            # a flat config from before the field
+    assert ModelConfig.from_dict(ModelConfig(width=0.125, context=1).to_dict()).context == 1
+
+
+# ------------------------------------------------------------------------ named variants
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_trains_a_step_and_round_trips_a_checkpoint(name, tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig.named(name, width=0.0625, code_dim=32)
+    model = LatentActionModel(config)
+    cur, nxt = frames(2, seed=1)
+    prev = frames(2, seed=5)[0]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()(cur, nxt, prev)["loss"].backward()
+    optimizer.step()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": {"model": config.to_dict()},
+                "step": 1}, path)
+    lam = load_checkpoint(path, "cpu")
+    assert lam.config == config and lam.config.variant == name
+    model.eval()
+    codes = lam.encode(cur, nxt, prev)
+    assert torch.equal(codes, model.encode(cur, nxt, prev)) and 0 <= codes.min() and codes.max() < config.codebook_size
+    action = lam.encode_action(cur, nxt, prev) if lam.action_codes else None
+    torch.testing.assert_close(lam.decode(cur, codes, prev, action), model(cur, nxt, prev)["pred"], rtol=0, atol=1e-6)
+
+
+def test_variants_differ_where_they_say():
+    seed, default = ModelConfig.named("seed"), ModelConfig()
+    assert (seed.output, seed.quantizer, seed.encoder_input, seed.changed_pixel_weight) == ("sigmoid", "vq", "pair", 1.0)
+    assert seed.vq == VQConfig() and seed.fsq is None and seed.shift is None
+    assert (seed.codebook_size, default.codebook_size) == (256, 256)
+    assert ModelConfig.named("split").action_code.levels == (8,)
+    with pytest.raises(ValueError, match="no model variant 'nope'"):
+        ModelConfig.named("nope")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(vq=VQConfig()), "vq: this model has no vq part"),
+    (dict(output="sigmoid"), "shift: this model has no shift part"),
+    (dict(output="warp", shift=None), "output must be one of sigmoid, residual, shift"),
+])
+def test_a_part_the_model_does_not_have_is_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**options)
+
+
+def test_split_model_is_played_from_the_action_code_alone():
+    """A model with a per-frame action code decodes with no grid (the "no grid" latent), as it is
+    played; in training a grid_dropout share of pairs get that latent too."""
+    torch.manual_seed(0)
+    model = LatentActionModel(ModelConfig.named("split", width=0.0625, code_dim=32)).eval()
+    cur, nxt = frames(3, seed=1)
+    action = model.encode_action(cur, nxt, cur)
+    assert action.shape == (3,) and action.dtype == torch.int64 and 0 <= action.min() and action.max() < 8
+    without = model.decode(cur, None, cur, action)
+    assert without.shape == cur.shape
+    grid = model.encode(cur, nxt, cur)
+    latent = model.decoder_latent(None, model.action_quantizer.lookup(action.view(-1, 1, 1)))
+    expected = model.no_grid.expand(3, -1, -1, -1) + model.action_quantizer.lookup(action.view(-1, 1, 1))
+    torch.testing.assert_close(latent, expected)
+    with pytest.raises(ValueError, match="needs the per-frame action code"):
+        model.decode(cur, grid, cur)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import LatentActionModel, ModelConfig
+from model.config import ShiftConfig
 from model.motion import ShiftHead, match_features, match_shifts, shift_factors, shift_frame
 
 
@@ -91,7 +92,7 @@ def test_a_far_move_gets_a_gradient_towards_the_right_shift():
 
 def test_shift_model_keeps_the_api_and_learns_a_move():
     torch.manual_seed(0)
-    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, motion="shift"))
+    model = LatentActionModel(ModelConfig(width=0.125))
     cur = torch.zeros(4, 1, 210, 160)
     cur[..., 189:193, 40:56] = 0.5
     nxt = rolled(cur, 8, 0)
@@ -112,22 +113,26 @@ def test_shift_model_keeps_the_api_and_learns_a_move():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(motion="warp"), "motion must be one of none, shift"),
-    (dict(motion_max_x=-1), "motion_max_x and motion_max_y must be >= 0"),
-    (dict(motion_max_y=-3), "motion_max_x and motion_max_y must be >= 0"),
-    (dict(motion_stage=4), "motion_stage must be in 0..3"),
+    (dict(output="warp"), "output must be one of sigmoid, residual, shift"),
+    (dict(shift=ShiftConfig(max_x=-1)), "shift.max_x and shift.max_y must be >= 0"),
+    (dict(shift=ShiftConfig(max_y=-3)), "shift.max_x and shift.max_y must be >= 0"),
+    (dict(shift=ShiftConfig(stage=4)), "shift.stage must be in 0..3"),
 ])
-def test_bad_motion_options_are_refused(options, message):
+def test_bad_shift_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**options)
 
 
-def test_bad_motion_option_on_the_command_line_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("setting, message", [
+    ("output=warp", "output must be one of sigmoid, residual, shift"),
+    ("shift.stage=4", "shift.stage must be in 0..3"),
+])
+def test_bad_shift_option_on_the_command_line_is_one_line(tmp_path, capsys, setting, message):
     import train
 
-    code = train.main(["--shards", str(tmp_path), "--preset", "tiny", "--set", "motion=warp"])
+    code = train.main(["--shards", str(tmp_path), "--preset", "tiny", "--set", setting])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "motion must be one of none, shift" in err
+    assert code == 2 and len(err.splitlines()) == 1 and message in err
 
 
 # ------------------------------------------------------------------------------------ matching
@@ -155,8 +160,7 @@ def test_matching_finds_a_diagonal_ball_move():
 
 def test_encoder_with_matching_keeps_the_api():
     torch.manual_seed(0)
-    model = LatentActionModel(ModelConfig(width=0.125, reset_buffer=64, motion="shift", encoder_match=True,
-                                          motion_codes=True)).eval()
+    model = LatentActionModel(ModelConfig.named("match", width=0.125)).eval()
     cur = torch.rand(2, 1, 210, 160)
     nxt = rolled(cur, 5, 0)
     codes = model.encode(cur, nxt)

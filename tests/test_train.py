@@ -108,7 +108,7 @@ def test_tiny_training_lowers_the_loss(tiny_checkpoint):
 def test_resume_gives_bitwise_the_same_weights_as_an_uninterrupted_run(pair_shards, tmp_path):
     # Reset every 3 steps: the run is stopped at 4, between two resets that draw random replacements.
     # The schedule horizon is the preset's (tiny: 20 steps) whatever --iters says, as a user would run it.
-    common = ("--set", "ckpt_every=4", "--set", "reset_every=3")
+    common = ("--model", "vq-shift", "--set", "ckpt_every=4", "--set", "reset_every=3")
     assert train.main(tiny_args(pair_shards, tmp_path / "straight", 8, *common)) == 0
     assert train.main(tiny_args(pair_shards, tmp_path / "stopped", 4, *common)) == 0
     assert train.main(tiny_args(pair_shards, tmp_path / "stopped", 8, "--resume", *common)) == 0
@@ -198,6 +198,10 @@ def test_manifest_of_another_format_is_one_clear_error(pair_shards, tmp_path, ca
     ("amp=fp8", "amp must be"),
     ("compile", "expected field=value"),
     ("context=2", "bad configuration: context must be 0 (frames t, t+1) or 1 (frame t-1 too), got 2"),
+    ("vq.codes=512", "bad configuration: vq.codes: this model has no vq part (quantizer is 'fsq')"),
+    ("reset_every=5", "bad configuration: reset_every: this model has no VQ codebook to reset (quantizer is 'fsq')"),
+    ("action_weight=0.5", "bad configuration: action_weight: there is no action head without labels"),
+    ("fsq.levels=8,x", "--set fsq.levels: bad value '8,x'"),
 ])
 def test_bad_set_is_one_clear_error(pair_shards, tmp_path, capsys, setting, message):
     assert train.main(tiny_args(pair_shards, tmp_path, 2, "--set", setting)) == 2
@@ -241,7 +245,8 @@ def test_context_run_feeds_prev_to_training_and_validation(context_checkpoint, p
 def test_help_lists_the_fields(capsys):
     assert train.main(["--help"]) == 0
     text = capsys.readouterr().out
-    for name in ("ckpt_every", "entropy_weight", "grad_accum", "reset_every", "backend", "grad_checkpoint"):
+    for name in ("ckpt_every", "vq.entropy_weight", "grad_accum", "reset_every", "backend", "grad_checkpoint",
+                 "fsq.levels", "shift.stage", "seed:", "split:"):
         assert name in text
 
 
@@ -257,16 +262,33 @@ def test_model_defaults_are_model_configs_and_training_settings_are_not_architec
     """ModelConfig alone states the model's defaults (TrainConfig and the networks take them from it);
     reset_every and grad_checkpoint are training fields, so --resume may change them."""
     from model import ModelConfig
+    from model.config import VQConfig
 
     assert TrainConfig().model == ModelConfig()
-    vq = LatentActionModel(ModelConfig(width=0.0625, quantizer="vq")).quantizer
-    assert vq.entropy_temperature == ModelConfig.entropy_temperature
-    cfg, changes = resumed_config(TrainConfig(reset_every=5).to_dict(), ModelConfig(width=0.0625),
+    vq = LatentActionModel(ModelConfig.named("vq-shift", width=0.0625)).quantizer
+    assert vq.entropy_temperature == VQConfig.entropy_temperature
+    saved = TrainConfig(reset_every=5, model=ModelConfig.named("vq-shift")).to_dict()
+    cfg, changes = resumed_config(saved, ModelConfig.named("vq-shift", width=0.0625),
                                   settings=["reset_every=7", "grad_checkpoint=true", "width=0.5"])
     assert (cfg.reset_every, cfg.grad_checkpoint, cfg.model.width) == (7, True, 0.0625)
     assert "reset_every: 5 -> 7 (from the command line)" in changes
     assert "grad_checkpoint: False -> True (from the command line)" in changes
     assert "width: the checkpoint's 0.0625 kept (the architecture comes from the checkpoint)" in changes
+
+
+def test_named_variants_on_the_command_line(tmp_path):
+    """--model picks a variant; --set changes its fields; a preset's setting for a part the model
+    lacks is dropped (tiny sets vq.reset_buffer and reset_every), the user's is refused."""
+    seed, _ = config_from_args(argument_parser().parse_args(["--preset", "tiny", "--model", "seed", "--out", str(tmp_path)]))
+    assert (seed.model.variant, seed.model.output, seed.model.vq.reset_buffer, seed.reset_every) == ("seed", "sigmoid", 256, 5)
+    default, _ = config_from_args(argument_parser().parse_args(["--preset", "tiny", "--out", str(tmp_path)]))
+    assert (default.model.variant, default.model.vq, default.reset_every) == ("default", None, None)
+    vq, _ = config_from_args(argument_parser().parse_args(["--preset", "tiny", "--set", "quantizer=vq", "--set",
+                                                          "vq.codes=512", "--out", str(tmp_path)]))
+    assert (vq.model.codebook_size, vq.model.fsq, vq.reset_every) == (512, None, 5)
+    fsq, _ = config_from_args(argument_parser().parse_args(["--preset", "tiny", "--set", "fsq.levels=8,8,8",
+                                                           "--out", str(tmp_path)]))
+    assert fsq.model.codebook_size == 512
 
 
 def test_learning_rate_decays_from_lr_to_lr_min():

@@ -57,7 +57,7 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 # ------------------------------------------------------------------------------ skipped steps
 def test_a_nan_batch_leaves_no_trace_and_names_its_keys(pair_shards, tmp_path, monkeypatch, capsys):
     # Batch 0 is poisoned too: on the first step the quantiser would seed its codebook from it.
-    common = ("--set", "reset_every=3", "--set", "ckpt_every=6")
+    common = ("--model", "vq-shift", "--set", "reset_every=3", "--set", "ckpt_every=6")
     assert train.main(tiny_args(pair_shards, tmp_path / "clean", 6, *common)) == 0
     poisoned = poison_batches(monkeypatch, at={0, 3})
     assert train.main(tiny_args(pair_shards, tmp_path / "poisoned", 6, *common)) == 0
@@ -112,7 +112,7 @@ def test_fp32_logs_no_loss_scale(tiny_checkpoint):
 def test_resume_without_flags_is_the_same_run(pair_shards, tmp_path, capsys):
     """No --preset and no --set on resume: every setting comes from the checkpoint (a fallback to
     `full` would change lr, schedule, resets and compile)."""
-    common = ("--set", "ckpt_every=4", "--set", "reset_every=3", "--set", "lr=0.002")
+    common = ("--set", "ckpt_every=4", "--model", "vq-shift", "--set", "reset_every=3", "--set", "lr=0.002")
     assert train.main(tiny_args(pair_shards, tmp_path / "straight", 8, *common)) == 0
     assert train.main(tiny_args(pair_shards, tmp_path / "stopped", 4, *common)) == 0
     capsys.readouterr()
@@ -139,7 +139,7 @@ def test_resume_from_a_checkpoint_with_the_old_config_layout(pair_shards, tmp_pa
     """Checkpoints written before TrainConfig held the model's settings in `cfg.model` saved them flat in
     config["train"], and reset_every / grad_checkpoint in config["model"] too: they resume, with
     reset_every from the training settings and the architecture from the model's."""
-    assert train.main(tiny_args(pair_shards, tmp_path, 2, "--set", "ckpt_every=2", "--set", "reset_every=3")) == 0
+    assert train.main(tiny_args(pair_shards, tmp_path, 2, "--set", "ckpt_every=2", "--model", "vq-shift", "--set", "reset_every=3")) == 0
     path = tmp_path / "ckpt" / "step-000002.pt"
     state = torch.load(path, weights_only=True)
     model = state["config"]["model"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from common.cli import add_config_flags, config_values
 from common.errors import check_output_dir
+from model.config import VARIANTS
 from training.config import TrainConfig, build_config, fields_help
 from training.resume import Resumed, resume
 
@@ -20,6 +21,8 @@ def argument_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=fields_help())
     # default None for every flag: on --resume only what the command line gives overrides the checkpoint
     add_config_flags(parser, TrainConfig, only=FLAGS, unset=True)
+    parser.add_argument("--model", choices=list(VARIANTS), default=None,
+                        help="the model variant (default: default; on --resume, the checkpoint's); --help lists them")
     parser.add_argument("--resume", action="store_true", help="continue from the latest step-*.pt in --out")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="set any config field (repeatable)")
@@ -34,9 +37,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Resumed | N
     check_output_dir(out, "--out")
     if args.run_dir:
         check_output_dir(args.run_dir, "--run-dir")
-    flags = {name: value for name, value in config_values(args, TrainConfig).items() if name != "preset"}
-    cfg, resumed = (resume(Path(out), args.preset, args.set, flags) if args.resume
-                    else (build_config(args.preset or "full", args.set, flags), None))
+    flags = {name: value for name, value in config_values(args, TrainConfig).items() if name not in ("preset", "model")}
+    cfg, resumed = (resume(Path(out), args.preset, args.set, flags, args.model) if args.resume
+                    else (build_config(args.preset or "full", args.set, flags, args.model or "default"), None))
     return named(cfg), resumed
 
 

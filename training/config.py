@@ -1,22 +1,25 @@
 """The trainer's one config dataclass, its presets, and `--set field=value` parsing.
 
-The model's settings are a ModelConfig inside it (`cfg.model`), whose fields state their defaults;
-`--set` and the presets name them flat beside the training fields (`--set width=0.25`), so a new
-model field needs only its line in model/config.py.
+The model is a ModelConfig inside it (`cfg.model`): a named variant (`--model`, model/config.py's
+VARIANTS), whose fields `--set` and the presets name beside the training fields (`--set width=0.25`,
+`--set vq.codes=512`), so a new model field needs only its line in model/config.py.
 """
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
-from common.cli import flag
+from common.cli import flag, without_none
 from common.errors import UserError
 from model import ModelConfig
+from model.config import VARIANTS, levels_tuple, model_settings, resolve_model, setting_types
 from model.inference import AMP_MODES
 from pipeline.actions import ACTION_NAMES
 
 WANDB_MODES = ("offline", "online", "disabled")
+VQ_RESET_EVERY = 10_000             # the seed's dead-code reset interval
 # Field defaults are the seed's `full` run; presets override some of them (model fields by name too).
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -31,7 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For tests: every cadence <= 10 steps so a 20-step run exercises each of them; one thread, as
     # OpenMP threads spinning on a busy 2-core box are many times slower than one.
     "tiny": dict(width=0.0625, code_dim=32, batch_size=4, iters=20, lr_decay_iters=20, lr=3e-3, lr_min=1e-3, reset_every=5,
-                 reset_buffer=256, val_every=5, val_batches=2, metrics_every=10, probe_pairs=32, hist_every=10, image_every=10,
+                 **{"vq.reset_buffer": 256}, val_every=5, val_batches=2, metrics_every=10, probe_pairs=32, hist_every=10, image_every=10,
                  ckpt_every=10, backend="torch", deterministic=True, threads=1),
 }
 
@@ -47,7 +50,9 @@ class TrainConfig:
     # The model: ModelConfig states its fields and their defaults; `--set` and the presets name them
     # flat beside the training fields (`--set width=0.25`). On --resume it is the checkpoint's.
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    reset_every: int = 10_000                # dead-code reset interval in steps (0 = never)
+    # VQ only: dead codes get fresh vectors this often, in steps (0 = never; default 10,000). A
+    # training setting, so --resume may change it; a model without a VQ codebook has no such field.
+    reset_every: int | None = None
     grad_checkpoint: bool = False            # recompute each conv stage in backward (memory for time)
     # Light supervision, off by default: the recorded action of this fraction of the train pairs (a
     # fixed, seeded choice) trains an action head on the codes (training/labels.py); the model then
@@ -79,7 +84,8 @@ class TrainConfig:
     # Off by default: SyncBatchNorm breaks torch.compile's graph at every norm, so DDP ranks normalise
     # their own micro-batch and average BatchNorm's running statistics before validation and checkpoints.
     sync_batchnorm: bool = False
-    amp: str = flag("auto", "auto: bf16 on CUDA if supported, else off", choices=AMP_MODES)
+    amp: str = flag("auto", "auto: bf16 where it is native (a GPU with bf16, a CPU with avx512_bf16 or AMX), else fp32",
+                    choices=AMP_MODES)
     wandb: str = flag("", "default $WANDB_MODE, else offline", choices=WANDB_MODES)
     seed: int = 0
     deterministic: bool = False
@@ -104,7 +110,9 @@ class TrainConfig:
             (self.backend in ("dali", "torch"), "backend must be dali or torch"),
             (self.amp in AMP_MODES, "amp must be auto, bf16, fp16 or off"),
             (self.wandb in ("", *WANDB_MODES), "wandb must be offline, online or disabled"),
-            (self.reset_every >= 0, "reset_every must be >= 0"),
+            (self.reset_every is None or self.reset_every >= 0, "reset_every must be >= 0"),
+            (self.reset_every is None or self.model.quantizer == "vq",
+             f"reset_every: this model has no VQ codebook to reset (quantizer is {self.model.quantizer!r})"),
             (self.best_by in ("selection", "recon"), f"best_by must be selection or recon, got {self.best_by!r}"),
             (self.iters >= 1, "iters must be >= 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
@@ -121,6 +129,8 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
         self.model = dataclasses.replace(self.model, in_channels=3 if self.rgb else 1)
+        if self.model.quantizer == "vq" and self.reset_every is None:
+            self.reset_every = VQ_RESET_EVERY
         if self.action_fraction > 0 and not self.model.action_classes:
             self.model = dataclasses.replace(self.model, action_classes=len(ACTION_NAMES))
 
@@ -137,34 +147,34 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
 
 
-# The model's fields `--set` and the presets name: all but in_channels, which `rgb` gives.
-MODEL_SETTINGS = tuple(f.name for f in fields(ModelConfig) if f.name != "in_channels")
+def settable_types() -> dict[str, Any]:
+    """What `--set` and the presets name, with each one's type: the training fields and, beside them,
+    the model's (flat, or dotted inside a part: `vq.codes`, model/config.py)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {**{f.name: without_none(hints[f.name]) for f in fields(TrainConfig) if f.name != "model"},
+            **{name: kind for name, kind in setting_types().items()}}
 
 
-def settable_fields() -> dict[str, dataclasses.Field]:
-    """What `--set` and the presets name: the training fields and, flat beside them, the model's."""
-    return {**{f.name: f for f in fields(TrainConfig) if f.name != "model"},
-            **{f.name: f for f in fields(ModelConfig) if f.name in MODEL_SETTINGS}}
-
-
-def parse_value(field: dataclasses.Field, text: str) -> Any:
-    kind = field.type if isinstance(field.type, str) else field.type.__name__
-    if kind == "bool":
+def parse_value(kind: Any, text: str) -> Any:
+    name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    if name == "bool":
         if text.lower() in ("1", "true", "yes", "on"):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"expected true or false, got {text!r}")
-    if kind == "int":
+    if name == "int":
         return int(text.replace("_", ""))
-    if kind == "float":
+    if name == "float":
         return float(text)
+    if name.startswith("tuple"):
+        return levels_tuple(text)
     return text
 
 
 def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
     """`field=value` strings -> typed values; one clear UserError for an unknown field or bad value."""
-    by_name = settable_fields()
+    by_name = settable_types()
     values: dict[str, Any] = {}
     for item in settings:
         name, sep, text = item.partition("=")
@@ -179,29 +189,55 @@ def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
     return values
 
 
-def build_config(preset: str, settings: Sequence[str] = (), flags: dict[str, Any] | None = None) -> TrainConfig:
-    """Preset, then `--set` settings, then the dedicated flags (those that are not None)."""
-    values: dict[str, Any] = {"preset": preset, **PRESETS[preset], **parse_settings(settings)}
-    values.update({name: value for name, value in (flags or {}).items() if value is not None})
-    return make_config(values)
+def build_config(preset: str, settings: Sequence[str] = (), flags: dict[str, Any] | None = None,
+                 model: str = "default") -> TrainConfig:
+    """The model variant and the preset, then `--set` settings, then the dedicated flags (those that
+    are not None)."""
+    given = {**parse_settings(settings), **{name: value for name, value in (flags or {}).items() if value is not None}}
+    return make_config(model, {"preset": preset, **PRESETS[preset]}, given)
 
 
-def make_config(values: dict[str, Any]) -> TrainConfig:
-    """A TrainConfig from flat settings (training and model fields side by side); a value out of
-    range is one UserError."""
-    model = {name: values[name] for name in MODEL_SETTINGS if name in values}
-    train = {name: value for name, value in values.items() if name not in model}
+def make_config(variant: str | ModelConfig, inherited: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from the model variant (a name, or a checkpoint's config) and flat settings
+    (training and model fields side by side): `inherited` from a preset or a checkpoint, `given` by the user. A setting the model has no use for is dropped when
+    inherited and one UserError when given; so is a value out of range."""
+    types = settable_types()
+    model_names = {name for name in types if name not in TRAIN_FIELDS}
+    split = lambda values, model: {k: v for k, v in values.items() if (k in model_names) == model}  # noqa: E731
+    values = {**inherited, **given}
     try:
-        return TrainConfig(**train, model=ModelConfig(**model))
+        model = resolve_model(variant, split(inherited, True), split(given, True),
+                              in_channels=3 if values.get("rgb") else 1)
+    except ValueError as error:
+        raise UserError(f"bad configuration: {error}") from None
+    train = split(values, False)
+    if model.quantizer != "vq":                    # dead-code resets exist only for a VQ codebook
+        if "reset_every" in given:
+            raise UserError(f"bad configuration: reset_every: this model has no VQ codebook to reset "
+                            f"(quantizer is {model.quantizer!r})")
+        train.pop("reset_every", None)
+    if "action_weight" in given and not train.get("action_fraction"):
+        raise UserError("bad configuration: action_weight: there is no action head without labels "
+                        "(set action_fraction > 0)")
+    try:
+        return TrainConfig(**train, model=model)
     except ValueError as error:
         raise UserError(f"bad configuration: {error}") from None
 
 
+TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name != "model")
+
+
 def fields_help() -> str:
-    """The --help epilog: every field with its default, and what each preset changes."""
+    """The --help epilog: every field with its default, the model variants, and what each preset changes."""
     train = [f for f in fields(TrainConfig) if f.name != "model"]
-    model = [f for f in fields(ModelConfig) if f.name in MODEL_SETTINGS]
-    listed = lambda group: "\n".join(f"  {f.name} = {f.default!r}" for f in group)  # noqa: E731
+    default = model_settings(ModelConfig())
+    listed = "\n".join(f"  {f.name} = {f.default!r}" for f in train)
+    model = "\n".join(f"  {name} = {default[name]!r}" if name in default else f"  {name}  (in variants that have it)"
+                      for name in setting_types())
+    variants = "\n".join(f"  {name}: {changes or '(the defaults)'}" for name, changes in
+                         ((n, ", ".join(f"{k}={v}" for k, v in c.items() if v is not None)) for n, c in VARIANTS.items()))
     preset_help = "\n".join(f"  {name}: {overrides or '(the field defaults)'}" for name, overrides in PRESETS.items())
-    return (f"fields for --set (defaults = the full preset):\n{listed(train)}\n\n"
-            f"model fields for --set (ModelConfig's defaults):\n{listed(model)}\n\npresets:\n{preset_help}")
+    return (f"fields for --set (defaults = the full preset):\n{listed}\n\n"
+            f"model fields for --set (the default variant's values; vq.* only with quantizer=vq, shift.* only with "
+            f"output=shift):\n{model}\n\nmodel variants (--model):\n{variants}\n\npresets:\n{preset_help}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.figures import Example, reconstruction_grid
+from evaluation.figures import Example
 from pipeline.shards import atomic_write_bytes
 
 
@@ -49,6 +49,8 @@ class Logger:
             row["codebook/counts"] = np.asarray(counts).tolist()
         image_path = None
         if examples:
+            from evaluation.figures import reconstruction_grid     # matplotlib only when an image is due
+
             image_path = reconstruction_grid(examples, self.run_dir / "images" / f"step-{step:06d}.png")
             row["images/reconstruction"] = str(image_path.relative_to(self.run_dir))
         self.file.write(json.dumps({"step": step, **row}) + "\n")

@@ -7,7 +7,7 @@ import math
 
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,8 +16,9 @@ import torch
 from common.errors import UserError
 from model import ModelConfig, clean_state_dict, read_checkpoint
 from model.checkpoint import first_line, model_config_from
+from model.config import model_settings
 from training.checkpointer import set_rng_state
-from training.config import MODEL_SETTINGS, PRESETS, TrainConfig, make_config, parse_settings
+from training.config import PRESETS, TRAIN_FIELDS, TrainConfig, make_config, parse_settings
 from training.runtime import Runtime
 from training.step import TrainStep
 
@@ -45,13 +46,18 @@ def latest_checkpoint(out: Path) -> Path:
     return max(found)[1]
 
 
-def resume(out: Path, preset: str | None, settings: Sequence[str], flags: dict[str, Any]) -> tuple[TrainConfig, Resumed]:
+def resume(out: Path, preset: str | None, settings: Sequence[str], flags: dict[str, Any],
+           variant: str | None = None) -> tuple[TrainConfig, Resumed]:
     """The latest checkpoint in `out` and the run's config: the checkpoint's, with what the command
     line gives on top (each change printed)."""
     path = latest_checkpoint(out)
     state = read_checkpoint(path)
     saved = state["config"].get("train", {})
-    cfg, changes = resumed_config(saved, model_config_from(state, path), preset, settings, flags)
+    model = model_config_from(state, path)
+    if variant is not None and variant != model.variant:
+        raise UserError(f"--model {variant}: the run in {out} trains model {model.variant!r}; a resumed run keeps "
+                        f"its checkpoint's model (another --out starts a new run)")
+    cfg, changes = resumed_config(saved, model, preset, settings, flags)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"resuming {path}: every setting as saved" + ("" if changes else ", none changed")
               + "".join(f"\n  {change}" for change in changes), flush=True)
@@ -65,15 +71,17 @@ def resumed_config(saved: dict, model: ModelConfig, preset: str | None = None, s
     except the architecture, which is the checkpoint's. Returns the config and one line per field
     that changed. (Checkpoints from before the model had its own config saved its fields flat in
     `saved` too: the architecture still comes from `model`.)"""
-    training = {f.name for f in fields(TrainConfig)} - {"model"}
+    training = set(TRAIN_FIELDS)
     values = {name: value for name, value in saved.items() if name in training}
+    if model.quantizer != "vq":
+        values.pop("reset_every", None)          # saved by runs from before it was VQ's alone
     if preset is not None and preset != values.get("preset"):
         values.update({"preset": preset, **PRESETS[preset]})
-    values.update(parse_settings(settings))
-    values.update({name: value for name, value in (flags or {}).items() if value is not None})
-    architecture = {"rgb": model.in_channels == 3, **{name: getattr(model, name) for name in MODEL_SETTINGS}}
-    kept = [name for name, value in architecture.items() if name in values and values[name] != value]
-    cfg = make_config({**values, **architecture})
+    given = {**parse_settings(settings), **{name: value for name, value in (flags or {}).items() if value is not None}}
+    architecture = {"rgb": model.in_channels == 3, **model_settings(model)}
+    kept = [name for name, value in architecture.items() if name in given and given[name] != value]
+    given = {name: value for name, value in given.items() if name not in architecture}
+    cfg = make_config(model, {**values, "rgb": architecture["rgb"]}, given)
     changes = [f"{name}: {saved[name]!r} -> {getattr(cfg, name)!r} (from the command line)"
                for name in sorted(training) if name in saved and saved[name] != getattr(cfg, name)]
     changes += [f"{name}: the checkpoint's {architecture[name]!r} kept (the architecture comes from the checkpoint)"
