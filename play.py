@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -32,14 +32,15 @@ from common.errors import UserError, check_output_dir, run_cli
 from evaluation.formatting import num, pct
 from model import load_checkpoint
 from pipeline.actions import ACTION_NAMES
-from pipeline.shards import SPLITS, atomic_write_json
+from pipeline.palette import frame_levels, read_palette
+from pipeline.shards import LATENT_FORMAT, SPLITS, atomic_write_json, load_manifest
 
 from control.checkpoint import load_controller
 from control.controllability import run_controllability
 from control.data import read_episodes
 from control.figures import controllability_bars, rollout_curves, write_gif
 from control.report import CONTROL_GOAL, REPORT_HORIZONS, write_play_report
-from control.rollout import run_rollouts
+from control.rollout import KINDS, run_rollouts
 from control.server import Game, StartFrame, make_server
 from control.simulator import Simulator
 
@@ -57,16 +58,18 @@ class ModelPaths:
     threads: int = flag(0, "torch CPU threads (0: torch's default)")
     per_cell: bool = flag(False, "the controller picks each cell's code on its own, "
                                  "not one of the grids seen in training")
+    snap: bool = flag(True, "snap each generated frame to the game's palette before it is fed back "
+                            "(--no-snap: feed back what the decoder drew)")
 
 
 @dataclass
 class RolloutConfig(ModelPaths):
     out: Path = Path("reports/play")
-    horizon: int = 50
+    horizon: int = 200
     starts: int = 48                    # rollout start frames, spread over the split's episodes
-    gifs: int = 3                       # GIFs, one per episode
+    gifs: int = 3                       # GIFs of starts spread over the episodes
     control_starts: int = 100
-    control_steps: int = 10
+    control_steps: int = 20
     batch_size: int = 16
     seed: int = 0
 
@@ -98,7 +101,8 @@ class BenchConfig(ModelPaths):
 
 # ------------------------------------------------------------------------------------ loading
 def load_simulator(paths: ModelPaths) -> tuple[Simulator, bool]:
-    """LAM + controller, checked to belong together; returns (simulator, grayscale)."""
+    """LAM + controller, checked to belong together, with the palette of the latent shards when
+    `paths.snap`; returns (simulator, grayscale)."""
     if paths.threads:
         torch.set_num_threads(paths.threads)
     lam = load_checkpoint(paths.checkpoint, "cpu")
@@ -107,6 +111,17 @@ def load_simulator(paths: ModelPaths) -> tuple[Simulator, bool]:
         raise UserError(f"{paths.controller}: controller sees {controller.config.in_channels}-channel frames, "
                         f"the LAM {lam.config.in_channels}")
     return Simulator(lam, controller, per_cell=paths.per_cell), lam.config.in_channels == 1
+
+
+def with_palette(sim: Simulator, paths: ModelPaths, episodes: list) -> Simulator:
+    """The simulator snapping to the palette the latent manifest records (or, for shards from before
+    it did, the colours of the episodes' own frames); unchanged with --no-snap."""
+    if not paths.snap:
+        return sim
+    palette = read_palette(load_manifest(paths.latent, LATENT_FORMAT))
+    channels = sim.lam.config.in_channels
+    levels = palette.levels(channels) if palette else frame_levels(torch.cat([e.frames for e in episodes]))
+    return replace(sim, palette=levels)
 
 
 def lam_mismatch(paths: ModelPaths, sim: Simulator) -> str | None:
@@ -126,6 +141,7 @@ def rollout(config: RolloutConfig) -> dict:
     if warning:
         print(warning, file=sys.stderr)
     episodes = read_episodes(config.latent, config.split, grayscale=grayscale)
+    sim = with_palette(sim, config, episodes)
     started = time.perf_counter()
     try:
         result = run_rollouts(sim, episodes, config.horizon, config.starts, config.batch_size, config.gifs)
@@ -135,10 +151,10 @@ def rollout(config: RolloutConfig) -> dict:
                                   config.seed)
     config.out.mkdir(parents=True, exist_ok=True)
     gifs = []
-    for index, (real, model) in sorted(result.gif_frames.items()):
+    for index, panels in sorted(result.gif_frames.items()):
         start = result.starts[index]
         name = f"rollout-{safe_name(episodes[start.episode].name)}-t{start.t}.gif"
-        write_gif(config.out / name, real, model)
+        write_gif(config.out / name, [panels["real"], *(panels[kind] for kind in KINDS if kind in panels)])
         gifs.append(name)
     figures = {"curves": rollout_curves(result.curves, config.out / "curves.png").name,
                "controllability": controllability_bars(control, config.out / "controllability.png", CONTROL_GOAL).name}
@@ -146,6 +162,7 @@ def rollout(config: RolloutConfig) -> dict:
                "controller": str(config.controller), "controller_step": sim.controller.step,
                "controller_grids": 0 if config.per_cell else len(sim.controller.seen_grids),
                "latent": str(config.latent), "config": jsonable(asdict(config)),
+               "palette": None if sim.palette is None else sim.palette.tolist(),
                "rollouts": {"starts": len(result.starts), "episodes": len({s.episode for s in result.starts}),
                             "curves": result.curves},
                "controllability": control, "figures": figures, "gifs": gifs,
@@ -172,6 +189,7 @@ def build_game(config: ServeConfig) -> tuple[Game | None, str | None]:
         if warning:
             print(warning, file=sys.stderr)
         episodes = read_episodes(config.latent, config.split, grayscale=grayscale, max_episodes=config.max_episodes)
+        sim = with_palette(sim, config, episodes)
     except UserError as error:
         return None, str(error)
     starts = [StartFrame(e.frames[t], e.frames[max(t - 1, 0)]) for e in episodes for t in range(len(e.frames))]
@@ -274,11 +292,14 @@ def run(argv: Sequence[str] | None = None) -> int:
     metrics = rollout(config)
     curves, control = metrics["rollouts"]["curves"], metrics["controllability"]
     for h in REPORT_HORIZONS:
-        if h <= len(curves["psnr"]):
-            at = {name: num(values[h - 1]) for name, values in curves.items()}
-            print(f"step {h}: PSNR {at['psnr']} dB (copy start {at['psnr_copy']}), changed px {at['psnr_changed']} "
-                  f"(copy {at['psnr_changed_copy']}), paddle err {at['paddle_error_px']} px, "
-                  f"ball found {at['ball_found']}")
+        if h <= len(curves["horizon"]):
+            line = f"step {h}: PSNR copy start {num(curves['copy']['psnr'][h - 1])}"
+            for kind in KINDS:
+                c = {name: values[h - 1] for name, values in curves[kind].items()}
+                line += (f"; {kind}: PSNR {num(c['psnr'])}, paddle {pct(c['paddle_found'], 0)}, "
+                         f"ball {pct(c['ball_found'], 0)}, bricks lost {num(c['bricks_lost_model'])} "
+                         f"({num(c['bricks_lost_real'])})")
+            print(line)
     moved = {(codes, side): pct(control[codes][side]["success"], 0)
              for codes in ("controller", "random_codes") for side in ("left", "right")}
     print(f"controllability: LEFT {moved['controller', 'left']}, RIGHT {moved['controller', 'right']} "

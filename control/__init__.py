@@ -4,7 +4,7 @@ decoder against recorded episodes, controllability, and the play page's server.
     from control import load_controller, Simulator
     controller = load_controller("checkpoints/controller/controller.pt")
     sim = Simulator(lam, controller)
-    codes = sim.codes(cur, prev, action); nxt = sim.decode(cur, codes, prev)
+    choice = sim.codes(cur, prev, action); nxt = sim.draw(cur, choice, prev)
 
     network.py          Controller: frame t (and t-1) + action -> logits over the codebook per grid cell
     checkpoint.py       its checkpoint, in model/checkpoint.py's format ("lam-controller/1")

@@ -33,6 +33,7 @@ class Episode:
     actions: torch.Tensor                # int64 (T,)
     codes: torch.Tensor                  # int64 (T, 7, 5): the LAM's codes of each recorded transition
     metas: list[dict] = field(repr=False)
+    action_codes: torch.Tensor | None = None   # int64 (T,): its per-frame action codes, for a LAM with them
 
     @property
     def steps(self) -> int:
@@ -75,9 +76,18 @@ def samples_with_prev(source, split: str, grayscale: bool, urls_seed: int | None
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    return {"cur": torch.stack([s["cur"] for s in samples]), "prev": torch.stack([s["prev"] for s in samples]),
-            "action": torch.tensor([s["action"] for s in samples], dtype=torch.int64),
-            "codes": torch.stack([s["codes"] for s in samples])}
+    batch = {"cur": torch.stack([s["cur"] for s in samples]), "prev": torch.stack([s["prev"] for s in samples]),
+             "action": torch.tensor([s["action"] for s in samples], dtype=torch.int64),
+             "codes": torch.stack([s["codes"] for s in samples])}
+    if "action_code" in samples[0]:
+        batch["action_code"] = torch.tensor([s["action_code"] for s in samples], dtype=torch.int64)
+    return batch
+
+
+def targets(batch: dict[str, torch.Tensor], target: str) -> torch.Tensor:
+    """What the controller learns to predict, as a grid (B, h, w): the code grid (B, 7, 5), or the
+    per-frame action code as one cell (B, 1, 1)."""
+    return batch["action_code"][:, None, None] if target == "action" else batch["codes"]
 
 
 def training_batches(source, batch_size: int, *, grayscale: bool, shuffle_buffer: int, seed: int,
@@ -120,9 +130,11 @@ def read_episodes(source, split: str = "test", *, grayscale: bool, max_episodes:
     def close_run():
         if run:
             frames = torch.stack([s["cur"] for s in run] + [run[-1]["next"]])
+            action_codes = torch.tensor([s["action_code"] for s in run]) if "action_code" in run[0] else None
             episodes.append(Episode(name=str(run[0]["meta"].get("episode", run[0]["key"])), frames=frames,
                                     actions=torch.tensor([action_of(s["meta"], s["key"]) for s in run]),
-                                    codes=torch.stack([s["codes"] for s in run]), metas=[s["meta"] for s in run]))
+                                    codes=torch.stack([s["codes"] for s in run]), metas=[s["meta"] for s in run],
+                                    action_codes=action_codes))
 
     for sample in latent_dataset(latent_urls(source, split), grayscale, with_meta=True,
                                  split_nodes=False, split_workers=False):

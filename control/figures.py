@@ -1,8 +1,9 @@
-"""Pictures of rollouts: side-by-side GIFs (recorded | model | |difference|), the curves against the
-horizon, and the controllability bars."""
+"""Pictures of rollouts: side-by-side GIFs (recorded | recorded codes | controller), the curves
+against the horizon, contact sheets of long sessions, and the controllability bars."""
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import matplotlib
@@ -29,21 +30,18 @@ def to_uint8_image(frame: torch.Tensor) -> np.ndarray:
     return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
 
 
-def side_by_side(real: torch.Tensor, model: torch.Tensor) -> np.ndarray:
-    """One GIF frame: recorded | model | |difference| (the difference in red, brighter = more wrong)."""
-    left, middle = to_uint8_image(real), to_uint8_image(model)
-    diff = np.abs(left.astype(np.int16) - middle.astype(np.int16)).max(axis=2).astype(np.uint8)
-    heat = np.zeros_like(left)
-    heat[..., 0] = diff
-    gap = np.full((left.shape[0], GAP_PX, 3), 64, dtype=np.uint8)
-    return np.concatenate([left, gap, middle, gap, heat], axis=1)
+def side_by_side(panels: list[torch.Tensor]) -> np.ndarray:
+    """One GIF frame: the panels (C, H, W) left to right, a gray gap between them."""
+    images = [to_uint8_image(panel) for panel in panels]
+    gap = np.full((images[0].shape[0], GAP_PX, 3), 64, dtype=np.uint8)
+    return np.concatenate([part for image in images for part in (image, gap)][:-1], axis=1)
 
 
-def write_gif(path: Path, real: torch.Tensor, model: torch.Tensor) -> Path:
-    """real, model: (T, C, H, W) -> an animated GIF, frame 0 the shared start."""
+def write_gif(path: Path, panels: list[torch.Tensor]) -> Path:
+    """panels: each (T, C, H, W), shown side by side -> an animated GIF, frame 0 the shared start."""
     images = []
-    for frame_real, frame_model in zip(real, model):
-        image = Image.fromarray(side_by_side(frame_real, frame_model))
+    for frames in zip(*panels):
+        image = Image.fromarray(side_by_side(list(frames)))
         images.append(image.resize((image.width * GIF_SCALE, image.height * GIF_SCALE), Image.NEAREST))
     buffer = io.BytesIO()
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0)
@@ -51,26 +49,50 @@ def write_gif(path: Path, real: torch.Tensor, model: torch.Tensor) -> Path:
     return path
 
 
+def contact_sheet(path: Path, frames: list[torch.Tensor], columns: int = 10, labels: list[str] | None = None) -> Path:
+    """frames (C, H, W) in a grid, `columns` to a row, each with its label above it: a long session at a glance."""
+    rows = math.ceil(len(frames) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, frame in enumerate(frames):
+        ax = axes.flat[i]
+        ax.imshow(to_uint8_image(frame), interpolation="nearest")
+        if labels:
+            ax.set_title(labels[i], fontsize=7)
+    return save_figure(fig, path, dpi=FIGURE_DPI)
+
+
+KIND_STYLE = {"codes": ("recorded codes", "C0"), "controller": ("controller", "C2"), "copy": ("copy start frame", "C1")}
+
+
 def rollout_curves(curves: dict, path: Path) -> Path:
-    """PSNR (all and changed pixels), paddle error and ball found, against the horizon."""
+    """Each kind against the horizon: PSNR (beside copying the start frame), paddle, ball, bricks and grain."""
     h = curves["horizon"]
-    value = lambda name: [np.nan if v is None else v for v in curves[name]]  # noqa: E731
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(h, value("psnr"), label="model, all pixels", color="C0")
-    axes[0].plot(h, value("psnr_copy"), label="copy start frame, all pixels", color="C1")
-    axes[0].plot(h, value("psnr_changed"), "--", label="model, changed pixels", color="C0")
-    axes[0].plot(h, value("psnr_changed_copy"), "--", label="copy, changed pixels", color="C1")
+    kinds = [kind for kind in ("codes", "controller") if kind in curves]
+    value = lambda kind, name: [np.nan if v is None else v for v in curves[kind][name]]  # noqa: E731
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for kind in ("copy", *kinds):
+        label, colour = KIND_STYLE[kind]
+        axes[0].plot(h, value(kind, "psnr"), label=label, color=colour)
     axes[0].set(xlabel="steps after the start frame", ylabel="PSNR (dB)", title="frame quality")
-    axes[0].legend(fontsize=8)
-    axes[1].plot(h, value("paddle_error_px"), label="model", color="C0")
-    axes[1].plot(h, value("paddle_error_px_copy"), label="copy start frame", color="C1")
-    axes[1].plot(h, [100 * v for v in value("paddle_lost")], ":", label="model: paddle lost (%)", color="C3")
-    axes[1].set(xlabel="steps", ylabel="px", title="paddle x error")
-    axes[1].legend(fontsize=8)
-    axes[2].plot(h, value("ball_found"), label="ball found where it is on screen", color="C0")
-    axes[2].plot(h, value("ball_phantom"), ":", label="ball drawn where there is none", color="C3")
-    axes[2].set(xlabel="steps", ylabel="fraction", title="ball", ylim=(-0.02, 1.02))
-    axes[2].legend(fontsize=8)
+    for kind in kinds:
+        label, colour = KIND_STYLE[kind]
+        axes[1].plot(h, value(kind, "paddle_found"), label=f"{label}: paddle found", color=colour)
+        axes[1].plot(h, value(kind, "paddle_within_2px"), ":", label=f"{label}: within 2 px", color=colour)
+        axes[2].plot(h, value(kind, "ball_found"), label=f"{label}: ball found", color=colour)
+        axes[2].plot(h, value(kind, "ball_phantom"), ":", label=f"{label}: ball where none", color=colour)
+        axes[2].plot(h, value(kind, "two_balls"), "--", label=f"{label}: two balls", color=colour)
+        axes[3].plot(h, value(kind, "bricks_lost_model"), label=f"{label}: bricks lost", color=colour)
+        axes[3].plot(h, [100 * v for v in value(kind, "grain")], ":", label=f"{label}: grain (% of empty px)",
+                     color=colour)
+    if kinds:
+        axes[3].plot(h, value(kinds[0], "bricks_lost_real"), label="recording: bricks lost", color="k")
+    axes[1].set(xlabel="steps", ylabel="share of starts", title="paddle", ylim=(-0.02, 1.02))
+    axes[2].set(xlabel="steps", ylabel="share of starts", title="ball", ylim=(-0.02, 1.02))
+    axes[3].set(xlabel="steps", ylabel="bricks (brick pixels / 48)", title="bricks and grain")
+    for ax in axes:
+        ax.legend(fontsize=7)
     return save_figure(fig, path, dpi=FIGURE_DPI)
 
 

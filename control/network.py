@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,9 +14,15 @@ from pipeline.actions import ACTION_NAMES
 from pipeline.frames import CODEBOOK_SIZE, GRID
 
 
+TARGETS = ("grid", "action")
+
+
 @dataclass
 class ControllerConfig:
     in_channels: int = 1              # the LAM's colour mode: 1 gray, 3 RGB
+    # what it predicts: the LAM's code grid (one of codebook_size codes per cell), or, for a LAM with
+    # a per-frame action code (Genie's split), that one code (one of codebook_size)
+    target: str = "grid"
     use_prev: bool = True             # also see frame t-1: the ball's direction is not in one frame
     channels: tuple[int, ...] = (16, 32, 64, 96, 128)   # five stride-2 stages: 210 x 160 -> 7 x 5
     action_dim: int = 32
@@ -27,6 +34,8 @@ class ControllerConfig:
         self.channels = tuple(int(c) for c in self.channels)
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if len(self.channels) != 5 or min(self.channels) < 1:
             raise ValueError(f"channels must be five positive widths (one per stride-2 stage), got {self.channels}")
         for name in ("action_dim", "hidden", "codebook_size", "num_actions"):
@@ -40,6 +49,7 @@ class ControllerConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ControllerConfig":
+        """A saved config (one from before `target` predicts the grid)."""
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -70,8 +80,9 @@ class Controller(nn.Module):
         self.register_buffer("seen_grids", torch.zeros(0, GRID[0] * GRID[1], dtype=self.grid_dtype))
 
     def forward(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
-        """cur, prev: float (B, C, 210, 160) in [0, 1]; action: int64 (B,) -> logits (B, 256, 7, 5).
-        Without `prev` (first frame of an episode) frame t stands in for t-1: no motion seen."""
+        """cur, prev: float (B, C, 210, 160) in [0, 1]; action: int64 (B,) -> logits (B, K, 7, 5) over
+        each cell's codes, or (B, K) over the per-frame action codes (target "action": the cells'
+        evidence averaged). Without `prev` (first frame of an episode) frame t stands in for t-1."""
         frames = cur
         if self.config.use_prev:
             frames = torch.cat([cur, cur if prev is None else prev], dim=1)
@@ -79,20 +90,35 @@ class Controller(nn.Module):
         if tuple(features.shape[-2:]) != GRID:
             raise ValueError(f"expected 210 x 160 frames, got {tuple(cur.shape[-2:])}")
         action = self.action(action.long())[:, :, None, None] + self.position
-        return self.head(torch.cat([features, action], dim=1))
+        logits = self.head(torch.cat([features, action], dim=1))
+        return logits.mean((2, 3)) if self.config.target == "action" else logits
+
+    def cell_logits(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits as a grid, (B, K, h, w): the 7 x 5 cells, or one cell holding the action code, so
+        that training and scoring treat both targets alike."""
+        logits = self(cur, action, prev)
+        return logits[:, :, None, None] if self.config.target == "action" else logits
+
+    @property
+    def cells(self) -> tuple[int, int]:
+        """The target's grid: (7, 5), or (1, 1) for the per-frame action code."""
+        return (1, 1) if self.config.target == "action" else GRID
 
     @torch.no_grad()
     def codes(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None,
               temperature: float = 0.0, generator: torch.Generator | None = None,
               per_cell: bool = False) -> torch.Tensor:
-        """The code grid to feed the LAM decoder: int64 (B, 7, 5); the most likely, or sampled at
-        `temperature`. With `seen_grids` (and not `per_cell`) the choice is among the whole grids seen
+        """The codes to feed the LAM decoder: the grid, int64 (B, 7, 5), or (target "action") the action
+        code, int64 (B,); the most likely, or sampled at `temperature`. With `seen_grids` (and not `per_cell`) the choice is among the whole grids seen
         in training, scored by the sum of their cells' log-probabilities; otherwise cell by cell.
 
         Why whole grids: chosen cell by cell, one unlikely code beside its neighbours' (the paddle
         spans two cells, and the decoder's shift for a block reads a 3 x 3 neighbourhood of codes)
         makes a combination the LAM never saw, which erases the paddle; played forward, that is final."""
         logits = self(cur, action, prev).float()
+        if self.config.target == "action":
+            return (logits.argmax(1) if temperature <= 0 else
+                    torch.multinomial(F.softmax(logits / temperature, dim=1), 1, generator=generator)[:, 0])
         if len(self.seen_grids) and not per_cell:
             scores = grid_scores(logits.log_softmax(1).flatten(2), self.seen_grids)
             pick = (scores.argmax(1) if temperature <= 0 else
@@ -109,7 +135,7 @@ class Controller(nn.Module):
 
     @property
     def grid_dtype(self) -> torch.dtype:
-        return torch.uint8 if self.config.codebook_size <= 256 else torch.int16   # a byte a cell where it fits
+        return torch.uint8 if self.config.codebook_size <= 256 else torch.uint16   # a byte a cell where it fits
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the number of seen grids is the checkpoint's; a checkpoint from before them has none
@@ -128,8 +154,12 @@ def grid_scores(log_probs: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
     return scores
 
 
+def grid_bytes(codes: torch.Tensor) -> list[bytes]:
+    """Each code grid of (B, 7, 5) as the bytes of its uint16 cells: a Counter key, whatever the codebook."""
+    return [row.tobytes() for row in codes.flatten(1).numpy().astype(np.uint16)]
+
+
 def most_common_grids(counts: Counter, limit: int) -> torch.Tensor:
-    """The `limit` most frequent code grids of a Counter keyed by each grid's uint8 bytes -> (N, 35) int64."""
+    """The `limit` most frequent code grids of a Counter keyed by `grid_bytes` -> (N, 35) int64."""
     joined = b"".join(grid for grid, _ in counts.most_common(limit))
-    flat = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.zeros(0, dtype=torch.uint8)
-    return flat.view(-1, GRID[0] * GRID[1]).long()
+    return torch.from_numpy(np.frombuffer(joined, dtype=np.uint16).astype(np.int64)).view(-1, GRID[0] * GRID[1])

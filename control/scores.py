@@ -1,5 +1,5 @@
 """How good the controller is on a split. Scores, all per cell of the grid over every cell of every
-transition:
+transition (a LAM's per-frame action code counts as a grid of one cell):
 - `accuracy`: the controller's argmax code equals the LAM's code;
 - `majority`: "predict the cell's most common code", the most common code of that cell over the
   training samples the controller saw (counted while training, so no second pass over the shards);
@@ -19,12 +19,9 @@ import torch.nn.functional as F
 
 from common.errors import UserError
 from pipeline.actions import ACTION_NAMES, LEFT, RIGHT
-from pipeline.frames import GRID
 
-from control.data import ordered_batches
+from control.data import ordered_batches, targets
 from control.network import Controller
-
-CELLS = GRID[0] * GRID[1]
 
 
 @torch.no_grad()
@@ -38,15 +35,17 @@ def score_controller(controller: Controller, latent: Path, split: str, code_coun
     majority = code_counts.argmax(-1)
     pseudo = 1.0 / code_counts.shape[-1]
     frequencies = (code_counts.double() + pseudo) / (code_counts.sum(-1, keepdim=True) + 1.0)
-    log_frequencies = frequencies.log().to(device)            # (7, 5, 256)
+    log_frequencies = frequencies.log().to(device)            # (7, 5, K), or (1, 1, K) for an action code
     frequency_loss_sum = 0.0
     totals = {name: 0 for name in ("cells", "correct", "majority_correct", "changed", "changed_correct",
                                     "samples", "action_effect")}
     loss_sum = 0.0
     by_action = {name: {"changed": 0, "changed_correct": 0, "cells": 0, "correct": 0} for name in ACTION_NAMES}
+    cells = controller.cells[0] * controller.cells[1]
     for batch in ordered_batches(latent, split, batch_size, grayscale=grayscale):
-        cur, prev, action, target = (batch[k].to(device) for k in ("cur", "prev", "action", "codes"))
-        logits = controller(cur, action, prev)
+        cur, prev, action = (batch[k].to(device) for k in ("cur", "prev", "action"))
+        target = targets(batch, controller.config.target).to(device)
+        logits = controller.cell_logits(cur, action, prev)
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
         cell_log_p = log_frequencies.unsqueeze(0).expand(len(target), -1, -1, -1)
         frequency_loss_sum -= float(cell_log_p.gather(-1, target.unsqueeze(-1)).sum())
@@ -58,12 +57,12 @@ def score_controller(controller: Controller, latent: Path, split: str, code_coun
         totals["changed"] += int(changed.sum())
         totals["changed_correct"] += int((correct & changed).sum())
         totals["samples"] += len(target)
-        left = controller(cur, torch.full_like(action, LEFT), prev).argmax(1)
-        right = controller(cur, torch.full_like(action, RIGHT), prev).argmax(1)
+        left = controller.cell_logits(cur, torch.full_like(action, LEFT), prev).argmax(1)
+        right = controller.cell_logits(cur, torch.full_like(action, RIGHT), prev).argmax(1)
         totals["action_effect"] += int((left != right).flatten(1).any(1).sum())
         for index, name in enumerate(ACTION_NAMES):
             rows = action == index
-            by_action[name]["cells"] += int(rows.sum()) * CELLS
+            by_action[name]["cells"] += int(rows.sum()) * cells
             by_action[name]["correct"] += int(correct[rows].sum())
             by_action[name]["changed"] += int(changed[rows].sum())
             by_action[name]["changed_correct"] += int((correct & changed)[rows].sum())
@@ -78,6 +77,6 @@ def score_controller(controller: Controller, latent: Path, split: str, code_coun
             "changed_accuracy": ratio(totals["changed_correct"], totals["changed"]),
             "changed_majority_accuracy": 0.0 if totals["changed"] else None,
             "action_effect": ratio(totals["action_effect"], totals["samples"]),
-            "by_action": {name: {"transitions": v["cells"] // CELLS, "accuracy": ratio(v["correct"], v["cells"]),
+            "by_action": {name: {"transitions": v["cells"] // cells, "accuracy": ratio(v["correct"], v["cells"]),
                                  "changed_accuracy": ratio(v["changed_correct"], v["changed"])}
                           for name, v in by_action.items()}}

@@ -103,9 +103,9 @@ class Game:
         index = ACTION_NAMES.index(action)
         with self.lock, torch.inference_mode():
             began = time.perf_counter()
-            codes = self.sim.codes(self.cur, self.prev, torch.tensor([index]))
+            choice = self.sim.codes(self.cur, self.prev, torch.tensor([index]))
             coded = time.perf_counter()
-            nxt = self.sim.decode(self.cur, codes, self.prev)
+            nxt = self.sim.draw(self.cur, choice, self.prev)
             decoded = time.perf_counter()
             self.prev, self.cur = self.cur, nxt
             self.step_count += 1

@@ -1,46 +1,80 @@
 """One step of play inside the model: the controller picks the codes for an action (or they are
-drawn at random, the floor), the LAM decoder draws the next frame; `rollout` feeds it back in."""
+given: the codes extracted from a recording; or drawn at random, the floor), the LAM decoder draws
+the next frame, and that frame, snapped to the game's palette, is the next step's input."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
 from pipeline.frames import GRID
+from pipeline.palette import snap
 
 from control.network import Controller
 
 
+class Choice(NamedTuple):
+    """The codes one step is drawn from: a grid (B, 7, 5) and/or a per-frame action code (B,)."""
+
+    grid: torch.Tensor | None
+    action: torch.Tensor | None
+
+
 @dataclass
 class Simulator:
-    """One model step: codes from the controller (or at random), the next frame from the decoder."""
+    """One model step: codes from the controller (or at random), the next frame from the decoder.
+
+    `palette` (K, C) in the LAM's colour mode: each generated frame is snapped to its nearest colours
+    before it is fed back (pipeline/palette.py says why); None feeds the decoder's output back as it is."""
 
     lam: torch.nn.Module
     controller: Controller | None
     device: torch.device = torch.device("cpu")
     per_cell: bool = False              # the controller's codes cell by cell, not a grid seen in training
+    palette: torch.Tensor | None = None
 
     @torch.no_grad()
     def codes(self, cur: torch.Tensor, prev: torch.Tensor, action: torch.Tensor,
-              random_codes: torch.Generator | None = None) -> torch.Tensor:
+              random_codes: torch.Generator | None = None) -> Choice:
+        """What the decoder is given for a key press: (grid codes (B, 7, 5), action codes (B,)), either
+        None where the LAM takes none: a LAM with a per-frame action code is played from it alone."""
+        split = self.lam.action_codes
         if random_codes is not None or self.controller is None:
-            size = self.lam.config.codebook_size
-            return torch.randint(0, size, (cur.shape[0], *GRID), generator=random_codes).to(self.device)
-        return self.controller.codes(cur, action.to(self.device), prev, per_cell=self.per_cell)
+            shape, size = ((cur.shape[0],), split) if split else ((cur.shape[0], *GRID), self.lam.config.codebook_size)
+            drawn = torch.randint(0, size, shape, generator=random_codes).to(self.device)
+        else:
+            drawn = self.controller.codes(cur, action.to(self.device), prev, per_cell=self.per_cell)
+        return Choice(None, drawn) if split else Choice(drawn, None)
 
     @torch.no_grad()
-    def decode(self, cur: torch.Tensor, codes: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
-        """The LAM's next frame; `prev` is frame t-1 (a LAM with context uses it; None: frame t)."""
-        return self.lam.decode(cur, codes, prev).float().clamp_(0, 1)
+    def draw(self, cur: torch.Tensor, choice: Choice, prev: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(cur, choice.grid, prev, choice.action)
 
     @torch.no_grad()
-    def rollout(self, start: torch.Tensor, prev: torch.Tensor, actions: torch.Tensor,
-                random_codes: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """start, prev: (B, C, 210, 160); actions int64 (B, H) -> the H generated frames, one per step.
-        After the first step, frame t-1 (for the controller and the LAM) is the previous generated frame."""
+    def decode(self, cur: torch.Tensor, codes: torch.Tensor | None, prev: torch.Tensor | None = None,
+               action: torch.Tensor | None = None) -> torch.Tensor:
+        """The LAM's next frame, as fed back: snapped to the palette when there is one; `prev` is
+        frame t-1 (a LAM with context uses it; None: frame t); `action` the per-frame action code of
+        a LAM that has one (with `codes` None it draws from the past and the action alone)."""
+        frame = self.lam.decode(cur, codes, prev, action).float().clamp_(0, 1)
+        return frame if self.palette is None else snap(frame, self.palette.to(frame.device))
+
+    @torch.no_grad()
+    def rollout(self, start: torch.Tensor, prev: torch.Tensor, actions: torch.Tensor | None = None,
+                random_codes: torch.Generator | None = None, codes: torch.Tensor | None = None,
+                action_codes: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """start, prev: (B, C, 210, 160); actions int64 (B, H), or the codes to play instead of the
+        controller's: `codes` int64 (B, H, 7, 5) and, for a LAM with a per-frame action code,
+        `action_codes` int64 (B, H) (alone: no grid) -> the H generated frames, one per step. After
+        the first step, frame t-1 (for the controller and the LAM) is the previous generated frame."""
         cur, prev = start.to(self.device), prev.to(self.device)
-        for step in range(actions.shape[1]):
-            nxt = self.decode(cur, self.codes(cur, prev, actions[:, step], random_codes), prev)
+        given = codes is not None or action_codes is not None
+        steps = (codes if codes is not None else action_codes if action_codes is not None else actions).shape[1]
+        for step in range(steps):
+            choice = (Choice(None if codes is None else codes[:, step].to(self.device),
+                             None if action_codes is None else action_codes[:, step].to(self.device)) if given
+                      else self.codes(cur, prev, actions[:, step], random_codes))
+            nxt = self.draw(cur, choice, prev)
             yield nxt
             prev, cur = cur, nxt

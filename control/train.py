@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from common.cli import add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 from evaluation.formatting import pct
-from pipeline.frames import GRID
+from pipeline.frames import CODEBOOK_SIZE
 from pipeline.shards import LATENT_FORMAT, atomic_write_json, load_manifest
 
 from control.checkpoint import save_controller
-from control.data import latent_identity, training_batches
-from control.network import Controller, ControllerConfig, most_common_grids
+from control.data import latent_identity, targets, training_batches
+from control.network import Controller, ControllerConfig, grid_bytes, most_common_grids
 from control.report import write_controller_report
 from control.scores import score_controller
 
@@ -81,11 +81,16 @@ class ControllerTrainConfig:
 
 
 # ------------------------------------------------------------------------------------ training
-def colour_mode(latent: Path) -> bool:
-    """grayscale? The LAM that made the latents says (manifest `checkpoint.color`); the frames in the
-    shards are RGB either way, so the controller sees what that LAM's decoder works in."""
-    manifest = load_manifest(latent, LATENT_FORMAT)
-    return manifest.get("checkpoint", {}).get("color", "gray") == "gray"
+def lam_codes(latent: Path) -> dict:
+    """What the LAM that made the latents takes, from the manifest's `checkpoint`: its colour mode
+    (the frames in the shards are RGB either way, so the controller sees what that LAM's decoder
+    works in), and what the controller must predict: the code grid (of `codebook_size` codes), or a
+    LAM's per-frame action code (of `action_codes`), which is how such a LAM is played."""
+    checkpoint = load_manifest(latent, LATENT_FORMAT).get("checkpoint", {})
+    split = int(checkpoint.get("action_codes") or 0)
+    return {"in_channels": 1 if checkpoint.get("color", "gray") == "gray" else 3,
+            "target": "action" if split else "grid",
+            "codebook_size": split or int(checkpoint.get("codebook_size") or CODEBOOK_SIZE)}
 
 
 def train(config: ControllerTrainConfig, progress=print) -> dict:
@@ -93,12 +98,12 @@ def train(config: ControllerTrainConfig, progress=print) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
-    grayscale = colour_mode(config.latent)
-    controller = Controller(ControllerConfig(in_channels=1 if grayscale else 3, use_prev=config.use_prev,
+    controller = Controller(ControllerConfig(**lam_codes(config.latent), use_prev=config.use_prev,
                                              channels=config.channels, hidden=config.hidden)).to(device)
+    grayscale, target = controller.config.in_channels == 1, controller.config.target
     optimizer = torch.optim.AdamW(controller.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps, eta_min=config.lr * 0.1)
-    code_counts = torch.zeros(*GRID, controller.config.codebook_size, dtype=torch.int64)
+    code_counts = torch.zeros(*controller.cells, controller.config.codebook_size, dtype=torch.int64)
     grid_counts = Counter()                               # every whole code grid seen, by its bytes
     batches = training_batches(config.latent, config.batch_size, grayscale=grayscale,
                                shuffle_buffer=config.shuffle_buffer, seed=config.seed)
@@ -107,10 +112,12 @@ def train(config: ControllerTrainConfig, progress=print) -> dict:
     for step in range(1, config.steps + 1):
         controller.train()
         batch = next(batches)
-        code_counts += F.one_hot(batch["codes"], controller.config.codebook_size).sum(0)
-        grid_counts.update(bytes(grid) for grid in batch["codes"].flatten(1).to(torch.uint8).numpy())
-        logits = controller(batch["cur"].to(device), batch["action"].to(device), batch["prev"].to(device))
-        loss = F.cross_entropy(logits, batch["codes"].to(device))
+        wanted = targets(batch, target)
+        code_counts += F.one_hot(wanted, controller.config.codebook_size).sum(0)
+        if target == "grid":
+            grid_counts.update(grid_bytes(batch["codes"]))
+        logits = controller.cell_logits(batch["cur"].to(device), batch["action"].to(device), batch["prev"].to(device))
+        loss = F.cross_entropy(logits, wanted.to(device))
         if not torch.isfinite(loss):
             raise RuntimeError(f"step {step}: non-finite loss {loss.item()}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
@@ -123,12 +130,12 @@ def train(config: ControllerTrainConfig, progress=print) -> dict:
             progress(f"step {step}/{config.steps}  loss {history[-1]['loss']:.4f}  "
                      f"{step * config.batch_size / (time.perf_counter() - started):.0f} samples/s")
             window = []
-        if step % config.ckpt_every == 0 or step == config.steps:
+        if (step % config.ckpt_every == 0 or step == config.steps) and target == "grid":
             controller.set_seen_grids(most_common_grids(grid_counts, config.max_grids))
         if step % config.ckpt_every == 0 and step != config.steps:
             save_controller(config.out / CHECKPOINT_NAME, controller, step=step, lam=lam,
                             train_config=config.to_dict())
-    majority = code_counts.argmax(-1)                     # (7, 5): each cell's most common code
+    majority = code_counts.argmax(-1)                     # (7, 5) (or (1, 1)): each cell's most common code
     metrics = {"training": {"steps": config.steps, "samples_seen": int(code_counts[0, 0].sum()),
                          "grids_seen": len(grid_counts), "grids_kept": len(controller.seen_grids),
                          "seconds": round(time.perf_counter() - started, 1), "loss": history},

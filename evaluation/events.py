@@ -43,6 +43,12 @@ BALL_MIN_PIXELS = 2                         # fewer lit pixels in a ball-sized w
 # 110), while a soft prediction bleeds dimmer halos around objects that would pass for a ball.
 BALL_NEAR_OBJECT = 0.3
 BRICK_FULL = 0.5                            # a cell more than half lit is a brick (the ball fills < 17 %)
+BRICK_PIXELS = BRICK_HEIGHT * BRICK_WIDTH
+# Grain: pixels this far above the background where the screen is empty. Dim enough to count what
+# the eye sees as noise on black, though the element detectors (FOREGROUND) ignore it.
+GRAIN_LEVEL = 0.05
+BALL_MARGIN = 2                             # px around a ball that belong to it, not to grain or another ball
+SECOND_BALL_PIXELS = BALL_HEIGHT * BALL_WIDTH // 2
 
 LIVES_TOP, LIVES_LEFT = 5, 100              # the lives digit's top-left pixel
 DIGIT_BLOCK_H, DIGIT_BLOCK_W = 2, 4
@@ -60,12 +66,17 @@ _GLYPH_LOOKUP = {tuple("".join(rows)): digit for digit, rows in DIGIT_GLYPHS.ite
 
 @dataclass(frozen=True)
 class Elements:
-    """What one frame shows: paddle left edge, ball top-left (x, y) or None, brick map, lives digit."""
+    """What one frame shows: paddle left edge, ball top-left (x, y) or None, brick map, lives digit;
+    and, for judging generated frames, how many balls (0, 1, or 2 for two or more), the lit pixels of
+    the brick rows, and the grain on the empty background (lit pixels where nothing is drawn)."""
 
     paddle_x: int | None
     ball: tuple[int, int] | None
     bricks: np.ndarray = field(repr=False)       # bool (BRICK_ROWS, BRICK_COLS)
     lives: int | None = None
+    balls: int = 0
+    brick_pixels: int = 0
+    grain: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,13 +158,21 @@ def paddle_span(mask: np.ndarray) -> tuple[int, int] | None:
 
 def detect_ball(mask: np.ndarray, bricks: np.ndarray, paddle: tuple[int, int] | None,
                 bright: np.ndarray | None = None) -> tuple[int, int] | None:
-    """Top-left (x, y) of the ball, or None when it is not visible.
+    """Top-left (x, y) of the ball, or None when it is not visible (see `detect_balls`)."""
+    balls = detect_balls(mask, bricks, paddle, bright)
+    return balls[0] if balls else None
 
-    The ball is what is left in the play field once bricks and paddle are masked out; the position
-    is the ball-sized window holding most lit pixels (robust to stray pixels in predictions). A ball
-    overlapping a standing brick is hidden by it, as on screen. `bright` (pixels above
-    BALL_NEAR_OBJECT) decides the one-pixel ring around bricks and paddle; without it the ring is
-    left out entirely."""
+
+def detect_balls(mask: np.ndarray, bricks: np.ndarray, paddle: tuple[int, int] | None,
+                 bright: np.ndarray | None = None, most: int = 2) -> list[tuple[int, int]]:
+    """Top-left (x, y) of up to `most` balls, the clearest first (Breakout has one; a generated frame
+    may draw two).
+
+    A ball is what is left in the play field once bricks and paddle are masked out; its position is
+    the ball-sized window holding most lit pixels (robust to stray pixels in predictions), and the
+    next ball is searched with that one (and a margin) blanked; it must light half a ball's pixels. A ball overlapping a standing brick
+    is hidden by it, as on screen. `bright` (pixels above BALL_NEAR_OBJECT) decides the one-pixel
+    ring around bricks and paddle; without it the ring is left out entirely."""
     objects = np.zeros_like(mask)
     brick_pixels = np.repeat(np.repeat(bricks, BRICK_HEIGHT, 0), BRICK_WIDTH, 1)
     objects[BRICK_TOP:BRICK_TOP + brick_pixels.shape[0], FIELD_LEFT:FIELD_RIGHT] = brick_pixels
@@ -161,15 +180,30 @@ def detect_ball(mask: np.ndarray, bricks: np.ndarray, paddle: tuple[int, int] | 
         objects[PADDLE_TOP:PADDLE_BOTTOM, paddle[0]:paddle[1]] = True
     ring = _dilate(objects) & ~objects
     halo = ring if bright is None else ring & ~bright
-    rest = (mask & ~objects & ~halo)[FIELD_TOP:FIELD_BOTTOM, FIELD_LEFT:FIELD_RIGHT]
-    if rest.sum() < BALL_MIN_PIXELS:
-        return None
-    window = _box_sums(rest, BALL_HEIGHT, BALL_WIDTH)
-    y, x = np.unravel_index(np.argmax(window), window.shape)
-    if window[y, x] < BALL_MIN_PIXELS:
-        return None
-    ys, xs = np.nonzero(rest[y:y + BALL_HEIGHT, x:x + BALL_WIDTH])
-    return int(x + xs.min() + FIELD_LEFT), int(y + ys.min() + FIELD_TOP)
+    rest = (mask & ~objects & ~halo)[FIELD_TOP:FIELD_BOTTOM, FIELD_LEFT:FIELD_RIGHT].copy()
+    found = []
+    while len(found) < most and rest.sum() >= BALL_MIN_PIXELS:
+        window = _box_sums(rest, BALL_HEIGHT, BALL_WIDTH)
+        y, x = np.unravel_index(np.argmax(window), window.shape)
+        # a further ball must be half a ball's pixels: a few stray pixels beside a smeared ball are its smear
+        if window[y, x] < (BALL_MIN_PIXELS if not found else SECOND_BALL_PIXELS):
+            break
+        ys, xs = np.nonzero(rest[y:y + BALL_HEIGHT, x:x + BALL_WIDTH])
+        found.append((int(x + xs.min() + FIELD_LEFT), int(y + ys.min() + FIELD_TOP)))
+        rest[max(0, y - BALL_MARGIN):y + BALL_HEIGHT + BALL_MARGIN, max(0, x - BALL_MARGIN):x + BALL_WIDTH + BALL_MARGIN] = False
+    return found
+
+
+def background_grain(level: np.ndarray, balls: list[tuple[int, int]]) -> float:
+    """The share of the empty play field (above and below the brick rows, above the paddle) lit above
+    GRAIN_LEVEL, the balls and their margins left out: 0 on a recorded frame."""
+    lit = level[FIELD_TOP:PADDLE_TOP, FIELD_LEFT:FIELD_RIGHT] > GRAIN_LEVEL
+    empty = np.ones_like(lit)
+    empty[BRICK_TOP - FIELD_TOP:BRICK_TOP - FIELD_TOP + BRICK_ROWS * BRICK_HEIGHT] = False
+    for x, y in balls:
+        top, left = y - FIELD_TOP - BALL_MARGIN, x - FIELD_LEFT - BALL_MARGIN
+        empty[max(0, top):top + BALL_HEIGHT + 2 * BALL_MARGIN, max(0, left):left + BALL_WIDTH + 2 * BALL_MARGIN] = False
+    return float((lit & empty).sum() / max(1, empty.sum()))
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
@@ -203,8 +237,11 @@ def detect_elements(frame) -> Elements:
     mask = level > FOREGROUND
     bricks = detect_bricks(mask)
     paddle = paddle_span(mask)
-    ball = detect_ball(mask, bricks, paddle, bright=level > BALL_NEAR_OBJECT)
-    return Elements(paddle_x=None if paddle is None else paddle[0], ball=ball, bricks=bricks, lives=read_lives(mask))
+    balls = detect_balls(mask, bricks, paddle, bright=level > BALL_NEAR_OBJECT)
+    brick_rows = mask[BRICK_TOP:BRICK_TOP + BRICK_ROWS * BRICK_HEIGHT, FIELD_LEFT:FIELD_RIGHT]
+    return Elements(paddle_x=None if paddle is None else paddle[0], ball=balls[0] if balls else None, bricks=bricks,
+                    lives=read_lives(mask), balls=len(balls), brick_pixels=int(brick_rows.sum()),
+                    grain=background_grain(level, balls))
 
 
 # ------------------------------------------------------------------------------------ events

@@ -44,11 +44,15 @@ from zlib_ng import zlib_ng
 
 from common.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
+from pipeline.palette import MAX_COLOURS, Palette, colour_ids
 from pipeline.png import BadFrame, Ihdr, png_chunks
 from pipeline.shards import PAIRS_FORMAT, SPLITS, TarShardWriter, WrittenShard, atomic_write_json, fsync_dir
 
 DEFAULT_PAIRS_PER_SHARD = 1000      # ~3.5 MB of Breakout pairs: enough shards per split to spread over ranks
 CHUNK_FRAMES = 256                  # frames per worker task
+# The palette is read off one frame in this many (a full decode each: about 1 ms): a game's colours
+# are on screen all the time, so a sample finds them at a fraction of the cost of decoding every frame.
+PALETTE_EVERY = 8
 FRAME_FILE = re.compile(r"(\d+)\.png", re.IGNORECASE)
 STAGING_PREFIX, OLD_PREFIX = ".staging-", ".old-"
 
@@ -87,6 +91,7 @@ class Frame:
     data: bytes | None = None       # the PNG bytes to store; None when rejected
     converted: bool = False
     problem: str | None = None
+    colours: tuple[int, ...] = ()   # its distinct colours (24-bit), for the palette; sampled frames only
 
 
 def check_rgb8_pixels(ihdr: Ihdr, image_data: bytes) -> None:
@@ -129,8 +134,25 @@ def decode_to_rgb_png(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def frame_colours(data: bytes) -> tuple[int, ...]:
+    """The distinct colours of a valid PNG frame, as 24-bit RGB integers."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return tuple(colour_ids(np.asarray(image.convert("RGB"))).tolist())
+
+
 def check_frame(path: Path, frame: Frame, height: int, width: int) -> Frame:
-    """The frame with the bytes to store, or with the reason it is rejected."""
+    """The frame with the bytes to store (and, one frame in PALETTE_EVERY, its colours), or with
+    the reason it is rejected."""
+    checked = check_frame_bytes(path, frame, height, width)
+    if checked.data is None or frame.number % PALETTE_EVERY:
+        return checked
+    return replace(checked, colours=frame_colours(checked.data))
+
+
+def check_frame_bytes(path: Path, frame: Frame, height: int, width: int) -> Frame:
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -332,6 +354,7 @@ class Findings:
     converted: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     episodes_without_pairs: list[str] = field(default_factory=list)
+    colours: set[int] = field(default_factory=set)     # of the sampled frames (PALETTE_EVERY)
 
     def any_problem(self) -> bool:
         return bool(self.rejected or self.missing or self.warnings)
@@ -369,6 +392,8 @@ def write_pairs(src: Path, episodes: list[Episode], writers: dict[str, SplitWrit
             if chunk.first:
                 note_scan(episode, findings, options.strict)
             for frame in chunk.frames:
+                if len(findings.colours) <= MAX_COLOURS:
+                    findings.colours.update(frame.colours)
                 if frame.problem:
                     findings.rejected.append({"file": frame.file, "reason": frame.problem})
                 elif frame.converted:
@@ -401,7 +426,15 @@ def build_manifest(options: PackOptions, episodes: list[Episode], shards: dict[s
             "seed": options.seed, "fractions": list(options.fractions),
             "pairs_per_shard": options.pairs_per_shard, "splits": splits,
             "rejected": findings.rejected, "missing": findings.missing, "converted": findings.converted,
-            "episodes_without_pairs": findings.episodes_without_pairs, "warnings": findings.warnings}
+            "episodes_without_pairs": findings.episodes_without_pairs, "warnings": findings.warnings,
+            **palette_entry(findings.colours)}
+
+
+def palette_entry(colours: set[int]) -> dict:
+    """The manifest's "palette" (the game's colours, pipeline/palette.py), when the frames have one."""
+    if not colours or len(colours) > MAX_COLOURS:
+        return {}
+    return {"palette": Palette.from_ids(colours).to_json()}
 
 
 def remove_leftovers(out: Path) -> None:

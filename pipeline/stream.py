@@ -128,18 +128,29 @@ def decode_codes(data: bytes) -> torch.Tensor:
     return torch.from_numpy(codes.astype(np.int64))
 
 
+def decode_action_code(data: bytes) -> int:
+    """action.npy: the per-frame action code of a LAM that has one (a scalar, or shape (1,))."""
+    code = np.load(io.BytesIO(data), allow_pickle=False)
+    if code.size != 1:
+        raise ValueError(f"action.npy has {code.size} values, expected one")
+    return int(code.reshape(-1)[0])
+
+
 FRAMES = ("cur", "next", "prev")       # "prev" only in shards of a model with context
 
 
 def decode_latent_sample(sample: dict, grayscale: bool = True, with_meta: bool = False) -> dict:
     """A raw webdataset sample of a latent shard -> {"key", "cur", "codes", "next"} (+ "prev",
-    "prev_valid" where the shard has frame t-1; + "meta"), frames still uint8 (H, W, C): the float
-    conversion runs once per batch where there are batches."""
+    "prev_valid" where the shard has frame t-1; + "action_code" where the LAM has a per-frame
+    action code; + "meta"), frames still uint8 (H, W, C): the float conversion runs once per batch
+    where there are batches."""
     out = {"key": sample["__key__"],
            "cur": decode_png(sample["cur.png"]),
            "codes": decode_codes(sample["codes.npy"]),
            "next": decode_png(sample["next.png"])}
     meta = json.loads(sample["json"]) if with_meta or "prev.png" in sample else None
+    if "action.npy" in sample:
+        out["action_code"] = decode_action_code(sample["action.npy"])
     if "prev.png" in sample:
         out["prev"] = decode_png(sample["prev.png"])
         out["prev_valid"] = bool(meta.get("prev_valid", True))
@@ -157,6 +168,8 @@ def collate_latent(samples: list[dict], grayscale: bool) -> dict:
     """Stack a batch: frames float (B, C, H, W), codes int64 (B, 7, 5), prev_valid bool (B,), keys
     (and metas) as lists."""
     batch = {"key": [s["key"] for s in samples], "codes": torch.stack([s["codes"] for s in samples])}
+    if "action_code" in samples[0]:
+        batch["action_code"] = torch.tensor([s["action_code"] for s in samples], dtype=torch.int64)
     for name in FRAMES:
         if name in samples[0]:
             batch[name] = to_model_input(torch.stack([s[name] for s in samples]), grayscale)

@@ -26,8 +26,9 @@ import play
 from control import Controller, ControllerConfig, Simulator, save_controller
 from control.controllability import direction_score
 from control.data import read_episodes
-from control.rollout import HorizonMeter, run_rollouts
+from control.rollout import run_rollouts
 from control.server import STATIC_DIR, Game, StartFrame, make_server
+from control.simulator import Choice
 from model import load_checkpoint
 from evaluation.events import PADDLE_BOTTOM, PADDLE_TOP, detect_elements
 
@@ -62,8 +63,8 @@ def test_rollout_yields_frames_fed_back_in(sim, episodes):
     assert len(out) == 3 and all(f.shape == (2, 1, 210, 160) for f in out)
     assert all(0 <= float(f.min()) and float(f.max()) <= 1 for f in out)
     # step 2 decodes step 1's frame: the model's own output is its next input
-    codes = sim.codes(out[0], frames[1:3], torch.tensor([3, 3]))
-    assert torch.allclose(sim.decode(out[0], codes), out[1])
+    choice = sim.codes(out[0], frames[1:3], torch.tensor([3, 3]))
+    assert torch.allclose(sim.draw(out[0], choice), out[1])
 
 
 def test_a_context_lam_decodes_with_the_previous_frame(context_checkpoint, controller_path, episodes):
@@ -75,31 +76,72 @@ def test_a_context_lam_decodes_with_the_previous_frame(context_checkpoint, contr
     frames, actions = episodes[0].frames, torch.tensor([[2, 3, 0], [3, 3, 1]])
     out = list(sim.rollout(frames[1:3], frames[0:2], actions))
     for step, (cur, prev) in enumerate([(frames[1:3], frames[0:2]), (out[0], frames[1:3]), (out[1], out[0])]):
-        codes = sim.codes(cur, prev, actions[:, step])
-        torch.testing.assert_close(sim.decode(cur, codes, prev), out[step], rtol=0, atol=1e-6)
+        choice = sim.codes(cur, prev, actions[:, step])
+        torch.testing.assert_close(sim.draw(cur, choice, prev), out[step], rtol=0, atol=1e-6)
 
 
-def test_rollout_metrics_have_one_value_per_horizon(sim, episodes):
+def test_rollout_metrics_have_one_value_per_horizon_for_each_kind(sim, episodes):
     result = run_rollouts(sim, episodes, horizon=4, count=5, batch_size=3, gif_starts=1)
     curves = result.curves
     assert curves["horizon"] == [1, 2, 3, 4] and len(result.starts) == 5
-    for name in ("psnr", "psnr_copy", "psnr_changed", "paddle_error_px", "ball_found", "bricks_broken_real"):
-        assert len(curves[name]) == 4
-    assert all(v is not None and 5 < v < 80 for v in curves["psnr"] + curves["psnr_copy"])
-    real, model = next(iter(result.gif_frames.values()))
-    assert real.shape == model.shape == (5, 1, 210, 160) and torch.equal(real[0], model[0])
+    for kind in ("codes", "controller"):
+        for name in ("psnr", "paddle_found", "paddle_within_2px", "ball_found", "ball_phantom", "two_balls",
+                     "bricks_lost_real", "bricks_lost_model", "bricks_off", "bricks_back", "grain"):
+            assert len(curves[kind][name]) == 4, (kind, name)
+        assert all(v is not None and 5 < v < 80 for v in curves[kind]["psnr"])
+    assert all(v is not None and 5 < v < 80 for v in curves["copy"]["psnr"])
+    panels = next(iter(result.gif_frames.values()))
+    assert panels["real"].shape == panels["codes"].shape == panels["controller"].shape == (5, 1, 210, 160)
+    assert torch.equal(panels["real"][0], panels["codes"][0])
 
 
-def test_horizon_meter_scores_a_perfect_model_as_infinite_psnr():
+def test_recorded_codes_replay_the_recording_one_step_at_a_time(sim, episodes):
+    """Kind "codes" feeds the decoder the codes extracted from the recording: its first step is the
+    LAM's own reconstruction of the recorded transition."""
+    e = episodes[0]
+    first = next(sim.rollout(e.frames[1:3], e.frames[0:2], codes=e.codes[1:3, None]))
+    torch.testing.assert_close(first, sim.lam.decode(e.frames[1:3], e.codes[1:3], e.frames[0:2]).clamp(0, 1))
+
+
+def test_snapping_puts_every_pixel_on_the_palette(sim, episodes):
+    from dataclasses import replace
+
+    from pipeline.palette import frame_levels
+
+    levels = frame_levels(torch.cat([e.frames for e in episodes]))
+    snapped = replace(sim, palette=levels)
+    frame = next(snapped.rollout(episodes[0].frames[1:2], episodes[0].frames[0:1], codes=episodes[0].codes[1:2, None]))
+    assert set(torch.unique(frame).tolist()) <= set(levels.flatten().tolist())
+
+
+def test_a_brick_that_comes_back_is_counted_and_two_balls_are_seen():
+    from control.rollout import BricksGone
+
+    start = torch.zeros(1, 210, 160)
+    start[:, 57:93, 8:152] = 0.5                       # a full wall
+    broken = start.clone()
+    broken[:, 57:63, 8:16] = 0                          # one brick gone
+    elements = [detect_elements(f) for f in (start, broken, start)]
+    gone = BricksGone([elements[0]])
+    assert gone.update([elements[1]]) == [False] and gone.update([elements[2]]) == [True]
+    two = broken.clone()
+    two[:, 120:124, 50:52] = 0.43
+    two[:, 140:144, 90:92] = 0.43
+    assert detect_elements(two).balls == 2 and detect_elements(broken).balls == 0
+
+
+def test_kind_meter_scores_a_perfect_model_as_infinite_psnr():
+    from control.rollout import KindMeter
+
     start, real = torch.zeros(2, 1, 210, 160), torch.zeros(2, 1, 210, 160)
-    real[:, :, 100:110, 50:60] = 1.0
-    elements = [detect_elements(frame) for frame in real]
-    meter = HorizonMeter(1)
-    meter.update(0, start, real, real.clone(), [detect_elements(f) for f in start], elements, elements)
+    real[:, :, 100:104, 50:52] = 0.43                  # a ball
+    meter = KindMeter(1)
+    meter.frames[0].update(real.clone(), real, start)
+    for frame, begin in zip(real, start):
+        meter.counts[0].update(detect_elements(frame), detect_elements(frame), detect_elements(begin), False)
     curves = meter.curves()
     assert curves["psnr"] == [None] and curves["psnr_changed"] == [None]          # MSE 0: infinite, JSON null
-    assert curves["psnr_copy"][0] == pytest.approx(10 * np.log10(210 * 160 / 100))
-    assert curves["psnr_changed_copy"] == [0.0]                                  # every changed pixel wrong by 1
+    assert curves["two_balls"] == [0.0] and curves["bricks_back"] == [0.0] and curves["grain"] == [0.0]
 
 
 def test_controllability_excludes_walls_and_fails_a_lost_paddle():
@@ -121,13 +163,15 @@ def test_rollout_cli_writes_report_gifs_and_figures(tiny_checkpoint, controller_
                       "--gifs", "2", "--control-starts", "6", "--control-steps", "3", "--batch-size", "4"])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["rollouts"]["curves"]["psnr"]) == 6 and metrics["controllability"]["starts"] == 6
+    curves = metrics["rollouts"]["curves"]
+    assert len(curves["codes"]["psnr"]) == len(curves["controller"]["psnr"]) == 6
+    assert metrics["controllability"]["starts"] == 6 and metrics["palette"]
     assert set(metrics["controllability"]["controller"]) == {"left", "right"}
     for name in metrics["gifs"]:
         gif = Image.open(out / name)
         assert gif.format == "GIF" and gif.n_frames == 7 and gif.size == (2 * (3 * 160 + 8), 2 * 210)
     report = (out / "report.md").read_text()
-    assert "Controllability" in report and "copy" in report and (out / "curves.png").is_file()
+    assert "Controllability" in report and "## Goals" in report and "copy" in report and (out / "curves.png").is_file()
     assert play.main(["rollout", "--checkpoint", str(tiny_checkpoint), "--controller", str(controller_path),
                       "--latent", str(latent_dir), "--out", str(out), "--horizon", "5000"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: ")
@@ -367,10 +411,10 @@ class PaddleScript:
     left. The browser test checks the page and the server's wiring, not what a model learned."""
 
     def codes(self, cur, prev, action, random_codes=None):
-        return action.view(-1, 1, 1).expand(-1, 7, 5).clone()
+        return Choice(action.view(-1, 1, 1).expand(-1, 7, 5).clone(), None)
 
-    def decode(self, cur, codes, prev=None):
-        shift = {2: 4, 3: -4}.get(int(codes[0, 0, 0]), 0)
+    def draw(self, cur, choice, prev=None):
+        shift = {2: 4, 3: -4}.get(int(choice.grid[0, 0, 0]), 0)
         x = detect_elements(cur[0]).paddle_x
         nxt = cur.clone()
         if x is not None:
