@@ -32,7 +32,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from common.errors import UserError
 from pipeline.frames import GRID, to_model_input
-from pipeline.pair_index import decode_png_rgb
+from pipeline.png import decode_png
 from pipeline.shards import LATENT_FORMAT, SPLITS, load_manifest, read_index
 
 ZSTD_SUFFIX = ".zst"
@@ -116,11 +116,6 @@ def indexed_samples(url: str) -> int | None:
 
 
 # ----------------------------------------------------------------------------------- decoding
-def decode_png(data: bytes) -> torch.Tensor:
-    """PNG bytes -> uint8 (H, W, 3); gray conversion is left to `to_model_input`, as in the loaders."""
-    return torch.from_numpy(decode_png_rgb(data).copy())
-
-
 def decode_codes(data: bytes) -> torch.Tensor:
     codes = np.load(io.BytesIO(data), allow_pickle=False)
     if codes.shape != GRID:
