@@ -64,10 +64,11 @@ def episode_and_step(key: str) -> tuple[str, int] | None:
     return (episode, int(step)) if episode and step.isdigit() else None
 
 
-def build_pair_index(shard_dir: Path, split: str) -> PairIndex:
-    """Read the manifest and the `.idx` of every shard of `split`; clear errors for anything missing."""
+def build_pair_index(shard_dir: Path, split: str, manifest: dict | None = None) -> PairIndex:
+    """Read the manifest (unless the caller passes it, already read) and the `.idx` of every shard of
+    `split`; clear errors for anything missing."""
     shard_dir = Path(shard_dir)
-    manifest = load_manifest(shard_dir, PAIRS_FORMAT)
+    manifest = manifest if manifest is not None else load_manifest(shard_dir, PAIRS_FORMAT)
     entries = split_shards(shard_dir, manifest, split)
     frame = manifest.get("frame") or {}
     height, width = int(frame.get("height", FRAME_HEIGHT)), int(frame.get("width", FRAME_WIDTH))
