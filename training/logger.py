@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.figures import Example, reconstruction_grid
+from evaluation.examples import Example
+from evaluation.figures import reconstruction_grid
 from pipeline.shards import atomic_write_bytes
 
 
