@@ -48,12 +48,16 @@ class ExtractConfig:
     device: str | None = flag(None, "cuda or cpu (default: cuda when available; under torchrun each rank its own GPU)")
     backend: str | None = flag(None, "frame decoding backend of the loader (default: dali when installed)",
                                choices=("dali", "torch"))
+    loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
+                                            "(default: the machine's cores shared among its ranks)")
     compile: bool = flag(True, "torch.compile the encoder (on GPUs only)")
     progress: bool = True
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.loader_threads is not None and self.loader_threads < 1:
+            raise UserError(f"--loader-threads must be at least 1, got {self.loader_threads}")
 
 
 @dataclass
@@ -89,13 +93,14 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             for split in SPLITS:
                 split_jobs = [job for job in mine if job.split == split]
                 if split_jobs:
-                    extract_split(split_jobs, cfg, pair_manifest, lam, identity, device, bar)
-        if cfg.zstd:
+                    extract_split(split_jobs, cfg, pair_manifest, lam, identity, ranks, device, bar)
+        ranks.barrier()                          # every rank's shards are whole
+        if cfg.zstd:                             # (copies of any shard, so after the barrier)
             for job in ranks.share(jobs):
                 ensure_zstd(job)
-        ranks.barrier()                          # every rank's shards are whole: the manifest may vouch for them
+            ranks.barrier()
         manifest = None
-        if ranks.main:
+        if ranks.main:                           # the manifest vouches for every rank's shards
             manifest = build_manifest(cfg.shards, pair_manifest, jobs, identity, cfg.zstd)
             atomic_write_json(cfg.out / "manifest.json", manifest)
     return ExtractResult(manifest, written=len(todo), skipped=len(jobs) - len(todo))
@@ -130,11 +135,12 @@ def coded_pairs(loader, encode) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def extract_split(jobs: Sequence[ShardJob], cfg: ExtractConfig, pair_manifest: dict, lam,
-                  identity: CheckpointIdentity, device: torch.device, progress: tqdm) -> None:
+                  identity: CheckpointIdentity, ranks: Ranks, device: torch.device, progress: tqdm) -> None:
     """Write the latent shards of `jobs` (all of one split), walking only their pairs."""
     loader = in_order_loader(cfg.shards, jobs[0].split, cfg.batch_size, grayscale=identity.color == "gray",
                              backend=cfg.backend, device=device, context=identity.context,
-                             runs=[job.run for job in jobs], manifest=pair_manifest)
+                             runs=[job.run for job in jobs], manifest=pair_manifest,
+                             threads=cfg.loader_threads or ranks.cores)
     # frame t-1's bytes, read by frame id: the pair (t-1, t) may sit in the shard before, or on another rank
     previous = PreviousFrames(loader.index) if identity.context else None
     coded = coded_pairs(loader, make_encoder(lam, device, cfg.compile and device.type == "cuda"))
