@@ -46,6 +46,11 @@ class Ranks:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def cores(self) -> int:
+        """This rank's share of the machine's CPU cores."""
+        return max(1, (os.cpu_count() or 1) // self.local_world_size)
+
     def share(self, items: Sequence[T]) -> list[T]:
         """This rank's items: every world_size-th, from its rank on (round robin: equal counts, and
         neighbours, often alike in cost, on different ranks)."""
@@ -88,7 +93,7 @@ def process_group(device: str | torch.device | None) -> Iterator[tuple[Ranks, to
         torch.cuda.set_device(ranks.local_rank)           # so the device rule picks this rank's GPU
     resolved = resolve_device(device)
     if resolved.type == "cpu" and ranks.local_world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.local_world_size))
+        torch.set_num_threads(ranks.cores)
     joined = ranks.distributed and not dist.is_initialized()
     if joined:
         backend = "cpu:gloo,cuda:nccl" if resolved.type == "cuda" else "gloo"

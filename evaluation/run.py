@@ -47,11 +47,15 @@ class EvaluateConfig:
     seed: int = flag(0, "random codes for ΔPSNR, t-SNE, probes")
     device: str | None = flag(None, "auto (default), cpu or cuda; under torchrun each rank its own GPU")
     backend: str | None = flag(None, "data loader (default: dali where installed)", choices=("dali", "torch"))
+    loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
+                                            "(default: the machine's cores shared among its ranks)")
     progress: bool = True
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.loader_threads is not None and self.loader_threads < 1:
+            raise UserError(f"--loader-threads must be at least 1, got {self.loader_threads}")
         self.out = self.out or Path("reports") / self.split
 
 
@@ -69,7 +73,7 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
         first, stop = batch_share(pairs, cfg.batch_size, ranks)
         loader = in_order_loader(cfg.shards, cfg.split, cfg.batch_size, grayscale=identity.color == "gray",
                                  backend=cfg.backend, device=device, context=identity.context,
-                                 runs=[(first, stop)], manifest=manifest)
+                                 runs=[(first, stop)], manifest=manifest, threads=cfg.loader_threads or ranks.cores)
         state = evaluate_pass(loader, lam, device, first=first, progress=cfg.progress and ranks.main,
                               random=random_codes(pairs, lam.config.codebook_size, cfg.seed))
         scores = {name: meter.compute() for name, meter in                # collectives: on every rank

@@ -427,13 +427,13 @@ def spread_sample(episodes: np.ndarray, n: int, seed: int) -> np.ndarray:
 def in_order_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: bool,
                     backend: str | None = None, device: str | torch.device | None = None,
                     context: int = 0, runs: Sequence[tuple[int, int]] | None = None,
-                    manifest: dict | None = None) -> PairLoader:
+                    manifest: dict | None = None, threads: int | None = None) -> PairLoader:
     """Every pair of `split` once (or those of `runs`, see build_loader), in manifest order, with keys
     and no cache: what extraction and evaluation walk (the decoded-frame cache pays only from the
     second epoch on)."""
     return build_loader(shards, split, batch_size, grayscale=grayscale, shuffle=False, drop_last=False,
                         with_keys=True, backend=backend or default_backend(), device=device, cache=False,
-                        context=context, runs=runs, manifest=manifest)
+                        context=context, runs=runs, manifest=manifest, threads=threads)
 
 
 def default_backend() -> str:
