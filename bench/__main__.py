@@ -13,7 +13,7 @@ import time
 
 from bench.common import ROOT, machine
 
-BENCHMARKS = ["pack", "loader", "train", "extract"]
+BENCHMARKS = ["pack", "loader", "train", "extract", "scale"]
 OUTPUT = ROOT / "BENCHMARKS.md"
 
 

@@ -79,25 +79,26 @@ def naive_pairs_per_s(shards: Path, checkpoint: Path, limit: int) -> float:
 
 def pipeline_run(shards: Path, checkpoint: Path, backend: str) -> tuple[float, int]:
     """(seconds, pairs) of a fresh `extract.py` run over every split."""
-    import extract
+    from model.extraction import ExtractConfig, extract
 
     out = BENCH_OUT / f"extract-latent-{backend}"
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    result = extract.extract(shards, checkpoint, out, batch_size=BATCH_SIZE, backend=backend, progress=False)
+    result = extract(ExtractConfig(shards, checkpoint, out, batch_size=BATCH_SIZE, backend=backend, progress=False))
     elapsed = time.perf_counter() - started
     return elapsed, sum(split["pairs"] for split in result.manifest["splits"].values())
 
 
 def zstd_run(shards: Path, checkpoint: Path, backend: str) -> tuple[float, float]:
     """(seconds, compressed/plain size) of adding `.tar.zst` copies to a finished output (no re-encoding)."""
-    import extract
+    from model.extraction import ExtractConfig, extract
+    from pipeline.latent import zstd_ratio
 
     out = BENCH_OUT / f"extract-latent-{backend}"
     started = time.perf_counter()
-    result = extract.extract(shards, checkpoint, out, batch_size=BATCH_SIZE, backend=backend, with_zstd=True,
-                             progress=False)
-    return time.perf_counter() - started, extract.zstd_ratio(result.manifest, out)
+    result = extract(ExtractConfig(shards, checkpoint, out, batch_size=BATCH_SIZE, backend=backend, zstd=True,
+                                   progress=False))
+    return time.perf_counter() - started, zstd_ratio(result.manifest, out)
 
 
 def available_backends() -> list[str]:
@@ -107,6 +108,8 @@ def available_backends() -> list[str]:
 
 
 def run() -> str:
+    from pipeline.latent import ZSTD_LEVEL
+
     shards = pair_shards(recorded_videos(episodes=EPISODES, max_steps=MAX_STEPS))
     checkpoint = demo_checkpoint(shards)
     naive = naive_pairs_per_s(shards, checkpoint, NAIVE_PAIRS)
@@ -123,6 +126,6 @@ def run() -> str:
         f"Demo-architecture checkpoint (`--preset demo`, 20 steps), {device}; pairs/s end to end "
         "(decode, encode, write tars and indexes).", "",
         markdown_table(["method", "pairs/s", "vs naive"], rows), "",
-        f"`--zstd` on the finished output (compression only, level {__import__('extract').ZSTD_LEVEL}): "
+        f"`--zstd` on the finished output (compression only, level {ZSTD_LEVEL}): "
         f"the `.tar.zst` copies are {ratio:.3f} of the tar size ({1 / ratio:.1f}x smaller; consecutive "
         f"pairs share a frame, so most PNG bytes repeat within zstd's window), {zstd_seconds:.1f} s for all shards."])

@@ -133,16 +133,16 @@ def full_preset_speed(shards: Path, steps: int, compile: bool) -> dict:
 
 
 def extraction_rate(shards: Path, out: Path) -> dict:
-    import extract
     import train
+    from model.extraction import ExtractConfig, extract
 
     ckpt = out / "checkpoint"
     code = train.main(["--shards", str(shards), "--preset", "full", "--iters", "20", "--out", str(ckpt),
                        "--run-dir", str(out / "run"), "--wandb", "disabled", "--no-compile"])
     assert code == 0, "training the extraction checkpoint failed"
     started = time.perf_counter()
-    result = extract.extract(shards, ckpt / "step-000020.pt", out / "latent", batch_size=256, overwrite=True,
-                             progress=False)
+    result = extract(ExtractConfig(shards, ckpt / "step-000020.pt", out / "latent", batch_size=256, overwrite=True,
+                                   progress=False))
     pairs = sum(split["pairs"] for split in result.manifest["splits"].values())
     return {"pairs": pairs, "pairs_per_s": pairs / (time.perf_counter() - started)}
 

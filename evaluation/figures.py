@@ -3,7 +3,6 @@ difference heat-maps, and codes by gameplay event. Each function draws one figur
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -14,28 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from evaluation.code_analysis import EVENT_KINDS  # noqa: E402
+from evaluation.examples import Example  # noqa: E402
 from pipeline.shards import atomic_write_bytes  # noqa: E402
-
-
-@dataclass
-class Example:
-    """One pair to show: frames float (H, W) gray or (H, W, 3) RGB in [0, 1]."""
-
-    key: str
-    cur: np.ndarray
-    next: np.ndarray
-    pred: np.ndarray
-    changed_pixels: int
-
-    @classmethod
-    def of(cls, key: str, cur: np.ndarray, nxt: np.ndarray, pred: np.ndarray) -> "Example":
-        """From model-layout frames (C, H, W) in [0, 1]."""
-        return cls(key, as_image(cur), as_image(nxt), as_image(pred), int((cur != nxt).sum()))
-
-
-def as_image(frame: np.ndarray) -> np.ndarray:
-    """(C, H, W) -> (H, W) gray or (H, W, 3) RGB."""
-    return frame[0] if frame.shape[0] == 1 else frame.transpose(1, 2, 0)
 
 
 def save_figure(fig, path: Path, dpi: int = 90) -> Path:

@@ -11,7 +11,8 @@ beat copying frame t.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -121,6 +122,16 @@ class ElementMeter:
     broken_shown: int = 0
     bricks_broken_true: int = 0                             # bricks present in frame t, gone in the true t+1
     bricks_broken_pred: int = 0                             # ... gone in the prediction
+
+    @classmethod
+    def merged(cls, meters: Sequence["ElementMeter"]) -> "ElementMeter":
+        """One meter holding what all of `meters` saw (DDP ranks' shares, in rank order): counts add,
+        per-pair errors are joined in order, so the means are those of one pass over the split."""
+        joined = cls(tolerance_px=meters[0].tolerance_px)
+        for meter in meters:
+            for name in (f.name for f in fields(cls) if f.name != "tolerance_px"):
+                setattr(joined, name, getattr(joined, name) + getattr(meter, name))
+        return joined
 
     def update(self, pred: Elements, truth: Elements, cur: Elements) -> None:
         self._update_paddle(pred, truth, cur)

@@ -274,3 +274,29 @@ def write_summary(root: Path) -> Path | None:
     path = Path(root) / "summary.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
     return path
+
+
+# ------------------------------------------------------------------------------------ headline
+def headline(metrics: dict) -> str:
+    model, copy = metrics["model"], metrics["copy_baseline"]
+    parts = [f"PSNR {num(model['psnr'])} dB (copy frame t: {num(copy['psnr'])})",
+             f"SSIM {num(model['ssim'])} (copy: {num(copy['ssim'])})",
+             f"changed pixels {num(model['psnr_changed'])} dB (copy: {num(copy['psnr_changed'])})",
+             f"ΔPSNR {num(metrics['delta_psnr'])} dB",
+             f"codes used {pct(metrics['codebook']['used_fraction'], 0)}, "
+             f"perplexity {num(metrics['codebook']['perplexity'], 1)}"]
+    paddle, ball = (metrics["elements"][name] for name in ("paddle", "ball"))
+    parts.append(f"paddle within 2 px {pct(paddle['model']['within_2px'], 0)} "
+                 f"(copy {pct(paddle['copy_baseline']['within_2px'], 0)}), missing {pct(paddle['model']['missing'], 0)}; "
+                 f"ball within 2 px {pct(ball['model']['within_2px'], 0)} (copy {pct(ball['copy_baseline']['within_2px'], 0)}), "
+                 f"missing {pct(ball['model']['missing'], 0)}")
+    move = (metrics.get("actions") or {}).get("move")
+    if move:
+        parts.append(f"paddle move from codes {pct(move['codes_linear'], 0)} linear / {pct(move['codes_mlp'], 0)} MLP "
+                     f"(frame t alone {pct(move['frame_t'], 0)}, pixel difference {pct(move['pixel_diff'], 0)}, "
+                     f"majority {pct(move['majority'], 0)})")
+    bins = (metrics.get("actions") or {}).get("move_bins")
+    if bins:
+        parts.append(f"paddle displacement (5 bins) from codes {pct(bins['codes_linear'], 0)} linear "
+                     f"(pixel difference {pct(bins['pixel_diff'], 0)}, majority {pct(bins['majority'], 0)})")
+    return "; ".join(parts)

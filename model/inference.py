@@ -1,9 +1,8 @@
-"""Running a trained model outside the training loop (extract.py, evaluate.py, downstream code):
+"""Running a trained model outside the training loop (extraction, evaluation, downstream code):
 loading it with its identity, the autocast rule shared with the trainer, and how codes are stored."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,34 +12,32 @@ from common.device import cpu_native_bf16
 from common.errors import UserError
 from model.checkpoint import load_checkpoint
 from model.lam import LatentActionModel
+from pipeline.latent import CODE_DTYPES, CheckpointIdentity, code_dtype
 
-CODE_DTYPE = np.uint8          # codes are stored one byte each (codes.npy): at most 256 codes
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-
-
-@dataclass(frozen=True)
-class CheckpointIdentity:
-    path: str
-    sha256: str
-    step: int
-    color: str                 # "gray" | "rgb": the colour mode the model was trained in
-    context: int = 0           # 1: the model takes frame t-1 too (ModelConfig.context)
+__all__ = ["AMP_MODES", "CheckpointIdentity", "autocast", "autocast_dtype", "codes_to_array", "load_model"]
 
 
 def load_model(path: Path, device: torch.device) -> tuple[LatentActionModel, CheckpointIdentity]:
     """The model in eval mode and its identity (the sha256 of the bytes its weights came from, not
     of a second read that a replaced file could answer); clear errors for an unusable checkpoint."""
     lam = load_checkpoint(path, device)
-    if lam.config.codebook_size > np.iinfo(CODE_DTYPE).max + 1:
-        raise UserError(f"{path}: codebook of {lam.config.codebook_size} codes does not fit the uint8 codes.npy")
+    size = lam.config.codebook_size
+    try:
+        code_dtype(size)
+    except ValueError as error:
+        raise UserError(f"{path}: {error}") from None
     identity = CheckpointIdentity(str(path), lam.sha256, int(lam.step),
-                                  "gray" if lam.config.in_channels == 1 else "rgb", lam.config.context)
+                                  "gray" if lam.config.in_channels == 1 else "rgb", lam.config.context, size)
     return lam, identity
 
 
-def codes_to_array(codes: torch.Tensor) -> np.ndarray:
-    """Codes (B, 7, 5) int64 on any device -> the stored form: CODE_DTYPE on the CPU."""
-    return codes.to("cpu", torch.uint8).numpy().astype(CODE_DTYPE, copy=False)
+def codes_to_array(codes: torch.Tensor, codebook_size: int | None = None) -> np.ndarray:
+    """Codes (B, 7, 5) int64 on any device -> the stored form on the CPU: the smallest unsigned type
+    that holds `codebook_size` codes (pipeline.latent.code_dtype); without a size, the widest stored
+    type, so that no code wraps whatever the codebook."""
+    dtype = code_dtype(codebook_size) if codebook_size is not None else np.dtype(CODE_DTYPES[-1])
+    return codes.to("cpu", torch.int64).numpy().astype(dtype)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

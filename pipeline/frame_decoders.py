@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from pipeline.pair_index import FrameReader, PairIndex, decode_png_rgb, raise_for_bad_frames
+from pipeline.pair_index import FrameReader, PairIndex, raise_for_bad_frames
+from pipeline.png import decode_png_rgb
 
 Job = np.ndarray        # int64 frame ids, decoded together
 

@@ -17,6 +17,8 @@ How it works, shared by both backends (they differ only in the decoder, pipeline
 - Sampling (EpochSchedule): epoch e visits the split in a fresh permutation drawn from (seed, e) over
   the whole split, so a batch mixes episodes; shuffle=False keeps manifest order. Each DDP rank takes
   a contiguous slice of that order; with drop_last every rank gets the same number of batches.
+  Extraction and evaluation walk given runs of pairs in order instead (RunSchedule: a batch never
+  spans two runs), so that their batches do not depend on how the work is shared among ranks.
 - Frames: if the split's unique frames fit `cache_budget_gb` (uint8, gray frames take a third of RGB),
   the first pass decodes each unique frame exactly once into a cache on the device and every batch
   afterwards is a gather from it; otherwise each batch decodes its unique frames (in-order batches
@@ -98,10 +100,34 @@ class EpochSchedule:
         return [share[i * size:(i + 1) * size] for i in range(start, self.batches_per_epoch)]
 
 
+@dataclass(frozen=True)
+class RunSchedule:
+    """Runs of consecutive pairs, [start, stop) positions in the split, walked in order, each cut into
+    batches of its own: a batch never spans two runs. Extraction gives one run per shard, so a
+    shard's batches, and so its codes, do not depend on which shards a rank or a re-run walks;
+    evaluation gives each rank whole batches of the single-process walk. Every epoch is the same."""
+
+    runs: tuple[tuple[int, int], ...]
+    batch_size: int
+
+    def pair_order(self, epoch: int) -> np.ndarray:
+        return np.concatenate([np.arange(start, stop) for start, stop in self.runs] or [np.zeros(0, np.int64)])
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return sum(math.ceil((stop - start) / self.batch_size) for start, stop in self.runs)
+
+    def batches(self, epoch: int, start: int = 0) -> list[np.ndarray]:
+        size = self.batch_size
+        every = [np.arange(first, min(first + size, stop)) for begin, stop in self.runs
+                 for first in range(begin, stop, size)]
+        return every[start:]
+
+
 class PairLoader:
     """Iterable over batches of pairs; see the module docstring. Built by `build_loader`."""
 
-    def __init__(self, index: PairIndex, schedule: EpochSchedule, decoder: FrameDecoder, *,
+    def __init__(self, index: PairIndex, schedule: EpochSchedule | RunSchedule, decoder: FrameDecoder, *,
                  grayscale: bool, device: torch.device, with_keys: bool, cache: bool, prefetch: int = 2,
                  context: int = 0):
         self.index, self.schedule, self.decoder, self.prefetch = index, schedule, decoder, prefetch
@@ -324,7 +350,8 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
                  shuffle: bool = True, seed: int = 0, backend: str = "dali", device: str | torch.device | None = None,
                  rank: int = 0, world_size: int = 1, drop_last: bool = True, with_keys: bool = False,
                  context: int = 0, cache: bool | None = None, cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB,
-                 threads: int | None = None, prefetch: int = 2, sample: int = 0) -> PairLoader:
+                 threads: int | None = None, prefetch: int = 2, sample: int = 0,
+                 runs: Sequence[tuple[int, int]] | None = None, manifest: dict | None = None) -> PairLoader:
     """Loader over `<shards>/<split>` pair shards (DESIGN.md, "Loader").
 
     context: 0 yields {"cur", "next"}; 1 adds "prev" (frame t-1 of the same episode, shaped like
@@ -340,6 +367,9 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
       prefetch         batches made ahead of the consumer (and decoder jobs in flight ahead of those).
       sample           walk only a fixed sample of this many pairs, drawn with `seed` across every
                        episode of the split (`spread_sample`); 0: every pair.
+      runs             walk only these [start, stop) runs of pair positions, in order, each cut into
+                       batches of its own (RunSchedule); not with shuffle, sample or world_size > 1.
+      manifest         the split's manifest, when the caller has already read it (read here otherwise).
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown loader backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -351,12 +381,18 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
         raise UserError(f"seed must be non-negative, got {seed}")
     if context not in CONTEXTS:
         raise UserError(f"context must be 0 (frames t, t+1) or 1 (frame t-1 too), got {context!r}")
+    if runs is not None and (shuffle or sample or world_size > 1):
+        raise ValueError("runs walk given pairs in order: not with shuffle, sample or world_size > 1")
     device = resolve_device(device)
-    index = build_pair_index(Path(shards), split)
-    subset = spread_sample(index.episodes, sample, seed) if 0 < sample < index.num_pairs else None
-    schedule = EpochSchedule(num_pairs=index.num_pairs if subset is None else len(subset), batch_size=batch_size,
-                             shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
-                             subset=None if subset is None else tuple(subset.tolist()))
+    index = build_pair_index(Path(shards), split, manifest)
+    if runs is not None:
+        schedule = RunSchedule(tuple((int(start), int(stop)) for start, stop in runs), batch_size)
+    else:
+        subset = spread_sample(index.episodes, sample, seed) if 0 < sample < index.num_pairs else None
+        schedule = EpochSchedule(num_pairs=index.num_pairs if subset is None else len(subset),
+                                 batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank,
+                                 world_size=world_size, drop_last=drop_last,
+                                 subset=None if subset is None else tuple(subset.tolist()))
     threads = threads or default_threads()
     if backend == "dali":
         _require_dali()
@@ -390,12 +426,14 @@ def spread_sample(episodes: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def in_order_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: bool,
                     backend: str | None = None, device: str | torch.device | None = None,
-                    context: int = 0) -> PairLoader:
-    """Every pair of `split` once, in manifest order, with keys and no cache: what extraction and
-    evaluation walk (the decoded-frame cache pays only from the second epoch on)."""
+                    context: int = 0, runs: Sequence[tuple[int, int]] | None = None,
+                    manifest: dict | None = None, threads: int | None = None) -> PairLoader:
+    """Every pair of `split` once (or those of `runs`, see build_loader), in manifest order, with keys
+    and no cache: what extraction and evaluation walk (the decoded-frame cache pays only from the
+    second epoch on)."""
     return build_loader(shards, split, batch_size, grayscale=grayscale, shuffle=False, drop_last=False,
                         with_keys=True, backend=backend or default_backend(), device=device, cache=False,
-                        context=context)
+                        context=context, runs=runs, manifest=manifest, threads=threads)
 
 
 def default_backend() -> str:

@@ -12,7 +12,6 @@ without one (an episode's first pair, or frame t-1 rejected or missing, so the p
 """
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 
 from common.errors import UserError
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
-from pipeline.png import BadFrame, png_chunks
+from pipeline.png import BadFrame, decode_png_rgb, png_chunks
 from pipeline.shards import PAIRS_FORMAT, load_manifest, read_index, split_shards
 
 FRAME_MEMBERS = ("cur.png", "next.png")
@@ -65,10 +64,11 @@ def episode_and_step(key: str) -> tuple[str, int] | None:
     return (episode, int(step)) if episode and step.isdigit() else None
 
 
-def build_pair_index(shard_dir: Path, split: str) -> PairIndex:
-    """Read the manifest and the `.idx` of every shard of `split`; clear errors for anything missing."""
+def build_pair_index(shard_dir: Path, split: str, manifest: dict | None = None) -> PairIndex:
+    """Read the manifest (unless the caller passes it, already read) and the `.idx` of every shard of
+    `split`; clear errors for anything missing."""
     shard_dir = Path(shard_dir)
-    manifest = load_manifest(shard_dir, PAIRS_FORMAT)
+    manifest = manifest if manifest is not None else load_manifest(shard_dir, PAIRS_FORMAT)
     entries = split_shards(shard_dir, manifest, split)
     frame = manifest.get("frame") or {}
     height, width = int(frame.get("height", FRAME_HEIGHT)), int(frame.get("width", FRAME_WIDTH))
@@ -206,14 +206,6 @@ def png_problem(data: bytes, height: int, width: int) -> str | None:
     if (ihdr.height, ihdr.width) != (height, width):
         return f"{ihdr.width}x{ihdr.height} pixels, expected {width}x{height}"
     return None
-
-
-def decode_png_rgb(data: bytes) -> np.ndarray:
-    """PIL decode to uint8 (H, W, 3): the plain-PyTorch decoder, and the reference in diagnostics."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def raise_for_bad_frames(index: PairIndex, frames: Sequence[int]) -> None:

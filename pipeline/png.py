@@ -1,10 +1,13 @@
-"""PNG structure without decoding: the chunk walk shared by the packer (which validates every frame)
-and the loader (which must never hand DALI a corrupt frame: its CPU decoder crashes the process
-at shutdown after failing on one)."""
+"""PNG frames: the chunk walk without decoding, shared by the packer (which validates every frame)
+and the loader (which must never hand DALI a corrupt frame: its CPU decoder crashes the process at
+shutdown after failing on one); and the one PIL decode every reader outside DALI uses."""
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
+
+import numpy as np
 
 from zlib_ng import zlib_ng      # CRC-32 several times faster than zlib's on these small frames
 
@@ -49,3 +52,20 @@ def png_chunks(data: bytes) -> tuple[Ihdr, bytes]:
         ended = kind == b"IEND"
         pos = end
     return ihdr, b"".join(idat)
+
+
+def decode_png_rgb(data: bytes) -> np.ndarray:
+    """PIL decode to uint8 (H, W, 3): the plain-PyTorch loader's decoder, the stream reader's and
+    evaluation's, and the reference in diagnostics."""
+    from PIL import Image       # the packer's workers import this module and decode with PIL only when they must
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def decode_png(data: bytes):
+    """PNG bytes -> a uint8 (H, W, 3) torch tensor; gray conversion is left to `frames.to_model_input`,
+    as in the loaders."""
+    import torch                # not at the top: the packer imports this module and never needs torch
+
+    return torch.from_numpy(decode_png_rgb(data).copy())

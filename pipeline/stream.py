@@ -3,6 +3,7 @@
     from pipeline.stream import latent_dataset
     for sample in latent_dataset("shards/latent", split="train"):
         sample["cur"], sample["codes"], sample["next"]    # float (C,210,160), int64 (7,5), float
+                                                          # (codes stored uint8, or uint16 past 256 codes)
         sample["prev"], sample["prev_valid"]              # shards of a model with context: frame t-1, bool
 
     loader = torch.utils.data.DataLoader(latent_dataset(urls, shuffle=1000, batch_size=32),
@@ -32,7 +33,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from common.errors import UserError
 from pipeline.frames import GRID, to_model_input
-from pipeline.pair_index import decode_png_rgb
+from pipeline.latent import CODE_DTYPES
+from pipeline.png import decode_png
 from pipeline.shards import LATENT_FORMAT, SPLITS, load_manifest, read_index
 
 ZSTD_SUFFIX = ".zst"
@@ -116,15 +118,14 @@ def indexed_samples(url: str) -> int | None:
 
 
 # ----------------------------------------------------------------------------------- decoding
-def decode_png(data: bytes) -> torch.Tensor:
-    """PNG bytes -> uint8 (H, W, 3); gray conversion is left to `to_model_input`, as in the loaders."""
-    return torch.from_numpy(decode_png_rgb(data).copy())
-
-
 def decode_codes(data: bytes) -> torch.Tensor:
+    """codes.npy (uint8 up to 256 codes, uint16 above: pipeline.latent.code_dtype) -> int64 (7, 5)."""
     codes = np.load(io.BytesIO(data), allow_pickle=False)
     if codes.shape != GRID:
         raise ValueError(f"codes.npy has shape {codes.shape}, expected {GRID}")
+    if codes.dtype not in CODE_DTYPES:         # a signed or float grid was not written by extraction
+        raise ValueError(f"codes.npy holds {codes.dtype}, expected one of "
+                         f"{', '.join(np.dtype(t).name for t in CODE_DTYPES)}")
     return torch.from_numpy(codes.astype(np.int64))
 
 

@@ -21,7 +21,9 @@ import play
 import train
 from control import Controller, ControllerConfig, load_controller, save_controller
 from control import train as control_train
+from evaluation import run as evaluation_run
 from model import load_checkpoint, read_checkpoint
+from model import extraction
 from model.inference import load_model
 import pipeline.pack as pack
 import pipeline.record as record
@@ -178,8 +180,8 @@ def test_an_output_path_that_is_a_file_is_refused_before_any_work(command, under
     tiny = ["--shards", str(pair_shards), "--preset", "tiny", "--no-compile", "--wandb", "disabled"]
     models = ["--checkpoint", str(tiny_checkpoint), "--controller", str(a_file.parent / "c.pt"),
               "--latent", str(latent_dir)]
-    work = {"train": (train, "setup_runtime"), "extract": (extract, "load_model"),
-            "evaluate": (evaluate, "load_model"), "pack": (pack, "list_episodes"),
+    work = {"train": (train, "setup_runtime"), "extract": (extraction, "load_model"),
+            "evaluate": (evaluation_run, "load_model"), "pack": (pack, "list_episodes"),
             "record": (record, "record_episode"), "control.train": (control_train, "train"),
             "play": (play, "load_simulator")}
     runs = {

@@ -228,3 +228,36 @@ def test_a_context_models_samples_hold_frame_t_minus_1(pair_shards, context_late
         stored = np.stack([np.load(io.BytesIO(written[k]["codes.npy"])) for k in keys])
         assert np.array_equal(stored, lam.encode(cur, nxt, prev).numpy())
     assert firsts == sum(len(info["episodes"]) for info in pair_manifest(pair_shards)["splits"].values())
+
+
+def test_a_codebook_past_256_is_stored_uint16_and_read_back_whole(pair_shards, tmp_path):
+    """512 codes (FSQ levels 8 x 8 x 8): codes.npy is uint16, the manifest says so, and the stream
+    reader gives back the model's codes, those >= 256 included (a uint8 grid would wrap them)."""
+    import train
+    from model import load_checkpoint
+    from pipeline.stream import latent_dataset
+
+    assert train.main(["--shards", str(pair_shards), "--preset", "tiny", "--out", str(tmp_path / "ckpt"),
+                       "--run-dir", str(tmp_path / "run"), "--iters", "2", "--no-compile", "--wandb", "disabled",
+                       "--set", "ckpt_every=2", "--set", "codebook_size=512", "--set", "fsq_levels=8,8,8"]) == 0
+    # Two steps leave every cell on one code below 256; the top FSQ digit (basis 64) pushed to its
+    # highest level puts every code at 448 or above.
+    state = torch.load(tmp_path / "ckpt" / "step-000002.pt", weights_only=True)
+    state["model"]["quantizer.down.bias"][2] = 10.0
+    checkpoint, out = tmp_path / "high-codes.pt", tmp_path / "latent"
+    torch.save(state, checkpoint)
+    assert run_extract(pair_shards, checkpoint, out) == 0
+    latent = json.loads((out / "manifest.json").read_text())
+    assert latent["code_dtype"] == "uint16" and latent["checkpoint"]["codebook_size"] == 512
+    lam = load_checkpoint(checkpoint, "cpu")
+    originals = {key: m for source in pair_manifest(pair_shards)["splits"]["val"]["shards"]
+                 for key, m in iter_samples(pair_shards / source["file"], pair_shards / source["index"])}
+    keys = list(originals)
+    expected = lam.encode(*(torch.stack([decode(originals[k][m]) for k in keys]) for m in ("cur.png", "next.png")))
+    shard = latent["splits"]["val"]["shards"][0]
+    _, members = next(iter_samples(out / shard["file"], out / shard["index"]))
+    assert np.load(io.BytesIO(members["codes.npy"])).dtype == np.uint16
+    read = {sample["key"]: sample["codes"] for sample in latent_dataset(out, split="val")}
+    assert list(read) == keys
+    assert torch.equal(torch.stack([read[k] for k in keys]), expected)
+    assert int(expected.max()) >= 256

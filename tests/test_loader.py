@@ -418,3 +418,21 @@ def test_corrupt_png_is_named(shard_copy, backend, cache, damage):
     loader = load(shard_copy, backend=backend, cache=cache)
     with pytest.raises(UserError, match=rf"{shard['file']}: member {sample.key}\.next\.png is not a readable PNG"):
         take(loader)
+
+
+def test_runs_are_walked_in_order_each_in_batches_of_its_own(pair_shards):
+    """Extraction's and evaluation's walk: given runs of pair positions, in order, and no batch spans
+    two runs (a shard's batches do not depend on which other shards are walked)."""
+    from pipeline.loader import RunSchedule, in_order_loader
+
+    schedule = RunSchedule(((0, 5), (5, 7), (10, 13)), batch_size=3)
+    assert [b.tolist() for b in schedule.batches(0)] == [[0, 1, 2], [3, 4], [5, 6], [10, 11, 12]]
+    assert schedule.batches_per_epoch == 4 and [b.tolist() for b in schedule.batches(0, 3)] == [[10, 11, 12]]
+    whole = next(iter(in_order_loader(pair_shards, "val", 20, grayscale=True, backend="torch", device="cpu")))
+    runs = in_order_loader(pair_shards, "val", 4, grayscale=True, backend="torch", device="cpu",
+                           runs=[(3, 9), (12, 14)])
+    batches = list(runs)
+    assert [len(b["key"]) for b in batches] == [4, 2, 2] and len(runs) == 3
+    positions = [3, 4, 5, 6, 7, 8, 12, 13]
+    assert [k for b in batches for k in b["key"]] == [whole["key"][i] for i in positions]
+    assert torch.equal(torch.cat([b["next"] for b in batches]), whole["next"][positions])

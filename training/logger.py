@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.figures import Example
+from evaluation.examples import Example
 from pipeline.shards import atomic_write_bytes
 
 

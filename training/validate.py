@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from evaluation.events import detect_elements
-from evaluation.figures import Example
+from evaluation.examples import Example
 from evaluation.metrics import ReconstructionMeter, codebook_stats
 from evaluation.probes import linear_codes_probe, move_label
 from model import LatentActionModel

@@ -1,0 +1,141 @@
+"""Evaluate a trained latent action model on one split: metrics.json, report.md and figures
+(DESIGN.md, "Evaluation"), by one process or by every rank torchrun starts.
+
+    metrics, report = evaluate(EvaluateConfig(shards=Path("shards/pairs"), checkpoint=Path("best.pt")))
+
+One batched pass over every pair of the split (evaluation/split_pass.py; under torchrun each rank
+scores whole batches of it, and the meters' sums are reduced across ranks); then, on rank 0 alone:
+codes by gameplay event (NMI), the action probes (fitted on the train split), figures, the report
+and `reports/summary.md` with every split evaluated so far side by side.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from common.cli import flag
+from common.distributed import process_group
+from common.errors import UserError, check_output_dir
+from evaluation.code_analysis import event_code_analysis
+from evaluation.events import Elements, count_events, transition_events
+from evaluation.figures import code_tsne, codebook_histogram, codes_by_event, reconstruction_grid
+from evaluation.metrics import code_counts, codebook_stats
+from evaluation.probe_data import actions_section, read_metas, train_probe_set
+from evaluation.probes import ProbeSet
+from evaluation.report import write_report, write_summary
+from evaluation.split_pass import Share, batch_share, evaluate_pass, random_codes
+from model.inference import CheckpointIdentity, load_model
+from pipeline.loader import in_order_loader
+from pipeline.pair_index import episode_and_step
+from pipeline.shards import PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest, split_shards
+
+
+@dataclass
+class EvaluateConfig:
+    shards: Path = flag(help="pair shard directory (lam-pairs/1)")
+    checkpoint: Path = flag(help="LAM checkpoint")
+    split: str = flag("test", choices=SPLITS)
+    out: Path | None = flag(None, "report directory (default reports/<split>)")
+    batch_size: int = flag(64, "pairs per batch, per rank")
+    latent: Path | None = flag(Path("shards/latent"), "latent shards whose train codes the action probe may reuse "
+                                                      "(if this checkpoint made them)")
+    probe_limit: int = flag(1500, "train transitions for the action probe")
+    seed: int = flag(0, "random codes for ΔPSNR, t-SNE, probes")
+    device: str | None = flag(None, "auto (default), cpu or cuda; under torchrun each rank its own GPU")
+    backend: str | None = flag(None, "data loader (default: dali where installed)", choices=("dali", "torch"))
+    loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
+                                            "(default: the machine's cores shared among its ranks)")
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.loader_threads is not None and self.loader_threads < 1:
+            raise UserError(f"--loader-threads must be at least 1, got {self.loader_threads}")
+        self.out = self.out or Path("reports") / self.split
+
+
+def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
+    """(metrics, report path) on rank 0 (or the only process); (None, None) on the other ranks."""
+    started = time.perf_counter()
+    check_output_dir(cfg.out, "--out")                      # not after the whole pass
+    manifest = load_manifest(cfg.shards, PAIRS_FORMAT)
+    entries = split_shards(cfg.shards, manifest, cfg.split)
+    pairs = sum(int(entry["pairs"]) for entry in entries)
+    if pairs == 0:
+        raise UserError(f"{cfg.shards}: split {cfg.split!r} has no pairs")
+    with process_group(cfg.device) as (ranks, device):
+        lam, identity = load_model(cfg.checkpoint, device)
+        first, stop = batch_share(pairs, cfg.batch_size, ranks)
+        loader = in_order_loader(cfg.shards, cfg.split, cfg.batch_size, grayscale=identity.color == "gray",
+                                 backend=cfg.backend, device=device, context=identity.context,
+                                 runs=[(first, stop)], manifest=manifest, threads=cfg.loader_threads or ranks.cores)
+        state = evaluate_pass(loader, lam, device, first=first, progress=cfg.progress and ranks.main,
+                              random=random_codes(pairs, lam.config.codebook_size, cfg.seed))
+        scores = {name: meter.compute() for name, meter in                # collectives: on every rank
+                  (("model", state.model), ("copy_baseline", state.copy), ("random_codes", state.random))}
+        shares = ranks.gather(state.share)
+    if not ranks.main:
+        return None, None
+    share = Share.joined(shares)
+    codes = share.all_codes()
+    metas = read_metas(entries)
+    events = split_events(share.keys, share.cur_elements, share.next_elements, metas)
+    train = train_probe_set(cfg.shards, manifest, lam, identity, device, cfg.latent, cfg.probe_limit,
+                            cfg.batch_size) if "train" in manifest["splits"] else None
+    codebook = lam.codebook.float().cpu().numpy()
+    test = ProbeSet(codes, np.concatenate(share.frame_features), np.concatenate(share.diff_features),
+                    [metas.get(key, {}) for key in share.keys])
+    metrics = build_metrics(cfg.split, share, scores, identity, codes, events,
+                            actions_section(test, train, codebook, cfg.seed))
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    figures = draw_figures(cfg.out, share, codebook, metrics, cfg.seed)
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    atomic_write_json(cfg.out / "metrics.json", metrics)
+    report = write_report(cfg.out, metrics, figures, checkpoint_path=str(cfg.checkpoint))
+    write_summary(cfg.out.parent)
+    return metrics, report
+
+
+def split_events(keys: Sequence[str], cur: Sequence[Elements], nxt: Sequence[Elements], metas: dict[str, dict]):
+    """Gameplay events of every pair; a bounce needs frame t-1, taken from the pair (episode, t-1)."""
+    position = {episode_and_step(key): i for i, key in enumerate(keys)}
+    events = []
+    for i, key in enumerate(keys):
+        where = episode_and_step(key)
+        before = position.get((where[0], where[1] - 1)) if where else None
+        events.append(transition_events(cur[before] if before is not None else None, cur[i], nxt[i], metas.get(key)))
+    return events
+
+
+def build_metrics(split: str, share: Share, scores: dict, identity: CheckpointIdentity, codes: np.ndarray,
+                  events, actions: dict | None) -> dict:
+    model, random = scores["model"], scores["random_codes"]
+    delta = None if model["psnr"] is None or random["psnr"] is None else model["psnr"] - random["psnr"]
+    model_elements, copy_elements = share.model_elements.compute(), share.copy_elements.compute()
+    metrics = {"split": split, "pairs": len(share.keys), "color": identity.color,
+               "checkpoint": {"sha256": identity.sha256, "step": identity.step},
+               "model": model, "copy_baseline": scores["copy_baseline"],
+               "delta_psnr": delta,
+               "codebook": codebook_stats(code_counts(codes, identity.codebook_size)),
+               "elements": {name: {"model": model_elements[name], "copy_baseline": copy_elements[name]}
+                            for name in model_elements},
+               "random_codes": random,
+               "events": {"counts": count_events(events), "codes": event_code_analysis(codes, events)}}
+    if actions is not None:
+        metrics["actions"] = actions
+    return metrics
+
+
+def draw_figures(out: Path, share: Share, codebook: np.ndarray, metrics: dict, seed: int) -> dict[str, str]:
+    counts = metrics["codebook"]["counts"]
+    paths = {"codebook_histogram": codebook_histogram(counts, out / "codebook_histogram.png",
+                                                      f"code use, {metrics['split']} ({metrics['pairs']} pairs)"),
+             "code_tsne": code_tsne(codebook, counts, out / "code_tsne.png", seed),
+             "reconstructions": reconstruction_grid(share.examples.examples(), out / "reconstructions.png"),
+             "codes_by_event": codes_by_event(metrics["events"]["codes"], out / "codes_by_event.png")}
+    return {name: path.name for name, path in paths.items()}

@@ -1,0 +1,155 @@
+"""Latent-action extraction: every pair of every split through encoder + quantiser (eval mode,
+batched, autocast) into latent shards (the format: pipeline/latent.py), by one process or by every
+rank torchrun starts.
+
+    result = extract(ExtractConfig(shards=Path("shards/pairs"), checkpoint=Path("best.pt")))
+
+Frames are decoded by the project loader (`pipeline.loader`, DALI where installed) in manifest
+order, one run of batches per pair shard: a batch never spans two shards, so a shard's codes depend
+on that shard, the checkpoint and the batch size only, not on which rank made it or on which shards
+a re-run still had to make. The PNG bytes written are read from the pair tar through its index,
+never re-encoded.
+
+Under torchrun every rank checks a share of the existing shards (is it finished, by this
+checkpoint?), then takes every world_size-th unfinished shard across all splits; rank 0 alone
+removes stale output before any rank writes, and writes the manifest after a barrier, once every
+rank's shards are on disk. The result is byte for byte what one process writes, and a run killed
+on any rank leaves finished shards that the next run keeps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.cli import flag
+from common.distributed import Ranks, process_group
+from common.errors import UserError, check_output_dir
+from model.inference import CheckpointIdentity, autocast, codes_to_array, load_model
+from pipeline.latent import (ShardJob, build_manifest, clear_output, ensure_zstd, is_finished, other_checkpoints,
+                             plan_jobs, remove_stale, write_shard)
+from pipeline.loader import in_order_loader
+from pipeline.pair_index import PreviousFrames
+from pipeline.shards import PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest
+
+
+@dataclass
+class ExtractConfig:
+    shards: Path = flag(help="pair shard directory (lam-pairs/1 manifest)")
+    checkpoint: Path = flag(help="trained model checkpoint (.pt)")
+    out: Path = flag(Path("shards/latent"), "latent shard directory")
+    batch_size: int = flag(64, "pairs per encoder batch, per rank")
+    overwrite: bool = flag(False, "replace latents made by another checkpoint")
+    zstd: bool = flag(False, "also write .tar.zst copies of every shard")
+    device: str | None = flag(None, "cuda or cpu (default: cuda when available; under torchrun each rank its own GPU)")
+    backend: str | None = flag(None, "frame decoding backend of the loader (default: dali when installed)",
+                               choices=("dali", "torch"))
+    loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
+                                            "(default: the machine's cores shared among its ranks)")
+    compile: bool = flag(True, "torch.compile the encoder (on GPUs only)")
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.loader_threads is not None and self.loader_threads < 1:
+            raise UserError(f"--loader-threads must be at least 1, got {self.loader_threads}")
+
+
+@dataclass
+class ExtractResult:
+    manifest: dict | None      # the latent manifest (on rank 0; None on the other ranks)
+    written: int               # shards extracted by this run, all ranks together
+    skipped: int               # shards already done by an earlier run with this checkpoint
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Run the extraction (see the module docstring); under torchrun, on every rank."""
+    check_output_dir(cfg.out, "--out")
+    pair_manifest = load_manifest(cfg.shards, PAIRS_FORMAT)
+    jobs = plan_jobs(cfg.shards, pair_manifest, cfg.out)
+    with process_group(cfg.device) as (ranks, device):
+        lam, identity = load_model(cfg.checkpoint, device)
+        # every rank asks (so every rank stops alike); only rank 0 removes, and only with --overwrite
+        replace = other_checkpoints(cfg.out, cfg.shards, identity, cfg.overwrite)
+        if replace and ranks.main:
+            clear_output(cfg.out)
+        ranks.barrier()
+        mark_finished(jobs, identity, ranks)
+        todo = [job for job in jobs if not job.done]
+        if ranks.main:
+            if todo:
+                (cfg.out / "manifest.json").unlink(missing_ok=True)   # the manifest vouches for a finished run only
+            remove_stale(cfg.out, jobs)
+        ranks.barrier()                          # nothing is removed once any rank writes
+        mine = ranks.share(todo)
+        bar = tqdm(total=sum(job.pairs for job in mine), unit="pair", disable=not (cfg.progress and mine),
+                   desc="extract" + (f" (rank {ranks.rank} of {ranks.world_size})" if ranks.distributed else ""))
+        with bar:
+            for split in SPLITS:
+                split_jobs = [job for job in mine if job.split == split]
+                if split_jobs:
+                    extract_split(split_jobs, cfg, pair_manifest, lam, identity, ranks, device, bar)
+        ranks.barrier()                          # every rank's shards are whole
+        if cfg.zstd:                             # (copies of any shard, so after the barrier)
+            for job in ranks.share(jobs):
+                ensure_zstd(job)
+            ranks.barrier()
+        manifest = None
+        if ranks.main:                           # the manifest vouches for every rank's shards
+            manifest = build_manifest(cfg.shards, pair_manifest, jobs, identity, cfg.zstd)
+            atomic_write_json(cfg.out / "manifest.json", manifest)
+    return ExtractResult(manifest, written=len(todo), skipped=len(jobs) - len(todo))
+
+
+def mark_finished(jobs: Sequence[ShardJob], identity: CheckpointIdentity, ranks: Ranks) -> None:
+    """Set `done` on every job whose latent shard is finished: each rank hashes a share of the
+    shards and all ranks learn every answer, so all of them plan the same work."""
+    found = [is_finished(job, identity) for job in ranks.share(jobs)]
+    for rank, answers in enumerate(ranks.all_gather(found)):
+        for job, done in zip(jobs[rank::ranks.world_size], answers):
+            job.done = done
+
+
+def make_encoder(lam, device: torch.device, compile_model: bool) -> Callable[..., np.ndarray]:
+    """(cur, next, prev or None) float batches on `device` -> codes (B, 7, 5) in their stored type, on the CPU."""
+    encode = torch.compile(lam.encode, dynamic=True) if compile_model else lam.encode
+    size = lam.config.codebook_size
+
+    @torch.inference_mode()
+    def run(cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> np.ndarray:
+        with autocast(device):
+            return codes_to_array(encode(cur, nxt, prev), size)
+
+    return run
+
+
+def coded_pairs(loader, encode) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, codes) of every pair the loader walks, in its order."""
+    for batch in loader:
+        yield from zip(batch["key"], encode(batch["cur"], batch["next"], batch.get("prev")))
+
+
+def extract_split(jobs: Sequence[ShardJob], cfg: ExtractConfig, pair_manifest: dict, lam,
+                  identity: CheckpointIdentity, ranks: Ranks, device: torch.device, progress: tqdm) -> None:
+    """Write the latent shards of `jobs` (all of one split), walking only their pairs."""
+    loader = in_order_loader(cfg.shards, jobs[0].split, cfg.batch_size, grayscale=identity.color == "gray",
+                             backend=cfg.backend, device=device, context=identity.context,
+                             runs=[job.run for job in jobs], manifest=pair_manifest,
+                             threads=cfg.loader_threads or ranks.cores)
+    # frame t-1's bytes, read by frame id: the pair (t-1, t) may sit in the shard before, or on another rank
+    previous = PreviousFrames(loader.index) if identity.context else None
+    coded = coded_pairs(loader, make_encoder(lam, device, cfg.compile and device.type == "cuda"))
+    try:
+        for job in jobs:
+            write_shard(job, coded, identity, previous)
+            job.done = True
+            progress.update(job.pairs)
+    finally:
+        coded.close()
+        if previous is not None:
+            previous.close()
