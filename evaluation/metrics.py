@@ -17,7 +17,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from evaluation.events import Elements, bricks_broken
 
@@ -33,6 +32,9 @@ class ReconstructionMeter:
     share (each rank must call it)."""
 
     def __init__(self, device: str | torch.device = "cpu", ssim: bool = True):
+        # here, not at the top: torchmetrics loads matplotlib, which the trainer's import should not
+        from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
         self.psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)       # sums SSE and count: whole-split MSE
         # SSIM's 11 x 11 Gaussian filtering is most of the metric cost on a CPU: optional
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device) if ssim else None

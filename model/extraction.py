@@ -30,7 +30,7 @@ from common.cli import flag
 from common.distributed import Ranks, process_group
 from common.errors import UserError, check_output_dir
 from model.inference import CheckpointIdentity, autocast, codes_to_array, load_model
-from pipeline.latent import (ShardJob, build_manifest, clear_output, ensure_zstd, is_finished, other_checkpoints,
+from pipeline.latent import (Coded, ShardJob, build_manifest, clear_output, ensure_zstd, is_finished, other_checkpoints,
                              plan_jobs, remove_stale, write_shard)
 from pipeline.loader import in_order_loader
 from pipeline.pair_index import PreviousFrames
@@ -115,20 +115,23 @@ def mark_finished(jobs: Sequence[ShardJob], identity: CheckpointIdentity, ranks:
             job.done = done
 
 
-def make_encoder(lam, device: torch.device, compile_model: bool) -> Callable[..., np.ndarray]:
-    """(cur, next, prev or None) float batches on `device` -> codes (B, 7, 5) in their stored type, on the CPU."""
-    encode = torch.compile(lam.encode, dynamic=True) if compile_model else lam.encode
+def make_encoder(lam, device: torch.device, compile_model: bool) -> Callable[..., list[Coded]]:
+    """(cur, next, prev or None) float batches on `device` -> each pair's codes, the grid (7, 5) in
+    its stored type on the CPU (and the per-frame action code of a model that has one)."""
+    encode = torch.compile(lam.encode_both, dynamic=True) if compile_model else lam.encode_both
     size = lam.config.codebook_size
 
     @torch.inference_mode()
-    def run(cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> np.ndarray:
+    def run(cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> list[Coded]:
         with autocast(device):
-            return codes_to_array(encode(cur, nxt, prev), size)
+            grids, actions = encode(cur, nxt, prev)
+        actions = [None] * len(grids) if actions is None else actions.tolist()
+        return [Coded(grid, action) for grid, action in zip(codes_to_array(grids, size), actions)]
 
     return run
 
 
-def coded_pairs(loader, encode) -> Iterator[tuple[str, np.ndarray]]:
+def coded_pairs(loader, encode) -> Iterator[tuple[str, Coded]]:
     """(key, codes) of every pair the loader walks, in its order."""
     for batch in loader:
         yield from zip(batch["key"], encode(batch["cur"], batch["next"], batch.get("prev")))

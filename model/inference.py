@@ -28,7 +28,8 @@ def load_model(path: Path, device: torch.device) -> tuple[LatentActionModel, Che
     except ValueError as error:
         raise UserError(f"{path}: {error}") from None
     identity = CheckpointIdentity(str(path), lam.sha256, int(lam.step),
-                                  "gray" if lam.config.in_channels == 1 else "rgb", lam.config.context, size)
+                                  "gray" if lam.config.in_channels == 1 else "rgb", lam.config.context, size,
+                                  lam.action_codes)
     return lam, identity
 
 

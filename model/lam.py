@@ -101,17 +101,21 @@ class LatentActionModel(nn.Module):
     @torch.no_grad()
     def encode(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         """Frame pairs (and frame t-1) -> latent action codes, int64 (B, 7, 5) in [0, codebook_size)."""
-        prev = self.previous_frame(cur, prev)
-        _, codes, _ = self.quantizer(self.encoder(cur, nxt, prev))
-        return codes
+        return self.encode_both(cur, nxt, prev)[0]
 
     @torch.no_grad()
     def encode_action(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         """The per-frame action code, int64 (B,) in [0, action_codes), of a model that has one."""
         if self.action_quantizer is None:
             raise ValueError("this model has no per-frame action code (ModelConfig.action_code)")
-        prev = self.previous_frame(cur, prev)
-        return self.quantise_action(self.encoder(cur, nxt, prev))[0]
+        return self.encode_both(cur, nxt, prev)[1]
+
+    @torch.no_grad()
+    def encode_both(self, cur: torch.Tensor, nxt: torch.Tensor,
+                    prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the grid's codes, the per-frame action code or None) from one pass of the encoder."""
+        encoded = self.encoder(cur, nxt, self.previous_frame(cur, prev))
+        return self.quantizer(encoded)[1], self.quantise_action(encoded)[0]
 
     @torch.no_grad()
     def decode(self, cur: torch.Tensor, codes: torch.Tensor | None, prev: torch.Tensor | None = None,

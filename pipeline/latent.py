@@ -8,7 +8,10 @@ uint8 up to 256 codes, uint16 above: `code_dtype`) and `<key>.json` (the pair's 
 {"checkpoint": {sha256, step}}); `out/manifest.json` ("lam-latent/1") is written last, so its
 presence means the run finished. A model with context was given frame t-1: its samples also hold
 `<key>.prev.png` (the source bytes of frame t-1 of the same episode, frame t's where there is none)
-and `"prev_valid"` in the json, and the manifest's checkpoint says `"context": 1`.
+and `"prev_valid"` in the json, and the manifest's checkpoint says `"context": 1`. A model with a
+per-frame action code (Genie's split) adds `<key>.action.npy` (shape (1,)), and the manifest says
+how many such codes there are (`checkpoint.action_codes`) and their type (`action_dtype`). The
+manifest carries the pair manifest's palette (pipeline/palette.py) for whoever plays the model.
 
 Resuming: beside each finished tar a small `latent-NNNNNN.done.json` records which pair shard
 (sha256) it came from, with which checkpoint (sha256), and the tar's own sha256; it is written just
@@ -24,7 +27,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import zstandard
@@ -59,6 +62,7 @@ class CheckpointIdentity:
     color: str                 # "gray" | "rgb": the colour mode the model was trained in
     context: int = 0           # 1: the model takes frame t-1 too (ModelConfig.context)
     codebook_size: int = 256
+    action_codes: int = 0      # a per-frame action code of this many values (Genie's split), or 0: none
 
     @property
     def code_dtype(self) -> np.dtype:
@@ -189,18 +193,28 @@ def latent_json(pair_json: bytes, identity: CheckpointIdentity, prev_valid: bool
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
-def latent_members(members: dict[str, bytes], codes: np.ndarray, identity: CheckpointIdentity,
+def latent_members(members: dict[str, bytes], codes: Coded, identity: CheckpointIdentity,
                    prev: tuple[bytes, bool] | None = None) -> dict[str, bytes]:
-    """The latent sample; `prev` (PNG bytes of frame t-1, prev_valid) for a model with context."""
+    """The latent sample; `prev` (PNG bytes of frame t-1, prev_valid) for a model with context, and
+    `action.npy` (shape (1,)) for a model with a per-frame action code."""
     out = {"cur.png": members["cur.png"], "next.png": members["next.png"]}
     if prev is not None:
         out["prev.png"] = prev[0]
-    out.update({"codes.npy": codes_npy(codes, identity.code_dtype),
-                "json": latent_json(members["json"], identity, None if prev is None else prev[1])})
+    out["codes.npy"] = codes_npy(codes.grid, identity.code_dtype)
+    if codes.action is not None:
+        out["action.npy"] = codes_npy(np.array([codes.action]), code_dtype(identity.action_codes))
+    out["json"] = latent_json(members["json"], identity, None if prev is None else prev[1])
     return out
 
 
-def write_shard(job: ShardJob, coded: Iterator[tuple[str, np.ndarray]], identity: CheckpointIdentity,
+class Coded(NamedTuple):
+    """One pair's codes as extraction stores them: the grid (7, 5) and the per-frame action code."""
+
+    grid: np.ndarray
+    action: int | None = None
+
+
+def write_shard(job: ShardJob, coded: Iterator[tuple[str, Coded]], identity: CheckpointIdentity,
                 previous: PreviousFrames | None = None) -> None:
     """Write one latent shard from the next `job.pairs` (key, codes) of `coded` and its pair shard's
     bytes (and, for a model with context, each pair's frame t-1 from `previous`). Its completion
@@ -271,10 +285,14 @@ def build_manifest(shards: Path, pair_manifest: dict, jobs: Sequence[ShardJob], 
             entries.append(entry)
         splits[split] = {"episodes": pair_manifest["splits"][split].get("episodes", []),
                          "pairs": sum(job.pairs for job in split_jobs), "shards": entries}
+    split_code = ({"action_codes": identity.action_codes} if identity.action_codes else {})
     return {"format": LATENT_FORMAT,
             "checkpoint": {"path": identity.path, "sha256": identity.sha256, "step": identity.step,
                            "color": identity.color, "context": identity.context,
-                           "codebook_size": identity.codebook_size},
+                           "codebook_size": identity.codebook_size, **split_code},
             "source": {"shards": str(shards), "manifest_sha256": sha256_file(shards / "manifest.json")},
             "frame": pair_manifest.get("frame", {}), "grid": list(GRID), "code_dtype": identity.code_dtype.name,
+            **({"action_dtype": code_dtype(identity.action_codes).name} if identity.action_codes else {}),
+            # the game's colours, for whoever plays the model forward (pipeline/palette.py)
+            **({"palette": pair_manifest["palette"]} if "palette" in pair_manifest else {}),
             "splits": splits}

@@ -118,7 +118,8 @@ class MoveProbe:
         train_codes, train_keys = [], []
         for batch in self.loader:
             with rt.autocast():
-                train_codes.append(codes_to_array(model.encode(batch["cur"], batch["next"], batch.get("prev"))))
+                train_codes.append(codes_to_array(model.encode(batch["cur"], batch["next"], batch.get("prev")),
+                                                  model.config.codebook_size))
             train_keys += batch["key"]
         x_train, y_train = self.labelled(train_codes, train_keys, rt)
         x_val, y_val = self.labelled(val_codes, val_keys, rt)
@@ -169,7 +170,7 @@ class Validator:
                 drawing.update(pred, nxt)
             loss_sum += float(out["loss"]) * nxt.shape[0]
             counts += torch.bincount(out["codes"].reshape(-1), minlength=counts.numel()).double()
-            codes.append(codes_to_array(out["codes"]))
+            codes.append(codes_to_array(out["codes"], self.model.config.codebook_size))
             keys += batch["key"]
             frames += nxt.shape[0]
             if not examples:
