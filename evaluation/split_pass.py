@@ -88,9 +88,12 @@ def evaluate_pass(loader, lam, device: torch.device, *, first: int, random: np.n
         cur, nxt, prev = batch["cur"], batch["next"], batch.get("prev")
         stop = position + len(batch["key"])
         with torch.inference_mode(), autocast(device):
-            codes = lam.encode(cur, nxt, prev)
-            pred = lam.decode(cur, codes, prev).float().clamp(0, 1)
-            pred_random = lam.decode(cur, torch.from_numpy(random[position:stop]).to(device), prev).float().clamp(0, 1)
+            # a model with a per-frame action code (Genie's split) decodes with it; the random grid
+            # keeps the pair's own action code, so ΔPSNR still measures what the grid adds
+            codes, action = lam.encode_both(cur, nxt, prev)
+            pred = lam.decode(cur, codes, prev, action).float().clamp(0, 1)
+            pred_random = lam.decode(cur, torch.from_numpy(random[position:stop]).to(device), prev,
+                                     action).float().clamp(0, 1)
         state.model.update(pred, nxt, cur)
         state.copy.update(cur, nxt, cur)
         state.random.update(pred_random, nxt, cur)
