@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import ROOT, machine, markdown_table
+from common.cli import checked_type
 from common.errors import UserError, check_output_dir, run_cli
 
 SEED_LITERAL = ["encoder_input=pair", "decoder_skips=false", "latent_every_stage=false", "residual_output=false",
@@ -65,6 +67,9 @@ def run_variant(settings: list[str], seed: int, root: Path, shards: Path, iters:
     """Train, evaluate, extract, fit a controller and roll it out; returns the numbers."""
     log = root / "log.txt"
     root.mkdir(parents=True, exist_ok=True)
+    # the variant's folder is this ablation's own: a rerun trains afresh (train.py refuses to train
+    # into a folder that holds another run's checkpoints)
+    shutil.rmtree(root / "ckpt", ignore_errors=True)
     run = lambda args: run_stage(args, log, threads)  # noqa: E731
     train = ["train.py", "--shards", str(shards), "--preset", "demo", "--out", str(root / "ckpt"),
              "--run-dir", str(root / "run"), "--wandb", "disabled", "--set", f"seed={seed}",
@@ -154,10 +159,12 @@ def cli(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=Path, default=ROOT / "shards" / "pairs")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "ablation")
-    parser.add_argument("--iters", type=int, default=None, help="training steps (default: the demo preset's)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--controller-steps", type=int, default=300)
-    parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one CPU thread each when > 1)")
+    parser.add_argument("--iters", type=checked_type(int, "--iters", {"min": 1}), default=None,
+                        help="training steps (default: the demo preset's)")
+    parser.add_argument("--seeds", type=checked_type(int, "--seeds", {"min": 0}), nargs="+", default=[0, 1])
+    parser.add_argument("--controller-steps", type=checked_type(int, "--controller-steps", {"min": 1}), default=300)
+    parser.add_argument("--jobs", type=checked_type(int, "--jobs", {"min": 1}), default=1,
+                        help="runs side by side (one CPU thread each when > 1)")
     parser.add_argument("--only", nargs="*", help="variant names (substrings) to run, in this order")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a train.py setting for every variant (repeatable)")

@@ -42,6 +42,7 @@ from typing import Iterator, Sequence
 
 from zlib_ng import zlib_ng
 
+from common.cli import add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 from pipeline.png import BadFrame, Ihdr, png_chunks
@@ -489,20 +490,27 @@ def summary(manifest: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class PackCommand:
+    """The command line (`python -m pipeline.pack --help`)."""
+
+    src: Path = flag(help="bulk_videos/: one sub-folder per episode")
+    out: Path = flag(help="output folder (shards/pairs)")
+    seed: int = flag(0, "seed of the episode split", min=0)
+    fractions: str = flag("0.8,0.1,0.1", "train,val,test shares of the episodes")
+    pairs_per_shard: int = flag(DEFAULT_PAIRS_PER_SHARD, min=1)
+    workers: int = flag(1, "processes checking frames", min=1)
+    strict: bool = flag(False, "any bad or missing frame is fatal; nothing written")
+    progress: bool = True
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.pack", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", type=Path, required=True, help="bulk_videos/: one sub-folder per episode")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (shards/pairs)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the episode split")
-    parser.add_argument("--fractions", default="0.8,0.1,0.1", help="train,val,test shares of the episodes")
-    parser.add_argument("--pairs-per-shard", type=int, default=DEFAULT_PAIRS_PER_SHARD)
-    parser.add_argument("--workers", type=int, default=1, help="processes checking frames")
-    parser.add_argument("--strict", action="store_true", help="any bad or missing frame is fatal; nothing written")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    add_config_flags(parser, PackCommand)
+    args = PackCommand(**config_values(parser.parse_args(argv), PackCommand))
     manifest = pack(args.src, args.out, seed=args.seed, fractions=parse_fractions(args.fractions),
                     pairs_per_shard=args.pairs_per_shard, workers=args.workers, strict=args.strict,
-                    progress=not args.no_progress)
+                    progress=args.progress)
     print(summary(manifest, args.out))
     return 0
 

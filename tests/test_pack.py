@@ -284,7 +284,7 @@ def test_fast_check_catches_what_a_decode_would():
 @pytest.mark.parametrize("flags, message", [
     (["--fractions", "0.5,0.5,0.5"], "sum to 1"), (["--fractions", "1.2,-0.1,-0.1"], "non-negative"),
     (["--fractions", "0.8,0.2"], "3 numbers"), (["--fractions", "a,b,c"], "three numbers"),
-    (["--pairs-per-shard", "0"], "at least 1"), (["--workers", "0"], "at least 1")])
+    (["--pairs-per-shard", "0"], "--pairs-per-shard must be >= 1"), (["--workers", "0"], "--workers must be >= 1")])
 def test_bad_flags_are_one_line_and_exit_2(videos, tmp_path, capsys, flags, message):
     code = run_cli(packer.main, ["--src", str(videos), "--out", str(tmp_path / "out"), *flags])
     err = capsys.readouterr().err
