@@ -324,7 +324,7 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
                  shuffle: bool = True, seed: int = 0, backend: str = "dali", device: str | torch.device | None = None,
                  rank: int = 0, world_size: int = 1, drop_last: bool = True, with_keys: bool = False,
                  context: int = 0, cache: bool | None = None, cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB,
-                 threads: int | None = None, prefetch: int = 2, sample: int = 0) -> PairLoader:
+                 threads: int | None = None, prefetch: int = 2, sample: int = 0, verify: bool = False) -> PairLoader:
     """Loader over `<shards>/<split>` pair shards (DESIGN.md, "Loader").
 
     context: 0 yields {"cur", "next"}; 1 adds "prev" (frame t-1 of the same episode, shaped like
@@ -340,6 +340,8 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
       prefetch         batches made ahead of the consumer (and decoder jobs in flight ahead of those).
       sample           walk only a fixed sample of this many pairs, drawn with `seed` across every
                        episode of the split (`spread_sample`); 0: every pair.
+      verify           check every tar of the split against the manifest's sha256 first (one
+                       read of each); shard lengths and sample counts are checked either way.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown loader backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -352,7 +354,7 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
     if context not in CONTEXTS:
         raise UserError(f"context must be 0 (frames t, t+1) or 1 (frame t-1 too), got {context!r}")
     device = resolve_device(device)
-    index = build_pair_index(Path(shards), split)
+    index = build_pair_index(Path(shards), split, verify=verify)
     subset = spread_sample(index.episodes, sample, seed) if 0 < sample < index.num_pairs else None
     schedule = EpochSchedule(num_pairs=index.num_pairs if subset is None else len(subset), batch_size=batch_size,
                              shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
@@ -390,12 +392,14 @@ def spread_sample(episodes: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def in_order_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: bool,
                     backend: str | None = None, device: str | torch.device | None = None,
-                    context: int = 0) -> PairLoader:
+                    context: int = 0, verify: bool = True) -> PairLoader:
     """Every pair of `split` once, in manifest order, with keys and no cache: what extraction and
-    evaluation walk (the decoded-frame cache pays only from the second epoch on)."""
+    evaluation walk (the decoded-frame cache pays only from the second epoch on). Their output
+    stands for the shards the manifest names, so by default every tar is checked against the
+    manifest's sha256 first (`verify`)."""
     return build_loader(shards, split, batch_size, grayscale=grayscale, shuffle=False, drop_last=False,
                         with_keys=True, backend=backend or default_backend(), device=device, cache=False,
-                        context=context)
+                        context=context, verify=verify)
 
 
 def default_backend() -> str:
