@@ -88,7 +88,7 @@ def check_fields(config: Any, label: Callable[[str], str] = flag_name, prefix: s
         value = getattr(config, spec.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             check_fields(value, label, prefix)
-        else:
+        elif spec.default is dataclasses.MISSING or value != spec.default:     # a default is no mistake
             check_value(prefix + label(spec.name), value, spec.metadata)
 
 
