@@ -71,14 +71,20 @@ def process_alive(pid: int) -> bool:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`path` holds `data` or what it held before, whatever stops this write (a crash, a full disk):
+    the bytes go to a hidden temp file, reach the disk (fsync), and only then take the name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)          # a failed write leaves nothing behind (a killed one: see remove_orphaned_temps)
+        raise
     fsync_dir(path.parent)
 
 
