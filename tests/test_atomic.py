@@ -56,3 +56,22 @@ def test_an_interrupted_checkpoint_save_keeps_the_last_whole_checkpoint(tmp_path
         save_checkpoint(path, model, {"model": {}, "train": {}}, 20)
     monkeypatch.undo()
     assert read_checkpoint(path)["step"] == 10
+
+
+def test_a_shard_being_written_is_invisible_until_whole(tmp_path):
+    """Mid-shard (where a crash would leave it) no tar and no index exist under their names; a
+    writer that fails leaves none either, and a finished one both."""
+    from pipeline.shards import TarShardWriter
+
+    path = tmp_path / "train" / "pairs-000000.tar"
+    writer = TarShardWriter(path)
+    for key in ("00000_000000", "00000_000001"):
+        writer.add(key, {"cur.png": b"x" * 1000, "json": b"{}"})
+    assert visible(path.parent) == []                 # a reader globbing *.tar or *.idx sees nothing yet
+    writer.close()
+    assert visible(path.parent) == ["pairs-000000.idx", "pairs-000000.tar"]
+    with pytest.raises(DiskFull):
+        with TarShardWriter(tmp_path / "val" / "pairs-000000.tar") as failing:
+            failing.add("00001_000000", {"cur.png": b"y"})
+            raise DiskFull(28, "No space left on device")
+    assert visible(tmp_path / "val") == [] and list((tmp_path / "val").iterdir()) == []
