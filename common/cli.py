@@ -36,12 +36,13 @@ KIND_WORDS = {int: "an integer", float: "a number"}
 
 def flag(default: Any = dataclasses.MISSING, help: str | None = None, choices: Sequence | None = None, *,  # noqa: A002
          min: float | None = None, max: float | None = None, above: float | None = None,  # noqa: A002
-         finite: bool = True):
+         below: float | None = None, finite: bool = True):
     """A dataclass field with what its command-line flag says: `x: int = flag(3, "what x is", min=0)`.
-    min / max: inclusive bounds; above: an exclusive lower bound (a learning rate: above=0); finite:
-    a float flag refuses nan and inf unless finite=False. Each element of a tuple field is checked."""
+    min / max: inclusive bounds; above / below: exclusive ones (a learning rate: above=0; Adam's
+    betas: min=0, below=1); finite: a float flag refuses nan and inf unless finite=False. Each
+    element of a tuple field is checked."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max,
-                                                        "above": above, "finite": finite})
+                                                        "above": above, "below": below, "finite": finite})
 
 
 # ------------------------------------------------------------------------------------ rules
@@ -57,13 +58,15 @@ def value_problem(value: Any, rules: Mapping[str, Any]) -> str | None:
         return None
     if isinstance(value, float) and rules.get("finite", True) and not math.isfinite(value):
         return "must be a finite number"
-    low, high, above = rules.get("min"), rules.get("max"), rules.get("above")
+    low, high, above, below = rules.get("min"), rules.get("max"), rules.get("above"), rules.get("below")
     if low is not None and value < low:
         return f"must be >= {low}"
     if above is not None and not value > above:
         return f"must be > {above}"
     if high is not None and value > high:
         return f"must be <= {high}"
+    if below is not None and not value < below:
+        return f"must be < {below}"
     return None
 
 

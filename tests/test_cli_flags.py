@@ -22,6 +22,7 @@ class Example:
     steps: int = flag(3, min=1)
     lr: float = flag(0.1, above=0)
     share: float = flag(0.5, min=0, max=1)
+    beta: float = flag(0.9, min=0, below=1)
     widths: tuple[int, ...] = flag((2, 2), min=1)
     mode: str = flag("a", choices=("a", "b"))
     free: float = 1.0                        # no rules: still finite
@@ -41,6 +42,7 @@ def parse(argv: list[str]) -> Example:
     (["--lr", "nan"], "--lr must be a finite number (got nan)"),
     (["--lr=-inf"], "--lr must be a finite number (got -inf)"),
     (["--share", "1.5"], "--share must be <= 1 (got 1.5)"),
+    (["--beta", "1"], "--beta must be < 1 (got 1.0)"),
     (["--widths", "3", "0"], "--widths must be >= 1 (got 0)"),
     (["--mode", "c"], "--mode must be one of a, b (got 'c')"),
     (["--free", "inf"], "--free must be a finite number (got inf)"),
@@ -119,6 +121,14 @@ def test_configs_built_in_python_are_checked_too(tmp_path):
         control_train.ControllerTrainConfig(latent=tmp_path, out=tmp_path / "out", hidden=0)
     with pytest.raises(UserError, match="--steps must be >= 1"):
         play.BenchConfig(steps=0, out=tmp_path)
+
+
+def test_a_device_torch_does_not_know_is_one_line():
+    from common.device import resolve_device
+
+    for device in ("bogus", "cuda:x", "tpu"):
+        with pytest.raises(UserError, match="is not a device|is not supported"):
+            resolve_device(device)
 
 
 def test_a_closed_stdout_ends_the_command_quietly(videos, tmp_path):
