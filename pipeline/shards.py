@@ -83,7 +83,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)          # a failed write leaves nothing behind (a killed one: see remove_orphaned_temps)
+        tmp.unlink(missing_ok=True)          # nothing left behind (a killed writer's: remove_orphaned_temps)
         raise
     fsync_dir(path.parent)
 

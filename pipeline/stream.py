@@ -59,7 +59,8 @@ def latent_urls(source: str | Path | Sequence[str | Path], split: str | None = N
         raise UserError(f"{source}: no latent shards to read")
     missing = [url for url in urls if is_local(url) and not Path(url).is_file()]
     if missing:
-        raise UserError(f"{missing[0]}: latent shard not found" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
+        more = f" (and {len(missing) - 1} more)" if missing[1:] else ""
+        raise UserError(f"{missing[0]}: latent shard not found{more}")
     return urls
 
 
