@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from common.cli import add_config_flags, config_values, flag
+from common.cli import add_config_flags, check_fields, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 from evaluation.formatting import num, pct
 from model import load_checkpoint
@@ -55,47 +55,47 @@ class ModelPaths:
     controller: Path = flag(DEFAULT_CONTROLLER, "controller checkpoint")
     latent: Path = flag(DEFAULT_LATENT, "latent shards (episodes to start from)")
     split: str = flag("test", choices=SPLITS)
-    threads: int = flag(0, "torch CPU threads (0: torch's default)")
+    threads: int = flag(0, "torch CPU threads (0: torch's default)", min=0)
     per_cell: bool = flag(False, "the controller picks each cell's code on its own, "
                                  "not one of the grids seen in training")
     snap: bool = flag(True, "snap each generated frame to the game's palette before it is fed back "
                             "(--no-snap: feed back what the decoder drew)")
 
+    def __post_init__(self):
+        check_fields(self)                  # the flags' rules, for a config built in Python too
+
 
 @dataclass
 class RolloutConfig(ModelPaths):
     out: Path = Path("reports/play")
-    horizon: int = 200
-    starts: int = 48                    # rollout start frames, spread over the split's episodes
-    gifs: int = 3                       # GIFs of starts spread over the episodes
-    control_starts: int = 100
-    control_steps: int = 20
-    batch_size: int = 16
-    seed: int = 0
+    horizon: int = flag(200, "steps each rollout plays", min=1)
+    starts: int = flag(48, "rollout start frames, spread over the split's episodes", min=1)
+    gifs: int = flag(3, "GIFs of starts spread over the episodes", min=0)
+    control_starts: int = flag(100, min=1)
+    control_steps: int = flag(20, "steps of always-LEFT / always-RIGHT", min=1)
+    batch_size: int = flag(16, min=1)
+    seed: int = flag(0, min=0)
 
     def __post_init__(self):
-        for name in ("horizon", "starts", "control_starts", "control_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if self.gifs < 0:
-            raise UserError(f"--gifs must be >= 0 (got {self.gifs})")
+        super().__post_init__()
         check_output_dir(self.out, "--out")
 
 
 @dataclass
 class ServeConfig(ModelPaths):
     host: str = "127.0.0.1"
-    port: int = 8000
-    max_episodes: int = flag(4, "test episodes whose frames are the restart points")
+    port: int = flag(8000, min=0, max=65535)
+    max_episodes: int = flag(4, "test episodes whose frames are the restart points", min=1)
     seed: int | None = None
 
 
 @dataclass
 class BenchConfig(ModelPaths):
-    steps: int = 100
+    steps: int = flag(100, "play steps timed", min=1)
     out: Path = Path("reports/play")
 
     def __post_init__(self):
+        super().__post_init__()
         check_output_dir(self.out, "--out")
 
 

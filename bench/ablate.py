@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,10 +62,10 @@ STEPS = (10, 50, 200)                   # rollout steps the table shows
 class AblateConfig:
     shards: Path = flag(ROOT / "shards" / "pairs", "pair shard directory")
     out: Path = flag(ROOT / "reports" / "ablation", "ablation.md, ablation.json and each run's folder")
-    iters: int = flag(0, "training steps (0: the demo preset's)")
-    seeds: tuple[int, ...] = flag((0, 1), "training seeds of each entry", nargs="+")
-    controller_steps: int = flag(300, "controller training steps")
-    jobs: int = flag(1, "runs side by side (one CPU thread each when > 1)")
+    iters: int = flag(0, "training steps (0: the demo preset's)", min=0)
+    seeds: tuple[int, ...] = flag((0, 1), "training seeds of each entry", nargs="+", min=0)
+    controller_steps: int = flag(300, "controller training steps", min=1)
+    jobs: int = flag(1, "runs side by side (one CPU thread each when > 1)", min=1)
     only: tuple[str, ...] = flag((), f"entries to run, in this order (of: {', '.join(ENTRIES)})", nargs="*")
     set: tuple[str, ...] = flag((), "a train.py setting for every entry (FIELD=VALUE)", nargs="*")
 
@@ -73,8 +74,6 @@ class AblateConfig:
         unknown = [name for name in self.only if name not in ENTRIES]
         if unknown:
             raise UserError(f"--only {' '.join(unknown)}: no such entry (there are: {', '.join(ENTRIES)})")
-        if self.iters < 0 or self.controller_steps < 1 or self.jobs < 1 or not self.seeds:
-            raise UserError("--iters must be >= 0, --controller-steps and --jobs >= 1, and --seeds non-empty")
         check_output_dir(self.out, "--out")
         if not (self.shards / "manifest.json").is_file():
             raise UserError(f"--shards {self.shards}: no manifest.json (run make shards first)")
@@ -97,6 +96,9 @@ def run_entry(entry: Entry, seed: int, root: Path, cfg: AblateConfig, threads: i
     """Train, evaluate, extract, fit a controller and roll it out; returns the numbers."""
     log = root / "log.txt"
     root.mkdir(parents=True, exist_ok=True)
+    # the variant's folder is this ablation's own: a rerun trains afresh (train.py refuses to train
+    # into a folder that holds another run's checkpoints)
+    shutil.rmtree(root / "ckpt", ignore_errors=True)
     run = lambda args: run_stage(args, log, threads)  # noqa: E731
     train = ["train.py", "--shards", str(cfg.shards), "--preset", "demo", "--model", entry.model,
              "--out", str(root / "ckpt"), "--run-dir", str(root / "run"), "--wandb", "disabled",

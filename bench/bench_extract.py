@@ -33,6 +33,7 @@ def demo_checkpoint(shards: Path) -> Path:
     out = BENCH_OUT / "extract-demo-ckpt"
     path = out / "step-000020.pt"
     if not path.exists():
+        shutil.rmtree(out, ignore_errors=True)     # a half-made one: train.py refuses a folder holding a run
         code = train.main(["--shards", str(shards), "--preset", "demo", "--iters", "20", "--batch-size", "8",
                            "--out", str(out), "--run-dir", str(BENCH_OUT / "extract-demo-run"), "--no-compile",
                            "--wandb", "disabled", "--set", "ckpt_every=20"])

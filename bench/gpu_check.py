@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ try:
 except Exception as error:          # noqa: BLE001 - no torch, or a broken one: main() says which, in one line
     torch, TORCH_IMPORT_ERROR = None, error
 
+from common.cli import checked_type
 from common.errors import check_output_dir, run_cli
 from bench.common import ROOT, machine, markdown_table, pair_shards, recorded_videos
 
@@ -137,6 +139,7 @@ def extraction_rate(shards: Path, out: Path) -> dict:
     from model.extraction import ExtractConfig, extract
 
     ckpt = out / "checkpoint"
+    shutil.rmtree(ckpt, ignore_errors=True)          # a run of its own each time (train.py refuses another's)
     code = train.main(["--shards", str(shards), "--preset", "full", "--iters", "20", "--out", str(ckpt),
                        "--run-dir", str(out / "run"), "--wandb", "disabled", "--no-compile"])
     assert code == 0, "training the extraction checkpoint failed"
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "gpu-check")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=checked_type(int, "--steps", {"min": 1}), default=300)
     parser.add_argument("--preflight", action="store_true", help="only check for torch and a CUDA GPU")
     args = parser.parse_args(argv)
     problem = cuda_problem()

@@ -11,7 +11,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     asked for by name must exist."""
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):         # 'bogus', 'cuda:x': torch's own error is a traceback
+        raise UserError(f"device {device!r} is not a device; use 'auto', 'cpu' or 'cuda' (or 'cuda:N')") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' asked for, but torch sees no GPU (use device='cpu')")
     if device.type not in ("cuda", "cpu"):

@@ -15,9 +15,12 @@ class UserError(Exception):
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a command-line `main`, turning UserError and Ctrl-C into one line on stderr and an exit
-    code; argparse's own exit (--help, or a usage error it has printed) becomes its code."""
+    code; argparse's own exit (--help, or a usage error it has printed) becomes its code; a closed
+    stdout (a pipe into `head`) ends it quietly."""
     try:
-        return int(main(argv) or 0)
+        code = int(main(argv) or 0)
+        sys.stdout.flush()                   # here, where a closed pipe can still be caught
+        return code
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     except UserError as error:
@@ -26,6 +29,22 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of stdout went away (`... | head -1`): nothing more can be said there, so stop
+    quietly. stdout now points at /dev/null, or Python's own flush at exit would raise again and
+    print a traceback; 141 is what a shell reports for a process SIGPIPE ended (128 + 13)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):           # stdout without a file descriptor (a test's capture)
+        pass
+    finally:
+        os.close(devnull)
+    return 141
 
 
 def check_output_dir(path: str | Path, flag: str) -> None:

@@ -11,7 +11,6 @@ afterwards in a shuffle buffer here.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from common.errors import UserError
 from pipeline.actions import ACTION_NAMES
+from pipeline.shards import LATENT_FORMAT, load_manifest
 from pipeline.stream import latent_dataset, latent_urls
 
 
@@ -151,9 +151,9 @@ def read_episodes(source, split: str = "test", *, grayscale: bool, max_episodes:
 
 
 def latent_identity(source) -> dict:
-    """The LAM checkpoint ({"sha256", "step"}) whose codes a latent directory holds, when it says."""
-    manifest = Path(source) / "manifest.json"
-    if not manifest.is_file():
+    """The LAM checkpoint ({"sha256", "step"}) whose codes a latent directory holds, when it says
+    (its manifest read and checked like every manifest: a damaged one is one clear error)."""
+    if not (Path(source) / "manifest.json").is_file():
         return {}
-    checkpoint = json.loads(manifest.read_text()).get("checkpoint", {})
+    checkpoint = load_manifest(Path(source), LATENT_FORMAT).get("checkpoint", {})
     return {key: checkpoint[key] for key in ("sha256", "step") if key in checkpoint}

@@ -7,9 +7,13 @@ random test frame). Every API answer is JSON: {"step", "action", "frame" (a PNG 
 "timing_ms": {"controller", "decoder", "png"}}. A request the server cannot serve gets a 4xx and a
 one-line reason; an unexpected failure a 500 and one log line, never a traceback on the page.
 
-Under load: a listen backlog sized for a burst of concurrent steps, a thread per connection that an
-idle client gives back after IDLE_TIMEOUT_S, and one model step at a time (Game's lock): every tab
-the user opens plays the same game, their steps interleaved in arrival order. POSTs are taken only
+Under load: a listen backlog sized for a burst of concurrent steps; a bounded pool of worker threads
+(MAX_WORKERS) serving at most MAX_CONNECTIONS open connections (one past that gets 503 at once);
+a connection idle for IDLE_TIMEOUT_S is closed, and so is one whose request (line, headers and
+body) has not all arrived REQUEST_DEADLINE_S after its first byte, however slowly it drips; one
+model step at a time (Game's lock): every tab the user opens plays the same game, their steps
+interleaved in arrival order. A request whose length is ambiguous (Transfer-Encoding, more than one
+Content-Length) is a 400 and ends the connection. POSTs are taken only
 from the page's own origin (Origin, when sent, must match the Host header, which must name this
 server: a loopback name or the host it was started with, at its port; bound to every interface,
 also an IP address or the machine's name), so no other web page the user has open can drive it.
@@ -24,6 +28,7 @@ import html
 import io
 import ipaddress
 import json
+import queue
 import random
 import re
 import socket
@@ -32,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -52,6 +57,9 @@ MAX_BODY_BYTES = 1024
 CONTENT_LENGTH = re.compile(r"[0-9]{1,9}")          # ASCII digits only: str.isdigit() also takes '²'
 LISTEN_BACKLOG = 256                                 # socketserver's default of 5 resets a burst of steps
 IDLE_TIMEOUT_S = 30.0                                # a kept-alive connection that sends nothing is closed
+REQUEST_DEADLINE_S = 10.0                            # a request's line, headers and body, from its first byte
+MAX_WORKERS = 32                                     # threads serving connections (one model step runs at a time)
+MAX_CONNECTIONS = 256                                # open at once, served or waiting; past it: 503
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
@@ -140,6 +148,13 @@ class PlayHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.idle_timeout      # StreamRequestHandler puts it on the connection's socket
         super().setup()
+        plain, self.rfile = self.rfile, io.BufferedReader(
+            DeadlineReader(self.connection, self.server.idle_timeout, self.server.request_deadline))
+        plain.close()                                # its reference would keep the socket open after close
+
+    def handle_one_request(self) -> None:
+        self.rfile.raw.await_request()           # idle until the next request's first byte, then its deadline
+        super().handle_one_request()
 
     def log_message(self, format, *args):      # noqa: A002 - the base class's name
         pass                                     # one line per frame would drown the server's messages
@@ -184,7 +199,13 @@ class PlayHandler(BaseHTTPRequestHandler):
 
     def guarded(self, handle) -> None:
         try:
-            handle(urlsplit(self.path).path)
+            path = urlsplit(self.path).path
+        except ValueError:                       # e.g. 'http://[::1/': a bracket that never closes
+            self.close_connection = True
+            self.fail(HTTPStatus.BAD_REQUEST, "unreadable request target")
+            return
+        try:
+            handle(path)
         except TimeoutError:
             raise                                # http.server closes the connection, no answer
         except (BrokenPipeError, ConnectionResetError):
@@ -196,6 +217,8 @@ class PlayHandler(BaseHTTPRequestHandler):
             self.fail(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the server's log)")
 
     def get(self, path: str) -> None:
+        if self.headers.get("Transfer-Encoding") or self.headers.get_all("Content-Length", ["0"]) != ["0"]:
+            self.close_connection = True         # a GET's body is not read: what follows it is no request
         if path in ("/", "/index.html") and self.server.problem is not None:
             self.send_bytes(HTTPStatus.SERVICE_UNAVAILABLE, unavailable_page(self.server.problem),
                             CONTENT_TYPES[".html"])
@@ -241,10 +264,12 @@ class PlayHandler(BaseHTTPRequestHandler):
         return None
 
     def read_body(self) -> bytes | None:
-        length = self.headers.get("Content-Length", "0")
-        if self.headers.get("Transfer-Encoding") or not CONTENT_LENGTH.fullmatch(length):
-            self.close_connection = True         # where the body ends is unknown: the stream cannot go on
-            self.fail(HTTPStatus.BAD_REQUEST, "bad Content-Length (ASCII digits; no Transfer-Encoding)")
+        lengths = self.headers.get_all("Content-Length") or ["0"]
+        length = lengths[0]
+        if self.headers.get("Transfer-Encoding") or len(lengths) > 1 or not CONTENT_LENGTH.fullmatch(length):
+            # where the body ends is unknown (a proxy may have read another length): the stream cannot go on
+            self.close_connection = True
+            self.fail(HTTPStatus.BAD_REQUEST, "bad Content-Length (one header, ASCII digits; no Transfer-Encoding)")
             return None
         if int(length) > MAX_BODY_BYTES:
             self.close_connection = True
@@ -271,21 +296,148 @@ class PlayHandler(BaseHTTPRequestHandler):
             self.send_json(HTTPStatus.OK, answer(self.server.game))
 
 
-class PlayServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a listen backlog for bursts, daemon threads that never hold up
-    shutdown, and the host names it answers to (`serves_host`); it holds what its handlers serve:
-    the game (or the reason there is none) and the page's files."""
+class DeadlineReader(io.RawIOBase):
+    """A connection's bytes for its handler's buffered reader, each wait bounded: waiting for a
+    request, by the idle timeout; once its first byte is in, by what is left of the request deadline,
+    so a client that drips a header line every few seconds cannot hold a worker (a plain socket
+    timeout restarts with every byte). Writes keep the idle timeout."""
+
+    def __init__(self, sock: socket.socket, idle_timeout: float, deadline: float):
+        self.sock, self.idle_timeout, self.deadline = sock, idle_timeout, deadline
+        self.started: float | None = None
+
+    def await_request(self) -> None:
+        self.started = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.started is None:
+            timeout = self.idle_timeout
+        else:
+            timeout = self.started + self.deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError(f"request not complete {self.deadline:g} s after its first byte")
+        self.sock.settimeout(timeout)
+        try:
+            received = self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.idle_timeout)
+        if received and self.started is None:
+            self.started = time.monotonic()
+        return received
+
+
+class WorkerPool:
+    """At most `size` daemon threads running `serve(job)` for queued jobs; a thread is started only
+    while jobs wait for one, so an idle server holds few. Daemon: a connection a worker is still
+    serving never holds up the process's exit."""
+
+    def __init__(self, size: int, serve):
+        self.size, self.serve = size, serve
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        self.waiting_jobs = self.idle_threads = 0
+
+    def submit(self, job) -> None:
+        with self.lock:
+            self.waiting_jobs += 1
+            if self.waiting_jobs > self.idle_threads and len(self.threads) < self.size:
+                thread = threading.Thread(target=self._work, name=f"play-worker-{len(self.threads)}", daemon=True)
+                self.threads.append(thread)
+                thread.start()
+        self.jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                self.idle_threads += 1
+            job = self.jobs.get()
+            with self.lock:
+                self.idle_threads -= 1
+                self.waiting_jobs -= 1
+            if job is None:
+                return
+            self.serve(job)
+
+    def close(self) -> None:
+        with self.lock:
+            for _ in self.threads:
+                self.jobs.put(None)
+
+
+class PlayServer(HTTPServer):
+    """An HTTP server with a listen backlog for bursts, a bounded pool of worker threads and a cap on
+    open connections (past it, 503 at once: a flood of slow connections costs sockets up to the cap,
+    never threads past the pool), and the host names it answers to (`serves_host`); it holds what
+    its handlers serve: the game (or the reason there is none) and the page's files."""
 
     request_queue_size = LISTEN_BACKLOG
-    daemon_threads = True
-    block_on_close = False                   # idle keep-alive connections must not delay server_close
 
     def __init__(self, host: str, port: int, game: Game | None, problem: str | None = None,
-                 idle_timeout: float = IDLE_TIMEOUT_S):
+                 idle_timeout: float = IDLE_TIMEOUT_S, request_deadline: float = REQUEST_DEADLINE_S,
+                 workers: int = MAX_WORKERS, max_connections: int = MAX_CONNECTIONS):
         super().__init__((host, port), PlayHandler)
         self.started_host = host
         self.game, self.problem, self.idle_timeout = game, problem, idle_timeout
+        self.request_deadline, self.max_connections = request_deadline, max_connections
         self.static = load_static_files()
+        self.pool = WorkerPool(workers, self._serve_connection)
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: socket.socket, client_address) -> None:
+        """Called by serve_forever for each accepted connection: to a worker, or 503 when full."""
+        with self.connections_lock:
+            full = len(self.connections) >= self.max_connections
+            if not full:
+                self.connections.add(request)
+        if full:
+            self.refuse_busy(request)
+        else:
+            self.pool.submit((request, client_address))
+
+    def _serve_connection(self, job) -> None:
+        request, client_address = job
+        try:
+            self.finish_request(request, client_address)
+        except Exception:                       # noqa: BLE001 - one line, and the server goes on
+            self.handle_error(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections.discard(request)
+            self.shutdown_request(request)
+
+    def refuse_busy(self, request: socket.socket) -> None:
+        body = json.dumps({"error": f"server busy: {self.max_connections} connections open; try again"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.settimeout(1.0)              # the accepting thread must not wait on a stalled client
+            request.sendall(head + body)
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        print(f"play server: connection from {client_address[0] if client_address else '?'} failed: "
+              f"{type(error).__name__}: {error}", file=sys.stderr)
+
+    def server_close(self) -> None:
+        """Stop listening, end the workers, and close every connection still open (a worker blocked
+        reading one returns at once)."""
+        super().server_close()
+        self.pool.close()
+        with self.connections_lock:
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def serves_host(self, host_header: str) -> bool:
         """Is `host_header` (lower case) this server, at its port (which a browser leaves out for 80)?
@@ -327,7 +479,7 @@ def machine_names() -> set[str]:
     return {socket.gethostname().lower(), socket.getfqdn().lower()}
 
 
-def make_server(host: str, port: int, game: Game | None, problem: str | None = None,
-                idle_timeout: float = IDLE_TIMEOUT_S) -> PlayServer:
-    """The play server on host:port (0: a free port); `idle_timeout` seconds of silence close a connection."""
-    return PlayServer(host, port, game, problem, idle_timeout)
+def make_server(host: str, port: int, game: Game | None, problem: str | None = None, **limits) -> PlayServer:
+    """The play server on host:port (0: a free port). `limits` (PlayServer's): idle_timeout (seconds of
+    silence that close a connection), request_deadline, workers, max_connections."""
+    return PlayServer(host, port, game, problem, **limits)

@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from common.cli import add_config_flags, config_values, flag
+from common.cli import add_config_flags, check_fields, config_values, flag
+from common.device import resolve_device
 from common.errors import UserError, check_output_dir, run_cli
 from evaluation.formatting import pct
 from pipeline.frames import CODEBOOK_SIZE
@@ -39,37 +40,29 @@ CHECKPOINT_NAME = "controller.pt"
 @dataclass
 class ControllerTrainConfig:
     latent: Path = flag(help="latent shard directory (lam-latent/1)")
-    out: Path = Path("checkpoints/controller")
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    shuffle_buffer: int = 256           # samples mixed across episodes before batching
-    seed: int = 0
-    log_every: int = 50
-    ckpt_every: int = 500               # the checkpoint is rewritten (atomically) this often and at the end
-    eval_split: str = "test"
-    eval_batch_size: int = 64
+    out: Path = flag(Path("checkpoints/controller"), "controller.pt, metrics.json and report.md")
+    steps: int = flag(1500, "optimiser steps", min=1)
+    batch_size: int = flag(32, min=1)
+    lr: float = flag(1e-3, "AdamW learning rate (cosine to a tenth of it)", above=0)
+    weight_decay: float = flag(1e-4, min=0)
+    shuffle_buffer: int = flag(256, "samples mixed across episodes before batching", min=1)
+    seed: int = flag(0, min=0)
+    log_every: int = flag(50, min=1)
+    ckpt_every: int = flag(500, "the checkpoint is rewritten (atomically) this often and at the end", min=1)
+    eval_split: str = flag("test", choices=("train", "val", "test"))
+    eval_batch_size: int = flag(64, min=1)
     use_prev: bool = True
-    channels: tuple[int, ...] = (16, 32, 64, 96, 128)
-    hidden: int = 192
-    device: str = "cpu"
-    threads: int = 0                    # torch CPU threads; 0 leaves torch's default
-    max_grids: int = 65536              # answer with one of this many most common grids seen; 0: cell by cell
+    channels: tuple[int, ...] = flag((16, 32, 64, 96, 128), "widths of the five stride-2 stages", min=1)
+    hidden: int = flag(192, min=1)
+    device: str = flag("cpu", "where the controller trains", choices=("auto", "cpu", "cuda"))
+    threads: int = flag(0, "torch CPU threads; 0 leaves torch's default", min=0)
+    max_grids: int = flag(65536, "answer with one of this many most common grids seen; 0: cell by cell", min=0)
 
     def __post_init__(self):
         self.latent, self.out = Path(self.latent), Path(self.out)
-        if self.max_grids < 0:
-            raise UserError(f"--max-grids must be >= 0 (got {self.max_grids})")
-        for name in ("steps", "batch_size", "shuffle_buffer", "log_every", "ckpt_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        check_fields(self)                  # the flags' rules, for a config built in Python too
         if self.shuffle_buffer < self.batch_size:
             raise UserError(f"--shuffle-buffer ({self.shuffle_buffer}) must be at least --batch-size ({self.batch_size})")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be > 0 (got {self.lr})")
-        if self.eval_split not in ("train", "val", "test"):
-            raise UserError(f"--eval-split must be train, val or test (got {self.eval_split!r})")
         if not self.latent.is_dir():
             raise UserError(f"{self.latent}: latent shard directory not found (run `make extract`)")
         check_output_dir(self.out, "--out")
@@ -97,7 +90,7 @@ def train(config: ControllerTrainConfig, progress=print) -> dict:
     torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     controller = Controller(ControllerConfig(**lam_codes(config.latent), use_prev=config.use_prev,
                                              channels=config.channels, hidden=config.hidden)).to(device)
     grayscale, target = controller.config.in_channels == 1, controller.config.target

@@ -351,7 +351,8 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
                  rank: int = 0, world_size: int = 1, drop_last: bool = True, with_keys: bool = False,
                  context: int = 0, cache: bool | None = None, cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB,
                  threads: int | None = None, prefetch: int = 2, sample: int = 0,
-                 runs: Sequence[tuple[int, int]] | None = None, manifest: dict | None = None) -> PairLoader:
+                 runs: Sequence[tuple[int, int]] | None = None, manifest: dict | None = None,
+                 verify: bool = False) -> PairLoader:
     """Loader over `<shards>/<split>` pair shards (DESIGN.md, "Loader").
 
     context: 0 yields {"cur", "next"}; 1 adds "prev" (frame t-1 of the same episode, shaped like
@@ -370,6 +371,8 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
       runs             walk only these [start, stop) runs of pair positions, in order, each cut into
                        batches of its own (RunSchedule); not with shuffle, sample or world_size > 1.
       manifest         the split's manifest, when the caller has already read it (read here otherwise).
+      verify           check every tar of the split against the manifest's sha256 first (one
+                       read of each); shard lengths and sample counts are checked either way.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown loader backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -384,7 +387,7 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
     if runs is not None and (shuffle or sample or world_size > 1):
         raise ValueError("runs walk given pairs in order: not with shuffle, sample or world_size > 1")
     device = resolve_device(device)
-    index = build_pair_index(Path(shards), split, manifest)
+    index = build_pair_index(Path(shards), split, manifest, verify=verify)
     if runs is not None:
         schedule = RunSchedule(tuple((int(start), int(stop)) for start, stop in runs), batch_size)
     else:
@@ -427,13 +430,14 @@ def spread_sample(episodes: np.ndarray, n: int, seed: int) -> np.ndarray:
 def in_order_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: bool,
                     backend: str | None = None, device: str | torch.device | None = None,
                     context: int = 0, runs: Sequence[tuple[int, int]] | None = None,
-                    manifest: dict | None = None, threads: int | None = None) -> PairLoader:
+                    manifest: dict | None = None, threads: int | None = None, verify: bool = True) -> PairLoader:
     """Every pair of `split` once (or those of `runs`, see build_loader), in manifest order, with keys
     and no cache: what extraction and evaluation walk (the decoded-frame cache pays only from the
-    second epoch on)."""
+    second epoch on). Their output stands for the shards the manifest names, so by default every
+    tar is checked against the manifest's sha256 first (`verify`)."""
     return build_loader(shards, split, batch_size, grayscale=grayscale, shuffle=False, drop_last=False,
                         with_keys=True, backend=backend or default_backend(), device=device, cache=False,
-                        context=context, runs=runs, manifest=manifest, threads=threads)
+                        context=context, runs=runs, manifest=manifest, threads=threads, verify=verify)
 
 
 def default_backend() -> str:

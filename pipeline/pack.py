@@ -12,12 +12,12 @@ How it is built:
   the IHDR, and an inflate of the image data (zlib-ng) to its exact length, whose Adler-32 catches
   corruption. Its bytes then go into the tar untouched. Other PNG kinds (gray, RGBA, palette,
   16-bit, interlaced) are decoded by PIL, and all but interlaced 8-bit RGB are re-encoded as RGB.
-- Re-packing over an existing output is crash-safe: the new shards are built in a hidden staging
-  folder inside `--out`; only when all are written is the old manifest removed, the split folders
-  swapped for the new ones (a rename each), and the new manifest written last. A crash before the
-  swap leaves the old set and its manifest untouched; a crash during the swap (a few renames) leaves
-  no manifest at all, never one that points at missing or foreign shards. Leftovers from a crashed
-  run are removed by the next one. Hidden folders in `--src` are not episodes.
+- Re-packing over an existing output is crash-safe and safe for readers: the new set (manifest
+  last) is built in a hidden staging folder beside `--out`, which is a symbolic link to the current
+  version; one rename of that link publishes the new set (pipeline/shard_set.py). A crash leaves the
+  old set and its manifest untouched; a reader that started on the old set finishes on it (it stays
+  on disk until the re-pack after next). Leftovers from a crashed run are removed by the next one.
+  Hidden folders in `--src` are not episodes.
 - `--strict`: rejected frames, gaps, duplicate frame numbers and malformed meta.jsonl are fatal;
   conversions of valid grayscale/RGBA/palette/16-bit frames are not problems.
 """
@@ -42,11 +42,13 @@ from typing import Iterator, Sequence
 
 from zlib_ng import zlib_ng
 
+from common.cli import add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 from pipeline.palette import MAX_COLOURS, Palette, colour_ids
 from pipeline.png import BadFrame, Ihdr, png_chunks
-from pipeline.shards import PAIRS_FORMAT, SPLITS, TarShardWriter, WrittenShard, atomic_write_json, fsync_dir
+from pipeline.shard_set import ShardSetFolder
+from pipeline.shards import PAIRS_FORMAT, SPLITS, TarShardWriter, WrittenShard, atomic_write_json
 
 DEFAULT_PAIRS_PER_SHARD = 1000      # ~3.5 MB of Breakout pairs: enough shards per split to spread over ranks
 CHUNK_FRAMES = 256                  # frames per worker task
@@ -54,7 +56,6 @@ CHUNK_FRAMES = 256                  # frames per worker task
 # are on screen all the time, so a sample finds them at a fraction of the cost of decoding every frame.
 PALETTE_EVERY = 8
 FRAME_FILE = re.compile(r"(\d+)\.png", re.IGNORECASE)
-STAGING_PREFIX, OLD_PREFIX = ".staging-", ".old-"
 
 
 @dataclass(frozen=True)
@@ -437,29 +438,6 @@ def palette_entry(colours: set[int]) -> dict:
     return {"palette": Palette.from_ids(colours).to_json()}
 
 
-def remove_leftovers(out: Path) -> None:
-    """Staging and swap folders of an earlier run that crashed."""
-    if out.is_dir():
-        for entry in out.iterdir():
-            if entry.is_dir() and entry.name.startswith((STAGING_PREFIX, OLD_PREFIX)):
-                shutil.rmtree(entry, ignore_errors=True)
-
-
-def swap_into_place(staging: Path, out: Path, manifest: dict) -> None:
-    """Replace the old shard set by the staged one; the manifest goes away first and comes back last."""
-    old = out / f"{OLD_PREFIX}{os.getpid()}"
-    (out / "manifest.json").unlink(missing_ok=True)
-    fsync_dir(out)
-    old.mkdir()
-    for split in SPLITS:
-        if (out / split).exists():
-            os.replace(out / split, old / split)
-        os.replace(staging / split, out / split)
-    fsync_dir(out)
-    atomic_write_json(out / "manifest.json", manifest)
-    shutil.rmtree(old)
-
-
 def pack(src: Path, out: Path, *, seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1),
          pairs_per_shard: int = DEFAULT_PAIRS_PER_SHARD, workers: int = 1, strict: bool = False,
          progress: bool = True) -> dict:
@@ -470,14 +448,15 @@ def pack(src: Path, out: Path, *, seed: int = 0, fractions: Sequence[float] = (0
                           workers=workers, strict=strict)
     src, out = Path(src), Path(out)
     check_output_dir(out, "--out")
+    folder = ShardSetFolder(out)
+    folder.check()
     names = list_episodes(src)
     if out.resolve().is_relative_to(src.resolve()):
         raise UserError(f"--out {out} is inside --src {src}: it would be read as an episode")
     episodes = [Episode(i, name, split) for i, (name, split) in
                 enumerate(zip(names, assign_splits(names, options.seed, options.fractions)))]
-    created_out = not out.exists()
-    remove_leftovers(out)
-    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
+    folder.remove_leftovers()
+    staging = folder.staging()
     writers = {split: SplitWriter(staging / split, options.pairs_per_shard) for split in SPLITS}
     findings = Findings()
     try:
@@ -488,14 +467,13 @@ def pack(src: Path, out: Path, *, seed: int = 0, fractions: Sequence[float] = (0
                             + "\n  ".join(problems))
         shards = {split: writer.finish() for split, writer in writers.items()}
         manifest = build_manifest(options, episodes, shards, findings)
-        swap_into_place(staging, out, manifest)
+        atomic_write_json(staging / "manifest.json", manifest)          # last: the set is whole
+        folder.publish(staging)
         return manifest
     finally:
         for writer in writers.values():
             writer.abort()
         shutil.rmtree(staging, ignore_errors=True)
-        if created_out and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
 
 
 # ------------------------------------------------------------------------------- command line
@@ -522,20 +500,27 @@ def summary(manifest: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class PackCommand:
+    """The command line (`python -m pipeline.pack --help`)."""
+
+    src: Path = flag(help="bulk_videos/: one sub-folder per episode")
+    out: Path = flag(help="output folder (shards/pairs)")
+    seed: int = flag(0, "seed of the episode split", min=0)
+    fractions: str = flag("0.8,0.1,0.1", "train,val,test shares of the episodes")
+    pairs_per_shard: int = flag(DEFAULT_PAIRS_PER_SHARD, min=1)
+    workers: int = flag(1, "processes checking frames", min=1)
+    strict: bool = flag(False, "any bad or missing frame is fatal; nothing written")
+    progress: bool = True
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.pack", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", type=Path, required=True, help="bulk_videos/: one sub-folder per episode")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (shards/pairs)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the episode split")
-    parser.add_argument("--fractions", default="0.8,0.1,0.1", help="train,val,test shares of the episodes")
-    parser.add_argument("--pairs-per-shard", type=int, default=DEFAULT_PAIRS_PER_SHARD)
-    parser.add_argument("--workers", type=int, default=1, help="processes checking frames")
-    parser.add_argument("--strict", action="store_true", help="any bad or missing frame is fatal; nothing written")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    add_config_flags(parser, PackCommand)
+    args = PackCommand(**config_values(parser.parse_args(argv), PackCommand))
     manifest = pack(args.src, args.out, seed=args.seed, fractions=parse_fractions(args.fractions),
                     pairs_per_shard=args.pairs_per_shard, workers=args.workers, strict=args.strict,
-                    progress=not args.no_progress)
+                    progress=args.progress)
     print(summary(manifest, args.out))
     return 0
 

@@ -22,7 +22,7 @@ import numpy as np
 from common.errors import UserError
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 from pipeline.png import BadFrame, decode_png_rgb, png_chunks
-from pipeline.shards import PAIRS_FORMAT, load_manifest, read_index, split_shards
+from pipeline.shards import PAIRS_FORMAT, load_manifest, split_shards
 
 FRAME_MEMBERS = ("cur.png", "next.png")
 
@@ -64,12 +64,13 @@ def episode_and_step(key: str) -> tuple[str, int] | None:
     return (episode, int(step)) if episode and step.isdigit() else None
 
 
-def build_pair_index(shard_dir: Path, split: str, manifest: dict | None = None) -> PairIndex:
+def build_pair_index(shard_dir: Path, split: str, manifest: dict | None = None, *, verify: bool = False) -> PairIndex:
     """Read the manifest (unless the caller passes it, already read) and the `.idx` of every shard of
-    `split`; clear errors for anything missing."""
+    `split`; clear errors for anything missing or short (`verify`: every tar's sha256 checked against
+    the manifest's too)."""
     shard_dir = Path(shard_dir)
     manifest = manifest if manifest is not None else load_manifest(shard_dir, PAIRS_FORMAT)
-    entries = split_shards(shard_dir, manifest, split)
+    entries = split_shards(shard_dir, manifest, split, verify=verify)
     frame = manifest.get("frame") or {}
     height, width = int(frame.get("height", FRAME_HEIGHT)), int(frame.get("width", FRAME_WIDTH))
 
@@ -77,10 +78,7 @@ def build_pair_index(shard_dir: Path, split: str, manifest: dict | None = None) 
     keys, episodes, cur, nxt = [], [], [], []
     episode_ids: dict[str, int] = {}
     for shard_number, entry in enumerate(entries):
-        samples = read_index(entry["idx"])
-        if "pairs" in entry and int(entry["pairs"]) != len(samples):
-            raise UserError(f"{entry['idx']}: index lists {len(samples)} pairs, the manifest {entry['pairs']}")
-        for sample in samples:
+        for sample in entry["samples"]:
             missing = [ext for ext in FRAME_MEMBERS if ext not in sample.members]
             if missing:
                 raise UserError(f"{entry['idx']}: sample {sample.key} has no {', '.join(missing)} member")
@@ -153,6 +151,9 @@ class FrameReader:
             path = self.index.tars[tar]
             try:
                 fd = self._fds[tar] = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise UserError(f"{path}: shard gone while this run read its set (removed, or re-packed twice "
+                                f"since the run started); run again") from None
             except OSError as error:
                 raise UserError(f"{path}: cannot open shard ({error.strerror})") from None
         size, offset = int(self.index.frame_size[frame]), int(self.index.frame_offset[frame])

@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from common.cli import add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 from pipeline.actions import ACTION_NAMES, FIRE, LEFT, NOOP, RIGHT
 
@@ -54,6 +55,8 @@ class RecordOptions:
     def __post_init__(self):
         if self.max_steps < 1:
             raise UserError(f"--max-steps must be at least 1 (got {self.max_steps})")
+        if self.seed < 0:                   # numpy's SeedSequence takes no negative entropy
+            raise UserError(f"--seed must be >= 0 (got {self.seed})")
         if self.frameskip < 1:
             raise UserError(f"--frameskip must be at least 1 (got {self.frameskip})")
         if not 0.0 <= self.sticky <= 1.0:
@@ -233,25 +236,31 @@ def holds_episodes(out_dir: Path) -> bool:
                                     for entry in out_dir.iterdir())
 
 
+@dataclass
+class RecordCommand:
+    """The command line (`python -m pipeline.record --help`)."""
+
+    out: Path = flag(help="output folder (bulk_videos/)")
+    episodes: int = flag(help="episodes to record", min=1)
+    max_steps: int = flag(help="transitions per episode at most", min=1)
+    seed: int = flag(0, min=0)
+    workers: int = flag(1, "processes", min=1)
+    frameskip: int = flag(4, "emulator frames per step", min=1)
+    sticky: float = flag(0.25, "sticky-action probability", min=0, max=1)
+    skip_existing: bool = flag(False, "do nothing (exit 0) when --out already holds episodes")
+    progress: bool = True
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.record", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="output folder (bulk_videos/)")
-    parser.add_argument("--episodes", type=int, required=True)
-    parser.add_argument("--max-steps", type=int, required=True, help="transitions per episode at most")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1, help="processes")
-    parser.add_argument("--frameskip", type=int, default=4, help="emulator frames per step")
-    parser.add_argument("--sticky", type=float, default=0.25, help="sticky-action probability")
-    parser.add_argument("--skip-existing", action="store_true",
-                        help="do nothing (exit 0) when --out already holds episodes")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    add_config_flags(parser, RecordCommand)
+    args = RecordCommand(**config_values(parser.parse_args(argv), RecordCommand))
     if args.skip_existing and holds_episodes(args.out):
         print(f"{args.out} already holds episodes; not recording (remove it to record again)")
         return 0
     folders = record(args.out, episodes=args.episodes, max_steps=args.max_steps, seed=args.seed,
                      workers=args.workers, frameskip=args.frameskip, sticky=args.sticky,
-                     progress=not args.no_progress)
+                     progress=args.progress)
     print(f"recorded {len(folders)} episodes into {args.out}")
     return 0
 

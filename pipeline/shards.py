@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Container, Iterator, Sequence
 
 from common.errors import UserError
+from pipeline.manifest_schema import (LATENT_SCHEMA, PAIRS_SCHEMA, SPLIT, SchemaError, kind_name, short,
+                                      validate)
 
 INDEX_VERSION = "v1.2"      # the format DALI's wds2idx writes and fn.readers.webdataset reads
 PAIRS_FORMAT = "lam-pairs/1"      # manifest.json of pair shards (pack.py)
@@ -69,14 +71,20 @@ def process_alive(pid: int) -> bool:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`path` holds `data` or what it held before, whatever stops this write (a crash, a full disk):
+    the bytes go to a hidden temp file, reach the disk (fsync), and only then take the name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)          # nothing left behind (a killed writer's: remove_orphaned_temps)
+        raise
     fsync_dir(path.parent)
 
 
@@ -252,51 +260,125 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(shard_dir: Path, expected_format: str) -> dict:
-    """Read `<shard_dir>/manifest.json`, with one clear error for a missing, unreadable or foreign manifest."""
+class Manifest(dict):
+    """A manifest as read: the dict, plus `root`, the folder it was read from (through the link a
+    re-pack swaps: see `pin_shard_dir`), so the shard paths taken from it name the very set it
+    describes, and `sha256`, the hash of the bytes it was parsed from."""
+
+    root: Path
+    sha256: str
+
+
+SCHEMAS = {PAIRS_FORMAT: PAIRS_SCHEMA, LATENT_FORMAT: LATENT_SCHEMA}
+
+
+def pin_shard_dir(shard_dir: str | Path) -> Path:
+    """The folder `shard_dir` names now. pack.py publishes a shard set by swapping a symlink, so a
+    reader that builds every path from the pinned folder reads one set from start to end, whatever
+    a re-pack swaps in meanwhile (the set it replaced stays on disk until the next re-pack)."""
+    path = Path(shard_dir)
+    for _ in range(40):                     # the kernel's own limit on a chain of links
+        if not path.is_symlink():
+            return path
+        path = path.parent / os.readlink(path)
+    raise UserError(f"{shard_dir}: too many levels of symbolic links")
+
+
+def load_manifest(shard_dir: Path, expected_format: str) -> Manifest:
+    """Read `<shard_dir>/manifest.json` and check it against its format's schema
+    (pipeline/manifest_schema.py): a missing, unreadable or foreign manifest, or one with a field
+    wrong or a shard path outside the folder, is one UserError naming the file (and the field)."""
+    root = pin_shard_dir(shard_dir)
     path = Path(shard_dir) / "manifest.json"
-    if not Path(shard_dir).is_dir():
+    if not root.is_dir():
         raise UserError(f"{shard_dir}: shard directory not found")
-    if not path.is_file():
-        raise UserError(f"{path}: manifest not found (is {shard_dir} a finished shard directory?)")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: unreadable manifest ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise UserError(f"{path}: format is {found!r}, expected {expected_format!r}")
-    return manifest
+        data = (root / "manifest.json").read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: manifest not found (is {shard_dir} a finished shard directory?)") from None
+    except OSError as error:
+        raise UserError(f"{path}: unreadable manifest ({error.strerror or error})") from None
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a manifest (not UTF-8 text: the file is damaged or something else)") from None
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise UserError(f"{path}: unreadable manifest (not JSON: {str(error)[:120]})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a manifest (JSON {kind_name(manifest)}, not an object)")
+    if manifest.get("format") != expected_format:
+        raise UserError(f"{path}: format is {short(manifest.get('format'))}, expected {expected_format!r}")
+    try:
+        validate(manifest, SCHEMAS[expected_format])
+    except SchemaError as error:
+        raise UserError(f"{path}: {error}") from None
+    loaded = Manifest(manifest)
+    loaded.root, loaded.sha256 = root, hashlib.sha256(data).hexdigest()
+    return loaded
 
 
 def manifest_sha256(shard_dir: Path, expected_format: str) -> str:
     """sha256 of a shard directory's manifest.json, once it is checked to be one of `expected_format`:
     how a checkpoint remembers the data it was trained on."""
-    load_manifest(shard_dir, expected_format)
-    return sha256_file(shard_dir / "manifest.json")
+    return load_manifest(shard_dir, expected_format).sha256
 
 
-def split_shards(shard_dir: Path, manifest: dict, split: str) -> list[dict]:
-    """The manifest's shard entries for `split`, with `tar`/`idx` resolved to paths that exist."""
+def split_shards(shard_dir: Path, manifest: dict, split: str, *, verify: bool = False) -> list[dict]:
+    """The manifest's shard entries for `split`, with `tar`/`idx` resolved to paths that exist, each
+    checked against what the manifest promises: its index lists the manifest's number of samples
+    and its tar is long enough to hold them (always: a shard cut short, or an index from another
+    tar, must not read as a shorter split); with `verify`, its bytes hash to the manifest's
+    sha256 (one read of every tar). Paths are taken from the folder the manifest was read from."""
+    where = Path(shard_dir) / "manifest.json"
     splits = manifest.get("splits", {})
     if split not in splits:
-        raise UserError(f"{Path(shard_dir) / 'manifest.json'}: no split {split!r} (has {', '.join(splits) or 'none'})")
+        raise UserError(f"{where}: no split {split!r} (has {', '.join(splits) or 'none'})")
+    try:
+        validate(splits[split], SPLIT, f"splits.{split}")     # a manifest not from load_manifest too
+    except SchemaError as error:
+        raise UserError(f"{where}: {error}") from None
+    root = getattr(manifest, "root", None) or pin_shard_dir(shard_dir)
     entries = []
     for shard in splits[split]["shards"]:
-        tar, index = Path(shard_dir) / shard["file"], Path(shard_dir) / shard["index"]
+        tar, index = root / shard["file"], root / shard["index"]
         if not tar.is_file():
             raise UserError(f"{tar}: shard listed in the manifest is missing")
         if not index.is_file():
             raise UserError(f"{index}: shard index listed in the manifest is missing")
-        entries.append({**shard, "tar": tar, "idx": index})
+        samples = read_index(index)
+        check_shard_length(tar, index, samples, shard["pairs"])
+        if verify:
+            check_shard_hash(tar, shard["sha256"])
+        entries.append({**shard, "tar": tar, "idx": index, "samples": samples})
     return entries
 
 
+def check_shard_length(tar: Path, index: Path, samples: Sequence[IndexedSample], promised: int) -> None:
+    """The index lists the promised number of samples, and the tar reaches past the last of them."""
+    if len(samples) != promised:
+        raise UserError(f"{index}: lists {len(samples)} samples, the manifest says {promised} "
+                        f"(the index or the manifest is from another run; re-pack or re-extract)")
+    end = max((offset + size for sample in samples for offset, size in sample.members.values()), default=0)
+    size = tar.stat().st_size
+    if size < end:
+        raise UserError(f"{tar}: cut short ({size} bytes; its {promised} samples need {end}): a copy or "
+                        f"write that did not finish")
+
+
+def check_shard_hash(path: Path, promised: str) -> None:
+    actual = sha256_file(path)
+    if actual != promised:
+        raise UserError(f"{path}: sha256 {actual[:12]}... differs from the manifest's {promised[:12]}...: the shard "
+                        f"changed since the manifest was written (re-pack or re-extract)")
+
+
 def iter_samples(tar_path: Path, index_path: Path, exts: Sequence[str] | None = None,
-                 keys: Container[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples of one shard in order, as (key, {ext: bytes}), read through its index: every member,
-    or only `exts` (each must be there); every sample, or only those in `keys`."""
-    samples = read_index(index_path)
+                 keys: Container[str] | None = None,
+                 samples: Sequence[IndexedSample] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of one shard in order, as (key, {ext: bytes}), read through its index (`samples`:
+    the index already read): every member, or only `exts` (each must be there); every sample, or
+    only those in `keys`."""
+    samples = read_index(index_path) if samples is None else samples
     with open(tar_path, "rb") as f:
         for sample in samples:
             if keys is not None and sample.key not in keys:
@@ -316,4 +398,5 @@ def iter_samples(tar_path: Path, index_path: Path, exts: Sequence[str] | None = 
 def read_members(entries: Sequence[dict], exts: Sequence[str], keys: Container[str] | None = None) -> dict[str, dict]:
     """key -> {ext: bytes} of the given members, for every sample (or those in `keys`) of the shards
     (`split_shards` entries)."""
-    return {key: members for entry in entries for key, members in iter_samples(entry["tar"], entry["idx"], exts, keys)}
+    return {key: members for entry in entries
+            for key, members in iter_samples(entry["tar"], entry["idx"], exts, keys, entry.get("samples"))}

@@ -17,6 +17,7 @@ Frames go through `pipeline.frames.to_model_input`, the preprocessing the model 
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import random
@@ -35,7 +36,7 @@ from common.errors import UserError
 from pipeline.frames import GRID, to_model_input
 from pipeline.latent import CODE_DTYPES
 from pipeline.png import decode_png
-from pipeline.shards import LATENT_FORMAT, SPLITS, load_manifest, read_index
+from pipeline.shards import LATENT_FORMAT, SPLITS, check_shard_hash, load_manifest, read_index
 
 ZSTD_SUFFIX = ".zst"
 
@@ -45,21 +46,33 @@ def latent_urls(source: str | Path | Sequence[str | Path], split: str | None = N
                 compressed: bool = False) -> list[str]:
     """Shard urls from a latent directory (its manifest: every split in train/val/test order, or one
     `split`; `compressed` picks the `.tar.zst` copies), a brace pattern ("dir/latent-{000000..000003}.tar"),
-    one shard path, or a list of urls."""
+    one shard path, or a list of urls. A local path that is not there is one clear error here,
+    not an unreadable stream later."""
     if isinstance(source, (list, tuple)):
         urls = [str(url) for url in source]
     elif Path(source).is_dir():
         urls = _manifest_urls(Path(source), split, compressed)
     else:
         urls = list(wds.shardlists.expand_urls(str(source)))
+        if [str(source)] == urls and is_local(urls[0]) and not Path(urls[0]).exists():
+            raise UserError(f"{source}: not found (expected a latent shard directory, a .tar or .tar.zst shard, "
+                            f"or a brace pattern of them)")
     if not urls:
         raise UserError(f"{source}: no latent shards to read")
+    missing = [url for url in urls if is_local(url) and not Path(url).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if missing[1:] else ""
+        raise UserError(f"{missing[0]}: latent shard not found{more}")
     return urls
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
 
 
 def _manifest_urls(directory: Path, split: str | None, compressed: bool) -> list[str]:
     manifest = load_manifest(directory, LATENT_FORMAT)
-    splits = manifest.get("splits", {})
+    splits = manifest["splits"]
     names = [split] if split else [name for name in SPLITS if name in splits]
     urls = []
     for name in names:
@@ -68,11 +81,67 @@ def _manifest_urls(directory: Path, split: str | None, compressed: bool) -> list
         for shard in splits[name]["shards"]:
             if compressed and "zstd" not in shard:
                 raise UserError(f"{directory}: shard {shard['file']} has no .tar.zst copy (re-run extract.py --zstd)")
-            path = directory / (shard["zstd"]["file"] if compressed else shard["file"])
+            path = manifest.root / (shard["zstd"]["file"] if compressed else shard["file"])
             if not path.is_file():
                 raise UserError(f"{path}: shard listed in the manifest is missing")
             urls.append(str(path))
     return urls
+
+
+# ------------------------------------------------------------------------------------ promises
+def manifest_entry(url: str) -> dict | None:
+    """What the manifest of the latent directory holding a local shard says of it ({"pairs",
+    "sha256"}; of the `.tar.zst` copy for a `.zst` url), or None where no manifest lists it. Found
+    by place (<dir>/<split>/<shard>), so a list of urls from `latent_urls` is checked as the
+    directory itself would be."""
+    if not is_local(url):
+        return None
+    path = Path(url)
+    directory = path.parent.parent
+    manifest_file = directory / "manifest.json"
+    if not manifest_file.is_file():
+        return None
+    stat = manifest_file.stat()
+    entries = _manifest_entries(str(directory), stat.st_mtime_ns, stat.st_size)
+    return entries.get(f"{path.parent.name}/{path.name}")
+
+
+@functools.lru_cache(maxsize=8)
+def _manifest_entries(directory: str, mtime_ns: int, size: int) -> dict[str, dict]:
+    """file -> {"pairs", "sha256"} for every shard (and .tar.zst copy) a latent manifest lists;
+    cached per manifest version (its mtime and size), as every shard of a pass asks."""
+    entries = {}
+    for split in load_manifest(Path(directory), LATENT_FORMAT)["splits"].values():
+        for shard in split["shards"]:
+            entries[shard["file"]] = {"pairs": shard["pairs"], "sha256": shard["sha256"]}
+            if "zstd" in shard:
+                entries[shard["zstd"]["file"]] = {"pairs": shard["pairs"], "sha256": shard["zstd"]["sha256"]}
+    return entries
+
+
+class ShardMismatch(ValueError):
+    """A shard is not what its index or manifest says it holds: cut short, or changed."""
+
+
+def promised_counts(url: str) -> list[tuple[int, str]]:
+    """(samples, who says so) for a shard: the `.idx` beside it, its latent manifest."""
+    promises = []
+    index = Path(url.removesuffix(ZSTD_SUFFIX)).with_suffix(".idx")
+    if is_local(url) and index.is_file():
+        promises.append((len(read_index(index)), "its index lists"))
+    entry = manifest_entry(url)
+    if entry is not None:
+        promises.append((entry["pairs"], "its manifest lists"))
+    return promises
+
+
+def verify_shard(url: str) -> None:
+    """The shard's bytes hash to its manifest's sha256 (one read of the file)."""
+    entry = manifest_entry(url)
+    if entry is None:
+        raise UserError(f"{url}: no latent manifest beside it lists this shard, so there is no sha256 to verify "
+                        f"(read its directory instead, or verify=False)")
+    check_shard_hash(Path(url), entry["sha256"])
 
 
 # ------------------------------------------------------------------------------------ opening
@@ -96,25 +165,24 @@ def zstd_url_opener(data: Iterable[dict], handler: Callable = wds.reraise_except
             raise
 
 
-def tar_samples(data: Iterable[dict], handler: Callable = wds.reraise_exception) -> Iterable[dict]:
+def tar_samples(data: Iterable[dict], handler: Callable = wds.reraise_exception,
+                verify: bool = False) -> Iterable[dict]:
     """Stream of {"url"} -> webdataset samples {"__key__", "cur.png", ...}, `.tar` or `.tar.zst`.
-    A tar cut short reads as a shorter tar (tarfile's stream mode stops quietly), so a shard with a
-    `.idx` beside it must yield as many samples as the index lists."""
+    A tar cut short, even at a sample boundary, reads as a shorter tar (tarfile's stream mode
+    stops quietly), so a shard must yield as many samples as its `.idx` and its manifest list;
+    with `verify`, its bytes must hash to the manifest's sha256 before it is read."""
     for source in data:
+        if verify:
+            verify_shard(source["url"])
         files = tar_file_expander(zstd_url_opener([source], handler=handler), handler=handler)
         count = 0
         for sample in group_by_keys(files, handler=handler):
             count += 1
             yield sample
-        expected = indexed_samples(source["url"])
-        if expected is not None and count != expected:
-            handler(ValueError(f"holds {count} samples, its index lists {expected}", source["url"]))
-
-
-def indexed_samples(url: str) -> int | None:
-    """How many samples the `.idx` beside a local shard lists (None: no index there)."""
-    index = Path(url.removesuffix(ZSTD_SUFFIX)).with_suffix(".idx")
-    return len(read_index(index)) if index.is_file() else None
+        for expected, who in promised_counts(source["url"]):
+            if count != expected:
+                handler(ShardMismatch(f"holds {count} samples, {who} {expected}", source["url"]))
+                break
 
 
 # ----------------------------------------------------------------------------------- decoding
@@ -183,18 +251,26 @@ def collate_latent(samples: list[dict], grayscale: bool) -> dict:
 
 # ----------------------------------------------------------------------------------- pipeline
 def raise_user_error(error: Exception) -> bool:
-    """The default handler: a shard that cannot be read (half-written, corrupt) becomes one clear
-    UserError naming it; webdataset adds the url to the error's args."""
+    """The default handler: a shard that cannot be read becomes one UserError naming it and saying
+    what is wrong (not there, not readable, short, corrupt); webdataset adds the url to the
+    error's args."""
     urls = [arg for arg in error.args if isinstance(arg, str) and (arg.endswith(".tar") or arg.endswith(ZSTD_SUFFIX))]
     reason = next((str(arg) for arg in error.args if isinstance(arg, str) and arg not in urls), type(error).__name__)
     where = urls[-1] if urls else "a latent shard"
+    if isinstance(error, ShardMismatch):
+        raise UserError(f"{where}: latent shard {reason}: cut short or changed since it was written "
+                        f"(re-run extract.py)") from None
+    if isinstance(error, FileNotFoundError):
+        raise UserError(f"{where}: latent shard not found") from None
+    if isinstance(error, OSError):
+        raise UserError(f"{where}: cannot read latent shard ({error.strerror or reason[:160]})") from None
     raise UserError(f"{where}: unreadable latent shard, half-written or corrupt ({reason[:160]})") from None
 
 
 def latent_dataset(source, grayscale: bool = True, *, split: str | None = None, compressed: bool = False,
                    shuffle: int = 0, seed: int = 0, batch_size: int | None = None, partial_batches: bool = True,
                    with_meta: bool = False, split_nodes: bool = True, split_workers: bool = True,
-                   handler: Callable = raise_user_error) -> wds.DataPipeline:
+                   handler: Callable = raise_user_error, verify: bool = False) -> wds.DataPipeline:
     """A webdataset pipeline over latent shards yielding {"key", "cur", "codes", "next"}, plus
     "prev" (frame t-1, shaped like "cur") and "prev_valid" where the shards hold frame t-1 (the
     model used context; see extract.py).
@@ -203,6 +279,8 @@ def latent_dataset(source, grayscale: bool = True, *, split: str | None = None, 
     shuffle: 0 keeps manifest order; n > 0 shuffles shard order (by `seed`) and samples in a buffer of n.
     batch_size: collate into batches (frames (B, C, 210, 160), codes (B, 7, 5), a list of keys);
     `partial_batches=False` drops a short last batch.
+    Every shard must hold the samples its `.idx` and its manifest list; `verify` also checks its
+    bytes against the manifest's sha256 (one more read of each shard).
     """
     urls = latent_urls(source, split, compressed)
     stages = [wds.SimpleShardList(urls, seed=seed if shuffle else None)]
@@ -210,7 +288,7 @@ def latent_dataset(source, grayscale: bool = True, *, split: str | None = None, 
         stages.append(wds.split_by_node)
     if split_workers:
         stages.append(wds.split_by_worker)
-    stages.append(wds.filters.pipelinefilter(tar_samples)(handler=handler))
+    stages.append(wds.filters.pipelinefilter(tar_samples)(handler=handler, verify=verify))
     if shuffle:
         stages.append(wds.filters.pipelinefilter(shuffle_samples)(shuffle, seed))
     # partials of module functions, not lambdas: the pipeline must pickle for spawned DataLoader workers

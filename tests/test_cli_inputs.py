@@ -206,3 +206,49 @@ def test_an_output_path_that_is_a_file_is_refused_before_any_work(command, under
     assert target in line and ("--run-dir" if command == "train --run-dir" else "--out") in line
     assert "not a directory" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]      # nothing made, not even --run-dir
+
+
+# ------------------------------------------------------------------------------------ weights_only
+class Payload:
+    """Pickled as a call to Path.touch(marker): unpickled without weights_only it creates the marker,
+    as a crafted checkpoint would run any code it names."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def crafted_checkpoint(path: Path, marker: Path, checkpoint_format: str = "lam-checkpoint/1") -> Path:
+    torch.save({"format": checkpoint_format, "model": {}, "config": {"model": {}, "train": {"run_name": "x"}},
+                "step": 1, "payload": Payload(marker)}, path)
+    return path
+
+
+def test_a_crafted_checkpoint_runs_no_code_in_any_reader(pair_shards, latent_dir, tiny_checkpoint, controller_path,
+                                                         tmp_path, capsys):
+    """Every way a checkpoint is read loads it weights-only: the payload never runs, and each reader
+    says the file is not a checkpoint it can read (torch.load(weights_only=False) would run it)."""
+    from training.run_folder import peek
+
+    marker = tmp_path / "payload-ran"
+    lam = crafted_checkpoint(tmp_path / "best.pt", marker)
+    controller = crafted_checkpoint(tmp_path / "controller.pt", marker, "lam-controller/1")
+    run = tmp_path / "run"
+    run.mkdir()
+    crafted_checkpoint(run / "step-000005.pt", marker)
+    for read in (lambda: read_checkpoint(lam), lambda: load_checkpoint(lam), lambda: load_controller(controller),
+                 lambda: load_model(lam, torch.device("cpu"))):
+        with pytest.raises(UserError, match="weights_only=True refuses"):
+            read()
+    assert peek(run / "step-000005.pt").problem is not None
+    out = str(tmp_path / "out")
+    assert extract.main(["--shards", str(pair_shards), "--checkpoint", str(lam), "--out", out, "--no-progress"]) == 2
+    assert play.main(["rollout", "--checkpoint", str(tiny_checkpoint), "--controller", str(controller),
+                      "--latent", str(latent_dir), "--out", out]) == 2
+    common = ["--shards", str(pair_shards), "--out", str(run), "--no-compile", "--wandb", "disabled"]
+    assert train.main([*common, "--resume"]) == 2                    # reads the latest step file
+    assert train.main([*common, "--preset", "tiny"]) == 2             # peeks at it to name the run there
+    assert not marker.exists(), "a checkpoint's pickled payload ran"
+    capsys.readouterr()

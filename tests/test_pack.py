@@ -284,7 +284,7 @@ def test_fast_check_catches_what_a_decode_would():
 @pytest.mark.parametrize("flags, message", [
     (["--fractions", "0.5,0.5,0.5"], "sum to 1"), (["--fractions", "1.2,-0.1,-0.1"], "non-negative"),
     (["--fractions", "0.8,0.2"], "3 numbers"), (["--fractions", "a,b,c"], "three numbers"),
-    (["--pairs-per-shard", "0"], "at least 1"), (["--workers", "0"], "at least 1")])
+    (["--pairs-per-shard", "0"], "--pairs-per-shard must be >= 1"), (["--workers", "0"], "--workers must be >= 1")])
 def test_bad_flags_are_one_line_and_exit_2(videos, tmp_path, capsys, flags, message):
     code = run_cli(packer.main, ["--src", str(videos), "--out", str(tmp_path / "out"), *flags])
     err = capsys.readouterr().err
@@ -365,9 +365,12 @@ def test_crash_mid_repack_keeps_the_old_set_whole(videos, tmp_path, monkeypatch)
     assert load_manifest(out, "lam-pairs/1") == old
 
 
-def test_crash_during_the_swap_leaves_no_manifest_then_recovers(videos, tmp_path, monkeypatch):
+def test_crash_before_the_swap_keeps_the_old_set_then_recovers(videos, tmp_path, monkeypatch):
+    """The new manifest is written inside the staged set; the swap is one rename of a link after it.
+    A crash up to there leaves the old set and its manifest whole; the next run cleans up."""
     out = tmp_path / "out"
-    pack(videos, out, pairs_per_shard=16, progress=False)
+    old = pack(videos, out, pairs_per_shard=16, progress=False)
+    before = tree_bytes(out)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -375,11 +378,12 @@ def test_crash_during_the_swap_leaves_no_manifest_then_recovers(videos, tmp_path
     monkeypatch.setattr(packer, "atomic_write_json", crash)
     with pytest.raises(KeyboardInterrupt):
         pack(videos, out, seed=1, pairs_per_shard=8, progress=False)
-    assert not (out / "manifest.json").exists()     # never a manifest over shards it does not describe
+    assert tree_bytes(out) == before and load_manifest(out, "lam-pairs/1") == old
     monkeypatch.undo()
     manifest = pack(videos, out, seed=1, pairs_per_shard=8, progress=False)
     assert manifest["seed"] == 1
     assert_manifest_describes_everything(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.v000001", ".out.v000002", "out"]
 
 
 def test_every_frame_is_checked_exactly_once(videos, tmp_path, monkeypatch):
@@ -394,3 +398,58 @@ def test_every_frame_is_checked_exactly_once(videos, tmp_path, monkeypatch):
     pack(videos, tmp_path / "out", progress=False)
     frames = [f"{e.name}/{f.name}" for e in videos.iterdir() for f in e.glob("*.png")]
     assert sorted(checked) == sorted(frames)
+
+
+# ------------------------------------------------------------------------------- re-packing under readers
+def loader_keys(loader) -> list[str]:
+    return [key for batch in loader for key in batch["key"]]
+
+
+def test_a_reader_finishes_the_set_it_started_on_through_a_repack(videos, tmp_path):
+    """A loader (what extraction walks) built on the old set, then a re-pack with other shards,
+    then the pass: the loader reads the old set whole, not old offsets in new tars."""
+    from pipeline.loader import build_loader
+
+    out = tmp_path / "pairs"
+    pack(videos, out, pairs_per_shard=16, progress=False)
+    expected = loader_keys(build_loader(out, "train", 8, shuffle=False, drop_last=False, with_keys=True,
+                                        backend="torch", device="cpu", cache=False))
+    reading = build_loader(out, "train", 8, shuffle=False, drop_last=False, with_keys=True, backend="torch",
+                           device="cpu", cache=False)
+    manifest = load_manifest(out, "lam-pairs/1")
+    new = pack(videos, out, seed=1, pairs_per_shard=5, progress=False)      # other episodes in train
+    assert loader_keys(reading) == expected                                 # the old set, whole
+    assert sum(1 for _ in shard_samples(manifest.root, manifest, "train")) == len(expected)
+    fresh = loader_keys(build_loader(out, "train", 8, shuffle=False, drop_last=False, with_keys=True,
+                                     backend="torch", device="cpu", cache=False))
+    assert len(fresh) == new["splits"]["train"]["pairs"] and fresh != expected   # a new reader: the new set
+
+
+def test_repacks_keep_the_current_and_the_previous_set_only(videos, tmp_path):
+    out = tmp_path / "pairs"
+    for seed in range(3):
+        pack(videos, out, seed=seed, pairs_per_shard=64, progress=False)
+    assert out.is_symlink() and os.readlink(out) == ".pairs.v000003"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pairs.v000002", ".pairs.v000003", "pairs"]
+    assert load_manifest(out, "lam-pairs/1")["seed"] == 2
+
+
+def test_a_plain_folder_from_before_versions_becomes_the_previous_set(videos, tmp_path):
+    out = tmp_path / "pairs"
+    pack(videos, tmp_path / "made", pairs_per_shard=64, progress=False)
+    shutil.copytree(tmp_path / "made", out)                  # a real folder, as older packers left it
+    (out / ".staging-1").mkdir()                             # with an older packer's leftovers
+    before = tree_bytes(out)
+    pack(videos, out, seed=1, pairs_per_shard=64, progress=False)
+    assert out.is_symlink() and load_manifest(out, "lam-pairs/1")["seed"] == 1
+    assert tree_bytes(tmp_path / ".pairs.v000001") == {k: v for k, v in before.items() if ".staging" not in k}
+
+
+def test_a_folder_of_other_files_is_refused_before_any_work(videos, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(packer, "write_pairs", lambda *a, **k: pytest.fail("packed into a folder of other files"))
+    assert run_cli(packer.main, ["--src", str(videos), "--out", str(out)]) == 2
+    assert "holds files that are not a shard set (notes.txt)" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -250,9 +250,10 @@ def test_help_lists_the_fields(capsys):
         assert name in text
 
 
-def test_set_overrides_preset_and_flags_override_set(tmp_path):
+def test_set_overrides_preset_and_flags_override_set(pair_shards, tmp_path):
     args = argument_parser().parse_args(["--preset", "demo", "--set", "lr=0.001", "--set", "rgb=true", "--set",
-                                         "iters=5", "--iters", "7", "--no-compile", "--out", str(tmp_path)])
+                                         "iters=5", "--iters", "7", "--no-compile", "--out", str(tmp_path),
+                                         "--shards", str(pair_shards)])
     cfg, resumed = config_from_args(args)
     assert (cfg.lr, cfg.rgb, cfg.iters, cfg.compile, cfg.model.width, resumed) == (0.001, True, 7, False, 0.25, None)
     assert cfg.model.in_channels == 3

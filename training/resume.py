@@ -1,12 +1,11 @@
-"""`--resume`, in one place: the latest step file in --out, the run's config from it (what the
-command line gives on top, each change listed), the check that the data is the same, and the saved
-state put back into the run's parts (weights, optimiser, scaler, loader position, RNG)."""
+"""`--resume`, in one place: the latest step file in --out (of the one run the folder holds, and the
+run the command line asks for: training/run_folder.py), the run's config from it (what the command
+line gives on top, each change listed), the check that the data is the same, and the saved state put
+back into the run's parts (weights, optimiser, scaler, loader position, RNG)."""
 from __future__ import annotations
 
 import math
-
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,10 +18,9 @@ from model.checkpoint import first_line, model_config_from
 from model.config import model_settings
 from training.checkpointer import set_rng_state
 from training.config import PRESETS, TRAIN_FIELDS, TrainConfig, make_config, parse_settings
+from training.run_folder import STEP_FILE, check_one_run, check_same_run_asked
 from training.runtime import Runtime
 from training.step import TrainStep
-
-STEP_FILE = re.compile(r"step-(\d+)\.pt")
 
 
 @dataclass
@@ -52,6 +50,8 @@ def resume(out: Path, preset: str | None, settings: Sequence[str], flags: dict[s
     line gives on top (each change printed)."""
     path = latest_checkpoint(out)
     state = read_checkpoint(path)
+    check_one_run(out, path, state)
+    check_same_run_asked(path, state, preset, parse_settings(settings))
     saved = state["config"].get("train", {})
     model = model_config_from(state, path)
     if variant is not None and variant != model.variant:
