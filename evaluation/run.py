@@ -10,6 +10,8 @@ and `reports/summary.md` with every split evaluated so far side by side.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from evaluation.split_pass import Share, batch_share, evaluate_pass, random_code
 from model.inference import CheckpointIdentity, load_model
 from pipeline.loader import in_order_loader
 from pipeline.pair_index import episode_and_step
-from pipeline.shards import PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest, split_shards
+from pipeline.shards import PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest, pin_shard_dir, split_shards
 
 
 @dataclass
@@ -40,12 +42,13 @@ class EvaluateConfig:
     checkpoint: Path = flag(help="LAM checkpoint")
     split: str = flag("test", choices=SPLITS)
     out: Path | None = flag(None, "report directory (default reports/<split>)")
-    batch_size: int = flag(64, "pairs per batch, per rank")
+    batch_size: int = flag(64, "pairs per batch, per rank", min=1)
     latent: Path | None = flag(Path("shards/latent"), "latent shards whose train codes the action probe may reuse "
                                                       "(if this checkpoint made them)")
-    probe_limit: int = flag(1500, "train transitions for the action probe")
-    seed: int = flag(0, "random codes for ΔPSNR, t-SNE, probes")
-    device: str | None = flag(None, "auto (default), cpu or cuda; under torchrun each rank its own GPU")
+    probe_limit: int = flag(1500, "train transitions for the action probe", min=0)
+    seed: int = flag(0, "random codes for ΔPSNR, t-SNE, probes", min=0)
+    device: str | None = flag(None, "auto (default), cpu or cuda; under torchrun each rank its own GPU",
+                              choices=("auto", "cpu", "cuda"))
     backend: str | None = flag(None, "data loader (default: dali where installed)", choices=("dali", "torch"))
     loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
                                             "(default: the machine's cores shared among its ranks)")
@@ -63,6 +66,8 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
     """(metrics, report path) on rank 0 (or the only process); (None, None) on the other ranks."""
     started = time.perf_counter()
     check_output_dir(cfg.out, "--out")                      # not after the whole pass
+    # the shard set as it is now: a re-pack swapping in another meanwhile cannot mix the two
+    cfg = dataclasses.replace(cfg, shards=pin_shard_dir(cfg.shards))
     manifest = load_manifest(cfg.shards, PAIRS_FORMAT)
     entries = split_shards(cfg.shards, manifest, cfg.split)
     pairs = sum(int(entry["pairs"]) for entry in entries)

@@ -18,6 +18,7 @@ on any rank leaves finished shards that the next run keeps.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -34,7 +35,7 @@ from pipeline.latent import (Coded, ShardJob, build_manifest, clear_output, ensu
                              plan_jobs, remove_stale, write_shard)
 from pipeline.loader import in_order_loader
 from pipeline.pair_index import PreviousFrames
-from pipeline.shards import PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest
+from pipeline.shards import PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest, pin_shard_dir
 
 
 @dataclass
@@ -42,10 +43,11 @@ class ExtractConfig:
     shards: Path = flag(help="pair shard directory (lam-pairs/1 manifest)")
     checkpoint: Path = flag(help="trained model checkpoint (.pt)")
     out: Path = flag(Path("shards/latent"), "latent shard directory")
-    batch_size: int = flag(64, "pairs per encoder batch, per rank")
+    batch_size: int = flag(64, "pairs per encoder batch, per rank", min=1)
     overwrite: bool = flag(False, "replace latents made by another checkpoint")
     zstd: bool = flag(False, "also write .tar.zst copies of every shard")
-    device: str | None = flag(None, "cuda or cpu (default: cuda when available; under torchrun each rank its own GPU)")
+    device: str | None = flag(None, "cuda or cpu (default: cuda when available; under torchrun each rank its own GPU)",
+                              choices=("auto", "cpu", "cuda"))
     backend: str | None = flag(None, "frame decoding backend of the loader (default: dali when installed)",
                                choices=("dali", "torch"))
     loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
@@ -70,6 +72,8 @@ class ExtractResult:
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run the extraction (see the module docstring); under torchrun, on every rank."""
     check_output_dir(cfg.out, "--out")
+    # the shard set as it is now: a re-pack swapping in another meanwhile cannot mix the two
+    cfg = dataclasses.replace(cfg, shards=pin_shard_dir(cfg.shards))
     pair_manifest = load_manifest(cfg.shards, PAIRS_FORMAT)
     jobs = plan_jobs(cfg.shards, pair_manifest, cfg.out)
     with process_group(cfg.device) as (ranks, device):

@@ -135,10 +135,11 @@ def checkpoints_in(out: Path) -> set[str]:
     found = set()
     manifest = out / "manifest.json"
     if manifest.is_file():
-        with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
+        # ValueError: bad JSON, and bytes that are not UTF-8 at all
+        with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
             found.add(json.loads(manifest.read_text())["checkpoint"]["sha256"])
     for record in out.glob(f"*/latent-*{DONE_SUFFIX}"):
-        with contextlib.suppress(OSError, json.JSONDecodeError, KeyError, TypeError):
+        with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
             found.add(json.loads(record.read_text())["checkpoint"]["sha256"])
     return found
 

@@ -52,30 +52,30 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     # VQ only: dead codes get fresh vectors this often, in steps (0 = never; default 10,000). A
     # training setting, so --resume may change it; a model without a VQ codebook has no such field.
-    reset_every: int | None = None
+    reset_every: int | None = flag(None, min=0)
     grad_checkpoint: bool = False            # recompute each conv stage in backward (memory for time)
     # Light supervision, off by default: the recorded action of this fraction of the train pairs (a
     # fixed, seeded choice) trains an action head on the codes (training/labels.py); the model then
     # gets the head (ModelConfig.action_classes).
-    action_fraction: float = 0.0
+    action_fraction: float = flag(0.0, min=0, max=1)
     # optimisation
-    iters: int = flag(100_000, "train until this step (also after --resume)")
-    batch_size: int = flag(32, "global batch per optimiser step (all ranks, all micro-batches)")
-    grad_accum: int = 1                      # micro-batches per step
-    lr: float = 3e-4
-    lr_min: float = 1e-4
-    lr_schedule: str = "cosine"              # cosine | linear | constant (after warmup)
+    iters: int = flag(100_000, "train until this step (also after --resume)", min=1)
+    batch_size: int = flag(32, "global batch per optimiser step (all ranks, all micro-batches)", min=1)
+    grad_accum: int = flag(1, min=1)         # micro-batches per step
+    lr: float = flag(3e-4, above=0)
+    lr_min: float = flag(1e-4, above=0)
+    lr_schedule: str = flag("cosine", choices=("cosine", "linear", "constant"))   # after warmup
     # Schedule horizon: lr reaches lr_min there and code resets stop. A preset's own length, not
     # --iters, so that a run stopped at any step (--iters k) and resumed is the same run. 0 = iters.
-    lr_decay_iters: int = 100_000
-    warmup: int = 0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0                   # max global grad norm; 0 = no clipping
-    max_nonfinite: int = 5                   # stop after this many non-finite steps in a row
+    lr_decay_iters: int = flag(100_000, min=0)
+    warmup: int = flag(0, min=0)
+    beta1: float = flag(0.9, min=0, below=1)
+    beta2: float = flag(0.999, min=0, below=1)
+    grad_clip: float = flag(1.0, min=0)      # max global grad norm; 0 = no clipping
+    max_nonfinite: int = flag(5, min=1)      # stop after this many non-finite steps in a row
     # runtime
-    device: str = "auto"                     # auto | cpu | cuda
-    backend: str = "dali"                    # data loader: dali | torch
+    device: str = flag("auto", choices=("auto", "cpu", "cuda"))
+    backend: str = flag("dali", "data loader", choices=("dali", "torch"))
     compile: bool = flag(True, "torch.compile the model (--no-compile: eager)")
     compile_backend: str = "inductor"        # torch.compile backend (aot_eager: traced, no code generation)
     # conv weights (and so activations) in NHWC: the same numbers, 20 % faster steps on the 2-core CPU
@@ -87,20 +87,21 @@ class TrainConfig:
     amp: str = flag("auto", "auto: bf16 where it is native (a GPU with bf16, a CPU with avx512_bf16 or AMX), else fp32",
                     choices=AMP_MODES)
     wandb: str = flag("", "default $WANDB_MODE, else offline", choices=WANDB_MODES)
-    seed: int = 0
+    seed: int = flag(0, min=0)
     deterministic: bool = False
-    threads: int = 0                         # CPU threads per rank; 0 = the cores shared out among local ranks
+    threads: int = flag(0, min=0)            # CPU threads per rank; 0 = the cores shared out among local ranks
     # cadences in steps (0 = never)
-    val_every: int = 1000                    # validation loss (and best.pt)
-    val_batches: int = 50                    # validation sample: this many batches' pairs, drawn across every val episode (0 = all)
-    metrics_every: int = 1000                # PSNR / SSIM on validation, and the move probe
-    probe_pairs: int = 1024                  # train pairs the validation's move probe is fitted on (0 = no probe)
-    hist_every: int = 5000                   # codebook usage histogram
-    image_every: int = 2500                  # example reconstructions
-    ckpt_every: int = 10_000
+    val_every: int = flag(1000, min=0)       # validation loss (and best.pt)
+    # validation sample: this many batches' pairs, drawn across every val episode (0 = all)
+    val_batches: int = flag(50, min=0)
+    metrics_every: int = flag(1000, min=0)   # PSNR / SSIM on validation, and the move probe
+    probe_pairs: int = flag(1024, min=0)     # train pairs the validation's move probe is fitted on (0 = no probe)
+    hist_every: int = flag(5000, min=0)      # codebook usage histogram
+    image_every: int = flag(2500, min=0)     # example reconstructions
+    ckpt_every: int = flag(10_000, min=0)
     # best.pt: "selection" maximises the mean of paddle and ball drawn within 2 px and the move probe
     # (training/validate.py, at the metrics cadence); "recon" minimises val/recon (the seed's rule)
-    best_by: str = "selection"
+    best_by: str = flag("selection", choices=("selection", "recon"))
 
     def __post_init__(self):
         checks = [
