@@ -11,7 +11,6 @@ and `reports/summary.md` with every split evaluated so far side by side.
 from __future__ import annotations
 
 import dataclasses
-
 import time
 from dataclasses import dataclass
 from pathlib import Path
