@@ -40,7 +40,7 @@ from control.controllability import run_controllability
 from control.data import read_episodes
 from control.figures import controllability_bars, rollout_curves, write_gif
 from control.report import CONTROL_GOAL, REPORT_HORIZONS, write_play_report
-from control.rollout import KINDS, run_rollouts
+from control.rollout import KINDS, codes_before, run_rollouts
 from control.server import Game, StartFrame, make_server
 from control.simulator import Simulator
 
@@ -192,7 +192,8 @@ def build_game(config: ServeConfig) -> tuple[Game | None, str | None]:
         sim = with_palette(sim, config, episodes)
     except UserError as error:
         return None, str(error)
-    starts = [StartFrame(e.frames[t], e.frames[max(t - 1, 0)]) for e in episodes for t in range(len(e.frames))]
+    starts = [StartFrame(e.frames[t], e.frames[max(t - 1, 0)], codes_before(e, t))
+              for e in episodes for t in range(len(e.frames))]
     return Game(sim, starts, config.seed), None
 
 

@@ -23,6 +23,8 @@ from pipeline.actions import ACTION_NAMES
 from pipeline.shards import LATENT_FORMAT, load_manifest
 from pipeline.stream import latent_dataset, latent_urls
 
+NONE = -1                  # "no codes": the transition before an episode's first one
+
 
 @dataclass
 class Episode:
@@ -67,27 +69,37 @@ def samples_with_prev(source, split: str, grayscale: bool, urls_seed: int | None
     previous = None
     for sample in latent_dataset(urls, grayscale, with_meta=True, split_nodes=False, split_workers=False):
         meta = sample["meta"]
+        after = follows(previous and previous["meta"], meta)
         if "prev" in sample:          # stored: right also at the first sample of a shard
             prev = sample["prev"]
         else:
-            prev = previous["cur"] if follows(previous and previous["meta"], meta) else sample["cur"]
-        yield {**sample, "prev": prev, "action": action_of(meta, sample["key"])}
+            prev = previous["cur"] if after else sample["cur"]
+        # the codes of transition t-1 (negative: none, at an episode's or a shard's first sample)
+        prev_codes = previous["codes"] if after else torch.full_like(sample["codes"], NONE)
+        prev_action_code = previous["action_code"] if after and "action_code" in previous else NONE
+        yield {**sample, "prev": prev, "action": action_of(meta, sample["key"]), "prev_codes": prev_codes,
+               "prev_action_code": prev_action_code}
         previous = sample
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     batch = {"cur": torch.stack([s["cur"] for s in samples]), "prev": torch.stack([s["prev"] for s in samples]),
              "action": torch.tensor([s["action"] for s in samples], dtype=torch.int64),
-             "codes": torch.stack([s["codes"] for s in samples])}
+             "codes": torch.stack([s["codes"] for s in samples]),
+             "prev_codes": torch.stack([s["prev_codes"] for s in samples])}
     if "action_code" in samples[0]:
         batch["action_code"] = torch.tensor([s["action_code"] for s in samples], dtype=torch.int64)
+        batch["prev_action_code"] = torch.tensor([s["prev_action_code"] for s in samples], dtype=torch.int64)
     return batch
 
 
-def targets(batch: dict[str, torch.Tensor], target: str) -> torch.Tensor:
+def targets(batch: dict[str, torch.Tensor], target: str, before: bool = False) -> torch.Tensor:
     """What the controller learns to predict, as a grid (B, h, w): the code grid (B, 7, 5), or the
-    per-frame action code as one cell (B, 1, 1)."""
-    return batch["action_code"][:, None, None] if target == "action" else batch["codes"]
+    per-frame action code as one cell (B, 1, 1); `before`: those of the transition before (its
+    input; negative where there is none)."""
+    if target == "action":
+        return batch["prev_action_code" if before else "action_code"][:, None, None]
+    return batch["prev_codes" if before else "codes"]
 
 
 def training_batches(source, batch_size: int, *, grayscale: bool, shuffle_buffer: int, seed: int,

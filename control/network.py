@@ -24,6 +24,10 @@ class ControllerConfig:
     # a per-frame action code (Genie's split), that one code (one of codebook_size)
     target: str = "grid"
     use_prev: bool = True             # also see frame t-1: the ball's direction is not in one frame
+    # also see the codes of the step before (in play: the codes it chose last step): a code names a
+    # move, and what moved last step (the ball's flight, the paddle's momentum) mostly moves on alike
+    prev_codes: bool = True
+    code_embed: int = 16
     channels: tuple[int, ...] = (16, 32, 64, 96, 128)   # five stride-2 stages: 210 x 160 -> 7 x 5
     action_dim: int = 32
     hidden: int = 192
@@ -38,7 +42,7 @@ class ControllerConfig:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if len(self.channels) != 5 or min(self.channels) < 1:
             raise ValueError(f"channels must be five positive widths (one per stride-2 stage), got {self.channels}")
-        for name in ("action_dim", "hidden", "codebook_size", "num_actions"):
+        for name in ("action_dim", "hidden", "codebook_size", "num_actions", "code_embed"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -49,7 +53,9 @@ class ControllerConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ControllerConfig":
-        """A saved config (one from before `target` predicts the grid)."""
+        """A saved config; one from before `target` predicts the grid, one from before `prev_codes`
+        sees no codes."""
+        values = {"prev_codes": False, **values}
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -71,18 +77,25 @@ class Controller(nn.Module):
         self.action = nn.Embedding(config.num_actions, config.action_dim)
         # where a cell is matters (the paddle lives in the bottom row): a learned map per cell
         self.position = nn.Parameter(torch.zeros(config.action_dim, *GRID))
+        # the previous codes, one learned vector per code and one for "none" (an episode's start)
+        self.code_embedding = (nn.Embedding(config.codebook_size + 1, config.code_embed) if config.prev_codes
+                               else None)
         # 3 x 3 mixing over the grid lets the action's effect depend on the neighbouring cells
+        codes_in = config.code_embed if config.prev_codes else 0
         self.head = nn.Sequential(
-            nn.Conv2d(width + config.action_dim, config.hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width + config.action_dim + codes_in, config.hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(config.hidden, config.hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(config.hidden, config.codebook_size, 1))
         # the whole code grids seen in training, most common first (control.train fills it)
         self.register_buffer("seen_grids", torch.zeros(0, GRID[0] * GRID[1], dtype=self.grid_dtype))
 
-    def forward(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
-        """cur, prev: float (B, C, 210, 160) in [0, 1]; action: int64 (B,) -> logits (B, K, 7, 5) over
-        each cell's codes, or (B, K) over the per-frame action codes (target "action": the cells'
-        evidence averaged). Without `prev` (first frame of an episode) frame t stands in for t-1."""
+    def forward(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None,
+                prev_codes: torch.Tensor | None = None) -> torch.Tensor:
+        """cur, prev: float (B, C, 210, 160) in [0, 1]; action: int64 (B,); prev_codes: the codes of
+        the step before, int64 (B, 7, 5) (or (B, 1, 1) for target "action"), negative where there
+        is none -> logits (B, K, 7, 5) over each cell's codes, or (B, K) over the per-frame
+        action codes (target "action": the cells' evidence averaged). Without `prev` (first frame
+        of an episode) frame t stands in for t-1; without `prev_codes`, none."""
         frames = cur
         if self.config.use_prev:
             frames = torch.cat([cur, cur if prev is None else prev], dim=1)
@@ -90,13 +103,21 @@ class Controller(nn.Module):
         if tuple(features.shape[-2:]) != GRID:
             raise ValueError(f"expected 210 x 160 frames, got {tuple(cur.shape[-2:])}")
         action = self.action(action.long())[:, :, None, None] + self.position
-        logits = self.head(torch.cat([features, action], dim=1))
+        parts = [features, action.expand(len(features), -1, -1, -1)]
+        if self.code_embedding is not None:
+            none = self.config.codebook_size                      # the "no codes before" token
+            prev_codes = (torch.full((len(features), *self.cells), none, device=cur.device) if prev_codes is None
+                          else torch.where(prev_codes < 0, none, prev_codes.long()))
+            embedded = self.code_embedding(prev_codes).permute(0, 3, 1, 2)
+            parts.append(embedded.expand(-1, -1, *GRID))
+        logits = self.head(torch.cat(parts, dim=1))
         return logits.mean((2, 3)) if self.config.target == "action" else logits
 
-    def cell_logits(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+    def cell_logits(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None,
+                    prev_codes: torch.Tensor | None = None) -> torch.Tensor:
         """Logits as a grid, (B, K, h, w): the 7 x 5 cells, or one cell holding the action code, so
         that training and scoring treat both targets alike."""
-        logits = self(cur, action, prev)
+        logits = self(cur, action, prev, prev_codes)
         return logits[:, :, None, None] if self.config.target == "action" else logits
 
     @property
@@ -107,7 +128,7 @@ class Controller(nn.Module):
     @torch.no_grad()
     def codes(self, cur: torch.Tensor, action: torch.Tensor, prev: torch.Tensor | None = None,
               temperature: float = 0.0, generator: torch.Generator | None = None,
-              per_cell: bool = False) -> torch.Tensor:
+              per_cell: bool = False, prev_codes: torch.Tensor | None = None) -> torch.Tensor:
         """The codes to feed the LAM decoder: the grid, int64 (B, 7, 5), or (target "action") the action
         code, int64 (B,); the most likely, or sampled at `temperature`. With `seen_grids` (and not `per_cell`) the choice is among the whole grids seen
         in training, scored by the sum of their cells' log-probabilities; otherwise cell by cell.
@@ -115,7 +136,7 @@ class Controller(nn.Module):
         Why whole grids: chosen cell by cell, one unlikely code beside its neighbours' (the paddle
         spans two cells, and the decoder's shift for a block reads a 3 x 3 neighbourhood of codes)
         makes a combination the LAM never saw, which erases the paddle; played forward, that is final."""
-        logits = self(cur, action, prev).float()
+        logits = self(cur, action, prev, prev_codes).float()
         if self.config.target == "action":
             return (logits.argmax(1) if temperature <= 0 else
                     torch.multinomial(F.softmax(logits / temperature, dim=1), 1, generator=generator)[:, 0])

@@ -23,8 +23,8 @@ import torch
 from evaluation.events import BRICK_PIXELS, Elements, detect_elements
 from evaluation.metrics import ReconstructionMeter
 
-from control.data import Episode
-from control.simulator import Simulator
+from control.data import NONE, Episode
+from control.simulator import Choice, Simulator
 
 KINDS = ("codes", "controller")
 # A LAM with a per-frame action code can also be played from the recording's action codes alone, with
@@ -61,19 +61,31 @@ def start_frames(episodes: list[Episode], starts: list[Start]) -> tuple[torch.Te
 @dataclass
 class Recorded:
     """What the recording did after each start: actions (B, H), codes (B, H, 7, 5), action codes
-    (B, H) when the LAM has them, frames t+1..t+H."""
+    (B, H) when the LAM has them, frames t+1..t+H; and the codes of the transition into the start
+    frame (`before`, negative at an episode's first frame)."""
 
     actions: torch.Tensor
     codes: torch.Tensor
     action_codes: torch.Tensor | None
     frames: torch.Tensor
+    before: Choice
+
+
+def codes_before(episode: Episode, t: int) -> Choice:
+    """The recorded codes of transition t-1 -> t, each (1, ...): what the controller saw last."""
+    grid = episode.codes[t - 1] if t > 0 else torch.full_like(episode.codes[0], NONE)
+    action = None if episode.action_codes is None else episode.action_codes[t - 1] if t > 0 else torch.tensor(NONE)
+    return Choice(grid[None], None if action is None else action.view(1))
 
 
 def recorded_steps(episodes: list[Episode], starts: list[Start], horizon: int) -> Recorded:
     pick = lambda part, offset=0: torch.stack([getattr(episodes[s.episode], part)[s.t + offset:s.t + offset + horizon]  # noqa: E731
                                                for s in starts])
     has_actions = all(episodes[s.episode].action_codes is not None for s in starts)
-    return Recorded(pick("actions"), pick("codes"), pick("action_codes") if has_actions else None, pick("frames", 1))
+    before = [codes_before(episodes[s.episode], s.t) for s in starts]
+    return Recorded(pick("actions"), pick("codes"), pick("action_codes") if has_actions else None, pick("frames", 1),
+                    Choice(torch.cat([b.grid for b in before]),
+                           torch.cat([b.action for b in before]) if has_actions else None))
 
 
 def play(sim: Simulator, kind: str, cur: torch.Tensor, prev: torch.Tensor, recorded: Recorded):
@@ -82,7 +94,7 @@ def play(sim: Simulator, kind: str, cur: torch.Tensor, prev: torch.Tensor, recor
         return sim.rollout(cur, prev, codes=recorded.codes, action_codes=recorded.action_codes)
     if kind == ACTION_ONLY:
         return sim.rollout(cur, prev, action_codes=recorded.action_codes)
-    return sim.rollout(cur, prev, recorded.actions)
+    return sim.rollout(cur, prev, recorded.actions, before=recorded.before)
 
 
 # ------------------------------------------------------------------------------------ scoring

@@ -45,7 +45,8 @@ def score_controller(controller: Controller, latent: Path, split: str, code_coun
     for batch in ordered_batches(latent, split, batch_size, grayscale=grayscale):
         cur, prev, action = (batch[k].to(device) for k in ("cur", "prev", "action"))
         target = targets(batch, controller.config.target).to(device)
-        logits = controller.cell_logits(cur, action, prev)
+        before = targets(batch, controller.config.target, before=True).to(device)
+        logits = controller.cell_logits(cur, action, prev, before)
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
         cell_log_p = log_frequencies.unsqueeze(0).expand(len(target), -1, -1, -1)
         frequency_loss_sum -= float(cell_log_p.gather(-1, target.unsqueeze(-1)).sum())
@@ -57,8 +58,8 @@ def score_controller(controller: Controller, latent: Path, split: str, code_coun
         totals["changed"] += int(changed.sum())
         totals["changed_correct"] += int((correct & changed).sum())
         totals["samples"] += len(target)
-        left = controller.cell_logits(cur, torch.full_like(action, LEFT), prev).argmax(1)
-        right = controller.cell_logits(cur, torch.full_like(action, RIGHT), prev).argmax(1)
+        left = controller.cell_logits(cur, torch.full_like(action, LEFT), prev, before).argmax(1)
+        right = controller.cell_logits(cur, torch.full_like(action, RIGHT), prev, before).argmax(1)
         totals["action_effect"] += int((left != right).flatten(1).any(1).sum())
         for index, name in enumerate(ACTION_NAMES):
             rows = action == index

@@ -47,7 +47,7 @@ from PIL import Image
 from pipeline.actions import ACTION_NAMES
 
 from control.figures import to_uint8_image
-from control.simulator import Simulator
+from control.simulator import Choice, Simulator
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_ROUTES = {"/": "index.html", "/index.html": "index.html", "/play.js": "play.js", "/style.css": "style.css"}
@@ -84,6 +84,7 @@ def encode_png(frame: torch.Tensor) -> bytes:
 class StartFrame:
     cur: torch.Tensor        # (C, H, W)
     prev: torch.Tensor
+    before: Choice | None = None     # the recorded codes of the transition into `cur` (batch of 1)
 
 
 class Game:
@@ -101,6 +102,7 @@ class Game:
         with self.lock:
             start = self.starts[self.rng.randrange(len(self.starts))]
             self.cur, self.prev, self.step_count, self.action = start.cur[None], start.prev[None], 0, "NOOP"
+            self.before = start.before
             return self._answer({"controller": 0.0, "decoder": 0.0})
 
     def state(self) -> dict:
@@ -111,11 +113,11 @@ class Game:
         index = ACTION_NAMES.index(action)
         with self.lock, torch.inference_mode():
             began = time.perf_counter()
-            choice = self.sim.codes(self.cur, self.prev, torch.tensor([index]))
+            choice = self.sim.codes(self.cur, self.prev, torch.tensor([index]), before=self.before)
             coded = time.perf_counter()
             nxt = self.sim.draw(self.cur, choice, self.prev)
             decoded = time.perf_counter()
-            self.prev, self.cur = self.cur, nxt
+            self.prev, self.cur, self.before = self.cur, nxt, choice
             self.step_count += 1
             self.action = action
             return self._answer({"controller": 1000 * (coded - began), "decoder": 1000 * (decoded - coded)})

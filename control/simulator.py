@@ -36,15 +36,18 @@ class Simulator:
 
     @torch.no_grad()
     def codes(self, cur: torch.Tensor, prev: torch.Tensor, action: torch.Tensor,
-              random_codes: torch.Generator | None = None) -> Choice:
+              random_codes: torch.Generator | None = None, before: Choice | None = None) -> Choice:
         """What the decoder is given for a key press: (grid codes (B, 7, 5), action codes (B,)), either
-        None where the LAM takes none: a LAM with a per-frame action code is played from it alone."""
+        None where the LAM takes none: a LAM with a per-frame action code is played from it alone.
+        `before`: the codes of the step before (the controller sees them; None: none)."""
         split = self.lam.action_codes
         if random_codes is not None or self.controller is None:
             shape, size = ((cur.shape[0],), split) if split else ((cur.shape[0], *GRID), self.lam.config.codebook_size)
             drawn = torch.randint(0, size, shape, generator=random_codes).to(self.device)
         else:
-            drawn = self.controller.codes(cur, action.to(self.device), prev, per_cell=self.per_cell)
+            last = None if before is None else (before.action.view(-1, 1, 1) if split else before.grid)
+            drawn = self.controller.codes(cur, action.to(self.device), prev, per_cell=self.per_cell,
+                                          prev_codes=None if last is None else last.to(self.device))
         return Choice(None, drawn) if split else Choice(drawn, None)
 
     @torch.no_grad()
@@ -63,18 +66,20 @@ class Simulator:
     @torch.no_grad()
     def rollout(self, start: torch.Tensor, prev: torch.Tensor, actions: torch.Tensor | None = None,
                 random_codes: torch.Generator | None = None, codes: torch.Tensor | None = None,
-                action_codes: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+                action_codes: torch.Tensor | None = None, before: Choice | None = None) -> Iterator[torch.Tensor]:
         """start, prev: (B, C, 210, 160); actions int64 (B, H), or the codes to play instead of the
         controller's: `codes` int64 (B, H, 7, 5) and, for a LAM with a per-frame action code,
         `action_codes` int64 (B, H) (alone: no grid) -> the H generated frames, one per step. After
-        the first step, frame t-1 (for the controller and the LAM) is the previous generated frame."""
+        the first step, frame t-1 (for the controller and the LAM) is the previous generated frame,
+        and the codes of the step before are those just played (`before`: those of the recorded
+        transition into the start frame, which the controller sees first; None: none)."""
         cur, prev = start.to(self.device), prev.to(self.device)
         given = codes is not None or action_codes is not None
         steps = (codes if codes is not None else action_codes if action_codes is not None else actions).shape[1]
         for step in range(steps):
             choice = (Choice(None if codes is None else codes[:, step].to(self.device),
                              None if action_codes is None else action_codes[:, step].to(self.device)) if given
-                      else self.codes(cur, prev, actions[:, step], random_codes))
+                      else self.codes(cur, prev, actions[:, step], random_codes, before))
             nxt = self.draw(cur, choice, prev)
             yield nxt
-            prev, cur = cur, nxt
+            prev, cur, before = cur, nxt, choice

@@ -109,7 +109,8 @@ def train(config: ControllerTrainConfig, progress=print) -> dict:
         code_counts += F.one_hot(wanted, controller.config.codebook_size).sum(0)
         if target == "grid":
             grid_counts.update(grid_bytes(batch["codes"]))
-        logits = controller.cell_logits(batch["cur"].to(device), batch["action"].to(device), batch["prev"].to(device))
+        logits = controller.cell_logits(batch["cur"].to(device), batch["action"].to(device), batch["prev"].to(device),
+                                        targets(batch, target, before=True).to(device))
         loss = F.cross_entropy(logits, wanted.to(device))
         if not torch.isfinite(loss):
             raise RuntimeError(f"step {step}: non-finite loss {loss.item()}; lower --lr")

@@ -47,14 +47,14 @@ def test_codes_are_the_most_likely_grid_seen_in_training(tmp_path):
     by brute force), never a grid outside them; per_cell (or no seen grids) is each cell's argmax.
     The grids travel in the checkpoint; a checkpoint from before them loads with none."""
     from collections import Counter
-    from control.network import most_common_grids
+    from control.network import grid_bytes, most_common_grids
 
     controller = Controller(ControllerConfig(**SMALL)).eval()
     cur, action = frames(4), torch.tensor([0, 1, 2, 3])
     per_cell = controller.codes(cur, action, cur)
     seen = torch.randint(0, 256, (50, 35), generator=torch.Generator().manual_seed(0))
     seen[7] = per_cell[2].flatten()                         # one frame's own argmax is among them
-    counts = Counter({bytes(grid.to(torch.uint8).numpy()): 50 - i for i, grid in enumerate(seen)})
+    counts = Counter({key: 50 - i for i, key in enumerate(grid_bytes(seen.view(-1, 7, 5)))})
     controller.set_seen_grids(most_common_grids(counts, 40))
     assert torch.equal(controller.seen_grids.long(), seen[:40])     # most common first, limited
     chosen = controller.codes(cur, action, cur)
