@@ -170,13 +170,13 @@ def test_a_context_model_is_evaluated_with_frame_t_minus_1(pair_shards, context_
     action probe's train pairs (encoded now) their frame t-1 read from the shards."""
     from model import LatentActionModel
 
-    calls = {"encode": [], "decode": []}
+    calls = {"encode_both": [], "decode": []}
     for name in calls:
         original = getattr(LatentActionModel, name)
 
-        def recording(self, cur, second, prev=None, _original=original, _name=name):
+        def recording(self, cur, second, prev=None, *rest, _original=original, _name=name):
             calls[_name].append(None if prev is None else bool((prev != cur).any()))
-            return _original(self, cur, second, prev)
+            return _original(self, cur, second, prev, *rest)
 
         monkeypatch.setattr(LatentActionModel, name, recording)
     metrics, _ = evaluate.evaluate(evaluate.EvaluateConfig(pair_shards, context_checkpoint, "val", tmp_path / "val",
@@ -186,5 +186,6 @@ def test_a_context_model_is_evaluated_with_frame_t_minus_1(pair_shards, context_
     assert metrics["pairs"] == manifest["splits"]["val"]["pairs"]
     assert metrics["actions"]["train_codes_from"] == "encoded now"
     val_batches = -(-metrics["pairs"] // 32)
-    assert len(calls["encode"]) == val_batches + -(-40 // 32) and len(calls["decode"]) == 2 * val_batches
-    assert None not in calls["encode"] + calls["decode"] and any(calls["encode"][val_batches:])
+    # lam.encode (the probe's train pairs) goes through encode_both too
+    assert len(calls["encode_both"]) == val_batches + -(-40 // 32) and len(calls["decode"]) == 2 * val_batches
+    assert None not in calls["encode_both"] + calls["decode"] and any(calls["encode_both"][val_batches:])

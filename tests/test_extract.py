@@ -239,7 +239,7 @@ def test_a_codebook_past_256_is_stored_uint16_and_read_back_whole(pair_shards, t
 
     assert train.main(["--shards", str(pair_shards), "--preset", "tiny", "--out", str(tmp_path / "ckpt"),
                        "--run-dir", str(tmp_path / "run"), "--iters", "2", "--no-compile", "--wandb", "disabled",
-                       "--set", "ckpt_every=2", "--set", "codebook_size=512", "--set", "fsq_levels=8,8,8"]) == 0
+                       "--set", "ckpt_every=2", "--set", "fsq.levels=8,8,8"]) == 0
     # Two steps leave every cell on one code below 256; the top FSQ digit (basis 64) pushed to its
     # highest level puts every code at 448 or above.
     state = torch.load(tmp_path / "ckpt" / "step-000002.pt", weights_only=True)
