@@ -61,14 +61,12 @@ class Palette:
     def levels(self, channels: int) -> torch.Tensor:
         """float (K', C) in [0, 1]: the colours in the model's colour mode (C = 1 gray, 3 RGB); in gray,
         colours of the same luma are one level."""
+        import torch
+
         rgb = torch.from_numpy(self.rgb)
         if channels == 3:
             return rgb.float() / 255
         return torch.unique(rgb_to_gray_uint8(rgb[None])[0].float()).view(-1, 1) / 255
-
-    def snap(self, frames: torch.Tensor) -> torch.Tensor:
-        """Each pixel of float (B, C, H, W) frames in [0, 1] replaced by the nearest palette colour."""
-        return snap(frames, self.levels(frames.shape[1]).to(frames.device))
 
 
 def colour_ids(frame: np.ndarray | torch.Tensor) -> np.ndarray:
