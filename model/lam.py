@@ -38,16 +38,19 @@ class LatentActionModel(nn.Module):
         self.decoder.up_stack.grad_checkpoint = enabled
 
     def forward(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None,
-                action: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                action: torch.Tensor | None = None, start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Frames (B, C, 210, 160) in [0, 1] -> {"pred": (B, C, 210, 160), "codes": (B, 7, 5) int64,
         "loss": total, "recon", "commitment", "codebook", "entropy", "action"}. `prev` is frame t-1
         (see `previous_frame`); `action` int64 (B,) the recorded actions of labelled pairs (-1 where
-        none), which train the action head when the model has one."""
+        none), which train the action head when the model has one; `start` the frame the decoder
+        moves, when it is not frame t itself (training on the model's own frames: the codes come
+        from the recorded pair, the decoder starts from what the model drew of frame t)."""
         prev = self.previous_frame(cur, prev)
         encoded = self.encoder(cur, nxt, prev)
         quantised, codes, losses = self.quantizer(encoded)
         action_codes, action_latent = self.quantise_action(encoded)
-        pred = self.decoder(cur, self.decoder_latent(quantised, action_latent, drop=self.training), prev)
+        pred = self.decoder(cur if start is None else start, self.decoder_latent(quantised, action_latent, drop=self.training),
+                            prev)
         recon = self.reconstruction_loss(pred, cur, nxt)
         losses["action"] = self.action_loss(quantised, action)
         total = recon + losses["commitment"] + losses["codebook"] + losses["entropy"] + losses["action"]

@@ -211,8 +211,8 @@ def test_bad_set_is_one_clear_error(pair_shards, tmp_path, capsys, setting, mess
 def test_non_finite_loss_stops_with_a_clear_error(pair_shards, tmp_path, capsys, monkeypatch):
     forward = LatentActionModel.forward
 
-    def poisoned(self, cur, nxt, prev=None, action=None):
-        out = forward(self, cur, nxt, prev, action)
+    def poisoned(self, cur, nxt, prev=None, action=None, start=None):
+        out = forward(self, cur, nxt, prev, action, start)
         return {**out, "loss": out["loss"] * float("nan")}
 
     monkeypatch.setattr(LatentActionModel, "forward", poisoned)
@@ -231,9 +231,9 @@ def test_context_run_feeds_prev_to_training_and_validation(context_checkpoint, p
 
     forward, seen = LatentActionModel.forward, []
 
-    def recording(self, cur, nxt, prev=None, action=None):
+    def recording(self, cur, nxt, prev=None, action=None, start=None):
         seen.append((self.training, None if prev is None else bool((prev != cur).any())))
-        return forward(self, cur, nxt, prev, action)
+        return forward(self, cur, nxt, prev, action, start)
 
     monkeypatch.setattr(LatentActionModel, "forward", recording)
     assert train.main(tiny_args(pair_shards, tmp_path, 5, "--set", "context=1")) == 0

@@ -15,12 +15,16 @@ import torch
 
 from common.errors import UserError
 from model import LatentActionModel
+from model.config import ModelConfig
 from model.inference import describe_amp
+from pipeline.palette import read_palette
+from pipeline.shards import PAIRS_FORMAT, load_manifest
 from pipeline.loader import build_loader
 from training.checkpointer import Checkpointer
 from training.config import TrainConfig
 from training.labels import ActionLabels
 from training.logger import Logger
+from training.own_frames import OwnFrames
 from training.resume import Resumed, restore
 from training.runtime import Runtime, git_sha
 from training.step import TrainStep
@@ -60,15 +64,19 @@ def build_run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_s
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                  fused=rt.device.type == "cuda")
     labels = ActionLabels.build(cfg.shards, cfg.action_fraction, cfg.seed)     # None: no light supervision
+    own_frames = (OwnFrames(cfg.own_frames, cfg.own_frames_start, cfg.seed, palette_levels(cfg.shards, cfg.model))
+                  if cfg.own_frames else None)
     train_step = TrainStep(model, optimizer, rt, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, action_labels=labels,
-                           max_nonfinite=cfg.max_nonfinite, compile=cfg.compile, compile_backend=cfg.compile_backend)
+                           max_nonfinite=cfg.max_nonfinite, compile=cfg.compile, compile_backend=cfg.compile_backend,
+                           own_frames=own_frames)
 
     # ---- the data: shuffled training batches; a fixed validation sample drawn across every val
     # episode, so best.pt is not chosen on a few of them
     loaders = dict(grayscale=not cfg.rgb, seed=cfg.seed, backend=cfg.backend, device=rt.device,
                    rank=rt.rank, world_size=rt.world_size, context=cfg.model.context)
+    # the model's own drawing of frame t is made from frame t-1: the training batches carry it
     train_loader = build_loader(cfg.shards, "train", micro_batch, shuffle=True, drop_last=True, with_keys=True,
-                                **loaders)
+                                **{**loaders, "context": max(cfg.model.context, int(cfg.own_frames > 0))})
     if len(train_loader) == 0:
         raise UserError(f"{cfg.shards}: the train split has fewer than one batch of {micro_batch} pairs per rank")
     val_loader = build_loader(cfg.shards, "val", micro_batch, shuffle=False, drop_last=False, with_keys=True,
@@ -93,3 +101,10 @@ def build_run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_s
     print(f"[rank {rt.rank}/{rt.world_size}] on {rt.device}: {len(train_loader)} train batches per epoch", flush=True)
     return Run(cfg, rt, model, train_step, train_loader.forever(), validator,
                Throughput(cfg.model, rt.device, rt.amp_dtype, cfg.batch_size), checkpointer, logger, step)
+
+
+def palette_levels(shards: str, model: ModelConfig) -> torch.Tensor | None:
+    """The game's colours in the model's colour mode, from the pair manifest (None for shards packed
+    before it recorded them: the own frames are then not snapped)."""
+    palette = read_palette(load_manifest(Path(shards), PAIRS_FORMAT))
+    return None if palette is None else palette.levels(model.in_channels)

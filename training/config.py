@@ -58,6 +58,10 @@ class TrainConfig:
     # fixed, seeded choice) trains an action head on the codes (training/labels.py); the model then
     # gets the head (ModelConfig.action_classes).
     action_fraction: float = flag(0.0, min=0, max=1)
+    # Training on the model's own frames (training/own_frames.py): this share of each batch's pairs
+    # has the decoder start from the model's own drawing of frame t, from step own_frames_start on.
+    own_frames: float = flag(0.0, min=0, max=1)
+    own_frames_start: int = flag(0, min=0)
     # optimisation
     iters: int = flag(100_000, "train until this step (also after --resume)", min=1)
     batch_size: int = flag(32, "global batch per optimiser step (all ranks, all micro-batches)", min=1)

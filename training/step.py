@@ -58,9 +58,10 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, *,
                  grad_accum: int = 1, grad_clip: float = 0.0, max_nonfinite: int = 5, compile: bool = False,
-                 compile_backend: str = "inductor", action_labels=None):
+                 compile_backend: str = "inductor", action_labels=None, own_frames=None):
         self.model, self.optimizer, self.rt = model, optimizer, rt
         self.action_labels = action_labels       # training.labels.ActionLabels, or None: no supervision
+        self.own_frames = own_frames             # training.own_frames.OwnFrames, or None: recorded frames only
         self.grad_accum, self.grad_clip, self.max_nonfinite = grad_accum, grad_clip, max_nonfinite
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.uses_scaler)
         self.nonfinite_in_a_row = 0
@@ -88,7 +89,8 @@ class TrainStep:
             sync = micro == self.grad_accum - 1 or not self.rt.distributed
             with (contextlib.nullcontext() if sync else self.step_model.no_sync()), self.rt.autocast():
                 action = self.action_labels(batch["key"], batch["cur"].device) if self.action_labels else None
-                out = self.step_model(batch["cur"], batch["next"], batch.get("prev"), action)
+                start = self.own_frames(self.model, batch, step) if self.own_frames else None
+                out = self.step_model(batch["cur"], batch["next"], batch.get("prev"), action, start)
             self.scaler.scale(out["loss"] / self.grad_accum).backward()
             values = torch.stack([out[name].detach().float() for name in LOSS_TERMS]).tolist()   # one sync
             for name, value in zip(LOSS_TERMS, values):
