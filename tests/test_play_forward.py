@@ -127,3 +127,30 @@ def test_a_rollout_starts_from_the_recorded_codes_before_it(latent_dir):
     episode = read_episodes(latent_dir, "test", grayscale=True)[0]
     assert (codes_before(episode, 0).grid == NONE).all()
     assert torch.equal(codes_before(episode, 3).grid[0], episode.codes[2])
+
+
+# ------------------------------------------------------------------------------------ own frames
+def test_own_frames_replace_a_share_of_frame_t_by_the_models_snapped_drawing():
+    from model import LatentActionModel, ModelConfig
+    from training.own_frames import OwnFrames
+
+    torch.manual_seed(0)
+    model = LatentActionModel(ModelConfig(width=0.0625, code_dim=32)).train()
+    levels = torch.tensor([[0.0], [0.5], [1.0]])
+    cur, prev = torch.rand(8, 1, 210, 160), torch.rand(8, 1, 210, 160)
+    own = OwnFrames(share=0.5, start=3, seed=0, levels=levels)
+    assert own(model, {"cur": cur, "prev": prev}, step=2) is None               # not before its start
+    assert own(model, {"cur": cur}, step=5) is None                              # needs frame t-1
+    start = own(model, {"cur": cur, "prev": prev}, step=5)
+    again = own(model, {"cur": cur, "prev": prev}, step=5)
+    assert torch.equal(start, again) and model.training                        # repeatable; training mode kept
+    replaced = [i for i in range(8) if not torch.equal(start[i], cur[i])]
+    assert 0 < len(replaced) < 8
+    model.eval()
+    drawn = snap(model.decode(prev, model.encode(prev, cur, prev), prev).clamp(0, 1), levels)
+    for i in replaced:
+        torch.testing.assert_close(start[i], drawn[i])
+    # the decoder starts from it, the encoder still sees the recorded pair
+    model.train()
+    out = model(cur, cur, prev, start=start)
+    assert out["pred"].shape == cur.shape

@@ -35,15 +35,17 @@ class OwnFrames:
         chosen = torch.rand(len(cur), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + step)) < self.share
         if not chosen.any():
             return None
+        rows = chosen.nonzero()[:, 0].to(cur.device)           # drawn for the chosen samples only
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
                 # frame t-1 stands in for t-2 where the model takes context: one frame of history is enough
-                grid, action = model.encode_both(prev, cur, prev)
-                drawn = model.decode(prev, grid, prev, action).float().clamp(0, 1)
+                before, now = prev[rows], cur[rows]
+                grid, action = model.encode_both(before, now, before)
+                drawn = model.decode(before, grid, before, action).float().clamp(0, 1)
         finally:
             model.train(was_training)
         if self.levels is not None:
             drawn = snap(drawn, self.levels.to(drawn.device))
-        return torch.where(chosen.to(cur.device).view(-1, 1, 1, 1), drawn.to(cur.dtype), cur)
+        return cur.index_copy(0, rows, drawn.to(cur.dtype))
