@@ -58,14 +58,14 @@ def test_fsq_model_keeps_the_api():
     assert model.reset_dead_codes() == 0
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(quantizer="lfq"), "quantizer must be one of vq, fsq"),
-    (dict(fsq=FSQConfig("8,x,4")), "comma-separated integers >= 2"),
-    (dict(fsq=FSQConfig("256,1")), "integers >= 2"),
+@pytest.mark.parametrize("make, message", [
+    (lambda: ModelConfig(quantizer="lfq"), "quantizer must be one of vq, fsq"),
+    (lambda: ModelConfig(fsq=FSQConfig("8,x,4")), "comma-separated integers >= 2"),
+    (lambda: ModelConfig(fsq=FSQConfig("256,1")), "integers >= 2"),
 ])
-def test_bad_quantizer_options_are_refused(options, message):
+def test_bad_quantizer_options_are_refused(make, message):
     with pytest.raises(ValueError, match=message):
-        ModelConfig(**options)
+        make()
 
 
 def test_the_number_of_codes_follows_from_the_levels():

@@ -112,15 +112,15 @@ def test_shift_model_keeps_the_api_and_learns_a_move():
     torch.testing.assert_close(model(cur, nxt)["pred"], pred, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(output="warp"), "output must be one of sigmoid, residual, shift"),
-    (dict(shift=ShiftConfig(max_x=-1)), "shift.max_x and shift.max_y must be >= 0"),
-    (dict(shift=ShiftConfig(max_y=-3)), "shift.max_x and shift.max_y must be >= 0"),
-    (dict(shift=ShiftConfig(stage=4)), "shift.stage must be in 0..3"),
+@pytest.mark.parametrize("make, message", [
+    (lambda: ModelConfig(output="warp"), "output must be one of sigmoid, residual, shift"),
+    (lambda: ModelConfig(shift=ShiftConfig(max_x=-1)), "shift.max_x and shift.max_y must be >= 0"),
+    (lambda: ModelConfig(shift=ShiftConfig(max_y=-3)), "shift.max_x and shift.max_y must be >= 0"),
+    (lambda: ModelConfig(shift=ShiftConfig(stage=4)), "shift.stage must be in 0..3"),
 ])
-def test_bad_shift_options_are_refused(options, message):
+def test_bad_shift_options_are_refused(make, message):
     with pytest.raises(ValueError, match=message):
-        ModelConfig(**options)
+        make()
 
 
 @pytest.mark.parametrize("setting, message", [

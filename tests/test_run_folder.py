@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import train
 from common.errors import UserError
 from training.cli import argument_parser, config_from_args
-from training.config import settable_fields
+from training.config import settable_types
 
 
 def tiny(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -113,7 +113,7 @@ def test_set_values_are_checked_by_their_fields_rules(setting, problem, pair_sha
 
 SETTING = st.one_of(
     st.text(max_size=40),
-    st.tuples(st.sampled_from(sorted(settable_fields())),
+    st.tuples(st.sampled_from(sorted(settable_types())),
               st.one_of(st.text(max_size=12), st.integers().map(str), st.floats().map(str),
                         st.sampled_from(["true", "no", "1_000", "0x10", "1e309", "-0", " 3 ", "nan", "8,8,4"])))
     .map(lambda pair: f"{pair[0]}={pair[1]}"))
