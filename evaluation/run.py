@@ -89,6 +89,7 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
         loader = in_order_loader(cfg.shards, cfg.split, cfg.batch_size, grayscale=identity.color == "gray",
                                  backend=cfg.backend, device=device, context=identity.context,
                                  runs=[(first, stop)], manifest=manifest, threads=loader_threads)
+        pass_started = time.perf_counter()
         with torch_threads(model_threads(ranks.cores, beside=threads) if device.type == "cpu" else None):
             state = evaluate_pass(loader, lam, device, first=first, progress=cfg.progress and ranks.main,
                                   random=random_codes(pairs, lam.config.codebook_size, cfg.seed),
@@ -96,6 +97,7 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
         scores = {name: meter.compute() for name, meter in                # collectives: on every rank
                   (("model", state.model), ("copy_baseline", state.copy), ("random_codes", state.random))}
         shares = ranks.gather(state.share)
+        pass_seconds = time.perf_counter() - pass_started
     if not ranks.main:
         return None, None
     share = Share.joined(shares)
@@ -113,6 +115,7 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     figures = draw_figures(cfg.out, share, codebook, metrics, cfg.seed)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
+    metrics["pass_seconds"] = round(pass_seconds, 1)          # of which the pass over the split (the rest: probes, figures)
     atomic_write_json(cfg.out / "metrics.json", metrics)
     report = write_report(cfg.out, metrics, figures, checkpoint_path=str(cfg.checkpoint))
     write_summary(cfg.out.parent)
