@@ -1,6 +1,9 @@
 """The one device rule, shared by the loader, the trainer's runtime, extract.py and evaluate.py."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from common.errors import UserError
@@ -41,3 +44,27 @@ def cpu_native_bf16(cpuinfo: str | None = None) -> str | None:
             return "onednn" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
     flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
     return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
+
+
+def model_threads(cores: int, beside: int = 1) -> int:
+    """CPU threads for the model's own ops when `beside` other busy threads (frame decoding, scoring)
+    run at the same time: the cores they leave, at least one. Not every core: an OpenMP team waits
+    at each op for its slowest member, and a member that a neighbouring stage (or another process
+    on a shared box) descheduled stalls the whole team; on the shared 2-core box two threads ran the
+    demo model's encoder and decoder 2-3x slower than one (BENCHMARKS.md "Stages"). Work is shared
+    between stages instead: each runs in its own thread, beside the others."""
+    return max(1, cores - beside)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `threads` inside the block (None: left as they are), and put back
+    after it, so a command run in-process (tests, benchmarks) leaves its caller's setting alone."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads:
+            torch.set_num_threads(before)

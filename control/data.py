@@ -8,6 +8,11 @@ Frame t-1 is the sample's own `prev` where the shards hold it (a LAM with contex
 previous sample's frame t when that sample is the same episode's step t-1. That needs the samples in
 shard order, so the stream is read unshuffled (shard order is shuffled per epoch instead) and mixed
 afterwards in a shuffle buffer here.
+
+Decoding: with a `FrameCache` each distinct frame is decoded once per run and kept as uint8 (a
+frame is one sample's t+1 and the next one's t, and training reads the split every epoch), and
+frames stay uint8 until a batch is made, which converts them all at once: the same batches, bit for
+bit, as decoding and converting every frame of every sample (tested).
 """
 from __future__ import annotations
 
@@ -20,10 +25,13 @@ import torch
 
 from common.errors import UserError
 from pipeline.actions import ACTION_NAMES
+from pipeline.frames import rgb_to_gray_uint8, to_model_input
+from pipeline.png import decode_png
 from pipeline.shards import LATENT_FORMAT, load_manifest
 from pipeline.stream import latent_dataset, latent_urls
 
-NONE = -1                  # "no codes": the transition before an episode's first one
+NONE = -1                       # "no codes": the transition before an episode's first one
+FRAME_CACHE_GB = 4.0            # the decoded-frame cache's default budget (the demo's train split takes 0.2 GB)
 
 
 @dataclass
@@ -60,14 +68,40 @@ def follows(previous: dict | None, meta: dict) -> bool:
             and previous.get("t") is not None and meta.get("t") == previous["t"] + 1)
 
 
-def samples_with_prev(source, split: str, grayscale: bool, urls_seed: int | None) -> Iterator[dict]:
+class FrameCache:
+    """PNG bytes -> the decoded frame, uint8 (H, W, C) in the colour mode it is used in (gray frames
+    reduced once, by the function `to_model_input` applies, to (H, W, 1)), each distinct frame decoded
+    once: keyed by its bytes, which the packer copies unchanged from the one source file. Frames past
+    `budget_gb` are decoded every time they come."""
+
+    def __init__(self, grayscale: bool, budget_gb: float = FRAME_CACHE_GB):
+        self.grayscale, self.budget = grayscale, int(budget_gb * 2**30)
+        self.frames: dict[bytes, torch.Tensor] = {}
+        self.held = self.decoded = 0
+
+    def __call__(self, png: bytes) -> torch.Tensor:
+        frame = self.frames.get(png)
+        if frame is None:
+            frame = decode_png(png)
+            frame = rgb_to_gray_uint8(frame) if self.grayscale else frame
+            self.decoded += 1
+            if self.held + frame.numel() <= self.budget:
+                self.frames[png] = frame
+                self.held += frame.numel()
+        return frame
+
+
+def samples_with_prev(source, split: str, grayscale: bool, urls_seed: int | None,
+                      cache: FrameCache | None = None) -> Iterator[dict]:
     """Samples of one split in shard order (shards shuffled by `urls_seed` unless None), each with
-    "prev" (frame t-1, or frame t itself at an episode's or a gap's start) and "action"."""
+    "prev" (frame t-1, or frame t itself at an episode's or a gap's start) and "action". Frames are
+    float (C, H, W) in [0, 1]; with a `cache`, uint8 from it (`collate` converts them)."""
     urls = latent_urls(source, split)
     if urls_seed is not None:
         random.Random(urls_seed).shuffle(urls)
     previous = None
-    for sample in latent_dataset(urls, grayscale, with_meta=True, split_nodes=False, split_workers=False):
+    cached = {} if cache is None else {"decode_frame": cache, "model_input": False}
+    for sample in latent_dataset(urls, grayscale, with_meta=True, split_nodes=False, split_workers=False, **cached):
         meta = sample["meta"]
         after = follows(previous and previous["meta"], meta)
         if "prev" in sample:          # stored: right also at the first sample of a shard
@@ -82,8 +116,13 @@ def samples_with_prev(source, split: str, grayscale: bool, urls_seed: int | None
         previous = sample
 
 
-def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    batch = {"cur": torch.stack([s["cur"] for s in samples]), "prev": torch.stack([s["prev"] for s in samples]),
+def collate(samples: list[dict], grayscale: bool = True) -> dict[str, torch.Tensor]:
+    """Frames float (B, C, H, W) (uint8 ones converted here, a batch at a time), actions, codes."""
+    def frames(name: str) -> torch.Tensor:
+        stacked = torch.stack([s[name] for s in samples])
+        return to_model_input(stacked, grayscale) if stacked.dtype == torch.uint8 else stacked
+
+    batch = {"cur": frames("cur"), "prev": frames("prev"),
              "action": torch.tensor([s["action"] for s in samples], dtype=torch.int64),
              "codes": torch.stack([s["codes"] for s in samples]),
              "prev_codes": torch.stack([s["prev_codes"] for s in samples])}
@@ -103,35 +142,37 @@ def targets(batch: dict[str, torch.Tensor], target: str, before: bool = False) -
 
 
 def training_batches(source, batch_size: int, *, grayscale: bool, shuffle_buffer: int, seed: int,
-                     split: str = "train") -> Iterator[dict[str, torch.Tensor]]:
-    """Shuffled batches forever, epoch after epoch (each epoch a new shard order)."""
+                     split: str = "train", cache: FrameCache | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled batches forever, epoch after epoch (each epoch a new shard order); the same batches
+    with a `cache` or without."""
     rng = random.Random(seed)
     buffer: list[dict] = []
     epoch = 0
     while True:
         seen = 0
-        for sample in samples_with_prev(source, split, grayscale, urls_seed=seed * 1_000_003 + epoch):
+        for sample in samples_with_prev(source, split, grayscale, urls_seed=seed * 1_000_003 + epoch, cache=cache):
             seen += 1
             buffer.append(sample)
             if len(buffer) < shuffle_buffer:
                 continue
             batch = [buffer.pop(rng.randrange(len(buffer))) for _ in range(batch_size)]
-            yield collate(batch)
+            yield collate(batch, grayscale)
         if seen == 0:
             raise UserError(f"{source}: split {split!r} has no samples")
         epoch += 1
 
 
-def ordered_batches(source, split: str, batch_size: int, *, grayscale: bool) -> Iterator[dict[str, torch.Tensor]]:
+def ordered_batches(source, split: str, batch_size: int, *, grayscale: bool,
+                    cache: FrameCache | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Every sample of a split once, in shard order, for evaluation."""
     batch: list[dict] = []
-    for sample in samples_with_prev(source, split, grayscale, urls_seed=None):
+    for sample in samples_with_prev(source, split, grayscale, urls_seed=None, cache=cache):
         batch.append(sample)
         if len(batch) == batch_size:
-            yield collate(batch)
+            yield collate(batch, grayscale)
             batch = []
     if batch:
-        yield collate(batch)
+        yield collate(batch, grayscale)
 
 
 def read_episodes(source, split: str = "test", *, grayscale: bool, max_episodes: int | None = None) -> list[Episode]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -22,14 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import add_config_flags, check_fields, config_values, flag
-from common.device import resolve_device
+from common.device import model_threads, resolve_device, torch_threads
 from common.errors import UserError, check_output_dir, run_cli
 from evaluation.formatting import pct
 from pipeline.frames import CODEBOOK_SIZE
+from pipeline.loader import BackgroundIterator
 from pipeline.shards import LATENT_FORMAT, atomic_write_json, load_manifest
 
 from control.checkpoint import save_controller
-from control.data import latent_identity, targets, training_batches
+from control.data import FRAME_CACHE_GB, FrameCache, latent_identity, targets, training_batches
 from control.network import Controller, ControllerConfig, grid_bytes, most_common_grids
 from control.report import write_controller_report
 from control.scores import score_controller
@@ -55,7 +57,10 @@ class ControllerTrainConfig:
     channels: tuple[int, ...] = flag((16, 32, 64, 96, 128), "widths of the five stride-2 stages", min=1)
     hidden: int = flag(192, min=1)
     device: str = flag("cpu", "where the controller trains", choices=("auto", "cpu", "cuda"))
-    threads: int = flag(0, "torch CPU threads; 0 leaves torch's default", min=0)
+    threads: int = flag(0, "torch CPU threads of the network; 0: the cores less one, which reads and decodes "
+                           "the shards beside it (common/device.model_threads)", min=0)
+    frame_cache_gb: float = flag(FRAME_CACHE_GB, "decoded frames kept across epochs (control/data.FrameCache)",
+                                 min=0)
     max_grids: int = flag(65536, "answer with one of this many most common grids seen; 0: cell by cell", min=0)
 
     def __post_init__(self):
@@ -87,19 +92,38 @@ def lam_codes(latent: Path) -> dict:
 
 
 def train(config: ControllerTrainConfig, progress=print) -> dict:
-    torch.manual_seed(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    cores = os.cpu_count() or 1
+    with torch_threads((config.threads or model_threads(cores)) if device.type == "cpu" else None):
+        return train_controller(config, device, progress)
+
+
+def train_controller(config: ControllerTrainConfig, device: torch.device, progress) -> dict:
+    """The loop. Batches are read and decoded in a thread of their own, a few steps ahead."""
+    torch.manual_seed(config.seed)
     controller = Controller(ControllerConfig(**lam_codes(config.latent), use_prev=config.use_prev,
                                              channels=config.channels, hidden=config.hidden)).to(device)
+    if device.type == "cpu":
+        # oneDNN's NHWC convolutions: a training step 1.3x faster on the 2-core box (BENCHMARKS.md "Stages")
+        controller.to(memory_format=torch.channels_last)
+    grayscale = controller.config.in_channels == 1
+    cache = FrameCache(grayscale, config.frame_cache_gb)
+    reading = BackgroundIterator(lambda: training_batches(config.latent, config.batch_size, grayscale=grayscale,
+                                                          shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+                                                          cache=cache),
+                                 depth=2, device=torch.device("cpu"), name="controller-data")
+    try:
+        return fit(config, controller, device, iter(reading), progress)
+    finally:
+        reading.close()
+
+
+def fit(config: ControllerTrainConfig, controller: Controller, device: torch.device, batches, progress) -> dict:
     grayscale, target = controller.config.in_channels == 1, controller.config.target
     optimizer = torch.optim.AdamW(controller.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps, eta_min=config.lr * 0.1)
     code_counts = torch.zeros(*controller.cells, controller.config.codebook_size, dtype=torch.int64)
     grid_counts = Counter()                               # every whole code grid seen, by its bytes
-    batches = training_batches(config.latent, config.batch_size, grayscale=grayscale,
-                               shuffle_buffer=config.shuffle_buffer, seed=config.seed)
     lam = latent_identity(config.latent)
     history, started, window = [], time.perf_counter(), []
     for step in range(1, config.steps + 1):

@@ -35,9 +35,11 @@ def latent_codes(latent_dir: Path | None, identity: CheckpointIdentity, keys: se
 
 
 def train_probe_set(shards: Path, manifest: dict, lam, identity: CheckpointIdentity, device: torch.device,
-                    latent_dir: Path | None, limit: int, batch_size: int) -> tuple[ProbeSet, str] | None:
+                    latent_dir: Path | None, limit: int, batch_size: int,
+                    dtype: torch.dtype | None = None) -> tuple[ProbeSet, str] | None:
     """At most `limit` labelled train pairs (spread evenly over the split) for the probes, and where
-    their codes came from. None when the train split has no labels."""
+    their codes came from (encoded now with autocast to `dtype`, None: fp32, where the latent shards
+    are not this checkpoint's). None when the train split has no labels."""
     entries = split_shards(shards, manifest, "train")
     metas = read_metas(entries)
     chosen = [key for key, meta in metas.items() if move_label(meta) is not None or action_label(meta) is not None]
@@ -66,7 +68,7 @@ def train_probe_set(shards: Path, manifest: dict, lam, identity: CheckpointIdent
                 codes = np.stack([stored[k] for k in keys])
             else:
                 prev = frames(keys, "prev.png") if identity.context else None
-                with torch.inference_mode(), autocast(device):
+                with torch.inference_mode(), autocast(device, dtype):
                     codes = codes_to_array(lam.encode(cur, nxt, prev), identity.codebook_size)
             yield codes, cur, nxt, [metas[k] for k in keys]
 

@@ -4,7 +4,9 @@
     metrics, report = evaluate(EvaluateConfig(shards=Path("shards/pairs"), checkpoint=Path("best.pt")))
 
 One batched pass over every pair of the split (evaluation/split_pass.py; under torchrun each rank
-scores whole batches of it, and the meters' sums are reduced across ranks); then, on rank 0 alone:
+scores whole batches of it, and the meters' sums are reduced across ranks), in the precision
+model/precision.py's rule picks (fp32 unless bf16 is native and faithful), the model and the
+scoring side by side in threads of their own; then, on rank 0 alone:
 codes by gameplay event (NMI), the action probes (fitted on the train split), figures, the report
 and `reports/summary.md` with every split evaluated so far side by side.
 """
@@ -19,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from common.cli import flag
+from common.device import model_threads, torch_threads
 from common.distributed import process_group
 from common.errors import UserError, check_output_dir
 from evaluation.code_analysis import event_code_analysis
@@ -29,7 +32,8 @@ from evaluation.probe_data import actions_section, read_metas, train_probe_set
 from evaluation.probes import ProbeSet
 from evaluation.report import write_report, write_summary
 from evaluation.split_pass import Share, batch_share, evaluate_pass, random_codes
-from model.inference import CheckpointIdentity, load_model
+from model.inference import AMP_MODES, CheckpointIdentity, inference_layout, load_model
+from model.precision import decide_precision
 from pipeline.loader import in_order_loader
 from pipeline.pair_index import episode_and_step
 from pipeline.shards import PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest, pin_shard_dir, split_shards
@@ -51,13 +55,18 @@ class EvaluateConfig:
     backend: str | None = flag(None, "data loader (default: dali where installed)", choices=("dali", "torch"))
     loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
                                             "(default: the machine's cores shared among its ranks)")
+    threads: int | None = flag(None, "CPU threads of the model, per rank (default: half the rank's cores, at least "
+                                     "one; the rest score its predictions beside it)")
+    amp: str = flag("auto", "precision: auto (bf16 where native and faithful to fp32 for this checkpoint, "
+                            "else fp32), bf16, fp16 or off (fp32)", choices=AMP_MODES)
     progress: bool = True
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.loader_threads is not None and self.loader_threads < 1:
-            raise UserError(f"--loader-threads must be at least 1, got {self.loader_threads}")
+        for name in ("loader_threads", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         self.out = self.out or Path("reports") / self.split
 
 
@@ -74,23 +83,34 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
         raise UserError(f"{cfg.shards}: split {cfg.split!r} has no pairs")
     with process_group(cfg.device) as (ranks, device):
         lam, identity = load_model(cfg.checkpoint, device)
+        inference_layout(lam, device)
+        loader_threads = cfg.loader_threads or ranks.cores
+        precision = decide_precision(cfg.amp, lam, identity, cfg.shards, manifest, device, ranks, loader_threads,
+                                     "evaluate")
+        # the model's threads, and the scoring's (this thread's) the cores they leave
+        threads = cfg.threads or model_threads(ranks.cores, beside=ranks.cores // 2)
         first, stop = batch_share(pairs, cfg.batch_size, ranks)
         loader = in_order_loader(cfg.shards, cfg.split, cfg.batch_size, grayscale=identity.color == "gray",
                                  backend=cfg.backend, device=device, context=identity.context,
-                                 runs=[(first, stop)], manifest=manifest, threads=cfg.loader_threads or ranks.cores)
-        state = evaluate_pass(loader, lam, device, first=first, progress=cfg.progress and ranks.main,
-                              random=random_codes(pairs, lam.config.codebook_size, cfg.seed))
+                                 runs=[(first, stop)], manifest=manifest, threads=loader_threads)
+        pass_started = time.perf_counter()
+        with torch_threads(model_threads(ranks.cores, beside=threads) if device.type == "cpu" else None):
+            state = evaluate_pass(loader, lam, device, first=first, progress=cfg.progress and ranks.main,
+                                  random=random_codes(pairs, lam.config.codebook_size, cfg.seed),
+                                  dtype=precision.dtype, model_threads=threads)
         scores = {name: meter.compute() for name, meter in                # collectives: on every rank
                   (("model", state.model), ("copy_baseline", state.copy), ("random_codes", state.random))}
         shares = ranks.gather(state.share)
+        pass_seconds = time.perf_counter() - pass_started
     if not ranks.main:
         return None, None
     share = Share.joined(shares)
     codes = share.all_codes()
     metas = read_metas(entries)
     events = split_events(share.keys, share.cur_elements, share.next_elements, metas)
-    train = train_probe_set(cfg.shards, manifest, lam, identity, device, cfg.latent, cfg.probe_limit,
-                            cfg.batch_size) if "train" in manifest["splits"] else None
+    with torch_threads(threads if device.type == "cpu" else None):
+        train = train_probe_set(cfg.shards, manifest, lam, identity, device, cfg.latent, cfg.probe_limit,
+                                cfg.batch_size, precision.dtype) if "train" in manifest["splits"] else None
     codebook = lam.codebook.float().cpu().numpy()
     test = ProbeSet(codes, np.concatenate(share.frame_features), np.concatenate(share.diff_features),
                     [metas.get(key, {}) for key in share.keys])
@@ -99,6 +119,7 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     figures = draw_figures(cfg.out, share, codebook, metrics, cfg.seed)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
+    metrics["pass_seconds"] = round(pass_seconds, 1)          # of which the pass over the split (the rest: probes, figures)
     atomic_write_json(cfg.out / "metrics.json", metrics)
     report = write_report(cfg.out, metrics, figures, checkpoint_path=str(cfg.checkpoint))
     write_summary(cfg.out.parent)

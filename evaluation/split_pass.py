@@ -7,6 +7,11 @@ every code, is the one a single process computes. The reconstruction meters redu
 across ranks (evaluation/metrics.py); everything kept pair by pair (`Share`) is gathered to rank 0
 in rank order, which is split order. The random codes for ΔPSNR are drawn per pair from the seed
 and the pair's position in the split, not per batch, so no rank draws another's.
+
+Two stages run side by side: the model (encode, decode, decode random codes) in a thread of its own,
+a batch or two ahead, and the scoring (meters, element detection) in the caller's thread, each
+with its own CPU threads; batches are scored in order, so every number is the one a single thread
+computes (tested).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from evaluation.metrics import ElementMeter, ReconstructionMeter
 from evaluation.probes import pooled
 from model.inference import autocast, codes_to_array
 from pipeline.frames import GRID
+from pipeline.loader import BackgroundIterator
 
 EXAMPLES = 6                   # pairs in the reconstruction grid
 
@@ -76,34 +82,52 @@ def random_codes(pairs: int, codebook_size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, codebook_size, (pairs, *GRID))
 
 
-def evaluate_pass(loader, lam, device: torch.device, *, first: int, random: np.ndarray, progress: bool) -> SplitPass:
-    """Score the loader's batches: the pairs from position `first` of the split on, in order;
-    `random` holds the random codes of every pair of the split (`random_codes`)."""
-    # random codes serve ΔPSNR only: no SSIM for them
-    state = SplitPass(ReconstructionMeter(device), ReconstructionMeter(device), ReconstructionMeter(device, ssim=False),
-                      Share())
+def predictions(loader, lam, device: torch.device, *, first: int, random: np.ndarray, dtype: torch.dtype | None):
+    """The model's part of the pass: (batch, codes, prediction, prediction from random codes) for each
+    of the loader's batches, predictions float and clamped to [0, 1]."""
     position = first
-    size = lam.config.codebook_size
-    for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+    for batch in loader:
         cur, nxt, prev = batch["cur"], batch["next"], batch.get("prev")
         stop = position + len(batch["key"])
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, dtype):
             # a model with a per-frame action code (Genie's split) decodes with it; the random grid
             # keeps the pair's own action code, so ΔPSNR still measures what the grid adds
             codes, action = lam.encode_both(cur, nxt, prev)
             pred = lam.decode(cur, codes, prev, action).float().clamp(0, 1)
             pred_random = lam.decode(cur, torch.from_numpy(random[position:stop]).to(device), prev,
                                      action).float().clamp(0, 1)
-        state.model.update(pred, nxt, cur)
-        state.copy.update(cur, nxt, cur)
-        state.random.update(pred_random, nxt, cur)
-        share = state.share
-        share.keys += batch["key"]
-        share.codes.append(codes_to_array(codes, size))
-        share.frame_features.append(pooled(cur))
-        share.diff_features.append(pooled(nxt.float() - cur.float()))
-        collect_elements(share, position, cur.cpu().numpy(), nxt.cpu().numpy(), pred.cpu().numpy(), batch["key"])
+        yield batch, codes, pred, pred_random
         position = stop
+
+
+def evaluate_pass(loader, lam, device: torch.device, *, first: int, random: np.ndarray, progress: bool,
+                  dtype: torch.dtype | None = None, model_threads: int = 1) -> SplitPass:
+    """Score the loader's batches: the pairs from position `first` of the split on, in order;
+    `random` holds the random codes of every pair of the split (`random_codes`). The model runs in
+    its own thread with `model_threads` CPU threads, autocast to `dtype` (None: fp32)."""
+    # random codes serve ΔPSNR only: no SSIM for them
+    state = SplitPass(ReconstructionMeter(device), ReconstructionMeter(device), ReconstructionMeter(device, ssim=False),
+                      Share())
+    position = first
+    size = lam.config.codebook_size
+    predicted = BackgroundIterator(lambda: predictions(loader, lam, device, first=first, random=random, dtype=dtype),
+                                   depth=2, device=device, threads=model_threads, name="evaluate-model")
+    try:
+        for batch, codes, pred, pred_random in tqdm(predicted, desc="evaluate", unit="batch", total=len(loader),
+                                                     disable=not progress):
+            cur, nxt = batch["cur"], batch["next"]
+            state.model.update(pred, nxt, cur)
+            state.copy.update(cur, nxt, cur)
+            state.random.update(pred_random, nxt, cur)
+            share = state.share
+            share.keys += batch["key"]
+            share.codes.append(codes_to_array(codes, size))
+            share.frame_features.append(pooled(cur))
+            share.diff_features.append(pooled(nxt.float() - cur.float()))
+            collect_elements(share, position, cur.cpu().numpy(), nxt.cpu().numpy(), pred.cpu().numpy(), batch["key"])
+            position += len(batch["key"])
+    finally:
+        predicted.close()
     return state
 
 

@@ -4,6 +4,11 @@ rank torchrun starts.
 
     result = extract(ExtractConfig(shards=Path("shards/pairs"), checkpoint=Path("best.pt")))
 
+Precision: model/precision.py's rule (`--amp auto`: bf16 only where it is native and, measured on
+a sample at the start, gives fp32's codes); the first line printed says which and why. On a CPU the
+encoder runs channels_last with `--threads` intra-op threads beside the loader's decoding thread
+(common/device.model_threads says why not every core).
+
 Frames are decoded by the project loader (`pipeline.loader`, DALI where installed) in manifest
 order, one run of batches per pair shard: a batch never spans two shards, so a shard's codes depend
 on that shard, the checkpoint and the batch size only, not on which rank made it or on which shards
@@ -28,9 +33,11 @@ import torch
 from tqdm import tqdm
 
 from common.cli import flag
+from common.device import model_threads, torch_threads
 from common.distributed import Ranks, process_group
 from common.errors import UserError, check_output_dir
-from model.inference import CheckpointIdentity, autocast, codes_to_array, load_model
+from model.inference import AMP_MODES, CheckpointIdentity, autocast, codes_to_array, inference_layout, load_model
+from model.precision import Precision, decide_precision
 from pipeline.latent import (Coded, ShardJob, build_manifest, clear_output, ensure_zstd, is_finished, other_checkpoints,
                              plan_jobs, remove_stale, write_shard)
 from pipeline.loader import in_order_loader
@@ -52,14 +59,19 @@ class ExtractConfig:
                                choices=("dali", "torch"))
     loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
                                             "(default: the machine's cores shared among its ranks)")
+    threads: int | None = flag(None, "CPU threads of the encoder, per rank (default: the rank's cores less one, "
+                                     "which decodes frames beside it; at least one)")
+    amp: str = flag("auto", "precision: auto (bf16 where native and faithful to fp32 for this checkpoint, "
+                            "else fp32), bf16, fp16 or off (fp32)", choices=AMP_MODES)
     compile: bool = flag(True, "torch.compile the encoder (on GPUs only)")
     progress: bool = True
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.loader_threads is not None and self.loader_threads < 1:
-            raise UserError(f"--loader-threads must be at least 1, got {self.loader_threads}")
+        for name in ("loader_threads", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -76,8 +88,10 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     cfg = dataclasses.replace(cfg, shards=pin_shard_dir(cfg.shards))
     pair_manifest = load_manifest(cfg.shards, PAIRS_FORMAT)
     jobs = plan_jobs(cfg.shards, pair_manifest, cfg.out)
-    with process_group(cfg.device) as (ranks, device):
+    with process_group(cfg.device) as (ranks, device), \
+            torch_threads((cfg.threads or model_threads(ranks.cores)) if device.type == "cpu" else None):
         lam, identity = load_model(cfg.checkpoint, device)
+        inference_layout(lam, device)
         # every rank asks (so every rank stops alike); only rank 0 removes, and only with --overwrite
         replace = other_checkpoints(cfg.out, cfg.shards, identity, cfg.overwrite)
         if replace and ranks.main:
@@ -91,13 +105,15 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             remove_stale(cfg.out, jobs)
         ranks.barrier()                          # nothing is removed once any rank writes
         mine = ranks.share(todo)
+        precision = (decide_precision(cfg.amp, lam, identity, cfg.shards, pair_manifest, device, ranks,
+                                      cfg.loader_threads or ranks.cores, "extract") if todo else None)
         bar = tqdm(total=sum(job.pairs for job in mine), unit="pair", disable=not (cfg.progress and mine),
                    desc="extract" + (f" (rank {ranks.rank} of {ranks.world_size})" if ranks.distributed else ""))
         with bar:
             for split in SPLITS:
                 split_jobs = [job for job in mine if job.split == split]
                 if split_jobs:
-                    extract_split(split_jobs, cfg, pair_manifest, lam, identity, ranks, device, bar)
+                    extract_split(split_jobs, cfg, pair_manifest, lam, identity, ranks, device, precision, bar)
         ranks.barrier()                          # every rank's shards are whole
         if cfg.zstd:                             # (copies of any shard, so after the barrier)
             for job in ranks.share(jobs):
@@ -119,15 +135,17 @@ def mark_finished(jobs: Sequence[ShardJob], identity: CheckpointIdentity, ranks:
             job.done = done
 
 
-def make_encoder(lam, device: torch.device, compile_model: bool) -> Callable[..., list[Coded]]:
+def make_encoder(lam, device: torch.device, compile_model: bool, dtype: torch.dtype | None = None
+                 ) -> Callable[..., list[Coded]]:
     """(cur, next, prev or None) float batches on `device` -> each pair's codes, the grid (7, 5) in
-    its stored type on the CPU (and the per-frame action code of a model that has one)."""
+    its stored type on the CPU (and the per-frame action code of a model that has one); autocast to
+    `dtype` (None: fp32)."""
     encode = torch.compile(lam.encode_both, dynamic=True) if compile_model else lam.encode_both
     size = lam.config.codebook_size
 
     @torch.inference_mode()
     def run(cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> list[Coded]:
-        with autocast(device):
+        with autocast(device, dtype):
             grids, actions = encode(cur, nxt, prev)
         actions = [None] * len(grids) if actions is None else actions.tolist()
         return [Coded(grid, action) for grid, action in zip(codes_to_array(grids, size), actions)]
@@ -142,7 +160,8 @@ def coded_pairs(loader, encode) -> Iterator[tuple[str, Coded]]:
 
 
 def extract_split(jobs: Sequence[ShardJob], cfg: ExtractConfig, pair_manifest: dict, lam,
-                  identity: CheckpointIdentity, ranks: Ranks, device: torch.device, progress: tqdm) -> None:
+                  identity: CheckpointIdentity, ranks: Ranks, device: torch.device, precision: Precision,
+                  progress: tqdm) -> None:
     """Write the latent shards of `jobs` (all of one split), walking only their pairs."""
     loader = in_order_loader(cfg.shards, jobs[0].split, cfg.batch_size, grayscale=identity.color == "gray",
                              backend=cfg.backend, device=device, context=identity.context,
@@ -150,7 +169,7 @@ def extract_split(jobs: Sequence[ShardJob], cfg: ExtractConfig, pair_manifest: d
                              threads=cfg.loader_threads or ranks.cores)
     # frame t-1's bytes, read by frame id: the pair (t-1, t) may sit in the shard before, or on another rank
     previous = PreviousFrames(loader.index) if identity.context else None
-    coded = coded_pairs(loader, make_encoder(lam, device, cfg.compile and device.type == "cuda"))
+    coded = coded_pairs(loader, make_encoder(lam, device, cfg.compile and device.type == "cuda", precision.dtype))
     try:
         for job in jobs:
             write_shard(job, coded, identity, previous)

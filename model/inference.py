@@ -1,5 +1,6 @@
 """Running a trained model outside the training loop (extraction, evaluation, downstream code):
-loading it with its identity, the autocast rule shared with the trainer, and how codes are stored."""
+loading it with its identity, the trainer's autocast rule (inference's own is model/precision.py),
+the memory layout and CPU threads inference runs with, and how codes are stored."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,8 @@ from model.lam import LatentActionModel
 from pipeline.latent import CODE_DTYPES, CheckpointIdentity, code_dtype
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-__all__ = ["AMP_MODES", "CheckpointIdentity", "autocast", "autocast_dtype", "codes_to_array", "load_model"]
+__all__ = ["AMP_MODES", "CheckpointIdentity", "autocast", "autocast_dtype", "codes_to_array", "inference_layout",
+           "load_model"]
 
 
 def load_model(path: Path, device: torch.device) -> tuple[LatentActionModel, CheckpointIdentity]:
@@ -42,7 +44,7 @@ def codes_to_array(codes: torch.Tensor, codebook_size: int | None = None) -> np.
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for an amp mode (None: full fp32). `auto` is bf16 where the hardware runs it
+    """The trainer's autocast dtype for an amp mode (None: full fp32). `auto` is bf16 where the hardware runs it
     natively (a GPU that supports it; a CPU with avx512_bf16 or AMX) and fp32 elsewhere: emulated
     bf16 is several times slower than fp32, and fp16 needs a GradScaler in training, so it is only
     ever asked for by name. The quantiser's rounding and nearest-code search run in fp32 whatever
@@ -68,7 +70,17 @@ def describe_amp(amp: str, device: torch.device) -> str:
                                 "this CPU has no native bf16 (avx512_bf16 or AMX); emulated bf16 is slower than fp32)")
 
 
-def autocast(device: torch.device, amp: str = "auto"):
-    """The autocast context for `amp` on `device` (a no-op context for fp32)."""
-    dtype = autocast_dtype(amp, device)
+def autocast(device: torch.device, dtype: torch.dtype | None = None):
+    """The autocast context for `dtype` on `device` (None, the default: fp32, a no-op context).
+    Inference gets its dtype from model/precision.py's rule."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def inference_layout(lam: LatentActionModel, device: torch.device) -> LatentActionModel:
+    """The model in the memory layout inference runs fastest in, changed in place: channels_last on
+    a CPU, where oneDNN's NHWC convolutions ran the demo model's encode and decode 1.2-1.5x faster
+    (BENCHMARKS.md "Stages"); the outputs differ from NCHW's by float rounding only (tested: the
+    same codes). GPUs are left as they are: not measured here."""
+    if device.type == "cpu":
+        lam.to(memory_format=torch.channels_last)
+    return lam

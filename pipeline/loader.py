@@ -281,25 +281,26 @@ class PairLoader:
 class BackgroundIterator:
     """Runs an iterator in a thread of its own, up to `depth` items ahead of the consumer.
 
-    Like DataLoader's pin-memory thread, the thread uses one intra-op thread: the loader's tensor
-    work is small memory-bound ops, which gain nothing from threads, and on a busy box torch's
-    thread team waits on descheduled members (measured 7x slower on the shared 2-core box). It
-    also overlaps loading with the consumer's own work. On a GPU each batch is complete before it
-    is handed over, so the consumer may use it on any stream.
+    Like DataLoader's pin-memory thread, the thread uses one intra-op thread (`threads`): the
+    loader's tensor work is small memory-bound ops, which gain nothing from threads, and on a busy
+    box torch's thread team waits on descheduled members (measured 7x slower on the shared 2-core
+    box). It also overlaps loading with the consumer's own work. On a GPU each batch is complete
+    before it is handed over, so the consumer may use it on any stream.
     """
 
-    def __init__(self, make_items: Callable[[], Iterator], *, depth: int, device: torch.device):
+    def __init__(self, make_items: Callable[[], Iterator], *, depth: int, device: torch.device, threads: int = 1,
+                 name: str = "pair-loader"):
         # set_num_threads(1) in the thread also becomes the default of threads that have not used
         # torch yet: make sure the caller's thread has settled its own count first
         torch.get_num_threads()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(make_items, device),
-                                        name="pair-loader", daemon=True)
+        self._thread = threading.Thread(target=self._produce, args=(make_items, device, threads),
+                                        name=name, daemon=True)
         self._thread.start()
 
-    def _produce(self, make_items: Callable[[], Iterator], device: torch.device) -> None:
-        torch.set_num_threads(1)
+    def _produce(self, make_items: Callable[[], Iterator], device: torch.device, threads: int) -> None:
+        torch.set_num_threads(threads)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         items = None

@@ -208,20 +208,22 @@ def decode_action_code(data: bytes) -> int:
 FRAMES = ("cur", "next", "prev")       # "prev" only in shards of a model with context
 
 
-def decode_latent_sample(sample: dict, grayscale: bool = True, with_meta: bool = False) -> dict:
+def decode_latent_sample(sample: dict, grayscale: bool = True, with_meta: bool = False,
+                         decode_frame: Callable[[bytes], torch.Tensor] = decode_png) -> dict:
     """A raw webdataset sample of a latent shard -> {"key", "cur", "codes", "next"} (+ "prev",
     "prev_valid" where the shard has frame t-1; + "action_code" where the LAM has a per-frame
     action code; + "meta"), frames still uint8 (H, W, C): the float conversion runs once per batch
-    where there are batches."""
+    where there are batches. `decode_frame` turns PNG bytes into such a frame (a caching decoder may
+    give gray frames as (H, W, 1), which `to_model_input` takes as they are)."""
     out = {"key": sample["__key__"],
-           "cur": decode_png(sample["cur.png"]),
+           "cur": decode_frame(sample["cur.png"]),
            "codes": decode_codes(sample["codes.npy"]),
-           "next": decode_png(sample["next.png"])}
+           "next": decode_frame(sample["next.png"])}
     meta = json.loads(sample["json"]) if with_meta or "prev.png" in sample else None
     if "action.npy" in sample:
         out["action_code"] = decode_action_code(sample["action.npy"])
     if "prev.png" in sample:
-        out["prev"] = decode_png(sample["prev.png"])
+        out["prev"] = decode_frame(sample["prev.png"])
         out["prev_valid"] = bool(meta.get("prev_valid", True))
     if with_meta:
         out["meta"] = meta
@@ -270,7 +272,9 @@ def raise_user_error(error: Exception) -> bool:
 def latent_dataset(source, grayscale: bool = True, *, split: str | None = None, compressed: bool = False,
                    shuffle: int = 0, seed: int = 0, batch_size: int | None = None, partial_batches: bool = True,
                    with_meta: bool = False, split_nodes: bool = True, split_workers: bool = True,
-                   handler: Callable = raise_user_error, verify: bool = False) -> wds.DataPipeline:
+                   handler: Callable = raise_user_error, verify: bool = False,
+                   decode_frame: Callable[[bytes], torch.Tensor] = decode_png,
+                   model_input: bool = True) -> wds.DataPipeline:
     """A webdataset pipeline over latent shards yielding {"key", "cur", "codes", "next"}, plus
     "prev" (frame t-1, shaped like "cur") and "prev_valid" where the shards hold frame t-1 (the
     model used context; see extract.py).
@@ -281,6 +285,9 @@ def latent_dataset(source, grayscale: bool = True, *, split: str | None = None, 
     `partial_batches=False` drops a short last batch.
     Every shard must hold the samples its `.idx` and its manifest list; `verify` also checks its
     bytes against the manifest's sha256 (one more read of each shard).
+    decode_frame: PNG bytes -> uint8 (H, W, C) frame (`decode_png`; control/data.py passes a cache).
+    model_input: False leaves unbatched samples' frames uint8 as decoded, for a caller that converts
+    whole batches with `to_model_input` (the same values, converted once per batch).
     """
     urls = latent_urls(source, split, compressed)
     stages = [wds.SimpleShardList(urls, seed=seed if shuffle else None)]
@@ -292,11 +299,12 @@ def latent_dataset(source, grayscale: bool = True, *, split: str | None = None, 
     if shuffle:
         stages.append(wds.filters.pipelinefilter(shuffle_samples)(shuffle, seed))
     # partials of module functions, not lambdas: the pipeline must pickle for spawned DataLoader workers
-    stages.append(wds.map(partial(decode_latent_sample, grayscale=grayscale, with_meta=with_meta), handler=handler))
+    stages.append(wds.map(partial(decode_latent_sample, grayscale=grayscale, with_meta=with_meta,
+                                  decode_frame=decode_frame), handler=handler))
     if batch_size:
         stages.append(wds.batched(batch_size, collation_fn=partial(collate_latent, grayscale=grayscale),
                                   partial=partial_batches))
-    else:
+    elif model_input:
         stages.append(wds.map(partial(to_model_sample, grayscale=grayscale)))
     return wds.DataPipeline(*stages)
 

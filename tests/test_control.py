@@ -154,3 +154,36 @@ def test_cli_writes_report_and_refuses_bad_input(latent_dir, tmp_path, capsys):
     assert control_train.main(["--latent", str(latent_dir), "--max-grids", "-1"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
+
+
+def test_the_frame_cache_gives_the_same_batches_decoding_each_frame_once(latent_dir):
+    """Training batches read through the decoded-frame cache are the plain stream's, bit for bit,
+    over several epochs; each distinct frame is decoded once in all; a cache with no room decodes
+    every frame each time it comes and still gives the same batches; so do the scoring batches."""
+    import json
+
+    from control.data import FrameCache, ordered_batches, training_batches
+    from pipeline.shards import iter_samples
+
+    manifest = json.loads((latent_dir / "manifest.json").read_text())
+    shards = manifest["splits"]["train"]["shards"]
+    distinct = {members[m] for shard in shards
+                for _, members in iter_samples(latent_dir / shard["file"], latent_dir / shard["index"])
+                for m in ("cur.png", "next.png")}
+    samples = sum(shard["pairs"] for shard in shards)
+    steps = 3 * samples // 8                                 # three epochs
+    cache, no_room = FrameCache(grayscale=True), FrameCache(grayscale=True, budget_gb=0)
+    streams = [training_batches(latent_dir, 8, grayscale=True, shuffle_buffer=16, seed=0, cache=c)
+               for c in (None, cache, no_room)]
+    for _ in range(steps):
+        plain, *others = (next(stream) for stream in streams)
+        for other in others:
+            assert plain.keys() == other.keys()
+            assert all(torch.equal(plain[k], other[k]) for k in plain)
+            assert plain["cur"].dtype == torch.float32 and plain["cur"].shape[1:] == (1, 210, 160)
+    assert cache.decoded == len(distinct) and len(cache.frames) == len(distinct)
+    assert no_room.decoded > 2 * samples and not no_room.frames
+    for plain, cached in zip(ordered_batches(latent_dir, "test", 16, grayscale=True),
+                             ordered_batches(latent_dir, "test", 16, grayscale=True, cache=FrameCache(True)),
+                             strict=True):
+        assert all(torch.equal(plain[k], cached[k]) for k in plain)

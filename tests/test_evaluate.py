@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -181,7 +182,7 @@ def test_a_context_model_is_evaluated_with_frame_t_minus_1(pair_shards, context_
         monkeypatch.setattr(LatentActionModel, name, recording)
     metrics, _ = evaluate.evaluate(evaluate.EvaluateConfig(pair_shards, context_checkpoint, "val", tmp_path / "val",
                                                            batch_size=32, latent=None, probe_limit=40,
-                                                           backend="torch", progress=False))
+                                                           backend="torch", progress=False, amp="off"))
     manifest = json.loads((pair_shards / "manifest.json").read_text())
     assert metrics["pairs"] == manifest["splits"]["val"]["pairs"]
     assert metrics["actions"]["train_codes_from"] == "encoded now"
@@ -189,3 +190,48 @@ def test_a_context_model_is_evaluated_with_frame_t_minus_1(pair_shards, context_
     # lam.encode (the probe's train pairs) goes through encode_both too
     assert len(calls["encode_both"]) == val_batches + -(-40 // 32) and len(calls["decode"]) == 2 * val_batches
     assert None not in calls["encode_both"] + calls["decode"] and any(calls["encode_both"][val_batches:])
+
+
+def test_the_pass_scores_what_one_thread_with_the_plain_model_does(pair_shards, tiny_checkpoint):
+    """The pass with its speed-ups (the model channels_last in a thread of its own, the scoring
+    beside it) against the loop written out in one thread with the model as loaded: the same codes,
+    elements and examples, and the meters within float rounding."""
+    from evaluation.metrics import ReconstructionMeter
+    from evaluation.split_pass import Share, collect_elements, evaluate_pass, random_codes
+    from model import load_checkpoint
+    from model.inference import inference_layout
+    from pipeline.loader import in_order_loader
+
+    cpu = torch.device("cpu")
+    pairs = json.loads((pair_shards / "manifest.json").read_text())["splits"]["val"]["pairs"]
+    random = random_codes(pairs, 256, seed=0)
+    loader = lambda: in_order_loader(pair_shards, "val", 16, grayscale=True, backend="torch", device=cpu)  # noqa: E731
+    fast = evaluate_pass(loader(), inference_layout(load_checkpoint(tiny_checkpoint, cpu), cpu), cpu, first=0,
+                         random=random, progress=False, model_threads=1)
+
+    lam = load_checkpoint(tiny_checkpoint, cpu)
+    meters = {name: ReconstructionMeter(cpu, ssim=name != "random") for name in ("model", "copy", "random")}
+    share, position = Share(), 0
+    for batch in loader():
+        cur, nxt = batch["cur"], batch["next"]
+        stop = position + len(cur)
+        codes = lam.encode(cur, nxt)
+        pred = lam.decode(cur, codes).clamp(0, 1)
+        meters["model"].update(pred, nxt, cur)
+        meters["copy"].update(cur, nxt, cur)
+        meters["random"].update(lam.decode(cur, torch.from_numpy(random[position:stop])).clamp(0, 1), nxt, cur)
+        share.keys += batch["key"]
+        share.codes.append(codes.numpy().astype(np.uint8))
+        collect_elements(share, position, cur.numpy(), nxt.numpy(), pred.numpy(), batch["key"])
+        position = stop
+
+    assert fast.share.keys == share.keys and np.array_equal(fast.share.all_codes(), share.all_codes())
+    for mine, theirs in zip(fast.share.cur_elements + fast.share.next_elements, share.cur_elements + share.next_elements):
+        assert np.array_equal(mine.bricks, theirs.bricks) and replace(mine, bricks=None) == replace(theirs, bricks=None)
+    assert fast.share.model_elements.compute() == share.model_elements.compute()
+    assert [e.key for e in fast.share.examples.examples()] == [e.key for e in share.examples.examples()]
+    for name, meter in (("model", fast.model), ("copy", fast.copy), ("random", fast.random)):
+        got, want = meter.compute(), meters[name].compute()
+        assert got.keys() == want.keys(), name
+        for key in want:
+            assert got[key] == (None if want[key] is None else pytest.approx(want[key], rel=1e-5, abs=1e-7)), (name, key)

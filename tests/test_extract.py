@@ -18,8 +18,9 @@ from pipeline.shards import iter_samples, read_index, sha256_file
 
 
 def run_extract(pair_shards, checkpoint, out, *extra):
+    # fp32 whatever the CPU, as the latent_dir fixture (an extra --amp comes later and wins)
     return extract.main(["--shards", str(pair_shards), "--checkpoint", str(checkpoint), "--out", str(out),
-                         "--batch-size", "24", "--backend", "torch", "--no-progress", *extra])
+                         "--batch-size", "24", "--backend", "torch", "--no-progress", "--amp", "off", *extra])
 
 
 def pair_manifest(pair_shards):
@@ -261,3 +262,48 @@ def test_a_codebook_past_256_is_stored_uint16_and_read_back_whole(pair_shards, t
     assert list(read) == keys
     assert torch.equal(torch.stack([read[k] for k in keys]), expected)
     assert int(expected.max()) >= 256
+
+
+# ------------------------------------------------------------------------------------ precision
+@pytest.mark.parametrize("faithful", [False, True])
+def test_native_bf16_is_used_only_where_it_agrees_with_fp32(faithful, pair_shards, tiny_checkpoint, latent_dir,
+                                                            tmp_path, monkeypatch, capsys):
+    """With native bf16 (injected) `--amp auto` measures agreement and writes bf16 codes only when it
+    passes the bars (injected too); otherwise the output is fp32's, byte for byte."""
+    import model.precision
+    from model.precision import Agreement
+
+    monkeypatch.setattr(model.precision, "native_bf16", lambda device: "amx_bf16")
+    measured = Agreement(64, 0.999 if faithful else 0.98, 30.0, 29.99, 60.0)
+    monkeypatch.setattr(model.precision, "measure_agreement", lambda lam, batches, device: measured)
+    out = tmp_path / "latent"
+    assert run_extract(pair_shards, tiny_checkpoint, out, "--amp", "auto") == 0
+    printed = capsys.readouterr().out
+    assert f"extract: precision {'bf16' if faithful else 'fp32'} (auto: native bf16 (amx_bf16)" in printed
+    assert ("faithful: codes 99.90% equal" if faithful else "not faithful enough: codes 98.00% equal") in printed
+    test_shard = json.loads((out / "manifest.json").read_text())["splits"]["test"]["shards"][0]
+    written = list(iter_samples(out / test_shard["file"], out / test_shard["index"]))
+    if not faithful:
+        assert (out / test_shard["file"]).read_bytes() == (latent_dir / test_shard["file"]).read_bytes()
+        return
+    from model import load_checkpoint
+
+    lam = load_checkpoint(tiny_checkpoint, "cpu")
+    cur = torch.stack([decode(m["cur.png"]) for _, m in written])
+    nxt = torch.stack([decode(m["next.png"]) for _, m in written])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = lam.encode(cur, nxt)
+    got = torch.stack([torch.from_numpy(np.load(io.BytesIO(m["codes.npy"])).astype(np.int64)) for _, m in written])
+    assert torch.equal(got, want)
+
+
+def test_agreement_of_the_tiny_model_on_its_sample(pair_shards, tiny_checkpoint):
+    """The real measurement (bf16 emulated where the CPU has none): a fixed sample of the test split."""
+    from model import load_checkpoint
+    from model.precision import agreement_batches, measure_agreement
+
+    manifest = pair_manifest(pair_shards)
+    batches = agreement_batches(pair_shards, manifest, grayscale=True, context=0, device=torch.device("cpu"), pairs=32)
+    measured = measure_agreement(load_checkpoint(tiny_checkpoint, "cpu"), batches, torch.device("cpu"))
+    assert measured.pairs == min(32, manifest["splits"]["test"]["pairs"])
+    assert 0.5 < measured.code_cells <= 1 and measured.gap_db < 1 and measured.psnr_between > 30

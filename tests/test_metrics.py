@@ -86,3 +86,47 @@ def test_element_errors():
     assert got["bricks"]["broken_pairs"] == 2 and got["bricks"]["broken_shown"] == 0.5
     assert got["bricks"]["cell_accuracy"] == pytest.approx((107 + 108) / 216)
     assert got["bricks"]["map_accuracy"] == 0.5
+
+
+def breakout_like_frames(seed: int) -> torch.Tensor:
+    """Black frames with a few bright blocks (bricks, a paddle, a ball), as the metrics see them."""
+    generator = torch.Generator().manual_seed(seed)
+    frames = torch.zeros(3, 1, 64, 48)
+    for _ in range(12):
+        y, x = torch.randint(0, 58, (1,), generator=generator), torch.randint(0, 40, (1,), generator=generator)
+        frames[:, :, y:y + 4, x:x + 8] = torch.rand(1, generator=generator)
+    return frames
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_ssim_is_torchmetrics_ssim_within_float_rounding(channels):
+    """The separable SSIM gives torchmetrics' numbers (its defaults, data range 1): within float32
+    rounding of them, and nearer their float64 result than their own float32 result is."""
+    from torchmetrics.functional.image.ssim import _ssim_update
+
+    from evaluation.metrics import ssim_per_frame
+
+    target = breakout_like_frames(0).repeat(1, channels, 1, 1)
+    generator = torch.Generator().manual_seed(1)
+    for pred in (target.roll(3, dims=-1), (target + 0.03 * torch.randn(target.shape, generator=generator)).clamp(0, 1),
+                 breakout_like_frames(2).repeat(1, channels, 1, 1)):
+        mine = ssim_per_frame(pred, target)
+        theirs = _ssim_update(pred, target, data_range=1.0)
+        exact = _ssim_update(pred.double(), target.double(), data_range=1.0)
+        assert mine.shape == (3,)
+        assert torch.allclose(mine.double(), theirs.double(), atol=1e-4)
+        assert (mine.double() - exact).abs().max() <= (theirs.double() - exact).abs().max() + 1e-6
+
+
+def test_the_meter_averages_ssim_over_frames_across_batches():
+    from torchmetrics.image import StructuralSimilarityIndexMeasure
+
+    target, pred = breakout_like_frames(3), breakout_like_frames(4)
+    meter, reference = ReconstructionMeter(), StructuralSimilarityIndexMeasure(data_range=1.0)
+    for rows in (slice(0, 1), slice(1, 3)):
+        meter.update(pred[rows], target[rows], target[rows])
+        reference.update(pred[rows], target[rows])
+    assert meter.compute()["ssim"] == pytest.approx(float(reference.compute()), abs=1e-5)
+    without = ReconstructionMeter(ssim=False)
+    without.update(pred, target, target)
+    assert without.compute()["ssim"] is None
