@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from common.errors import UserError
-from evaluation.events import Elements, detect_elements
+from evaluation.events import BALL_WIDTH, Elements, detect_elements
 from evaluation.formatting import pct
 from pipeline.shards import atomic_write_bytes, atomic_write_json
 
@@ -43,12 +43,12 @@ PAGE_TIMEOUT_S = 60.0               # one model step on a loaded CPU takes well 
 ACTION_KEYS = {"LEFT": "\ue012", "RIGHT": "\ue014", "FIRE": " ", "NOOP": "\ue015"}
 
 PADDLE_WIDTH = 16                   # px; 8 once the ball has reached the top wall, which the detector does not say
-BALL_WIDTH = 2
 FOLLOW_DEAD_ZONE_PX = 4             # the paddle's centre this close to the ball's: stay (NOOP)
 # A ball last seen with its top at or below this row that then vanishes has left through the bottom
 # (a life lost: the ball is out of play until the next FIRE); one that vanishes above it was erased.
-# The paddle's top row is 189 and the ball moves at most 8 rows a step, so a ball on its way out is
-# last seen at row 181 or lower (the recorded test episodes: 187 to 192).
+# The ball is seen down to row 192 and moves at most 8 rows a step, so the game's ball on its way out
+# is last seen at row 185 or further down (the recorded test episodes: 187 to 192); 180 leaves a
+# margin for a model's ball.
 OUT_OF_PLAY_Y = 180
 SHEET_EVERY = 10                    # the contact sheet shows every 10th frame
 # Goals (issue "Play forward for 200 steps").
