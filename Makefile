@@ -31,12 +31,12 @@ DEMO_CONTROLLER_ARGS ?= --steps 800
 GPU_PY ?= python3
 WHEELS ?= wheels
 
-.PHONY: setup data shards train extract eval controller rollout play demo bench ablate test browser gpu-check wheels clean help
+.PHONY: setup data shards train extract eval controller rollout play play-session demo bench ablate test browser gpu-check wheels clean help
 
 help:
 	@echo "make demo   - install, record, pack, train (demo preset), extract, evaluate"
 	@echo "make test   - run the test suite (CPU only)"
-	@echo "make setup | data | shards | train | extract | eval | controller | rollout | play | bench | clean"
+	@echo "make setup | data | shards | train | extract | eval | controller | rollout | play | play-session | bench | clean"
 	@echo "make wheels (here), then make gpu-check (on a GPU machine)"
 
 $(STAMP): pyproject.toml
@@ -72,6 +72,10 @@ rollout: setup
 
 play: setup
 	$(PY) play.py serve --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT)
+
+# A ball-following policy plays 300 steps on the play page in headless Chromium (make browser).
+play-session: setup
+	$(PY) play.py session --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play
 
 demo: setup
 	$(MAKE) data shards

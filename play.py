@@ -5,10 +5,13 @@ play page, and its speed.
         --controller checkpoints/controller/controller.pt --latent shards/latent [--out reports/play]
     python play.py serve   [same three flags]          # http://127.0.0.1:8000 (HOST=, PORT= override)
     python play.py bench   [same three flags] [--steps 100]
+    python play.py session [same three flags] [--steps 300] [--seed 0]
 
 `rollout` writes metrics.json, report.md, curves.png, controllability.png and rollout-<episode>.gif
 (recorded | model | |difference|) into --out. `bench` times play steps through the real HTTP
 server (controller, decoder, PNG encoding, and the rest of the round trip) and writes bench.json.
+`session` plays the page in headless Chromium with a policy that follows the ball (control/session.py)
+and writes session.json, session-contact-sheet.png and a section of report.md (or session.md).
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from control.figures import controllability_bars, rollout_curves, write_gif
 from control.report import CONTROL_GOAL, REPORT_HORIZONS, write_play_report
 from control.rollout import KINDS, codes_before, run_rollouts
 from control.server import Game, StartFrame, make_server
+from control.session import check_browser, record_session, summary
 from control.simulator import Simulator
 
 DEFAULT_CHECKPOINT = Path("checkpoints/latent_action/best.pt")
@@ -93,6 +97,17 @@ class ServeConfig(ModelPaths):
 class BenchConfig(ModelPaths):
     steps: int = flag(100, "play steps timed", min=1)
     out: Path = Path("reports/play")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_output_dir(self.out, "--out")
+
+
+@dataclass
+class SessionConfig(ModelPaths):
+    steps: int = flag(300, "steps the ball-following policy plays on the page", min=1)
+    out: Path = Path("reports/play")
+    seed: int = flag(0, "picks the test frame the game restarts from", min=0)
 
     def __post_init__(self):
         super().__post_init__()
@@ -260,7 +275,8 @@ def config_paths(config: ModelPaths) -> ModelPaths:
 # command -> (its config, help, fields that are not flags: the server's address comes from HOST=, PORT=)
 COMMANDS = {"rollout": (RolloutConfig, "rollouts, controllability, GIFs and report", ()),
             "serve": (ServeConfig, "the play page (HOST=, PORT= override 127.0.0.1:8000)", ("host", "port", "seed")),
-            "bench": (BenchConfig, "time play steps through the HTTP server", ())}
+            "bench": (BenchConfig, "time play steps through the HTTP server", ()),
+            "session": (SessionConfig, "a ball-following policy plays the page in headless Chromium", ())}
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -289,6 +305,15 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"play step, median over {result['steps']}: {m['total']:.1f} ms = {result['frames_per_s']} frames/s "
               f"(controller {m['controller']:.1f}, decoder {m['decoder']:.1f}, png {m['png']:.1f}, "
               f"http+json {m['http_and_json']:.1f} ms; {result['threads']} threads)")
+        return 0
+    if command == "session":
+        check_browser()                                      # before loading any model
+        game, problem = build_game(ServeConfig(**{**asdict(config_paths(config)), "seed": config.seed}))
+        if problem:
+            raise UserError(problem)
+        about = {"checkpoint": str(config.checkpoint), "controller": str(config.controller),
+                 "latent": str(config.latent), "seed": config.seed}
+        print(summary(record_session(game, config.out, config.steps, about)))
         return 0
     metrics = rollout(config)
     curves, control = metrics["rollouts"]["curves"], metrics["controllability"]

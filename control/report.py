@@ -204,3 +204,47 @@ def pct0(value) -> str:
 
 def pct2(value) -> str:
     return pct(value, 2)
+
+
+# ------------------------------------------------------------------------------------ session
+SESSION_TITLE = "## A person-like session on the play page"
+
+
+def session_section(result: dict) -> str:
+    """The person-like session on the play page (control/session.py, `play.py session`): the goals
+    first, then what the ball and the presses did and what each number counts."""
+    score, rate = result["score"], result["steps_per_s"]
+    ball, bricks, presses, rules = score["ball"], score["bricks"], score["presses"], result["rules"]
+    met = sum(goal["met"] for goal in result["goals"])
+    values = [f"{pct0(score['paddle']['seen'])} ({score['paddle']['missing_frames']} of {score['steps']} frames without)",
+              f"{pct0(ball['seen'])} of {ball['scored_frames']} frames",
+              f"{bricks['broken']} ({bricks['start']} at the start, {bricks['end']} at the end, "
+              f"{bricks['came_back']} back)"]
+    lines = [SESSION_TITLE, "",
+             f"`play.py session` played {result['steps']} steps on the play page in headless Chromium as a person "
+             f"would: {result['policy']}, pressing the page's keys and reading each frame the page showed. "
+             f"LAM `{result.get('checkpoint', '?')}`, controller `{result.get('controller', '?')}`, started from a "
+             f"random test frame (seed {result.get('seed', '?')}); "
+             f"{'n/a' if rate is None else f'{rate:.1f}'} steps/s through the page, browser included.", "",
+             f"**{met} of {len(result['goals'])} goals met.**", "", "| goal | session | met |", "|---|---|---|"]
+    lines += [f"| {goal['goal']} | {value} | {'✔' if goal['met'] else '✘'} |" for goal, value in zip(result["goals"], values)]
+    left, right = presses["left"], presses["right"]
+    keys = ", ".join(f"{name} {count}" for name, count in score["actions"].items())
+    times = lambda n: f"{n} time{'' if n == 1 else 's'}"  # noqa: E731
+    lines += ["", f"- Ball: launched {times(ball['launches'])} (FIRE while out of play), lost through the bottom "
+                  f"{times(ball['lost_out_of_bottom'])}, vanished in the field {times(ball['vanished_in_field'])}; "
+                  f"{ball['frames_waiting_after_fire']} frames waited for it after a launching FIRE.",
+              f"- Presses that moved the paddle that way: LEFT {pct0(left['moved'])} of {left['scored']}, "
+              f"RIGHT {pct0(right['moved'])} of {right['scored']} (left out at the wall: {left['at_wall']} and "
+              f"{right['at_wall']}; without a paddle: {left['no_paddle']} and {right['no_paddle']}; the next frame "
+              f"lost the paddle: {left['paddle_lost']} and {right['paddle_lost']}). Keys pressed: {keys}.",
+              f"- What is counted: generated frames only (the start frame is a recorded one). The ball is in play "
+              "from the frame after a FIRE (or a frame that shows it) until it vanishes after being seen at or below "
+              f"row {rules['out_of_play_y']} (through the bottom); while in play a frame without it is a miss, whether it vanished higher "
+              "up or has not appeared yet after the FIRE. Bricks broken: standing at the start, gone at the end, and "
+              "never standing again once gone. A press is scored unless the paddle touches the wall it is pushed "
+              f"toward (left edge ≤ {rules['wall_left_x']} for LEFT, ≥ {rules['wall_right_x']} for RIGHT) or is not seen; it moved if the next frame's paddle "
+              "is on that side (the game's paddle keeps some momentum, so a reversal can take a step).", "",
+              f"Every {rules['sheet_every']}th frame, labelled with its step and the key that produced it (`session.json` has every "
+              "frame's paddle, ball and brick count):", "", f"![session]({result['contact_sheet']})", ""]
+    return "\n".join(lines)

@@ -410,7 +410,7 @@ class PaddleScript:
     """A stand-in simulator whose physics is known: RIGHT moves the paddle 4 px right, LEFT 4 px
     left. The browser test checks the page and the server's wiring, not what a model learned."""
 
-    def codes(self, cur, prev, action, random_codes=None):
+    def codes(self, cur, prev, action, random_codes=None, before=None):
         return Choice(action.view(-1, 1, 1).expand(-1, 7, 5).clone(), None)
 
     def draw(self, cur, choice, prev=None):
