@@ -62,9 +62,11 @@ def test_rollout_yields_frames_fed_back_in(sim, episodes):
     out = list(sim.rollout(frames[1:3], frames[0:2], torch.tensor([[2, 3, 0], [3, 3, 1]])))
     assert len(out) == 3 and all(f.shape == (2, 1, 210, 160) for f in out)
     assert all(0 <= float(f.min()) and float(f.max()) <= 1 for f in out)
-    # step 2 decodes step 1's frame: the model's own output is its next input
-    choice = sim.codes(out[0], frames[1:3], torch.tensor([3, 3]))
-    assert torch.allclose(sim.draw(out[0], choice), out[1])
+    # step 2 decodes step 1's frame: the model's own output is its next input, and the controller
+    # sees the codes it chose at step 1 as the step before's
+    first = sim.codes(frames[1:3], frames[0:2], torch.tensor([2, 3]))
+    choice = sim.codes(out[0], frames[1:3], torch.tensor([3, 3]), before=first)
+    assert torch.allclose(sim.draw(out[0], choice, frames[1:3]), out[1])
 
 
 def test_a_context_lam_decodes_with_the_previous_frame(context_checkpoint, controller_path, episodes):
@@ -75,9 +77,10 @@ def test_a_context_lam_decodes_with_the_previous_frame(context_checkpoint, contr
     sim = Simulator(load_checkpoint(context_checkpoint), load_controller(controller_path))
     frames, actions = episodes[0].frames, torch.tensor([[2, 3, 0], [3, 3, 1]])
     out = list(sim.rollout(frames[1:3], frames[0:2], actions))
+    before = None
     for step, (cur, prev) in enumerate([(frames[1:3], frames[0:2]), (out[0], frames[1:3]), (out[1], out[0])]):
-        choice = sim.codes(cur, prev, actions[:, step])
-        torch.testing.assert_close(sim.draw(cur, choice, prev), out[step], rtol=0, atol=1e-6)
+        before = sim.codes(cur, prev, actions[:, step], before=before)
+        torch.testing.assert_close(sim.draw(cur, before, prev), out[step], rtol=0, atol=1e-6)
 
 
 def test_rollout_metrics_have_one_value_per_horizon_for_each_kind(sim, episodes):
