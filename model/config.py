@@ -186,6 +186,9 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, kind(**value))
+        for name in ("width", "changed_pixel_weight", "action_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number (got {getattr(self, name)})")
         checks = [
             (self.in_channels in (1, 3), f"in_channels must be 1 (gray) or 3 (RGB), got {self.in_channels}"),
             (0 < self.width <= 4, f"width must be in (0, 4], got {self.width}"),

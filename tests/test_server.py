@@ -13,16 +13,17 @@ import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from control.server import Game, StartFrame, make_server
+from control.simulator import Choice
 
 
 class StillSimulator:
     """A stand-in simulator: the codes are zeros and the next frame is frame t (the server's limits
     are under test here, not a model)."""
 
-    def codes(self, cur, prev, action, random_codes=None):
-        return torch.zeros(len(cur), 7, 5, dtype=torch.int64)
+    def codes(self, cur, prev, action, random_codes=None, before=None):
+        return Choice(torch.zeros(len(cur), 7, 5, dtype=torch.int64), None)
 
-    def decode(self, cur, codes, prev=None):
+    def draw(self, cur, choice, prev=None):
         return cur.clone()
 
 

@@ -70,7 +70,7 @@ def test_metrics_rows_start_at_step_1_and_cadences_fire(tiny_checkpoint):
     assert steps_with("val/recon") == [5, 10, 15, 20]
     assert steps_with("val/psnr") == steps_with("val/ssim") == steps_with("codebook/used_fraction") == [10, 20]
     assert steps_with("codebook/counts") == [10, 20]
-    assert steps_with("codebook/reset_codes") == [5, 10, 15]
+    assert steps_with("codebook/reset_codes") == []        # FSQ has no codebook to reset (VQ's: the resume tests)
     counts = logged[-1]["codebook/counts"]
     assert len(counts) == 256 and sum(counts) > 0
     assert 0 < logged[-1]["codebook/used_fraction"] <= 1 and logged[-1]["codebook/perplexity"] >= 1
@@ -81,13 +81,13 @@ def test_metrics_rows_start_at_step_1_and_cadences_fire(tiny_checkpoint):
 def test_validation_labels_examples_by_pair_key_and_computes_ssim_only_when_due(pair_shards, tmp_path, monkeypatch):
     """Images and histograms reach the logger as arguments, not as keys in the scalar row; the
     example reconstructions are labelled by their pair keys; SSIM is computed only for the metrics."""
-    import training.logger
+    import evaluation.figures
     import training.validate
     from pipeline.pair_index import episode_and_step
 
     labels, with_ssim = [], []
-    grid, meter = training.logger.reconstruction_grid, training.validate.ReconstructionMeter
-    monkeypatch.setattr(training.logger, "reconstruction_grid",
+    grid, meter = evaluation.figures.reconstruction_grid, training.validate.ReconstructionMeter
+    monkeypatch.setattr(evaluation.figures, "reconstruction_grid",
                         lambda examples, path: labels.append([e.key for e in examples]) or grid(examples, path))
     monkeypatch.setattr(training.validate, "ReconstructionMeter",
                         lambda device, ssim=True: with_ssim.append(ssim) or meter(device, ssim))
@@ -277,17 +277,17 @@ def test_model_defaults_are_model_configs_and_training_settings_are_not_architec
     assert "width: the checkpoint's 0.0625 kept (the architecture comes from the checkpoint)" in changes
 
 
-def test_named_variants_on_the_command_line(tmp_path):
+def test_named_variants_on_the_command_line(pair_shards, tmp_path):
     """--model picks a variant; --set changes its fields; a preset's setting for a part the model
     lacks is dropped (tiny sets vq.reset_buffer and reset_every), the user's is refused."""
-    seed, _ = config_from_args(argument_parser().parse_args(["--preset", "tiny", "--model", "seed", "--out", str(tmp_path)]))
+    seed, _ = config_from_args(argument_parser().parse_args(["--shards", str(pair_shards), "--preset", "tiny", "--model", "seed", "--out", str(tmp_path)]))
     assert (seed.model.variant, seed.model.output, seed.model.vq.reset_buffer, seed.reset_every) == ("seed", "sigmoid", 256, 5)
-    default, _ = config_from_args(argument_parser().parse_args(["--preset", "tiny", "--out", str(tmp_path)]))
+    default, _ = config_from_args(argument_parser().parse_args(["--shards", str(pair_shards), "--preset", "tiny", "--out", str(tmp_path)]))
     assert (default.model.variant, default.model.vq, default.reset_every) == ("default", None, None)
-    vq, _ = config_from_args(argument_parser().parse_args(["--preset", "tiny", "--set", "quantizer=vq", "--set",
+    vq, _ = config_from_args(argument_parser().parse_args(["--shards", str(pair_shards), "--preset", "tiny", "--set", "quantizer=vq", "--set",
                                                           "vq.codes=512", "--out", str(tmp_path)]))
     assert (vq.model.codebook_size, vq.model.fsq, vq.reset_every) == (512, None, 5)
-    fsq, _ = config_from_args(argument_parser().parse_args(["--preset", "tiny", "--set", "fsq.levels=8,8,8",
+    fsq, _ = config_from_args(argument_parser().parse_args(["--shards", str(pair_shards), "--preset", "tiny", "--set", "fsq.levels=8,8,8",
                                                            "--out", str(tmp_path)]))
     assert fsq.model.codebook_size == 512
 

@@ -12,6 +12,7 @@ import torch
 
 import train
 from model import LatentActionModel, ModelConfig
+from model.config import VQConfig
 from pipeline.loader import PairLoader, build_loader, spread_sample
 from training.resume import latest_checkpoint
 from training.runtime import Runtime
@@ -143,15 +144,21 @@ def test_resume_from_a_checkpoint_with_the_old_config_layout(pair_shards, tmp_pa
     path = tmp_path / "ckpt" / "step-000002.pt"
     state = torch.load(path, weights_only=True)
     model = state["config"]["model"]
-    state["config"] = {"model": {**model, "reset_every": 3, "grad_checkpoint": False},
-                       "train": {**state["config"]["train"], **{k: v for k, v in model.items() if k != "in_channels"}}}
+    shift, vq = model["shift"], model["vq"]
+    flat = {**{k: v for k, v in model.items() if k not in ("variant", "output", "shift", "vq", "fsq", "action_code")},
+            "motion": "shift", "residual_output": False, "motion_max_x": shift["max_x"], "motion_max_y": shift["max_y"],
+            "motion_stage": shift["stage"], "motion_codes": shift["code_vote"], "codebook_size": vq["codes"],
+            "fsq_levels": "8,8,4", **{k: v for k, v in vq.items() if k != "codes"}}
+    state["config"] = {"model": {**flat, "reset_every": 3, "grad_checkpoint": False},
+                       "train": {**state["config"]["train"], **{k: v for k, v in flat.items() if k != "in_channels"}}}
     torch.save(state, path)
     capsys.readouterr()
     assert train.main(tiny_args(pair_shards, tmp_path, 4, "--resume")) == 0
     out = capsys.readouterr().out
     assert "iters: 2 -> 4 (from the command line)" in out and "kept" not in out
     resumed = torch.load(tmp_path / "ckpt" / "step-000004.pt", weights_only=True)["config"]
-    assert resumed["train"]["reset_every"] == 3 and resumed["model"] == model
+    # the same architecture, now named: a flat config reads as the variant "legacy"
+    assert resumed["train"]["reset_every"] == 3 and resumed["model"] == {**model, "variant": "legacy"}
 
 
 def test_resume_refuses_a_loader_change_that_breaks_exact_resume(pair_shards, tmp_path, capsys):
@@ -224,13 +231,15 @@ def test_training_validates_on_a_sample_from_every_val_episode(videos, tmp_path,
     val_pairs = [key for batch in everything for key in batch["key"]]
     val_episodes = {episode_and_step(key)[0] for key in val_pairs}
     assert len(val_episodes) == 3
-    validated, real_validator = [], train.Validator
+    import training.build
+
+    validated, real_validator = [], training.build.Validator
 
     def recording_validator(model, loader, *args, **kwargs):
         validated.append(RecordingLoader(loader))
         return real_validator(model, validated[-1], *args, **kwargs)
 
-    monkeypatch.setattr(train, "Validator", recording_validator)
+    monkeypatch.setattr(training.build, "Validator", recording_validator)
     assert train.main(tiny_args(shards, tmp_path, 5, "--set", "val_every=5")) == 0
     keys = validated[0].keys
     sample = 2 * 4                                               # tiny: val_batches 2 of micro-batch 4
@@ -289,7 +298,8 @@ def test_accumulation_matches_one_batch_of_k_times_the_size(train_mode, quantize
     BatchNorm normalising each micro-batch by its own statistics the updates agree only closely."""
     frames = torch.rand(8, 1, 210, 160, generator=torch.Generator().manual_seed(1))
     nxt = (frames + 0.1 * torch.rand(frames.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
-    config = ModelConfig(width=0.0625, code_dim=32, entropy_weight=0.0, quantizer=quantizer)
+    config = (ModelConfig(width=0.0625, code_dim=32, quantizer="vq", vq=VQConfig(entropy_weight=0.0), fsq=None) if quantizer == "vq"
+              else ModelConfig(width=0.0625, code_dim=32))
     whole = accumulated_update(1, [{"cur": frames, "next": nxt}], config, train_mode)
     parts = accumulated_update(4, [{"cur": frames[i:i + 2], "next": nxt[i:i + 2]} for i in range(0, 8, 2)],
                                config, train_mode)
