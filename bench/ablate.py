@@ -54,6 +54,8 @@ ENTRIES: dict[str, Entry] = {
     "context": Entry("context", "frame t-1 as context"),
     "split": Entry("split", "frame t-1, a per-frame action code, grid dropout 0.5 (Genie's split)"),
     "labels": Entry("default", "the default + 2.5 % action labels", ("action_fraction=0.025",)),
+    "own-frames": Entry("default", "the default, half of each batch from its own snapped frame t (from step 300)",
+                        ("own_frames=0.5", "own_frames_start=300")),
 }
 STEPS = (10, 50, 200)                   # rollout steps the table shows
 

@@ -54,6 +54,7 @@ class ControllerTrainConfig:
     eval_split: str = flag("test", choices=("train", "val", "test"))
     eval_batch_size: int = flag(64, min=1)
     use_prev: bool = True
+    prev_codes: bool = flag(False, "also see the codes of the step before (control/network.py)")
     channels: tuple[int, ...] = flag((16, 32, 64, 96, 128), "widths of the five stride-2 stages", min=1)
     hidden: int = flag(192, min=1)
     device: str = flag("cpu", "where the controller trains", choices=("auto", "cpu", "cuda"))
@@ -102,7 +103,8 @@ def train_controller(config: ControllerTrainConfig, device: torch.device, progre
     """The loop. Batches are read and decoded in a thread of their own, a few steps ahead."""
     torch.manual_seed(config.seed)
     controller = Controller(ControllerConfig(**lam_codes(config.latent), use_prev=config.use_prev,
-                                             channels=config.channels, hidden=config.hidden)).to(device)
+                                             prev_codes=config.prev_codes, channels=config.channels,
+                                             hidden=config.hidden)).to(device)
     if device.type == "cpu":
         # oneDNN's NHWC convolutions: a training step 1.3x faster on the 2-core box (BENCHMARKS.md "Stages")
         controller.to(memory_format=torch.channels_last)

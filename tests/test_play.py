@@ -40,7 +40,7 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 def controller_path(tmp_path_factory) -> Path:
     """An untrained small controller: rollouts and the server need its shapes, not its skill."""
     torch.manual_seed(0)
-    controller = Controller(ControllerConfig(channels=(4, 8, 8, 8, 8), hidden=16, action_dim=8))
+    controller = Controller(ControllerConfig(channels=(4, 8, 8, 8, 8), hidden=16, action_dim=8, prev_codes=True))
     return save_controller(tmp_path_factory.mktemp("controller") / "controller.pt", controller.eval(), step=0)
 
 

@@ -109,7 +109,7 @@ def test_training_samples_carry_the_codes_of_the_transition_before(latent_dir):
 
 def test_the_controller_reads_the_codes_before_and_none_is_its_own_token():
     torch.manual_seed(0)
-    controller = Controller(ControllerConfig(channels=(4, 4, 4, 4, 4), hidden=8)).eval()
+    controller = Controller(ControllerConfig(channels=(4, 4, 4, 4, 4), hidden=8, prev_codes=True)).eval()
     torch.nn.init.normal_(controller.code_embedding.weight)
     frames, action = torch.rand(1, 1, 210, 160), torch.tensor([2])
     codes = torch.randint(0, 256, (1, 7, 5))
