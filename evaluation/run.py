@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common.cli import flag
+from common.cli import check_fields, flag
 from common.device import model_threads, torch_threads
 from common.distributed import process_group
 from common.errors import UserError, check_output_dir
@@ -54,19 +54,15 @@ class EvaluateConfig:
                               choices=("auto", "cpu", "cuda"))
     backend: str | None = flag(None, "data loader (default: dali where installed)", choices=("dali", "torch"))
     loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
-                                            "(default: the machine's cores shared among its ranks)")
+                                            "(default: the machine's cores shared among its ranks)", min=1)
     threads: int | None = flag(None, "CPU threads of the model, per rank (default: half the rank's cores, at least "
-                                     "one; the rest score its predictions beside it)")
+                                     "one; the rest score its predictions beside it)", min=1)
     amp: str = flag("auto", "precision: auto (bf16 where native and faithful to fp32 for this checkpoint, "
                             "else fp32), bf16, fp16 or off (fp32)", choices=AMP_MODES)
     progress: bool = True
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        for name in ("loader_threads", "threads"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_fields(self)                  # the flags' rules, for a config built in Python too
         self.out = self.out or Path("reports") / self.split
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.cli import flag
+from common.cli import check_fields, flag
 from common.device import model_threads, torch_threads
 from common.distributed import Ranks, process_group
 from common.errors import UserError, check_output_dir
@@ -58,20 +58,16 @@ class ExtractConfig:
     backend: str | None = flag(None, "frame decoding backend of the loader (default: dali when installed)",
                                choices=("dali", "torch"))
     loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
-                                            "(default: the machine's cores shared among its ranks)")
+                                            "(default: the machine's cores shared among its ranks)", min=1)
     threads: int | None = flag(None, "CPU threads of the encoder, per rank (default: the rank's cores less one, "
-                                     "which decodes frames beside it; at least one)")
+                                     "which decodes frames beside it; at least one)", min=1)
     amp: str = flag("auto", "precision: auto (bf16 where native and faithful to fp32 for this checkpoint, "
                             "else fp32), bf16, fp16 or off (fp32)", choices=AMP_MODES)
     compile: bool = flag(True, "torch.compile the encoder (on GPUs only)")
     progress: bool = True
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        for name in ("loader_threads", "threads"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_fields(self)                  # the flags' rules, for a config built in Python too
 
 
 @dataclass
