@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from common.cli import add_config_flags, check_fields, config_values, flag
+from common.device import resolve_device
 from common.errors import UserError, check_output_dir, run_cli
 from evaluation.formatting import num, pct
 from model import load_checkpoint
@@ -59,6 +60,8 @@ class ModelPaths:
     controller: Path = flag(DEFAULT_CONTROLLER, "controller checkpoint")
     latent: Path = flag(DEFAULT_LATENT, "latent shards (episodes to start from)")
     split: str = flag("test", choices=SPLITS)
+    device: str = flag("auto", "where the models run: auto (a GPU when there is one), cpu or cuda",
+                       choices=("auto", "cpu", "cuda"))
     threads: int = flag(0, "torch CPU threads (0: torch's default)", min=0)
     per_cell: bool = flag(False, "the controller picks each cell's code on its own, "
                                  "not one of the grids seen in training")
@@ -77,7 +80,7 @@ class RolloutConfig(ModelPaths):
     gifs: int = flag(3, "GIFs of starts spread over the episodes", min=0)
     control_starts: int = flag(100, min=1)
     control_steps: int = flag(20, "steps of always-LEFT / always-RIGHT", min=1)
-    batch_size: int = flag(16, min=1)
+    batch_size: int = flag(0, "starts played side by side (0: all of them at once)", min=0)
     seed: int = flag(0, min=0)
 
     def __post_init__(self):
@@ -120,12 +123,13 @@ def load_simulator(paths: ModelPaths) -> tuple[Simulator, bool]:
     `paths.snap`; returns (simulator, grayscale)."""
     if paths.threads:
         torch.set_num_threads(paths.threads)
-    lam = load_checkpoint(paths.checkpoint, "cpu")
-    controller = load_controller(paths.controller, "cpu")
+    device = resolve_device(paths.device)
+    lam = load_checkpoint(paths.checkpoint, device)
+    controller = load_controller(paths.controller, device)
     if controller.config.in_channels != lam.config.in_channels:
         raise UserError(f"{paths.controller}: controller sees {controller.config.in_channels}-channel frames, "
                         f"the LAM {lam.config.in_channels}")
-    return Simulator(lam, controller, per_cell=paths.per_cell), lam.config.in_channels == 1
+    return Simulator(lam, controller, device=device, per_cell=paths.per_cell), lam.config.in_channels == 1
 
 
 def with_palette(sim: Simulator, paths: ModelPaths, episodes: list) -> Simulator:
@@ -159,11 +163,12 @@ def rollout(config: RolloutConfig) -> dict:
     sim = with_palette(sim, config, episodes)
     started = time.perf_counter()
     try:
-        result = run_rollouts(sim, episodes, config.horizon, config.starts, config.batch_size, config.gifs)
+        result = run_rollouts(sim, episodes, config.horizon, config.starts, config.batch_size or config.starts,
+                              config.gifs)
     except ValueError as error:
         raise UserError(f"{config.latent} ({config.split}): {error}") from None
-    control = run_controllability(sim, episodes, config.control_starts, config.control_steps, config.batch_size,
-                                  config.seed)
+    control = run_controllability(sim, episodes, config.control_starts, config.control_steps,
+                                  config.batch_size or config.control_starts, config.seed)
     config.out.mkdir(parents=True, exist_ok=True)
     gifs = []
     for index, panels in sorted(result.gif_frames.items()):
@@ -173,7 +178,8 @@ def rollout(config: RolloutConfig) -> dict:
         gifs.append(name)
     figures = {"curves": rollout_curves(result.curves, config.out / "curves.png").name,
                "controllability": controllability_bars(control, config.out / "controllability.png", CONTROL_GOAL).name}
-    metrics = {"split": config.split, "checkpoint": str(config.checkpoint), "lam_step": int(sim.lam.step),
+    metrics = {"split": config.split, "device": str(sim.device), "checkpoint": str(config.checkpoint),
+               "lam_step": int(sim.lam.step),
                "controller": str(config.controller), "controller_step": sim.controller.step,
                "controller_grids": 0 if config.per_cell else len(sim.controller.seen_grids),
                "latent": str(config.latent), "config": jsonable(asdict(config)),

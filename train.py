@@ -12,6 +12,7 @@ logger, checkpointer; this file is the loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from common.errors import check_output_dir, run_cli
+from pipeline.loader import resolve_backend
 from pipeline.shards import PAIRS_FORMAT, manifest_sha256
 from training.build import build_run
 from training.cli import argument_parser, config_from_args
@@ -36,7 +38,15 @@ def train(cfg: TrainConfig, resumed: Resumed | None = None) -> None:
     manifest_sha = manifest_sha256(Path(cfg.shards), PAIRS_FORMAT)     # a checkpoint remembers its data
     if resumed is not None:
         check_same_shards(resumed, manifest_sha, cfg.shards)
+        if resumed.step >= cfg.iters:
+            print(f"train: {cfg.out} holds run {cfg.run_name}, finished at step {resumed.step} (--iters {cfg.iters}): "
+                  f"nothing to train", flush=True)
+            return
+    backend, why = resolve_backend(cfg.backend)
+    cfg = dataclasses.replace(cfg, backend=backend)          # the checkpoint records the loader that ran
     rt = setup_runtime(cfg.device, cfg.amp, cfg.seed, cfg.deterministic, cfg.threads)
+    if rt.main:
+        print(f"loader: {backend} ({why})", flush=True)
     try:
         run(cfg, rt, resumed, manifest_sha)
     finally:

@@ -68,3 +68,17 @@ def torch_threads(threads: int | None) -> Iterator[None]:
     finally:
         if threads:
             torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def fixed_conv_algorithms() -> Iterator[None]:
+    """cuDNN chooses convolution algorithms by its fixed heuristics inside the block, not by timing
+    them (benchmark mode): timings vary from run to run, and another algorithm rounds differently,
+    so a run that must write the same bytes as the last one (extraction) cannot let them choose.
+    Put back after the block. A no-op on a CPU."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -41,6 +41,7 @@ class Simulator:
         None where the LAM takes none: a LAM with a per-frame action code is played from it alone.
         `before`: the codes of the step before (the controller sees them; None: none)."""
         split = self.lam.action_codes
+        cur, prev = cur.to(self.device), prev.to(self.device)
         if random_codes is not None or self.controller is None:
             shape, size = ((cur.shape[0],), split) if split else ((cur.shape[0], *GRID), self.lam.config.codebook_size)
             drawn = torch.randint(0, size, shape, generator=random_codes).to(self.device)
@@ -60,6 +61,7 @@ class Simulator:
         """The LAM's next frame, as fed back: snapped to the palette when there is one; `prev` is
         frame t-1 (a LAM with context uses it; None: frame t); `action` the per-frame action code of
         a LAM that has one (with `codes` None it draws from the past and the action alone)."""
+        cur, prev = cur.to(self.device), None if prev is None else prev.to(self.device)
         frame = self.lam.decode(cur, codes, prev, action).float().clamp_(0, 1)
         return frame if self.palette is None else snap(frame, self.palette.to(frame.device))
 

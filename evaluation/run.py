@@ -34,7 +34,7 @@ from evaluation.report import write_report, write_summary
 from evaluation.split_pass import Share, batch_share, evaluate_pass, random_codes
 from model.inference import AMP_MODES, CheckpointIdentity, inference_layout, load_model
 from model.precision import decide_precision
-from pipeline.loader import in_order_loader
+from pipeline.loader import announce_backend, in_order_loader
 from pipeline.pair_index import episode_and_step
 from pipeline.shards import PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest, pin_shard_dir, split_shards
 
@@ -52,7 +52,8 @@ class EvaluateConfig:
     seed: int = flag(0, "random codes for ΔPSNR, t-SNE, probes", min=0)
     device: str | None = flag(None, "auto (default), cpu or cuda; under torchrun each rank its own GPU",
                               choices=("auto", "cpu", "cuda"))
-    backend: str | None = flag(None, "data loader (default: dali where installed)", choices=("dali", "torch"))
+    backend: str | None = flag(None, "data loader: auto (the default: dali where installed, else torch), dali or torch",
+                               choices=("auto", "dali", "torch"))
     loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
                                             "(default: the machine's cores shared among its ranks)", min=1)
     threads: int | None = flag(None, "CPU threads of the model, per rank (default: half the rank's cores, at least "
@@ -83,11 +84,12 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
         loader_threads = cfg.loader_threads or ranks.cores
         precision = decide_precision(cfg.amp, lam, identity, cfg.shards, manifest, device, ranks, loader_threads,
                                      "evaluate")
+        backend = announce_backend(cfg.backend, ranks.main, "evaluate")
         # the model's threads, and the scoring's (this thread's) the cores they leave
         threads = cfg.threads or model_threads(ranks.cores, beside=ranks.cores // 2)
         first, stop = batch_share(pairs, cfg.batch_size, ranks)
         loader = in_order_loader(cfg.shards, cfg.split, cfg.batch_size, grayscale=identity.color == "gray",
-                                 backend=cfg.backend, device=device, context=identity.context,
+                                 backend=backend, device=device, context=identity.context,
                                  runs=[(first, stop)], manifest=manifest, threads=loader_threads)
         pass_started = time.perf_counter()
         with torch_threads(model_threads(ranks.cores, beside=threads) if device.type == "cpu" else None):

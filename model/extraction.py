@@ -4,10 +4,18 @@ rank torchrun starts.
 
     result = extract(ExtractConfig(shards=Path("shards/pairs"), checkpoint=Path("best.pt")))
 
-Precision: model/precision.py's rule (`--amp auto`: bf16 only where it is native and, measured on
-a sample at the start, gives fp32's codes); the first line printed says which and why. On a CPU the
-encoder runs channels_last with `--threads` intra-op threads beside the loader's decoding thread
-(common/device.model_threads says why not every core).
+Precision and the promise about bytes: fp32 by default (`--amp off`), so that the same checkpoint
+on the same machine writes the same bytes whatever the loader, the number of ranks, a kill and a
+rerun, or `--batch-size`: every encoder call has exactly `--batch-size` rows (a shard's last batch is
+padded with copies of its last pair), so a kernel chosen for a short batch never computes a shard's
+tail, and each pair's codes do not depend on its neighbours in the batch (measured: oneDNN's fp32
+kernels give every row the same bits at any batch size above 1). On a GPU, cuDNN picks its
+algorithms by fixed heuristics here (no benchmark mode), for the same reason. `--amp bf16` (or
+`auto`, model/precision.py's rule) is faster on hardware with native bf16 and makes no such
+promise: a bf16 kernel's rounding may depend on the batch and its layout, and an FSQ code near a
+rounding boundary then flips. The first line printed says which precision runs and why. On a CPU
+the encoder runs channels_last with `--threads` intra-op threads beside the loader's decoding
+thread (common/device.model_threads says why not every core).
 
 Frames are decoded by the project loader (`pipeline.loader`, DALI where installed) in manifest
 order, one run of batches per pair shard: a batch never spans two shards, so a shard's codes depend
@@ -33,14 +41,14 @@ import torch
 from tqdm import tqdm
 
 from common.cli import check_fields, flag
-from common.device import model_threads, torch_threads
+from common.device import fixed_conv_algorithms, model_threads, torch_threads
 from common.distributed import Ranks, process_group
 from common.errors import UserError, check_output_dir
 from model.inference import AMP_MODES, CheckpointIdentity, autocast, codes_to_array, inference_layout, load_model
 from model.precision import Precision, decide_precision
 from pipeline.latent import (Coded, ShardJob, build_manifest, clear_output, ensure_zstd, is_finished, other_checkpoints,
                              plan_jobs, remove_stale, write_shard)
-from pipeline.loader import in_order_loader
+from pipeline.loader import announce_backend, in_order_loader
 from pipeline.pair_index import PreviousFrames
 from pipeline.shards import PAIRS_FORMAT, SPLITS, atomic_write_json, load_manifest, pin_shard_dir
 
@@ -55,14 +63,15 @@ class ExtractConfig:
     zstd: bool = flag(False, "also write .tar.zst copies of every shard")
     device: str | None = flag(None, "cuda or cpu (default: cuda when available; under torchrun each rank its own GPU)",
                               choices=("auto", "cpu", "cuda"))
-    backend: str | None = flag(None, "frame decoding backend of the loader (default: dali when installed)",
-                               choices=("dali", "torch"))
+    backend: str | None = flag(None, "frame decoding backend of the loader: auto (the default: dali where installed, "
+                                     "else torch), dali or torch", choices=("auto", "dali", "torch"))
     loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
                                             "(default: the machine's cores shared among its ranks)", min=1)
     threads: int | None = flag(None, "CPU threads of the encoder, per rank (default: the rank's cores less one, "
                                      "which decodes frames beside it; at least one)", min=1)
-    amp: str = flag("auto", "precision: auto (bf16 where native and faithful to fp32 for this checkpoint, "
-                            "else fp32), bf16, fp16 or off (fp32)", choices=AMP_MODES)
+    amp: str = flag("off", "precision: off (fp32, the default: the same bytes whatever the loader, ranks, reruns "
+                           "or --batch-size on this machine), bf16 or fp16 (faster where native, no such promise), "
+                           "auto (bf16 where native and faithful to fp32 for this checkpoint)", choices=AMP_MODES)
     compile: bool = flag(True, "torch.compile the encoder (on GPUs only)")
     progress: bool = True
 
@@ -84,7 +93,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     cfg = dataclasses.replace(cfg, shards=pin_shard_dir(cfg.shards))
     pair_manifest = load_manifest(cfg.shards, PAIRS_FORMAT)
     jobs = plan_jobs(cfg.shards, pair_manifest, cfg.out)
-    with process_group(cfg.device) as (ranks, device), \
+    with process_group(cfg.device) as (ranks, device), fixed_conv_algorithms(), \
             torch_threads((cfg.threads or model_threads(ranks.cores)) if device.type == "cpu" else None):
         lam, identity = load_model(cfg.checkpoint, device)
         inference_layout(lam, device)
@@ -103,6 +112,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         mine = ranks.share(todo)
         precision = (decide_precision(cfg.amp, lam, identity, cfg.shards, pair_manifest, device, ranks,
                                       cfg.loader_threads or ranks.cores, "extract") if todo else None)
+        if todo:
+            cfg = dataclasses.replace(cfg, backend=announce_backend(cfg.backend, ranks.main, "extract"))
         bar = tqdm(total=sum(job.pairs for job in mine), unit="pair", disable=not (cfg.progress and mine),
                    desc="extract" + (f" (rank {ranks.rank} of {ranks.world_size})" if ranks.distributed else ""))
         with bar:
@@ -131,22 +142,36 @@ def mark_finished(jobs: Sequence[ShardJob], identity: CheckpointIdentity, ranks:
             job.done = done
 
 
-def make_encoder(lam, device: torch.device, compile_model: bool, dtype: torch.dtype | None = None
-                 ) -> Callable[..., list[Coded]]:
+def make_encoder(lam, device: torch.device, compile_model: bool, dtype: torch.dtype | None = None,
+                 rows: int | None = None) -> Callable[..., list[Coded]]:
     """(cur, next, prev or None) float batches on `device` -> each pair's codes, the grid (7, 5) in
     its stored type on the CPU (and the per-frame action code of a model that has one); autocast to
-    `dtype` (None: fp32)."""
-    encode = torch.compile(lam.encode_both, dynamic=True) if compile_model else lam.encode_both
+    `dtype` (None: fp32). With `rows`, a shorter batch is padded to `rows` rows (copies of its last
+    pair) before it is encoded, so every call has one shape (module docstring)."""
+    # one shape per run (rows), so no dynamic shapes; without rows, any batch size
+    encode = (torch.compile(lam.encode_both, dynamic=rows is None) if compile_model else lam.encode_both)
     size = lam.config.codebook_size
 
     @torch.inference_mode()
     def run(cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> list[Coded]:
+        given = len(cur)
+        if rows is not None and given < rows:
+            cur, nxt, prev = (None if frames is None else pad_rows(frames, rows) for frames in (cur, nxt, prev))
         with autocast(device, dtype):
             grids, actions = encode(cur, nxt, prev)
-        actions = [None] * len(grids) if actions is None else actions.tolist()
+        grids = grids[:given]
+        actions = [None] * given if actions is None else actions[:given].tolist()
         return [Coded(grid, action) for grid, action in zip(codes_to_array(grids, size), actions)]
 
     return run
+
+
+def pad_rows(frames: torch.Tensor, rows: int) -> torch.Tensor:
+    """`frames` (B, ...) with copies of its last row appended up to `rows` rows."""
+    filler = frames[-1:].expand(rows - len(frames), *frames.shape[1:])
+    return torch.cat([frames, filler]).contiguous(memory_format=torch.channels_last
+                                                  if frames.is_contiguous(memory_format=torch.channels_last)
+                                                  else torch.contiguous_format)
 
 
 def coded_pairs(loader, encode) -> Iterator[tuple[str, Coded]]:
@@ -165,7 +190,8 @@ def extract_split(jobs: Sequence[ShardJob], cfg: ExtractConfig, pair_manifest: d
                              threads=cfg.loader_threads or ranks.cores)
     # frame t-1's bytes, read by frame id: the pair (t-1, t) may sit in the shard before, or on another rank
     previous = PreviousFrames(loader.index) if identity.context else None
-    coded = coded_pairs(loader, make_encoder(lam, device, cfg.compile and device.type == "cuda", precision.dtype))
+    coded = coded_pairs(loader, make_encoder(lam, device, cfg.compile and device.type == "cuda", precision.dtype,
+                                             rows=cfg.batch_size))
     try:
         for job in jobs:
             write_shard(job, coded, identity, previous)

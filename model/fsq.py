@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+from model.conv import Conv2d
+
 
 
 class ScalarQuantizer(nn.Module):
@@ -34,8 +36,8 @@ class ScalarQuantizer(nn.Module):
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         basis = [math.prod(levels[:i]) for i in range(len(levels))]
         self.register_buffer("basis", torch.tensor(basis, dtype=torch.long).view(1, -1, 1, 1), persistent=False)
-        self.down = nn.Conv2d(code_dim, len(levels), 1)
-        self.up = nn.Conv2d(len(levels), code_dim, 1)
+        self.down = Conv2d(code_dim, len(levels), 1)
+        self.up = Conv2d(len(levels), code_dim, 1)
 
     @property
     def half_width(self) -> torch.Tensor:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.conv import Conv2d
+
 # How far the encoder's matching features test moves (ModelConfig.encoder_match): Breakout's paddle
 # moves up to 24 px across in a step, the ball up to 8 px each way.
 MATCH_REACH = (24, 8)
@@ -55,7 +57,7 @@ class ShiftHead(nn.Module):
         self.factors = [(-1, step, side) for step, side in shift_factors(max_x) if side] + \
                        [(-2, step, side) for step, side in shift_factors(max_y) if side]
         self.sizes = [2 * side + 1 for _, _, side in self.factors]
-        self.to_logits = nn.Conv2d(features, max(1, sum(self.sizes)), 3, padding=1)
+        self.to_logits = Conv2d(features, max(1, sum(self.sizes)), 3, padding=1)
         nn.init.zeros_(self.to_logits.weight)
         bias, start = torch.zeros(self.to_logits.out_channels), 0
         for size in self.sizes:
@@ -66,7 +68,7 @@ class ShiftHead(nn.Module):
         # The codes' own say: a 3 x 3 conv over the code grid, so a block's shift can come from its
         # cell's code and its neighbours' (the paddle crosses cells), not only from what the decoder's
         # features make of frame t (which can guess a move from the scene and leave the codes idle).
-        self.from_codes = nn.Conv2d(code_dim, self.to_logits.out_channels, 3, padding=1) if code_dim else None
+        self.from_codes = Conv2d(code_dim, self.to_logits.out_channels, 3, padding=1) if code_dim else None
         if self.from_codes is not None:
             nn.init.zeros_(self.from_codes.weight)
             nn.init.zeros_(self.from_codes.bias)

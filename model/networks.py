@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
+from model.conv import Conv2d, ConvTranspose2d
 from model.motion import MATCH_REACH, ShiftHead, match_features, match_shifts, shift_frame
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 
@@ -78,7 +79,7 @@ def down_stack(in_channels: int, channels: Sequence[int]) -> Stages:
     """Five conv(k3, s2, p1) + BatchNorm + ReLU stages."""
     stages, previous = [], in_channels
     for c in channels:
-        stages.append(nn.Sequential(nn.Conv2d(previous, c, 3, stride=2, padding=1, bias=False),
+        stages.append(nn.Sequential(Conv2d(previous, c, 3, stride=2, padding=1, bias=False),
                                     nn.BatchNorm2d(c), nn.ReLU(inplace=True)))
         previous = c
     return Stages(*stages)
@@ -98,7 +99,7 @@ class Encoder(nn.Module):
         # per cell, how well each whole-pixel move explains the change (model/motion.match_features),
         # beside the conv features: the move, wherever in the cell it happens
         self.match_shifts = match_shifts(*MATCH_REACH) if config.encoder_match else []
-        self.project = nn.Conv2d(config.channels[-1] + len(self.match_shifts), config.code_dim, 1)
+        self.project = Conv2d(config.channels[-1] + len(self.match_shifts), config.code_dim, 1)
 
     def forward(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         features = self.stack(self.input(cur, nxt, prev))
@@ -126,7 +127,7 @@ class FiLM(nn.Module):
 
     def __init__(self, code_dim: int, features: int):
         super().__init__()
-        self.to_scale_shift = nn.Conv2d(code_dim, 2 * features, 1)
+        self.to_scale_shift = Conv2d(code_dim, 2 * features, 1)
         nn.init.zeros_(self.to_scale_shift.weight)
         nn.init.zeros_(self.to_scale_shift.bias)
 
@@ -160,7 +161,7 @@ class Decoder(nn.Module):
         pads = list(zip(output_paddings(FRAME_HEIGHT), output_paddings(FRAME_WIDTH)))
         stages = []
         for i, (source, target) in enumerate(zip(widths, widths[1:])):
-            up = nn.ConvTranspose2d(source, target, 3, stride=2, padding=1, output_padding=pads[i],
+            up = ConvTranspose2d(source, target, 3, stride=2, padding=1, output_padding=pads[i],
                                     bias=i == len(pads) - 1)
             last = i == len(pads) - 1
             stages.append(nn.Sequential(up) if last else nn.Sequential(up, nn.BatchNorm2d(target), nn.ReLU(inplace=True)))

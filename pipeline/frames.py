@@ -47,4 +47,21 @@ def to_model_input(frames: torch.Tensor, grayscale: bool = True) -> torch.Tensor
         frames = rgb_to_gray_uint8(frames)
     elif not grayscale and frames.shape[-1] != 3:
         raise ValueError(f"RGB output asked for, but frames have {frames.shape[-1]} channel(s)")
-    return frames.movedim(-1, -3).to(torch.float32).div_(255.0)
+    return frames.movedim(-1, -3).to(torch.float32).div_(_scale_on(frames.device))
+
+
+_SCALES: dict = {}
+
+
+def _scale_on(device) -> torch.Tensor:
+    """255 as a 0-dim float32 tensor on `device`. Dividing by it, not by the Python number 255: CUDA
+    divides by a host scalar as a multiplication by its reciprocal, which rounds 126 of the 256
+    byte values differently from a true division, so the same frame came out of the loader with
+    other bits on a GPU than on a CPU. Divided by a tensor on its own device, both round correctly
+    (IEEE division), and on a CPU it is also the faster of the two."""
+    import torch
+
+    scale = _SCALES.get(device)
+    if scale is None:
+        scale = _SCALES[device] = torch.tensor(255.0, dtype=torch.float32, device=device)
+    return scale

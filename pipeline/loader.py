@@ -450,6 +450,23 @@ def default_backend() -> str:
         return "torch"
 
 
+def resolve_backend(backend: str | None) -> tuple[str, str]:
+    """(the backend to use, why) for a command's `--backend`: a name is obeyed; None or "auto" is
+    DALI where it imports and the PyTorch loader elsewhere (a machine without DALI still runs)."""
+    if backend not in (None, "auto"):
+        return backend, f"--backend {backend}"
+    chosen = default_backend()
+    return chosen, "auto: " + ("DALI is installed" if chosen == "dali" else "DALI is not installed here")
+
+
+def announce_backend(backend: str | None, main: bool, command: str) -> str:
+    """resolve_backend, and the choice printed by the main rank as one log line."""
+    chosen, why = resolve_backend(backend)
+    if main:
+        print(f"{command}: loader {chosen} ({why})", flush=True)
+    return chosen
+
+
 def _require_dali() -> None:
     try:
         import nvidia.dali  # noqa: F401

@@ -1,7 +1,14 @@
 """Shared test data, made by the tests themselves: a few short real ALE Breakout episodes, packed
-into pair shards, and a `tiny` model trained on them. Session-scoped, so each is built once."""
+into pair shards, and a `tiny` model trained on them. Session-scoped, so each is built once.
+
+The suite is hermetic: every test runs in a temporary working folder of its own (so a command's
+default `--out checkpoints/...`, `reports/...` or `wandb/` lands there, never in the repository),
+subprocesses find the project through PYTHONPATH, and the session fails if anything in the
+repository's own working folders (WORKING_FOLDERS) was added, removed or changed while it ran:
+`make demo` then `make test` must leave a demo's outputs byte for byte as they were."""
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -12,6 +19,48 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# subprocesses started from a temporary folder import the project from here
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+WORKING_FOLDERS = ("bulk_videos", "shards", "checkpoints", "runs", "reports", "wandb")
+
+
+def working_folders_digest(root: Path = ROOT) -> dict[str, str]:
+    """relative path -> sha256 of every file under the repository's working folders."""
+    found = {}
+    for name in WORKING_FOLDERS:
+        for path in sorted((root / name).rglob("*")) if (root / name).is_dir() else []:
+            if path.is_file() and not path.is_symlink():
+                digest = hashlib.sha256()
+                with open(path, "rb") as file:
+                    for block in iter(lambda: file.read(1 << 20), b""):
+                        digest.update(block)
+                found[str(path.relative_to(root))] = digest.hexdigest()
+    return found
+
+
+def pytest_sessionstart(session):
+    session.config._working_folders = working_folders_digest()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_working_folders", None)
+    if before is None or hasattr(session.config, "workerinput"):      # xdist workers: the controller checks
+        return
+    after = working_folders_digest()
+    changed = sorted(set(before) ^ set(after) | {name for name in set(before) & set(after) if before[name] != after[name]})
+    if changed:
+        shown = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
+        session.config.get_terminal_writer().line(
+            f"error: the tests changed the repository's working folders ({', '.join(WORKING_FOLDERS)}): {shown}",
+            red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _in_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Each test's working folder is its own temporary folder: relative defaults never reach ROOT."""
+    monkeypatch.chdir(tmp_path)
 
 TEST_EPISODES = 6
 TEST_MAX_STEPS = 48

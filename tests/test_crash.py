@@ -56,7 +56,7 @@ def env(**extra: str) -> dict:
 
 
 def killed_inside(target: str, at: int, *command: str, suffix: str = ".pt") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", KILLER, *command], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", KILLER, *command], capture_output=True, text=True,
                           timeout=600, env=env(KILL_TARGET=target, KILL_AT=str(at), KILL_SUFFIX=suffix))
 
 
@@ -64,7 +64,7 @@ def killed_when_written(path: Path, *command: str) -> bool:
     """Run `command` and SIGKILL it the moment `path` appears. True when the kill landed (the run was
     still going), False when the run ended first (it must then have ended well)."""
     assert not path.exists(), f"{path} exists before the run: the kill would land at once"
-    proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env(),
+    proc = subprocess.Popen([sys.executable, *command], env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while proc.poll() is None and not path.exists() and time.monotonic() < deadline:
@@ -132,7 +132,7 @@ def test_train_killed_again_and_again_ends_bitwise_as_an_uninterrupted_run(pair_
         kills += killed_when_written(root / "ckpt" / f"step-{step:06d}.pt", *train_args(pair_shards, root, *resume()))
         assert_checkpoints_whole(root / "ckpt")
     assert kills == 2
-    last = subprocess.run([sys.executable, *train_args(pair_shards, root, *resume())], cwd=ROOT, env=env(),
+    last = subprocess.run([sys.executable, *train_args(pair_shards, root, *resume())], env=env(),
                           capture_output=True, text=True, timeout=600)
     assert last.returncode == 0, last.stderr[-2000:]
     assert not list((root / "ckpt").glob(".*.tmp-*"))             # killed writes cleaned up
@@ -148,21 +148,21 @@ def test_train_killed_again_and_again_ends_bitwise_as_an_uninterrupted_run(pair_
 # ------------------------------------------------------------------------------ pack, extract
 def test_pack_killed_mid_shard_and_rerun_is_byte_identical(videos, tmp_path):
     pack = ["-m", "pipeline.pack", "--src", str(videos), "--pairs-per-shard", "16", "--no-progress"]
-    assert subprocess.run([sys.executable, *pack, "--out", str(tmp_path / "clean")], cwd=ROOT, env=env(),
+    assert subprocess.run([sys.executable, *pack, "--out", str(tmp_path / "clean")], env=env(),
                           capture_output=True).returncode == 0
     out = tmp_path / "crashed"
     assert killed_inside("TarShardWriter.add", 40, *pack[1:], "--out", str(out)).returncode == -9   # in shard 3
     assert not (out / "manifest.json").exists()
     assert_every_visible_shard_recorded(out)
-    assert subprocess.run([sys.executable, *pack, "--out", str(out)], cwd=ROOT, env=env(),
+    assert subprocess.run([sys.executable, *pack, "--out", str(out)], env=env(),
                           capture_output=True).returncode == 0
     assert tree_bytes(out) == tree_bytes(tmp_path / "clean")
 
 
 def test_extract_killed_mid_shard_and_rerun_is_byte_identical(pair_shards, tiny_checkpoint, tmp_path):
-    extract = ["extract.py", "--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint),
+    extract = [str(ROOT / "extract.py"), "--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint),
                "--batch-size", "24", "--backend", "torch", "--no-progress"]
-    run = lambda out: subprocess.run([sys.executable, *extract, "--out", str(out)], cwd=ROOT, env=env(),  # noqa: E731
+    run = lambda out: subprocess.run([sys.executable, *extract, "--out", str(out)], env=env(),  # noqa: E731
                                      capture_output=True, text=True)
     assert run(tmp_path / "clean").returncode == 0
     out = tmp_path / "crashed"

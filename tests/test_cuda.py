@@ -1,5 +1,6 @@
 """What only a GPU can check (skipped without one; `make gpu-check` runs them): the loader's frames
-on the device, bf16 and fp16 training steps, and encoding on the GPU against the CPU."""
+on the device, bf16 and fp16 training steps, eager and compiled, and encoding on the GPU against
+the CPU."""
 from __future__ import annotations
 
 import pytest
@@ -44,3 +45,32 @@ def test_gpu_codes_equal_cpu_codes_in_fp32(tiny_checkpoint):
     torch.backends.cudnn.allow_tf32 = False
     on_gpu = load_checkpoint(tiny_checkpoint, "cuda").encode(frames.cuda(), nxt.cuda()).cpu()
     assert (on_gpu == on_cpu).float().mean() > 0.99          # a nearest-code tie may fall either way
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
+def test_the_compiled_step_runs_and_follows_eager_on_the_gpu(dtype, channels_last):
+    """The step that crashed in its first backward (inductor's stride assertion on
+    aten.convolution_backward): compiled, it runs and its losses follow eager's within rounding."""
+    device = torch.device("cuda")
+    cur = torch.rand(8, 1, 210, 160, device=device, generator=torch.Generator(device).manual_seed(0))
+    batch = {"cur": cur, "next": (cur + 0.05 * torch.rand_like(cur)).clamp(0, 1)}
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        model = LatentActionModel(ModelConfig(width=0.25)).to(device, memory_format=layout).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        step = TrainStep(model, optimizer, Runtime(0, 1, 0, device, dtype), grad_clip=1.0, compile=compiled)
+        losses[compiled] = [step(iter([batch]), 1e-3, i).terms["loss"] for i in range(5)]
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)
+
+
+def test_the_loaders_model_input_is_the_correctly_rounded_value_on_the_gpu():
+    """Every byte value divides to the same float on the GPU as on the CPU (CUDA multiplies by the
+    reciprocal of a host scalar, which rounds 126 of them differently)."""
+    from pipeline.frames import to_model_input
+
+    values = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16, 1)
+    assert torch.equal(to_model_input(values.cuda()).cpu(), to_model_input(values))

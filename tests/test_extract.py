@@ -163,18 +163,60 @@ def test_bad_input_is_one_clear_line(problem, pair_shards, tiny_checkpoint, tmp_
     assert not (out / "manifest.json").exists()
 
 
+def same_shards(out, reference_dir) -> bool:
+    mine = json.loads((out / "manifest.json").read_text())
+    reference = json.loads((reference_dir / "manifest.json").read_text())
+    return all([s["sha256"] for s in mine["splits"][split]["shards"]] == [s["sha256"] for s in info["shards"]]
+               for split, info in reference["splits"].items())
+
+
 def test_dali_and_torch_loaders_give_byte_identical_shards(pair_shards, tiny_checkpoint, latent_dir, tmp_path):
-    """Reproducible output whatever decodes the frames: the DALI path writes the same bytes (at the same
-    batch size: another batch size may change float rounding in the convolutions, and a near-tie of
-    two codes can then fall the other way)."""
+    """Reproducible output whatever decodes the frames: the DALI path writes the same bytes."""
     pytest.importorskip("nvidia.dali")
     out = tmp_path / "latent"
     assert extract.main(["--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
                          "--backend", "dali", "--batch-size", "24", "--no-progress"]) == 0
-    mine = json.loads((out / "manifest.json").read_text())
-    reference = json.loads((latent_dir / "manifest.json").read_text())
-    for split, info in reference["splits"].items():
-        assert [s["sha256"] for s in mine["splits"][split]["shards"]] == [s["sha256"] for s in info["shards"]]
+    assert same_shards(out, latent_dir)
+
+
+@pytest.mark.parametrize("batch_size", ["5", "40"])
+def test_any_batch_size_gives_byte_identical_shards(batch_size, pair_shards, tiny_checkpoint, latent_dir, tmp_path):
+    """The default (fp32) promise: every encoder call is padded to one shape, and a pair's codes do not
+    depend on its neighbours, so another --batch-size writes the same bytes (latent_dir used 24)."""
+    out = tmp_path / "latent"
+    assert extract.main(["--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                         "--backend", "torch", "--batch-size", batch_size, "--no-progress"]) == 0
+    assert same_shards(out, latent_dir)
+
+
+def test_extraction_is_fp32_by_default_even_where_bf16_is_native(pair_shards, tiny_checkpoint, latent_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    """Only an explicit --amp trades the byte promise for speed: with native bf16 (injected) the
+    default still writes fp32's bytes and measures nothing."""
+    import model.precision
+
+    monkeypatch.setattr(model.precision, "native_bf16", lambda device: "amx_bf16")
+    monkeypatch.setattr(model.precision, "measure_agreement", lambda *a, **k: pytest.fail("measured"))
+    out = tmp_path / "latent"
+    assert extract.main(["--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                         "--backend", "torch", "--batch-size", "24", "--no-progress"]) == 0
+    assert "extract: precision fp32 (--amp off)" in capsys.readouterr().out
+    assert same_shards(out, latent_dir)
+
+
+def test_bf16_extraction_runs_and_mostly_agrees_with_fp32(pair_shards, tiny_checkpoint, latent_dir, tmp_path, capsys):
+    """The bf16 path, forced (emulated on a CPU without native bf16: slow, so the tiny model): it
+    writes a complete set whose codes agree with fp32's in nearly every cell, with no byte promise."""
+    out = tmp_path / "latent"
+    assert run_extract(pair_shards, tiny_checkpoint, out, "--amp", "bf16") == 0
+    assert "extract: precision bf16 (--amp bf16)" in capsys.readouterr().out
+    from pipeline.stream import latent_dataset
+
+    low = {s["key"]: s["codes"] for s in latent_dataset(out, split="test")}
+    full = {s["key"]: s["codes"] for s in latent_dataset(latent_dir, split="test")}
+    assert low.keys() == full.keys()
+    agree = np.mean([torch.equal(low[key], full[key]) for key in full])
+    assert agree >= 0.8, f"only {agree:.0%} of the test pairs have all their codes as in fp32"
 
 
 def test_a_checkpoint_of_another_architecture_is_one_clear_error(pair_shards, tiny_checkpoint, tmp_path, capsys):
@@ -294,7 +336,8 @@ def test_native_bf16_is_used_only_where_it_agrees_with_fp32(faithful, pair_shard
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = lam.encode(cur, nxt)
     got = torch.stack([torch.from_numpy(np.load(io.BytesIO(m["codes.npy"])).astype(np.int64)) for _, m in written])
-    assert torch.equal(got, want)
+    # bf16 makes no byte promise (its kernels may round a batch of another shape differently): nearly all
+    assert (got == want).float().mean() >= 0.99
 
 
 def test_agreement_of_the_tiny_model_on_its_sample(pair_shards, tiny_checkpoint):

@@ -50,6 +50,6 @@ def test_the_rule_catches_an_upward_import(tmp_path):
 
 def test_importing_train_loads_no_plotting_or_probe_library():
     code = "import sys, train; print(sorted(m for m in ('matplotlib', 'sklearn') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

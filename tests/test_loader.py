@@ -436,3 +436,41 @@ def test_runs_are_walked_in_order_each_in_batches_of_its_own(pair_shards):
     positions = [3, 4, 5, 6, 7, 8, 12, 13]
     assert [k for b in batches for k in b["key"]] == [whole["key"][i] for i in positions]
     assert torch.equal(torch.cat([b["next"] for b in batches]), whole["next"][positions])
+
+
+# ------------------------------------------------------------------------------ model input, backends
+def test_model_input_is_each_byte_divided_by_255_correctly_rounded():
+    """The one normalisation every loader and device shares: byte k becomes the float32 nearest to
+    k / 255 (what a GPU must also give; tests/test_cuda.py holds it there)."""
+    from pipeline.frames import to_model_input
+
+    values = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16, 1)
+    exact = (torch.arange(256, dtype=torch.float64) / 255).to(torch.float32).reshape(1, 1, 16, 16)
+    assert torch.equal(to_model_input(values), exact)
+
+
+def test_auto_backend_is_dali_where_it_imports_and_torch_elsewhere(monkeypatch):
+    import sys
+
+    from pipeline.loader import resolve_backend
+
+    assert resolve_backend("torch") == ("torch", "--backend torch")
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)           # an import of it now fails
+    assert resolve_backend("auto") == ("torch", "auto: DALI is not installed here")
+    assert resolve_backend(None)[0] == "torch"
+
+
+def test_train_without_dali_runs_on_the_torch_loader_and_says_so(pair_shards, tmp_path, monkeypatch, capsys):
+    """No --backend on a machine without DALI: the trainer picks the PyTorch loader (the GPU box the
+    issue was found on had no DALI, and train.py refused to start)."""
+    import sys
+
+    import train
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    assert train.main(["--shards", str(pair_shards), "--preset", "tiny", "--set", "backend=auto", "--iters", "2",
+                       "--out", str(tmp_path / "ckpt"), "--run-dir", str(tmp_path / "run"), "--no-compile",
+                       "--wandb", "disabled"]) == 0
+    assert "loader: torch (auto: DALI is not installed here)" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "ckpt" / "step-000002.pt", weights_only=True)
+    assert saved["config"]["backend"] == "torch"

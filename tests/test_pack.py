@@ -308,7 +308,7 @@ def test_missing_or_empty_src_is_a_clear_error(tmp_path, videos, capsys):
 
 
 def test_cli_exit_codes_and_summary(videos, tmp_path):
-    run = lambda *args: subprocess.run([sys.executable, "-m", "pipeline.pack", *args], cwd=ROOT,
+    run = lambda *args: subprocess.run([sys.executable, "-m", "pipeline.pack", *args],
                                        capture_output=True, text=True)
     bad = run("--src", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr

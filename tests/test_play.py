@@ -98,6 +98,17 @@ def test_rollout_metrics_have_one_value_per_horizon_for_each_kind(sim, episodes)
     assert torch.equal(panels["real"][0], panels["codes"][0])
 
 
+def test_all_starts_at_once_score_what_one_at_a_time_does(sim, episodes):
+    """Rollouts batch every start (play.py's default); the numbers are those of small batches
+    within float rounding (the decoder's convolutions may round a bigger batch differently)."""
+    together = run_rollouts(sim, episodes, horizon=3, count=4, batch_size=4, gif_starts=0).curves
+    apart = run_rollouts(sim, episodes, horizon=3, count=4, batch_size=1, gif_starts=0).curves
+    for kind in ("codes", "controller"):
+        assert together[kind]["psnr"] == pytest.approx(apart[kind]["psnr"], abs=1e-3)
+        for name in ("paddle_found", "ball_found", "bricks_lost_model"):
+            assert together[kind][name] == pytest.approx(apart[kind][name], abs=0.26), (kind, name)
+
+
 def test_recorded_codes_replay_the_recording_one_step_at_a_time(sim, episodes):
     """Kind "codes" feeds the decoder the codes extracted from the recording: its first step is the
     LAM's own reconstruction of the recorded transition."""
@@ -163,12 +174,12 @@ def test_rollout_cli_writes_report_gifs_and_figures(tiny_checkpoint, controller_
     out = tmp_path / "play"
     code = play.main(["rollout", "--checkpoint", str(tiny_checkpoint), "--controller", str(controller_path),
                       "--latent", str(latent_dir), "--out", str(out), "--horizon", "6", "--starts", "4",
-                      "--gifs", "2", "--control-starts", "6", "--control-steps", "3", "--batch-size", "4"])
+                      "--gifs", "2", "--control-starts", "6", "--control-steps", "3", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     curves = metrics["rollouts"]["curves"]
     assert len(curves["codes"]["psnr"]) == len(curves["controller"]["psnr"]) == 6
-    assert metrics["controllability"]["starts"] == 6 and metrics["palette"]
+    assert metrics["controllability"]["starts"] == 6 and metrics["palette"] and metrics["device"] == "cpu"
     assert set(metrics["controllability"]["controller"]) == {"left", "right"}
     for name in metrics["gifs"]:
         gif = Image.open(out / name)

@@ -130,3 +130,32 @@ def test_any_set_text_is_a_config_or_one_clear_error(setting_list, pair_shards, 
         assert "\n" not in str(error)
     else:
         assert resumed is None and cfg.preset in ("full", "demo", "tiny")
+
+
+# ------------------------------------------------------------------------------------ --reuse
+def test_reuse_keeps_a_finished_run_of_the_same_settings(pair_shards, tiny_checkpoint, tiny_run, capsys,
+                                                         monkeypatch):
+    """`make demo` run again: the finished run is kept, nothing is trained, nothing is rewritten."""
+    refuse_work(monkeypatch)
+    before = tree_bytes(tiny_run)
+    assert train.main([*tiny(pair_shards, tiny_run, "--reuse"), "--iters", "20", "--set", "ckpt_every=10"]) == 0
+    assert "finished at step 20 (--iters 20): nothing to train" in capsys.readouterr().out
+    assert tree_bytes(tiny_run) == before
+
+
+def test_reuse_continues_a_run_of_the_same_settings_that_stopped_early(pair_shards, tiny_run, capsys):
+    for name in ("best.pt", "step-000020.pt"):          # as if the run had been stopped after step 10
+        (tiny_run / name).unlink()
+    assert train.main([*tiny(pair_shards, tiny_run, "--reuse"), "--iters", "20", "--set", "ckpt_every=10"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert torch.load(tiny_run / "step-000020.pt", weights_only=True)["step"] == 20
+
+
+def test_reuse_sets_a_run_of_other_settings_aside_and_trains_afresh(pair_shards, tiny_run, capsys):
+    before = tree_bytes(tiny_run)
+    assert train.main([*tiny(pair_shards, tiny_run, "--reuse"), "--set", "lr=0.002"]) == 0
+    printed = capsys.readouterr().out
+    aside = [path for path in tiny_run.parent.iterdir() if path.name.startswith("ckpt.previous-")]
+    assert len(aside) == 1 and f"moved it to {aside[0]}" in printed
+    assert tree_bytes(aside[0]) == before                          # nothing good is lost
+    assert sorted(p.name for p in tiny_run.iterdir()) == ["best.pt", "step-000002.pt"]

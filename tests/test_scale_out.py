@@ -26,7 +26,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]        # what the `to
 # that rank alone (torchrun then stops the others): a crash inside one rank's shard write.
 KILL_ONE_RANK = r"""
 import os, runpy, signal, sys
-sys.path.insert(0, os.getcwd())
+# the project is on PYTHONPATH (tests/conftest.py)
 if os.environ["RANK"] == os.environ["KILL_RANK"]:
     import pipeline.shards
     real, calls = pipeline.shards.TarShardWriter.add, []
@@ -43,7 +43,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def one_machine(*command: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 <command>`."""
-    return subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", *command], cwd=ROOT, env=env or ENV,
+    return subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", *command], env=env or ENV,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -58,7 +58,7 @@ def two_machines(*command: str) -> list[subprocess.CompletedProcess]:
     --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT <command>`; one result per machine."""
     launcher = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=scale-out-test"]
-    machines = [subprocess.Popen([*launcher, *command], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    machines = [subprocess.Popen([*launcher, *command], env=ENV, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = []
     for machine in machines:
@@ -108,7 +108,7 @@ def test_extract_killed_on_one_rank_then_rerun_on_two_machines_equals_one_proces
     machines) makes only what is missing, and the result is byte for byte one process's: the same
     tars, indexes, records, .tar.zst copies and manifest, and no temp file left."""
     out = tmp_path / "latent"
-    extract = ["extract.py", "--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+    extract = [str(ROOT / "extract.py"), "--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
                "--batch-size", "24", "--backend", "torch", "--no-progress", "--zstd"]
     # rank 1's 40th pair is in its third shard (16 pairs a shard)
     killed = one_machine(str(write_killer(tmp_path)), *extract, env={**ENV, "KILL_RANK": "1", "KILL_AT": "40"})
@@ -170,7 +170,7 @@ def test_evaluate_on_two_ranks_reports_what_one_process_does(launch, pair_shards
     the pair-by-pair results gathered in split order: metrics.json equals one process's within float
     rounding, and the report and figures are the same."""
     out = tmp_path / "val"
-    command = ["evaluate.py", *evaluate_args(pair_shards, tiny_checkpoint, latent_dir, out)]
+    command = [str(ROOT / "evaluate.py"), *evaluate_args(pair_shards, tiny_checkpoint, latent_dir, out)]
     results = [one_machine(*command)] if launch == "one machine" else two_machines(*command)
     assert all(r.returncode == 0 for r in results), output(*results)[-4000:]
     assert output(*results).count("report: ") == 1                          # rank 0 speaks for the run

@@ -149,8 +149,7 @@ def test_resume_with_a_foreign_checkpoint_is_one_clear_error(pair_shards, tmp_pa
 def test_two_ddp_ranks_on_cpu(pair_shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py"), *tiny_args(pair_shards, tmp_path, 6, "--set", "ckpt_every=3")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           str(ROOT / "train.py"), *tiny_args(pair_shards, tmp_path, 6, "--set", "ckpt_every=3")], env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert "[rank 0/2]" in output and "[rank 1/2]" in output
@@ -176,8 +175,7 @@ def test_rgb_flag_trains_an_rgb_model(pair_shards, tmp_path):
 
 
 def test_missing_shards_is_one_clear_error_from_the_command_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_args(tmp_path / "nowhere", tmp_path, 2)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_args(tmp_path / "nowhere", tmp_path, 2)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: shard directory not found"]
 
@@ -307,8 +305,7 @@ def test_two_ddp_ranks_compiled_without_graph_breaks(pair_shards, tmp_path):
     args = [a for a in tiny_args(pair_shards, tmp_path, 3, "--set", "ckpt_every=3") if a != "--no-compile"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py"), *args, "--set", "compile_backend=aot_eager"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           str(ROOT / "train.py"), *args, "--set", "compile_backend=aot_eager"], env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert "torch.compile: 0 graph break(s) after step 1" in output

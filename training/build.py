@@ -68,7 +68,7 @@ def build_run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_s
                   if cfg.own_frames else None)
     train_step = TrainStep(model, optimizer, rt, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, action_labels=labels,
                            max_nonfinite=cfg.max_nonfinite, compile=cfg.compile, compile_backend=cfg.compile_backend,
-                           own_frames=own_frames)
+                           compile_mode=cfg.compile_mode, own_frames=own_frames)
 
     # ---- the data: shuffled training batches; a fixed validation sample drawn across every val
     # episode, so best.pt is not chosen on a few of them

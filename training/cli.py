@@ -10,10 +10,10 @@ from pathlib import Path
 from common.cli import add_config_flags, check_fields, config_values
 from common.errors import UserError, check_output_dir
 from model.config import VARIANTS
-from pipeline.shards import PAIRS_FORMAT, load_manifest
+from pipeline.shards import PAIRS_FORMAT, load_manifest, manifest_sha256
 from training.config import TrainConfig, build_config, fields_help
 from training.resume import Resumed, resume
-from training.run_folder import refuse_another_run
+from training.run_folder import refuse_another_run, reuse_or_set_aside
 
 FLAGS = ("shards", "preset", "out", "run_dir", "iters", "batch_size", "rgb", "compile", "amp", "wandb")
 
@@ -28,6 +28,10 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its latest step-*.pt (without it, an --out "
                              "that holds checkpoints is refused)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="if --out holds a run of these settings on these shards: continue it (nothing to "
+                             "train once it has finished); if it holds another run: move that to "
+                             "<out>.previous-<time> and train afresh (what `make demo` run again does)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="set any config field (repeatable)")
     return parser
@@ -42,9 +46,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Resumed | N
     check_output_dir(out, "--out")
     if args.run_dir:
         check_output_dir(args.run_dir, "--run-dir")
+    flags = {name: value for name, value in config_values(args, TrainConfig).items() if name not in ("preset", "model")}
+    if args.reuse and not args.resume:
+        wanted = build_config(args.preset or "full", args.set, flags, args.model or "default")
+        manifest_sha = manifest_sha256(Path(wanted.shards), PAIRS_FORMAT)
+        args.resume = reuse_or_set_aside(Path(out), {"train": wanted.to_dict(), "model": wanted.model.to_dict()},
+                                         manifest_sha)
     if not args.resume:
         refuse_another_run(Path(out))
-    flags = {name: value for name, value in config_values(args, TrainConfig).items() if name not in ("preset", "model")}
     cfg, resumed = (resume(Path(out), args.preset, args.set, flags, args.model) if args.resume
                     else (build_config(args.preset or "full", args.set, flags, args.model or "default"), None))
     # --set and presets reach fields no flag parsed: the same rules (a float is finite, ...)

@@ -10,6 +10,7 @@ so its tensors are not read.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,3 +97,42 @@ def check_same_run_asked(latest: Path, state: dict, preset: str | None, settings
     if different:
         raise UserError(f"--resume: {latest.parent} holds run {saved.get('run_name') or '(unnamed)'}, but the command "
                         f"asks for {', '.join(different)}: drop it to continue that run, or train into another --out")
+
+
+# Settings that say where and how a run runs, not what it computes: a run that differs only in
+# these is the same run (`--reuse`). `iters` too: a longer --iters continues the same run.
+RUN_LOCAL_SETTINGS = frozenset({"run_name", "run_dir", "out", "shards", "wandb", "threads", "device", "backend",
+                                "compile", "compile_backend", "compile_mode", "iters"})
+
+
+def same_run_settings(state: dict, wanted: dict) -> bool:
+    """Whether a checkpoint's run trains what `wanted` ({"train": ..., "model": ...}, as a checkpoint's
+    config holds them) asks for: every setting equal but the RUN_LOCAL_SETTINGS."""
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    train = {k: v for k, v in saved_train(state).items() if k not in RUN_LOCAL_SETTINGS}
+    asked = {k: v for k, v in wanted["train"].items() if k not in RUN_LOCAL_SETTINGS}
+    return train == asked and saved.get("model") == wanted["model"]
+
+
+def reuse_or_set_aside(out: Path, wanted: dict, manifest_sha: str) -> bool:
+    """`--reuse`: True when `out` holds one run of these settings on this data (it is to be continued:
+    nothing to train if it has finished); otherwise any checkpoints there are moved, folder and all,
+    to `<out>.previous-<time>` (printed; nothing is deleted) and False: train afresh."""
+    found = run_checkpoints(out)
+    if not found:
+        return False
+    latest = max((path for path in found if STEP_FILE.fullmatch(path.name)), key=step_number, default=None)
+    if latest is not None:
+        try:
+            state = torch.load(latest, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:                   # noqa: BLE001 - an unreadable file is another run's business
+            state = {}
+        runs = {run.run_name for run in map(peek, found)}
+        if (len(runs) == 1 and state.get("shards_manifest_sha256") == manifest_sha
+                and same_run_settings(state, wanted)):
+            return True
+    aside = out.with_name(f"{out.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.rename(aside)
+    print(f"train: {out} held a run of other settings or data; moved it to {aside} and training afresh",
+          flush=True)
+    return False

@@ -58,7 +58,8 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, *,
                  grad_accum: int = 1, grad_clip: float = 0.0, max_nonfinite: int = 5, compile: bool = False,
-                 compile_backend: str = "inductor", action_labels=None, own_frames=None):
+                 compile_backend: str = "inductor", compile_mode: str = "default", action_labels=None,
+                 own_frames=None):
         self.model, self.optimizer, self.rt = model, optimizer, rt
         self.action_labels = action_labels       # training.labels.ActionLabels, or None: no supervision
         self.own_frames = own_frames             # training.own_frames.OwnFrames, or None: recorded frames only
@@ -66,9 +67,13 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.uses_scaler)
         self.nonfinite_in_a_row = 0
         self.overflow_skips = 0           # updates the GradScaler skipped (they still count as steps)
+        self._saved_buffers: list[torch.Tensor] | None = None     # _snapshot's copies, reused every step
         # Compiled first, then wrapped (as torchtitan does): dynamo then traces the model alone, in one
         # graph, instead of breaking at DDP's own Python forward.
-        compiled = torch.compile(model, backend=compile_backend) if compile else model
+        # The model's convolutions are layout-owning operators under compile (model/conv.py says why).
+        compiled = (torch.compile(model, backend=compile_backend,
+                                  mode=None if compile_mode == "default" or compile_backend != "inductor" else compile_mode)
+                    if compile else model)
         # DDP buffers are not broadcast: quantiser statistics are synchronised by the quantiser itself,
         # BatchNorm statistics by averaging (average_batchnorm_stats) or, if asked, SyncBatchNorm.
         self.step_model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
@@ -81,7 +86,7 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         before = self._snapshot()
-        terms: dict[str, float] = {}
+        sums: torch.Tensor | None = None         # the loss terms, summed on the device over the micro-batches
         keys: list[str] = []
         for micro in range(self.grad_accum):
             batch = next(batches)
@@ -92,14 +97,14 @@ class TrainStep:
                 start = self.own_frames(self.model, batch, step) if self.own_frames else None
                 out = self.step_model(batch["cur"], batch["next"], batch.get("prev"), action, start)
             self.scaler.scale(out["loss"] / self.grad_accum).backward()
-            values = torch.stack([out[name].detach().float() for name in LOSS_TERMS]).tolist()   # one sync
-            for name, value in zip(LOSS_TERMS, values):
-                terms[name] = terms.get(name, 0.0) + value / self.grad_accum
+            terms_now = torch.stack([out[name].detach().float() for name in LOSS_TERMS])
+            sums = terms_now if sums is None else sums + terms_now
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
+        # the step's one read-back to the host (a GPU waits for nothing else): the terms and the norm
+        *values, grad_norm = torch.cat([sums / self.grad_accum, grad_norm.detach().float().reshape(1)]).tolist()
+        terms = dict(zip(LOSS_TERMS, values))
         loss_finite = all_sum([float(math.isfinite(terms["loss"]))], self.rt)[0] == self.rt.world_size
-        # fp16: an overflowing gradient is the GradScaler's business (it skips that update and lowers
-        # its scale; the step still counts, and amp/skipped_updates says how many); a non-finite loss is ours.
         if not (loss_finite and (self.rt.uses_scaler or math.isfinite(grad_norm))):
             self._restore(before)
             return StepOutcome(terms, grad_norm, self._skip(terms, grad_norm, step, keys))
@@ -117,15 +122,20 @@ class TrainStep:
         """What a forward pass changes besides the gradients: BatchNorm running statistics, the
         quantiser's usage counts and recent outputs (and, on the first step, the codebook it seeds
         from the batch), and the RNG the seeding draws from."""
-        return {"buffers": {name: b.detach().clone() for name, b in self.model.named_buffers()},
+        buffers = [b.detach() for _, b in self.model.named_buffers()]
+        if self._saved_buffers is None:
+            self._saved_buffers = [torch.empty_like(b) for b in buffers]
+        if buffers:
+            torch._foreach_copy_(self._saved_buffers, buffers)      # one launch for all, not one per buffer
+        return {"buffers": self._saved_buffers,
                 "quantizer": self.model.quantizer.forward_state(),
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.rt.device.type == "cuda" else None}
 
     @torch.no_grad()
     def _restore(self, before: dict) -> None:
-        for name, buffer in self.model.named_buffers():
-            buffer.copy_(before["buffers"][name])
+        for buffer, saved in zip(self.model.named_buffers(), before["buffers"]):
+            buffer[1].copy_(saved)
         self.model.quantizer.restore_forward_state(before["quantizer"])
         torch.set_rng_state(before["rng"])
         if before["cuda_rng"] is not None:
