@@ -75,9 +75,10 @@ def train_probe_set(shards: Path, manifest: dict, lam, identity: CheckpointIdent
     return ProbeSet.collect(batches()), source
 
 
-def actions_section(test: ProbeSet, train: tuple[ProbeSet, str] | None, codebook: np.ndarray, seed: int) -> dict | None:
-    """metrics.json's "actions": the probes fitted on `train`, scored on `test`."""
+def actions_section(test: ProbeSet, train: tuple[ProbeSet, str] | None, codebook: np.ndarray, seed: int,
+                    workers: int = 1) -> dict | None:
+    """metrics.json's "actions": the probes fitted on `train`, scored on `test` (`workers` fits at once)."""
     if train is None:
         return None
-    result = action_probes(train[0], test, codebook, seed)
+    result = action_probes(train[0], test, codebook, seed, workers)
     return None if result is None else {**result, "train_codes_from": train[1]}

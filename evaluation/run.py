@@ -13,6 +13,7 @@ and `reports/summary.md` with every split evaluated so far side by side.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,19 +106,26 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
     share = Share.joined(shares)
     codes = share.all_codes()
     metas = read_metas(entries)
+    timings = {"pass": pass_seconds}
+    clock = time.perf_counter()
     events = split_events(share.keys, share.cur_elements, share.next_elements, metas)
     with torch_threads(threads if device.type == "cpu" else None):
         train = train_probe_set(cfg.shards, manifest, lam, identity, device, cfg.latent, cfg.probe_limit,
                                 cfg.batch_size, precision.dtype) if "train" in manifest["splits"] else None
+    timings["probe_pairs"], clock = time.perf_counter() - clock, time.perf_counter()
     codebook = lam.codebook.float().cpu().numpy()
     test = ProbeSet(codes, np.concatenate(share.frame_features), np.concatenate(share.diff_features),
                     [metas.get(key, {}) for key in share.keys])
-    metrics = build_metrics(cfg.split, share, scores, identity, codes, events,
-                            actions_section(test, train, codebook, cfg.seed))
+    # the pass is over: every core fits probes, one fit each
+    actions = actions_section(test, train, codebook, cfg.seed, workers=os.cpu_count() or 1)
+    timings["probes"], clock = time.perf_counter() - clock, time.perf_counter()
+    metrics = build_metrics(cfg.split, share, scores, identity, codes, events, actions)
     cfg.out.mkdir(parents=True, exist_ok=True)
     figures = draw_figures(cfg.out, share, codebook, metrics, cfg.seed)
+    timings["figures"] = time.perf_counter() - clock
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     metrics["pass_seconds"] = round(pass_seconds, 1)          # of which the pass over the split (the rest: probes, figures)
+    metrics["timings"] = {name: round(value, 1) for name, value in timings.items()}
     atomic_write_json(cfg.out / "metrics.json", metrics)
     report = write_report(cfg.out, metrics, figures, checkpoint_path=str(cfg.checkpoint))
     write_summary(cfg.out.parent)

@@ -160,10 +160,14 @@ def test_probes_find_an_action_written_into_one_cell():
                  for m in moves]
         return ProbeSet(codes, rng.normal(size=(n, 16)), diff, metas)
     codebook = np.random.default_rng(1).normal(size=(256, 8)).astype(np.float32)
-    move = action_probes(probe_set(300), probe_set(200), codebook)["move"]
+    train, test = probe_set(300), probe_set(200)
+    probes = action_probes(train, test, codebook)
+    move = probes["move"]
     assert set(move["classes"]) == set(MOVES)
     assert move["codes_linear"] > 0.95 and move["codes_mlp"] > 0.7 and move["pixel_diff"] > 0.95
     assert move["frame_t"] < 0.55 and move["majority"] < 0.5
+    # the fits side by side in processes score exactly what one after the other does
+    assert action_probes(train, test, codebook, workers=2) == probes
 
 
 def test_a_context_model_is_evaluated_with_frame_t_minus_1(pair_shards, context_checkpoint, tmp_path, monkeypatch):
