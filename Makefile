@@ -17,7 +17,11 @@ CKPT_DIR  ?= checkpoints/latent_action
 CKPT      ?= $(CKPT_DIR)/best.pt
 REPORTS   ?= reports
 # `make train` picks `full` on a CUDA machine and `demo` elsewhere; PRESET=... overrides.
-PRESET    ?= $(shell $(PY) -c "import torch; print('full' if torch.cuda.is_available() else 'demo')" 2>/dev/null || echo demo)
+HAS_CUDA  := $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+PRESET    ?= $(if $(filter 1,$(HAS_CUDA)),full,demo)
+# `make demo` trains `gpu-demo` (the full-width model, a few thousand steps) on a CUDA machine, `demo` elsewhere.
+DEMO_PRESET ?= $(if $(filter 1,$(HAS_CUDA)),gpu-demo,demo)
+EVAL_SPLITS ?= val test
 TRAIN_ARGS ?=
 # EXTRACT_ARGS=--zstd also writes .tar.zst copies of the latent shards, for transfer.
 EXTRACT_ARGS ?=
@@ -26,7 +30,10 @@ CONTROLLER      ?= $(CONTROLLER_DIR)/controller.pt
 CONTROLLER_ARGS ?=
 # the README's ablation table: 800 steps, two runs side by side (about 2 hours for all 8 variants on 2 cores)
 ABLATE_ARGS ?= --iters 800 --jobs 2
+ROLLOUT_ARGS ?=
+# The demo's own sizes: the controller's steps, and 12 starts played 200 steps (make rollout: 48).
 DEMO_CONTROLLER_ARGS ?= --steps 800
+DEMO_ROLLOUT_ARGS ?= --starts 12
 # The GPU check runs with the GPU machine's own Python and torch, installing only carried wheels.
 GPU_PY ?= python3
 WHEELS ?= wheels
@@ -34,7 +41,7 @@ WHEELS ?= wheels
 .PHONY: setup data shards train extract eval controller rollout play play-session demo bench ablate test browser gpu-check wheels clean help
 
 help:
-	@echo "make demo   - install, record, pack, train (demo preset), extract, evaluate"
+	@echo "make demo   - install, record, pack, train (demo preset; gpu-demo on CUDA), extract, evaluate, play"
 	@echo "make test   - run the test suite (CPU only)"
 	@echo "make setup | data | shards | train | extract | eval | controller | rollout | play | play-session | bench | clean"
 	@echo "make wheels (here), then make gpu-check (on a GPU machine)"
@@ -61,14 +68,15 @@ extract: setup
 	$(PY) extract.py --shards $(SHARDS) --checkpoint $(CKPT) --out $(LATENT) $(EXTRACT_ARGS)
 
 eval: setup
-	$(PY) evaluate.py --shards $(SHARDS) --checkpoint $(CKPT) --split val --out $(REPORTS)/val
-	$(PY) evaluate.py --shards $(SHARDS) --checkpoint $(CKPT) --split test --out $(REPORTS)/test
+	@for split in $(EVAL_SPLITS); do \
+	  $(PY) evaluate.py --shards $(SHARDS) --checkpoint $(CKPT) --split $$split --out $(REPORTS)/$$split || exit $$?; \
+	done
 
 controller: setup
 	$(PY) -m control.train --latent $(LATENT) --out $(CONTROLLER_DIR) $(CONTROLLER_ARGS)
 
 rollout: setup
-	$(PY) play.py rollout --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play
+	$(PY) play.py rollout --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play $(ROLLOUT_ARGS)
 
 play: setup
 	$(PY) play.py serve --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT)
@@ -77,11 +85,17 @@ play: setup
 play-session: setup
 	$(PY) play.py session --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play
 
+# Run again, it reuses what is finished and valid (recordings, shards, a finished run of the same
+# settings, latents and a controller of that checkpoint) and redoes a stage whose inputs changed,
+# saying so; `make clean` wipes the data and reports. Val is evaluated while training (best.pt is
+# chosen on it); the demo reports test (`make eval` does both).
 demo: setup
 	$(MAKE) data shards
-	$(MAKE) train PRESET=demo
-	$(MAKE) extract eval
-	$(MAKE) controller rollout CONTROLLER_ARGS="$(DEMO_CONTROLLER_ARGS)"
+	$(MAKE) train PRESET=$(DEMO_PRESET) TRAIN_ARGS="--reuse $(TRAIN_ARGS)"
+	$(MAKE) extract EXTRACT_ARGS="--overwrite $(EXTRACT_ARGS)"
+	$(MAKE) eval EVAL_SPLITS=test
+	$(MAKE) controller CONTROLLER_ARGS="--reuse $(DEMO_CONTROLLER_ARGS)"
+	$(MAKE) rollout ROLLOUT_ARGS="$(DEMO_ROLLOUT_ARGS)"
 	@echo "==> reports: $(REPORTS)/test/report.md (model), $(REPORTS)/play/report.md (controller and rollouts)"
 
 bench: setup

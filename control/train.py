@@ -63,6 +63,8 @@ class ControllerTrainConfig:
     frame_cache_gb: float = flag(FRAME_CACHE_GB, "decoded frames kept across epochs (control/data.FrameCache)",
                                  min=0)
     max_grids: int = flag(65536, "answer with one of this many most common grids seen; 0: cell by cell", min=0)
+    reuse: bool = flag(False, "keep <out>/controller.pt when it finished training with these settings on the "
+                              "codes of the same LAM (nothing is trained), instead of training afresh")
 
     def __post_init__(self):
         self.latent, self.out = Path(self.latent), Path(self.out)
@@ -167,6 +169,27 @@ def fit(config: ControllerTrainConfig, controller: Controller, device: torch.dev
     return metrics
 
 
+# Settings that say where and how a controller trains, not what it learns (`--reuse`).
+RUN_LOCAL_SETTINGS = frozenset({"out", "device", "threads", "frame_cache_gb", "reuse", "log_every", "ckpt_every",
+                                "eval_batch_size"})
+
+
+def finished_before(config: ControllerTrainConfig) -> bool:
+    """`--reuse`: <out> holds a controller that finished `config.steps` steps with these settings, on the
+    codes of the LAM the latents come from (and its metrics.json)."""
+    checkpoint = config.out / CHECKPOINT_NAME
+    if not (checkpoint.is_file() and (config.out / "metrics.json").is_file()):
+        return False
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:                       # noqa: BLE001 - not reusable, whatever is wrong with it
+        return False
+    mine = {k: v for k, v in config.to_dict().items() if k not in RUN_LOCAL_SETTINGS}
+    saved = {k: v for k, v in dict(state.get("train_config") or {}).items() if k not in RUN_LOCAL_SETTINGS}
+    return (state.get("step") == config.steps and saved == mine
+            and dict(state.get("lam") or {}) == latent_identity(config.latent))
+
+
 # ------------------------------------------------------------------------------------ cli
 def parse_args(argv: Sequence[str] | None) -> ControllerTrainConfig:
     parser = argparse.ArgumentParser(description="Train the action -> latent code controller on latent shards.")
@@ -176,6 +199,10 @@ def parse_args(argv: Sequence[str] | None) -> ControllerTrainConfig:
 
 def run(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
+    if config.reuse and finished_before(config):
+        print(f"controller: {config.out / CHECKPOINT_NAME} finished {config.steps} steps with these settings on the "
+              f"codes of this LAM: nothing to train")
+        return 0
     print("controller config: " + json.dumps(config.to_dict(), sort_keys=True))
     metrics = train(config)
     atomic_write_json(config.out / "metrics.json", metrics)

@@ -58,7 +58,8 @@ class ExtractConfig:
     shards: Path = flag(help="pair shard directory (lam-pairs/1 manifest)")
     checkpoint: Path = flag(help="trained model checkpoint (.pt)")
     out: Path = flag(Path("shards/latent"), "latent shard directory")
-    batch_size: int = flag(64, "pairs per encoder batch, per rank", min=1)
+    batch_size: int | None = flag(None, "pairs per encoder batch, per rank (default 64 on a CPU, 512 on a GPU; "
+                                        "the bytes written do not depend on it)", min=1, max=65536)
     overwrite: bool = flag(False, "replace latents made by another checkpoint")
     zstd: bool = flag(False, "also write .tar.zst copies of every shard")
     device: str | None = flag(None, "cuda or cpu (default: cuda when available; under torchrun each rank its own GPU)",
@@ -184,14 +185,15 @@ def extract_split(jobs: Sequence[ShardJob], cfg: ExtractConfig, pair_manifest: d
                   identity: CheckpointIdentity, ranks: Ranks, device: torch.device, precision: Precision,
                   progress: tqdm) -> None:
     """Write the latent shards of `jobs` (all of one split), walking only their pairs."""
-    loader = in_order_loader(cfg.shards, jobs[0].split, cfg.batch_size, grayscale=identity.color == "gray",
+    batch_size = cfg.batch_size or (512 if device.type == "cuda" else 64)
+    loader = in_order_loader(cfg.shards, jobs[0].split, batch_size, grayscale=identity.color == "gray",
                              backend=cfg.backend, device=device, context=identity.context,
                              runs=[job.run for job in jobs], manifest=pair_manifest,
                              threads=cfg.loader_threads or ranks.cores)
     # frame t-1's bytes, read by frame id: the pair (t-1, t) may sit in the shard before, or on another rank
     previous = PreviousFrames(loader.index) if identity.context else None
     coded = coded_pairs(loader, make_encoder(lam, device, cfg.compile and device.type == "cuda", precision.dtype,
-                                             rows=cfg.batch_size))
+                                             rows=batch_size))
     try:
         for job in jobs:
             write_shard(job, coded, identity, previous)

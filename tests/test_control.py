@@ -156,6 +156,21 @@ def test_cli_writes_report_and_refuses_bad_input(latent_dir, tmp_path, capsys):
     assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
 
 
+def test_reuse_keeps_a_finished_controller_and_retrains_for_other_settings(latent_dir, tmp_path, capsys):
+    """`make demo` run again: the finished controller of these settings and this LAM is kept as it is;
+    another setting trains afresh."""
+    out = tmp_path / "cli"
+    args = ["--latent", str(latent_dir), "--out", str(out), "--steps", "3", "--batch-size", "4", "--shuffle-buffer",
+            "8", "--channels", "4", "4", "4", "4", "4", "--hidden", "8", "--eval-batch-size", "16", "--reuse"]
+    assert control_train.main(args) == 0
+    written = (out / "controller.pt").read_bytes()
+    capsys.readouterr()
+    assert control_train.main(args) == 0
+    assert "nothing to train" in capsys.readouterr().out and (out / "controller.pt").read_bytes() == written
+    assert control_train.main([*args, "--seed", "1"]) == 0
+    assert "per-cell accuracy" in capsys.readouterr().out and (out / "controller.pt").read_bytes() != written
+
+
 def test_the_frame_cache_gives_the_same_batches_decoding_each_frame_once(latent_dir):
     """Training batches read through the decoded-frame cache are the plain stream's, bit for bit,
     over several epochs; each distinct frame is decoded once in all; a cache with no room decodes

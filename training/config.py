@@ -31,6 +31,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Resets every 200 steps (vq only): early on most codes lose every contest.
     "demo": dict(width=0.25, iters=1300, lr_decay_iters=1300, lr=2e-3, lr_min=1e-4, reset_every=200, val_every=250,
                  val_batches=8, metrics_every=250, hist_every=1300, image_every=250, ckpt_every=500, compile=False),
+    # `make demo` on a CUDA machine: the full-width model for a few thousand steps (minutes on one
+    # H100/H200), trained half of the time on its own snapped frames, which is what held the ball when
+    # played forward on recorded codes (README, "Playing in the model"). Eager: the GPU demo must not
+    # depend on a compile working on whatever torch the box brings; `make train` compiles.
+    "gpu-demo": dict(iters=3300, lr_decay_iters=3300, own_frames=0.5, own_frames_start=300, val_every=500,
+                     val_batches=16, metrics_every=500, hist_every=3300, image_every=1100, ckpt_every=1100,
+                     compile=False),
     # For tests: every cadence <= 10 steps so a 20-step run exercises each of them; one thread, as
     # OpenMP threads spinning on a busy 2-core box are many times slower than one.
     "tiny": dict(width=0.0625, code_dim=32, batch_size=4, iters=20, lr_decay_iters=20, lr=3e-3, lr_min=1e-3, reset_every=5,
