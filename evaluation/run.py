@@ -115,8 +115,7 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
                             actions_section(test, train, codebook, cfg.seed))
     trained_with = getattr(lam, "trained_with", {})         # where the figures come from (common/provenance.py)
     metrics["provenance"] = provenance(variant=lam.config.variant, preset=trained_with.get("preset"),
-                                       trained_at=trained_with.get("commit"), precision=precision.name,
-                                       ranks=ranks.world_size)
+                                       trained_at=trained_with.get("commit"), precision=precision.name)
     cfg.out.mkdir(parents=True, exist_ok=True)
     figures = draw_figures(cfg.out, share, codebook, metrics, cfg.seed)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
