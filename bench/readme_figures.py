@@ -125,8 +125,9 @@ def source_lines(test: dict, play: dict | None, reports: Path) -> list[str]:
              + (f", {test_source['precision']}" if test_source and test_source.get("precision") else "") + "."]
     if play:
         rollouts = play.get("rollouts", {})
+        episodes = rollouts.get("episodes", "?")
         lines.append(f"Played forward: {rollouts.get('starts', '?')} starts of the {play.get('split', '?')} split "
-                     f"({rollouts.get('episodes', '?')} episodes), every generated frame fed back"
+                     f"({episodes} episode{'' if episodes == 1 else 's'}), every generated frame fed back"
                      + (" after snapping it to the game's palette" if play.get("palette") else "")
                      + f"; controller step {play.get('controller_step', '?')}.")
     play_source = play.get("provenance") if play else None
