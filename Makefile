@@ -38,12 +38,13 @@ DEMO_ROLLOUT_ARGS ?= --starts 12
 GPU_PY ?= python3
 WHEELS ?= wheels
 
-.PHONY: setup data shards train extract eval controller rollout play play-session demo bench ablate test browser gpu-check wheels clean help
+.PHONY: setup data shards train extract eval controller rollout play play-session demo bench ablate readme-figures test browser gpu-check wheels clean help
 
 help:
 	@echo "make demo   - install, record, pack, train (demo preset; gpu-demo on CUDA), extract, evaluate, play"
 	@echo "make test   - run the test suite (CPU only)"
 	@echo "make setup | data | shards | train | extract | eval | controller | rollout | play | play-session | bench | clean"
+	@echo "make readme-figures - the README's table, GIF and pipeline picture from a demo's reports"
 	@echo "make wheels (here), then make gpu-check (on a GPU machine)"
 
 $(STAMP): pyproject.toml
@@ -104,6 +105,11 @@ bench: setup
 # Each model variant trained at demo scale on the same shards and scored on val (hours on a CPU).
 ablate: setup
 	$(PY) -m bench.ablate --shards $(SHARDS) --out $(REPORTS)/ablation $(ABLATE_ARGS)
+
+# The README's headline table (between its marker lines), docs/img/rollout.gif and docs/img/pipeline.png,
+# from a demo's reports/test and reports/play; each report names its commit and machine.
+readme-figures: setup
+	$(PY) -m bench.readme_figures --reports $(REPORTS)
 
 # The play page's browser test drives Debian's Chromium; without it that one test skips and says so.
 browser:

@@ -33,6 +33,7 @@ import torch
 from common.cli import add_config_flags, check_fields, config_values, flag
 from common.device import resolve_device
 from common.errors import UserError, check_output_dir, run_cli
+from common.provenance import provenance
 from evaluation.formatting import num, pct
 from model import load_checkpoint
 from pipeline.actions import ACTION_NAMES
@@ -187,10 +188,19 @@ def rollout(config: RolloutConfig) -> dict:
                "rollouts": {"starts": len(result.starts), "episodes": len({s.episode for s in result.starts}),
                             "curves": result.curves},
                "controllability": control, "figures": figures, "gifs": gifs,
-               "seconds": round(time.perf_counter() - started, 1)}
+               "seconds": round(time.perf_counter() - started, 1),
+               "provenance": provenance(**lam_origin(sim.lam), precision="fp32")}      # rollouts run fp32 on the CPU
     atomic_write_json(config.out / "metrics.json", metrics)
     metrics["report"] = str(write_play_report(config.out, metrics, figures, gifs))
     return metrics
+
+
+def lam_origin(lam) -> dict:
+    """What a report records of the LAM it played: its identity, its variant, and the preset and commit
+    it was trained with."""
+    trained_with = getattr(lam, "trained_with", {})
+    return {"checkpoint_sha256": getattr(lam, "sha256", None), "variant": lam.config.variant,
+            "preset": trained_with.get("preset"), "trained_at": trained_with.get("commit")}
 
 
 def safe_name(name: str) -> str:

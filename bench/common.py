@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +13,17 @@ BENCH_OUT = ROOT / "bench" / "out"
 
 
 def machine() -> str:
-    import torch
+    """The machine and the code a benchmark ran on, for its section's last line (common/provenance.py)."""
+    from common.provenance import provenance
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    where = provenance()
+    cpu = where["cpu"]
+    code = f"commit {where['commit'][:7]}" if where["commit"] else "commit unknown"
+    if where["dirty"]:
+        code += " with uncommitted changes"
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} CPU cores ({cpu}), {mem_gb:.0f} GiB RAM, {gpu}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+    return (f"{code}; {cpu['cores']} CPU cores ({cpu['model']}, {cpu['simd']}), {mem_gb:.0f} GiB RAM, "
+            f"{where['gpu'] or 'no GPU'}; Python {where['python']}, torch {where['torch']}")
 
 
 def recorded_videos(episodes: int = 16, max_steps: int = 400, seed: int = 0) -> Path:

@@ -25,6 +25,7 @@ from common.cli import check_fields, flag
 from common.device import model_threads, torch_threads
 from common.distributed import process_group
 from common.errors import UserError, check_output_dir
+from common.provenance import provenance
 from evaluation.code_analysis import event_code_analysis
 from evaluation.events import Elements, count_events, transition_events
 from evaluation.figures import code_tsne, codebook_histogram, codes_by_event, reconstruction_grid
@@ -120,6 +121,9 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
     actions = actions_section(test, train, codebook, cfg.seed, workers=os.cpu_count() or 1)
     timings["probes"], clock = time.perf_counter() - clock, time.perf_counter()
     metrics = build_metrics(cfg.split, share, scores, identity, codes, events, actions)
+    trained_with = getattr(lam, "trained_with", {})         # where the figures come from (common/provenance.py)
+    metrics["provenance"] = provenance(variant=lam.config.variant, preset=trained_with.get("preset"),
+                                       trained_at=trained_with.get("commit"), precision=precision.name)
     cfg.out.mkdir(parents=True, exist_ok=True)
     figures = draw_figures(cfg.out, share, codebook, metrics, cfg.seed)
     timings["figures"] = time.perf_counter() - clock

@@ -132,9 +132,14 @@ def first_line(error: Exception) -> str:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LatentActionModel:
     """The trained model in eval mode on `device`, its architecture rebuilt from the checkpoint.
     `lam.config` is its ModelConfig; `lam.step` the optimiser step it was saved at; `lam.sha256`
-    the hash of the bytes the weights were loaded from (the checkpoint's identity)."""
+    the hash of the bytes the weights were loaded from (the checkpoint's identity); `lam.trained_with`
+    the preset and git commit it was trained with, where the checkpoint says (reports record them)."""
     loaded = read_checkpoint_file(path, CHECKPOINT_FORMAT)
-    return with_weights(LatentActionModel(model_config_from(loaded.state, path)), loaded).to(device)
+    lam = with_weights(LatentActionModel(model_config_from(loaded.state, path)), loaded).to(device)
+    train, commit = loaded.state["config"].get("train"), loaded.state.get("git_sha")
+    lam.trained_with = {"preset": train.get("preset") if isinstance(train, dict) else None,
+                        "commit": commit if isinstance(commit, str) else None}
+    return lam
 
 
 def with_weights(module: nn.Module, loaded: CheckpointFile) -> nn.Module:
