@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from common.errors import check_output_dir, run_cli
 from pipeline.loader import resolve_backend
-from pipeline.shards import PAIRS_FORMAT, manifest_sha256
+from pipeline.pair_set import PairSet
 from training.build import build_run
 from training.cli import argument_parser, config_from_args
 from training.config import TrainConfig
@@ -35,9 +35,10 @@ def train(cfg: TrainConfig, resumed: Resumed | None = None) -> None:
     """Check the outputs and the data, start the runtime, run; `resumed` is the checkpoint to continue from."""
     check_output_dir(cfg.out, "--out")
     check_output_dir(cfg.run_dir, "--run-dir")
-    manifest_sha = manifest_sha256(Path(cfg.shards), PAIRS_FORMAT)     # a checkpoint remembers its data
+    data = PairSet.open(cfg.shards)           # the run's data, read and checked once, handed to every part
+    data.require_val_pairs()
     if resumed is not None:
-        check_same_shards(resumed, manifest_sha, cfg.shards)
+        check_same_shards(resumed, data.sha256, cfg.shards)
         if resumed.step >= cfg.iters:
             print(f"train: {cfg.out} holds run {cfg.run_name}, finished at step {resumed.step} (--iters {cfg.iters}): "
                   f"nothing to train", flush=True)
@@ -48,13 +49,13 @@ def train(cfg: TrainConfig, resumed: Resumed | None = None) -> None:
     if rt.main:
         print(f"loader: {backend} ({why})", flush=True)
     try:
-        run(cfg, rt, resumed, manifest_sha)
+        run(cfg, rt, resumed, data)
     finally:
         shutdown(rt)
 
 
-def run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_sha: str) -> None:
-    r = build_run(cfg, rt, resumed, manifest_sha)         # model, optimiser, data, validation, checkpoints, logger
+def run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, data: PairSet) -> None:
+    r = build_run(cfg, rt, resumed, data)         # model, optimiser, data, validation, checkpoints, logger
     model, step = r.model, r.step
     progress = tqdm(total=cfg.iters, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1,
                     disable=not rt.main)

@@ -347,14 +347,9 @@ class BackgroundIterator:
         self._thread.join()
 
 
-def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: bool = True,
-                 shuffle: bool = True, seed: int = 0, backend: str = "dali", device: str | torch.device | None = None,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True, with_keys: bool = False,
-                 context: int = 0, cache: bool | None = None, cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB,
-                 threads: int | None = None, prefetch: int = 2, sample: int = 0,
-                 runs: Sequence[tuple[int, int]] | None = None, manifest: dict | None = None,
-                 verify: bool = False) -> PairLoader:
-    """Loader over `<shards>/<split>` pair shards (DESIGN.md, "Loader").
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How a loader walks a split: build_loader's settings as one value (DESIGN.md, "Loader").
 
     context: 0 yields {"cur", "next"}; 1 adds "prev" (frame t-1 of the same episode, shaped like
     "cur") and "prev_valid" (bool (B,); False where "prev" is frame t itself: an episode's first
@@ -371,43 +366,82 @@ def build_loader(shards: str | Path, split: str, batch_size: int, *, grayscale: 
                        episode of the split (`spread_sample`); 0: every pair.
       runs             walk only these [start, stop) runs of pair positions, in order, each cut into
                        batches of its own (RunSchedule); not with shuffle, sample or world_size > 1.
-      manifest         the split's manifest, when the caller has already read it (read here otherwise).
       verify           check every tar of the split against the manifest's sha256 first (one
                        read of each); shard lengths and sample counts are checked either way.
     """
-    if backend not in BACKENDS:
-        raise UserError(f"unknown loader backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, got {batch_size}")
-    if not 0 <= rank < world_size:
-        raise UserError(f"rank {rank} is outside world_size {world_size}")
-    if seed < 0:
-        raise UserError(f"seed must be non-negative, got {seed}")
-    if context not in CONTEXTS:
-        raise UserError(f"context must be 0 (frames t, t+1) or 1 (frame t-1 too), got {context!r}")
-    if runs is not None and (shuffle or sample or world_size > 1):
-        raise ValueError("runs walk given pairs in order: not with shuffle, sample or world_size > 1")
-    device = resolve_device(device)
-    index = build_pair_index(Path(shards), split, manifest, verify=verify)
-    if runs is not None:
-        schedule = RunSchedule(tuple((int(start), int(stop)) for start, stop in runs), batch_size)
+
+    batch_size: int
+    grayscale: bool = True
+    shuffle: bool = True
+    seed: int = 0
+    backend: str = "dali"
+    device: str | torch.device | None = None
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = True
+    with_keys: bool = False
+    context: int = 0
+    cache: bool | None = None
+    cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB
+    threads: int | None = None
+    prefetch: int = 2
+    sample: int = 0
+    runs: tuple[tuple[int, int], ...] | None = None
+    verify: bool = False
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise UserError(f"unknown loader backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise UserError(f"rank {self.rank} is outside world_size {self.world_size}")
+        if self.seed < 0:
+            raise UserError(f"seed must be non-negative, got {self.seed}")
+        if self.context not in CONTEXTS:
+            raise UserError(f"context must be 0 (frames t, t+1) or 1 (frame t-1 too), got {self.context!r}")
+        if self.runs is not None:
+            if self.shuffle or self.sample or self.world_size > 1:
+                raise ValueError("runs walk given pairs in order: not with shuffle, sample or world_size > 1")
+            object.__setattr__(self, "runs", tuple((int(start), int(stop)) for start, stop in self.runs))
+
+
+def build_loader(shards, split: str, batch_size: int, *, manifest: dict | None = None, **options) -> PairLoader:
+    """Loader over `<shards>/<split>` pair shards (DESIGN.md, "Loader"): `options` are LoaderConfig's
+    fields (grayscale, shuffle, seed, backend, device, rank, world_size, drop_last, with_keys,
+    context, and the tuning it lists); `manifest` the split's manifest, when the caller has read it."""
+    return open_loader(shards, split, LoaderConfig(batch_size, **options), manifest)
+
+
+def open_loader(shards, split: str, config: LoaderConfig, manifest: dict | None = None) -> PairLoader:
+    """The loader `config` describes over `split` of `shards`: a PairSet (pipeline/pair_set.py, its
+    manifest already read) or a shard directory (its manifest read here, unless given)."""
+    from pipeline.pair_set import PairSet
+
+    if isinstance(shards, PairSet):
+        shards, manifest = shards.path, shards.manifest
+    device = resolve_device(config.device)
+    index = build_pair_index(Path(shards), split, manifest, verify=config.verify)
+    if config.runs is not None:
+        schedule = RunSchedule(config.runs, config.batch_size)
     else:
-        subset = spread_sample(index.episodes, sample, seed) if 0 < sample < index.num_pairs else None
+        subset = spread_sample(index.episodes, config.sample, config.seed) if 0 < config.sample < index.num_pairs else None
         schedule = EpochSchedule(num_pairs=index.num_pairs if subset is None else len(subset),
-                                 batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank,
-                                 world_size=world_size, drop_last=drop_last,
+                                 batch_size=config.batch_size, shuffle=config.shuffle, seed=config.seed,
+                                 rank=config.rank, world_size=config.world_size, drop_last=config.drop_last,
                                  subset=None if subset is None else tuple(subset.tolist()))
-    threads = threads or default_threads()
-    if backend == "dali":
+    threads = config.threads or default_threads()
+    if config.backend == "dali":
         _require_dali()
-        decoder = DaliFrameDecoder(index, device, max_frames=max((2 + context) * batch_size, CACHE_FILL_FRAMES),
-                                   threads=threads, prefetch=prefetch)
+        decoder = DaliFrameDecoder(index, device, max_frames=max((2 + config.context) * config.batch_size,
+                                                                 CACHE_FILL_FRAMES),
+                                   threads=threads, prefetch=config.prefetch)
     else:
-        decoder = PilFrameDecoder(index, device, workers=threads, prefetch=prefetch)
-    cache_bytes = index.num_frames * index.height * index.width * (1 if grayscale else 3)
-    use_cache = cache if cache is not None else cache_bytes <= cache_budget_gb * 2**30
-    return PairLoader(index, schedule, decoder, grayscale=grayscale, device=device, with_keys=with_keys,
-                      cache=use_cache, prefetch=prefetch, context=context)
+        decoder = PilFrameDecoder(index, device, workers=threads, prefetch=config.prefetch)
+    cache_bytes = index.num_frames * index.height * index.width * (1 if config.grayscale else 3)
+    use_cache = config.cache if config.cache is not None else cache_bytes <= config.cache_budget_gb * 2**30
+    return PairLoader(index, schedule, decoder, grayscale=config.grayscale, device=device,
+                      with_keys=config.with_keys, cache=use_cache, prefetch=config.prefetch, context=config.context)
 
 
 def spread_sample(episodes: np.ndarray, n: int, seed: int) -> np.ndarray:

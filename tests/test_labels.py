@@ -9,6 +9,7 @@ import torch
 
 import train
 from model import LatentActionModel, ModelConfig
+from pipeline.pair_set import PairSet
 from pipeline.shards import PAIRS_FORMAT, load_manifest, read_members, split_shards
 from training.labels import NO_LABEL, ActionLabels, chosen
 
@@ -22,17 +23,17 @@ def train_metas(shards) -> dict[str, dict]:
 
 def test_the_labelled_pairs_are_a_fixed_fraction_with_their_recorded_actions(pair_shards):
     metas = train_metas(pair_shards)
-    labels = ActionLabels.build(pair_shards, 0.3, seed=0)
-    assert labels.labels == ActionLabels.build(pair_shards, 0.3, seed=0).labels          # the same every time
-    assert labels.labels != ActionLabels.build(pair_shards, 0.3, seed=1).labels          # another seed, others
+    labels = ActionLabels.build(PairSet.open(pair_shards), 0.3, seed=0)
+    assert labels.labels == ActionLabels.build(PairSet.open(pair_shards), 0.3, seed=0).labels          # the same every time
+    assert labels.labels != ActionLabels.build(PairSet.open(pair_shards), 0.3, seed=1).labels          # another seed, others
     assert 0.15 < len(labels) / len(metas) < 0.45
     assert all(metas[key]["action"] == action for key, action in labels.labels.items())
     keys = sorted(metas)
     batch = labels(keys, torch.device("cpu"))
     assert [int(a) for a in batch] == [labels.labels.get(k, NO_LABEL) for k in keys]
-    assert ActionLabels.build(pair_shards, 0.0, seed=0) is None
+    assert ActionLabels.build(PairSet.open(pair_shards), 0.0, seed=0) is None
     # the choice is per key: a bigger fraction keeps every pair a smaller one chose
-    assert set(labels.labels) <= set(ActionLabels.build(pair_shards, 0.6, seed=0).labels)
+    assert set(labels.labels) <= set(ActionLabels.build(PairSet.open(pair_shards), 0.6, seed=0).labels)
     assert chosen("00001_000003", 1.0, 0) and not chosen("00001_000003", 0.0, 0)
 
 

@@ -473,4 +473,4 @@ def test_train_without_dali_runs_on_the_torch_loader_and_says_so(pair_shards, tm
                        "--wandb", "disabled"]) == 0
     assert "loader: torch (auto: DALI is not installed here)" in capsys.readouterr().out
     saved = torch.load(tmp_path / "ckpt" / "step-000002.pt", weights_only=True)
-    assert saved["config"]["backend"] == "torch"
+    assert saved["config"]["train"]["backend"] == "torch"

@@ -73,6 +73,38 @@ def test_blocks_choose_their_own_shift():
     assert out[:, 70:].eq(0).all() and out[:, :40].eq(0).all()
 
 
+def plain_gather(frame, weights, dim, step):
+    """The shift as the plain loop autograd differentiates by itself: the reference."""
+    import torch.nn.functional as F
+
+    batch, channels, height, width = frame.shape
+    bins, grid_h, grid_w = weights.shape[1:]
+    reach = step * (bins // 2)
+    padded = F.pad(frame, (reach, reach) if dim == -1 else (0, 0, reach, reach))
+    blocks = (batch, channels, grid_h, height // grid_h, grid_w, width // grid_w)
+    per_block = weights.reshape(batch, bins, 1, grid_h, 1, grid_w, 1)
+    terms = [padded.narrow(dim, 2 * reach - step * i, frame.shape[dim]).reshape(blocks) * per_block[:, i]
+             for i in range(bins)]
+    return sum(terms[1:], terms[0]).reshape(frame.shape)
+
+
+@pytest.mark.parametrize("dim, step, bins", [(-1, 3, 7), (-2, 1, 5)])
+def test_the_shifts_written_out_backward_is_the_true_gradient(dim, step, bins):
+    """GatherShifted's hand-written backward against finite differences (float64), and its forward
+    and gradients against the plain loop's."""
+    from model.motion import _gather_shifted
+
+    generator = torch.Generator().manual_seed(0)
+    frame = torch.rand(2, 1, 14, 12, dtype=torch.float64, generator=generator, requires_grad=True)
+    weights = torch.rand(2, bins, 7, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, w: _gather_shifted(f, w, dim, step), (frame, weights))
+    grad = torch.rand(2, 1, 14, 12, dtype=torch.float64, generator=generator)
+    ours = torch.autograd.grad((_gather_shifted(frame, weights, dim, step) * grad).sum(), (frame, weights))
+    theirs = torch.autograd.grad((plain_gather(frame, weights, dim, step) * grad).sum(), (frame, weights))
+    assert torch.allclose(_gather_shifted(frame, weights, dim, step), plain_gather(frame, weights, dim, step))
+    assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
+
+
 def test_a_far_move_gets_a_gradient_towards_the_right_shift():
     """The reason for a softmax over shifts: a 22 px paddle move over black gives the +21 coarse
     shift a gradient (a bilinear warp would see none)."""

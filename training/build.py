@@ -17,9 +17,8 @@ from common.errors import UserError
 from model import LatentActionModel
 from model.config import ModelConfig
 from model.inference import describe_amp
-from pipeline.palette import read_palette
-from pipeline.shards import PAIRS_FORMAT, load_manifest
-from pipeline.loader import build_loader
+from pipeline.loader import LoaderConfig, open_loader
+from pipeline.pair_set import PairSet
 from training.checkpointer import Checkpointer
 from training.config import TrainConfig
 from training.labels import ActionLabels
@@ -48,7 +47,8 @@ class Run:
     step: int
 
 
-def build_run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_sha: str) -> Run:
+def build_run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, data: PairSet) -> Run:
+    """The run's parts; `data` is its shard set, read once (train.py), which every part takes."""
     micro_batch = cfg.micro_batch(rt.world_size)
     sha = git_sha()
     if rt.main:
@@ -63,8 +63,8 @@ def build_run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_s
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                  fused=rt.device.type == "cuda")
-    labels = ActionLabels.build(cfg.shards, cfg.action_fraction, cfg.seed)     # None: no light supervision
-    own_frames = (OwnFrames(cfg.own_frames, cfg.own_frames_start, cfg.seed, palette_levels(cfg.shards, cfg.model))
+    labels = ActionLabels.build(data, cfg.action_fraction, cfg.seed)     # None: no light supervision
+    own_frames = (OwnFrames(cfg.own_frames, cfg.own_frames_start, cfg.seed, palette_levels(data, cfg.model))
                   if cfg.own_frames else None)
     train_step = TrainStep(model, optimizer, rt, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, action_labels=labels,
                            max_nonfinite=cfg.max_nonfinite, compile=cfg.compile, compile_backend=cfg.compile_backend,
@@ -72,22 +72,22 @@ def build_run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_s
 
     # ---- the data: shuffled training batches; a fixed validation sample drawn across every val
     # episode, so best.pt is not chosen on a few of them
-    loaders = dict(grayscale=not cfg.rgb, seed=cfg.seed, backend=cfg.backend, device=rt.device,
-                   rank=rt.rank, world_size=rt.world_size, context=cfg.model.context)
+    loading = LoaderConfig(micro_batch, grayscale=not cfg.rgb, seed=cfg.seed, backend=cfg.backend, device=rt.device,
+                           rank=rt.rank, world_size=rt.world_size, with_keys=True, context=cfg.model.context)
     # the model's own drawing of frame t is made from frame t-1: the training batches carry it
-    train_loader = build_loader(cfg.shards, "train", micro_batch, shuffle=True, drop_last=True, with_keys=True,
-                                **{**loaders, "context": max(cfg.model.context, int(cfg.own_frames > 0))})
+    train_loader = open_loader(data, "train", dataclasses.replace(
+        loading, shuffle=True, drop_last=True, context=max(cfg.model.context, int(cfg.own_frames > 0))))
     if len(train_loader) == 0:
         raise UserError(f"{cfg.shards}: the train split has fewer than one batch of {micro_batch} pairs per rank")
-    val_loader = build_loader(cfg.shards, "val", micro_batch, shuffle=False, drop_last=False, with_keys=True,
-                              sample=cfg.val_batches * micro_batch * rt.world_size, **loaders)
-    validator = Validator(model, val_loader, cfg, rt, MoveProbe.build(cfg, rt, micro_batch))
+    val_loader = open_loader(data, "val", dataclasses.replace(
+        loading, shuffle=False, drop_last=False, sample=cfg.val_batches * micro_batch * rt.world_size))
+    validator = Validator(model, val_loader, cfg, rt, MoveProbe.build(cfg, rt, data, loading))
 
     # ---- resume: weights, optimiser, scaler, loader position, RNG, best validation measure
     step, best_val = ((resumed.step, restore(resumed, model, train_step, train_loader, rt, cfg.best_by)) if resumed
                       else (0, math.inf))
     checkpointer = Checkpointer(cfg, rt, model, train_step, train_loader, best_val=best_val,
-                                extra={"git_sha": sha, "shards_manifest_sha256": manifest_sha})
+                                extra={"git_sha": sha, "shards_manifest_sha256": data.sha256})
 
     n_params = sum(p.numel() for p in model.parameters())
     logger = Logger(Path(cfg.run_dir), cfg.run_name, cfg.wandb, step, rt.main,
@@ -103,8 +103,8 @@ def build_run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, manifest_s
                Throughput(cfg.model, rt.device, rt.amp_dtype, cfg.batch_size), checkpointer, logger, step)
 
 
-def palette_levels(shards: str, model: ModelConfig) -> torch.Tensor | None:
+def palette_levels(data: PairSet, model: ModelConfig) -> torch.Tensor | None:
     """The game's colours in the model's colour mode, from the pair manifest (None for shards packed
     before it recorded them: the own frames are then not snapped)."""
-    palette = read_palette(load_manifest(Path(shards), PAIRS_FORMAT))
+    palette = data.palette()
     return None if palette is None else palette.levels(model.in_channels)

@@ -10,7 +10,7 @@ from pathlib import Path
 from common.cli import add_config_flags, check_fields, config_values
 from common.errors import UserError, check_output_dir
 from model.config import VARIANTS
-from pipeline.shards import PAIRS_FORMAT, load_manifest, manifest_sha256
+from pipeline.pair_set import PairSet
 from training.config import TrainConfig, build_config, fields_help
 from training.resume import Resumed, resume
 from training.run_folder import refuse_another_run, reuse_or_set_aside
@@ -41,7 +41,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Resumed | N
     """The run's config: the preset, then --set, then the flags; on --resume the checkpoint's, with
     what the command line gives on top. Output folders are checked first, before --resume looks
     inside --out; a folder holding another run is refused without --resume (training/run_folder.py);
-    every value is checked by its field's rules, and the shards must have a val split."""
+    every value is checked by its field's rules (the data itself is checked once, by train())."""
     out = args.out or TrainConfig.out
     check_output_dir(out, "--out")
     if args.run_dir:
@@ -49,28 +49,15 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Resumed | N
     flags = {name: value for name, value in config_values(args, TrainConfig).items() if name not in ("preset", "model")}
     if args.reuse and not args.resume:
         wanted = build_config(args.preset or "full", args.set, flags, args.model or "default")
-        manifest_sha = manifest_sha256(Path(wanted.shards), PAIRS_FORMAT)
         args.resume = reuse_or_set_aside(Path(out), {"train": wanted.to_dict(), "model": wanted.model.to_dict()},
-                                         manifest_sha)
+                                         PairSet.open(wanted.shards).sha256)
     if not args.resume:
         refuse_another_run(Path(out))
     cfg, resumed = (resume(Path(out), args.preset, args.set, flags, args.model) if args.resume
                     else (build_config(args.preset or "full", args.set, flags, args.model or "default"), None))
     # --set and presets reach fields no flag parsed: the same rules (a float is finite, ...)
     check_fields(cfg, label=lambda name: name, prefix="bad configuration: ")
-    require_val_pairs(cfg.shards)
     return named(cfg), resumed
-
-
-def require_val_pairs(shards: str | Path) -> None:
-    """Training chooses best.pt on the val split; with none it would end without a best.pt and
-    without a word, and extraction after it would fail. So it refuses to start, in one line."""
-    manifest = load_manifest(Path(shards), PAIRS_FORMAT)
-    val = manifest["splits"].get("val", {"shards": []})
-    if not sum(shard["pairs"] for shard in val["shards"]):
-        fractions = ",".join(f"{f:g}" for f in manifest.get("fractions", []) if isinstance(f, (int, float)))
-        raise UserError(f"{shards}: the val split has no pairs (packed with --fractions {fractions or '?'}); "
-                        f"training chooses best.pt on it: re-pack with a val share, e.g. --fractions 0.8,0.1,0.1")
 
 
 def named(cfg: TrainConfig) -> TrainConfig:

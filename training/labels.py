@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from pipeline.shards import PAIRS_FORMAT, load_manifest, read_members, split_shards
+from pipeline.pair_set import PairSet
+from pipeline.shards import read_members
 
 NO_LABEL = -1
 
@@ -30,12 +30,11 @@ class ActionLabels:
         self.labels, self.fraction = labels, fraction
 
     @classmethod
-    def build(cls, shards: str | Path, fraction: float, seed: int) -> "ActionLabels | None":
-        """The labelled pairs of the train split (None when `fraction` is 0: no supervision)."""
+    def build(cls, data: PairSet, fraction: float, seed: int) -> "ActionLabels | None":
+        """The labelled pairs of `data`'s train split (None when `fraction` is 0: no supervision)."""
         if not fraction:
             return None
-        shards = Path(shards)
-        entries = split_shards(shards, load_manifest(shards, PAIRS_FORMAT), "train")
+        entries = data.shards("train")
         labels = {}
         for key, members in read_members(entries, ("json",)).items():
             meta = json.loads(members["json"])

@@ -4,6 +4,7 @@ and example reconstructions, each on its own cadence. The numbers come from
 evaluation.metrics, the same code evaluate.py reports with."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from evaluation.metrics import ReconstructionMeter, codebook_stats
 from evaluation.probes import linear_codes_probe, move_label
 from model import LatentActionModel
 from model.inference import codes_to_array
-from pipeline.loader import build_loader
-from pipeline.shards import PAIRS_FORMAT, load_manifest, read_members, split_shards
+from pipeline.loader import LoaderConfig, open_loader
+from pipeline.pair_set import PairSet
+from pipeline.shards import read_members
 from training.config import TrainConfig
 from training.runtime import Runtime, all_gather, all_sum, average_batchnorm_stats
 from training.step import every
@@ -94,16 +96,16 @@ class MoveProbe:
         self.loader, self.metas = loader, metas
 
     @classmethod
-    def build(cls, cfg: TrainConfig, rt: Runtime, batch_size: int) -> "MoveProbe | None":
+    def build(cls, cfg: TrainConfig, rt: Runtime, data: PairSet, loading: LoaderConfig) -> "MoveProbe | None":
+        """On `data`'s train pairs, walked in order by a loader like `loading` (the run's own)."""
         if not cfg.probe_pairs:
             return None
-        metas = {key: json.loads(m["json"]) for split in ("train", "val") for key, m in read_members(
-            split_shards(Path(cfg.shards), load_manifest(Path(cfg.shards), PAIRS_FORMAT), split), ("json",)).items()}
+        metas = {key: json.loads(m["json"]) for split in ("train", "val")
+                 for key, m in read_members(data.shards(split), ("json",)).items()}
         if not any(move_label(meta) is not None for meta in metas.values()):
             return None                                   # no labels: nothing to probe
-        loader = build_loader(cfg.shards, "train", batch_size, grayscale=not cfg.rgb, shuffle=False, drop_last=False,
-                              with_keys=True, seed=cfg.seed, backend=cfg.backend, device=rt.device,
-                              rank=rt.rank, world_size=rt.world_size, sample=cfg.probe_pairs, context=cfg.model.context)
+        loader = open_loader(data, "train", dataclasses.replace(loading, shuffle=False, drop_last=False,
+                                                                 sample=cfg.probe_pairs))
         return cls(loader, metas)
 
     def labelled(self, codes: list[np.ndarray], keys: list[str], rt: Runtime) -> tuple[np.ndarray, np.ndarray]:
