@@ -118,8 +118,9 @@ browser:
 	    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
 	  echo "chromium not installed: the browser test will skip"
 
+# One pytest worker per core (a file's tests stay on one worker, so its module fixtures are built once).
 test: setup browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 # Runtime wheels for a GPU machine without registry access (cp312, manylinux x86-64): torch and
 # torchmetrics are left out, as that machine has its own. DALI's wheel (~200 MB) is larger than one
