@@ -283,7 +283,7 @@ def test_bad_requests_are_4xx_not_tracebacks(game_server):
     assert request(game_server, "PUT", "/")[0] == 405
     assert request(game_server, "DELETE", "/api/restart")[0] == 405
     assert request(game_server, "POST", "/nowhere")[0] == 404
-    assert raw_request(game_server, b"BREW / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+    assert raw_request(game_server, b"BREW / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").startswith(b"HTTP/1.1 405")
     assert b"400" in raw_request(game_server, b"NONSENSE\r\n\r\n")         # no status line: HTTP/0.9 style
     assert raw_request(game_server, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n").split(b" ")[1].startswith(b"4")
     assert request(game_server, "GET", "/")[0] == 200            # and it still serves
@@ -355,7 +355,8 @@ def test_posts_only_from_the_page_itself(game_server):
         assert request(game_server, "POST", "/api/restart", b"", headers)[0] == 403
     two_hosts = (b"POST /api/step HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nHost: evil.example:%d\r\n"
                  b"Content-Length: 2\r\n\r\n{}" % (port, port))
-    assert raw_request(game_server, two_hosts).startswith(b"HTTP/1.1 403")
+    # refused either way: by h11 (400: two Host headers are no request) or by the Host check (403)
+    assert raw_request(game_server, two_hosts)[:12] in (b"HTTP/1.1 400", b"HTTP/1.1 403")
     assert steps() == before                                                # none of them played
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
         status, _ = request(game_server, "POST", step, body, {"Host": host, "Origin": f"http://{host}"})
