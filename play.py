@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from common.cli import add_config_flags, check_fields, config_values, flag
+from common.cli import MAX_BATCH, MAX_SEED, MAX_THREADS, add_config_flags, check_fields, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 from evaluation.formatting import num, pct
 from model import load_checkpoint
@@ -51,6 +51,8 @@ from control.simulator import Simulator
 DEFAULT_CHECKPOINT = Path("checkpoints/latent_action/best.pt")
 DEFAULT_CONTROLLER = Path("checkpoints/controller/controller.pt")
 DEFAULT_LATENT = Path("shards/latent")
+# a rollout keeps its GIF starts' frames in memory, every step of them: 10,000 steps of 3 panels are 1 GB
+MAX_PLAY_STEPS = 10_000
 
 
 @dataclass
@@ -59,7 +61,7 @@ class ModelPaths:
     controller: Path = flag(DEFAULT_CONTROLLER, "controller checkpoint")
     latent: Path = flag(DEFAULT_LATENT, "latent shards (episodes to start from)")
     split: str = flag("test", choices=SPLITS)
-    threads: int = flag(0, "torch CPU threads (0: torch's default)", min=0)
+    threads: int = flag(0, "torch CPU threads (0: torch's default)", min=0, max=MAX_THREADS)
     per_cell: bool = flag(False, "the controller picks each cell's code on its own, "
                                  "not one of the grids seen in training")
     snap: bool = flag(True, "snap each generated frame to the game's palette before it is fed back "
@@ -72,13 +74,13 @@ class ModelPaths:
 @dataclass
 class RolloutConfig(ModelPaths):
     out: Path = Path("reports/play")
-    horizon: int = flag(200, "steps each rollout plays", min=1)
-    starts: int = flag(48, "rollout start frames, spread over the split's episodes", min=1)
+    horizon: int = flag(200, "steps each rollout plays", min=1, max=MAX_PLAY_STEPS)
+    starts: int = flag(48, "rollout start frames, spread over the split's episodes", min=1, max=MAX_PLAY_STEPS)
     gifs: int = flag(3, "GIFs of starts spread over the episodes", min=0)
-    control_starts: int = flag(100, min=1)
-    control_steps: int = flag(20, "steps of always-LEFT / always-RIGHT", min=1)
-    batch_size: int = flag(16, min=1)
-    seed: int = flag(0, min=0)
+    control_starts: int = flag(100, min=1, max=MAX_PLAY_STEPS)
+    control_steps: int = flag(20, "steps of always-LEFT / always-RIGHT", min=1, max=MAX_PLAY_STEPS)
+    batch_size: int = flag(16, min=1, max=MAX_BATCH)
+    seed: int = flag(0, min=0, max=MAX_SEED)
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,7 +97,7 @@ class ServeConfig(ModelPaths):
 
 @dataclass
 class BenchConfig(ModelPaths):
-    steps: int = flag(100, "play steps timed", min=1)
+    steps: int = flag(100, "play steps timed", min=1, max=MAX_PLAY_STEPS)
     out: Path = Path("reports/play")
 
     def __post_init__(self):
@@ -105,9 +107,9 @@ class BenchConfig(ModelPaths):
 
 @dataclass
 class SessionConfig(ModelPaths):
-    steps: int = flag(300, "steps the ball-following policy plays on the page", min=1)
+    steps: int = flag(300, "steps the ball-following policy plays on the page", min=1, max=MAX_PLAY_STEPS)
     out: Path = Path("reports/play")
-    seed: int = flag(0, "picks the test frame the game restarts from", min=0)
+    seed: int = flag(0, "picks the test frame the game restarts from", min=0, max=MAX_SEED)
 
     def __post_init__(self):
         super().__post_init__()

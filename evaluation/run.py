@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common.cli import check_fields, flag
+from common.cli import MAX_BATCH, MAX_SEED, MAX_THREADS, check_fields, flag
 from common.device import model_threads, torch_threads
 from common.distributed import process_group
 from common.errors import UserError, check_output_dir
@@ -45,18 +45,19 @@ class EvaluateConfig:
     checkpoint: Path = flag(help="LAM checkpoint")
     split: str = flag("test", choices=SPLITS)
     out: Path | None = flag(None, "report directory (default reports/<split>)")
-    batch_size: int = flag(64, "pairs per batch, per rank", min=1)
+    batch_size: int = flag(64, "pairs per batch, per rank", min=1, max=MAX_BATCH)
     latent: Path | None = flag(Path("shards/latent"), "latent shards whose train codes the action probe may reuse "
                                                       "(if this checkpoint made them)")
     probe_limit: int = flag(1500, "train transitions for the action probe", min=0)
-    seed: int = flag(0, "random codes for ΔPSNR, t-SNE, probes", min=0)
+    seed: int = flag(0, "random codes for ΔPSNR, t-SNE, probes", min=0, max=MAX_SEED)
     device: str | None = flag(None, "auto (default), cpu or cuda; under torchrun each rank its own GPU",
                               choices=("auto", "cpu", "cuda"))
     backend: str | None = flag(None, "data loader (default: dali where installed)", choices=("dali", "torch"))
     loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
-                                            "(default: the machine's cores shared among its ranks)", min=1)
+                                            "(default: the machine's cores shared among its ranks)", min=1,
+                                      max=MAX_THREADS)
     threads: int | None = flag(None, "CPU threads of the model, per rank (default: half the rank's cores, at least "
-                                     "one; the rest score its predictions beside it)", min=1)
+                                     "one; the rest score its predictions beside it)", min=1, max=MAX_THREADS)
     amp: str = flag("auto", "precision: auto (bf16 where native and faithful to fp32 for this checkpoint, "
                             "else fp32), bf16, fp16 or off (fp32)", choices=AMP_MODES)
     progress: bool = True

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.cli import check_fields, flag
+from common.cli import MAX_BATCH, MAX_THREADS, check_fields, flag
 from common.device import model_threads, torch_threads
 from common.distributed import Ranks, process_group
 from common.errors import UserError, check_output_dir
@@ -50,7 +50,7 @@ class ExtractConfig:
     shards: Path = flag(help="pair shard directory (lam-pairs/1 manifest)")
     checkpoint: Path = flag(help="trained model checkpoint (.pt)")
     out: Path = flag(Path("shards/latent"), "latent shard directory")
-    batch_size: int = flag(64, "pairs per encoder batch, per rank", min=1)
+    batch_size: int = flag(64, "pairs per encoder batch, per rank", min=1, max=MAX_BATCH)
     overwrite: bool = flag(False, "replace latents made by another checkpoint")
     zstd: bool = flag(False, "also write .tar.zst copies of every shard")
     device: str | None = flag(None, "cuda or cpu (default: cuda when available; under torchrun each rank its own GPU)",
@@ -58,9 +58,10 @@ class ExtractConfig:
     backend: str | None = flag(None, "frame decoding backend of the loader (default: dali when installed)",
                                choices=("dali", "torch"))
     loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
-                                            "(default: the machine's cores shared among its ranks)", min=1)
+                                            "(default: the machine's cores shared among its ranks)", min=1,
+                                      max=MAX_THREADS)
     threads: int | None = flag(None, "CPU threads of the encoder, per rank (default: the rank's cores less one, "
-                                     "which decodes frames beside it; at least one)", min=1)
+                                     "which decodes frames beside it; at least one)", min=1, max=MAX_THREADS)
     amp: str = flag("auto", "precision: auto (bf16 where native and faithful to fp32 for this checkpoint, "
                             "else fp32), bf16, fp16 or off (fp32)", choices=AMP_MODES)
     compile: bool = flag(True, "torch.compile the encoder (on GPUs only)")

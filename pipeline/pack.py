@@ -42,7 +42,7 @@ from typing import Iterator, Sequence
 
 from zlib_ng import zlib_ng
 
-from common.cli import add_config_flags, config_values, flag
+from common.cli import MAX_SEED, MAX_THREADS, add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 from pipeline.palette import MAX_COLOURS, Palette, colour_ids
@@ -506,10 +506,10 @@ class PackCommand:
 
     src: Path = flag(help="bulk_videos/: one sub-folder per episode")
     out: Path = flag(help="output folder (shards/pairs)")
-    seed: int = flag(0, "seed of the episode split", min=0)
+    seed: int = flag(0, "seed of the episode split", min=0, max=MAX_SEED)
     fractions: str = flag("0.8,0.1,0.1", "train,val,test shares of the episodes")
     pairs_per_shard: int = flag(DEFAULT_PAIRS_PER_SHARD, min=1)
-    workers: int = flag(1, "processes checking frames", min=1)
+    workers: int = flag(1, "processes checking frames", min=1, max=MAX_THREADS)
     strict: bool = flag(False, "any bad or missing frame is fatal; nothing written")
     progress: bool = True
 
