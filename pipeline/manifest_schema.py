@@ -17,6 +17,7 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 Check = Callable[[Any, str], None]
+MIN_COLOURS, MAX_COLOURS = 2, 64        # pipeline/palette.py: a palette game's few colours
 
 
 class SchemaError(ValueError):
@@ -127,6 +128,24 @@ def shards_sum_to_pairs(split: Any, field: str) -> None:
                                                  f"{sum(shard['pairs'] for shard in split['shards'])}")
 
 
+def colours(value: Any, field: str) -> None:
+    """A palette's colours (pipeline/palette.py): MIN_COLOURS to MAX_COLOURS of them, each [r, g, b],
+    integers in 0..255. One colour would draw every frame in it, and thousands would cost gigabytes
+    to snap a frame to: neither is a game's palette."""
+    list_of(colour)(value, field)
+    if not MIN_COLOURS <= len(value) <= MAX_COLOURS:
+        raise SchemaError(field, f"must hold {MIN_COLOURS} to {MAX_COLOURS} colours, got {len(value)}")
+
+
+def colour(value: Any, field: str) -> None:
+    if not isinstance(value, list) or len(value) != 3:
+        raise SchemaError(field, f"must be a colour [r, g, b], got {short(value)}")
+    for position, channel in enumerate(value):
+        integer(0)(channel, child(field, position))
+        if channel > 255:
+            raise SchemaError(child(field, position), f"must be <= 255, got {channel}")
+
+
 def both(*checks: Check) -> Check:
     def check(value: Any, field: str) -> None:
         for one in checks:
@@ -140,8 +159,9 @@ SHARD = obj({"file": inside_folder, "index": inside_folder, "pairs": integer(0),
 SPLIT = both(obj({"shards": list_of(SHARD)}, {"pairs": integer(0), "episodes": list_of(text)}), shards_sum_to_pairs)
 COMMON = {"format": text, "splits": keyed(SPLIT_NAMES, SPLIT)}
 FRAME = obj({"height": integer(1), "width": integer(1)})
-PAIRS_SCHEMA = obj(COMMON, {"frame": FRAME})
-LATENT_SCHEMA = obj(COMMON, {"frame": FRAME, "checkpoint": obj({"sha256": sha256},
+PALETTE = obj({"rgb": colours})
+PAIRS_SCHEMA = obj(COMMON, {"frame": FRAME, "palette": PALETTE})
+LATENT_SCHEMA = obj(COMMON, {"frame": FRAME, "palette": PALETTE, "checkpoint": obj({"sha256": sha256},
                                                               {"step": integer(0), "color": one_of("gray", "rgb"),
                                                                "context": one_of(0, 1)})})
 

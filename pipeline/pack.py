@@ -45,7 +45,7 @@ from zlib_ng import zlib_ng
 from common.cli import MAX_SEED, MAX_THREADS, add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
-from pipeline.palette import MAX_COLOURS, Palette, colour_ids
+from pipeline.palette import MAX_COLOURS, MIN_COLOURS, Palette, colour_ids
 from pipeline.png import BadFrame, Ihdr, png_chunks
 from pipeline.shard_set import ShardSetFolder
 from pipeline.shards import PAIRS_FORMAT, SPLITS, TarShardWriter, WrittenShard, atomic_write_json
@@ -433,7 +433,7 @@ def build_manifest(options: PackOptions, episodes: list[Episode], shards: dict[s
 
 def palette_entry(colours: set[int]) -> dict:
     """The manifest's "palette" (the game's colours, pipeline/palette.py), when the frames have one."""
-    if not colours or len(colours) > MAX_COLOURS:
+    if not MIN_COLOURS <= len(colours) <= MAX_COLOURS:        # the manifest schema's rule
         return {}
     return {"palette": Palette.from_ids(colours).to_json()}
 
