@@ -30,7 +30,7 @@ from evaluation.figures import code_tsne, codebook_histogram, codes_by_event, re
 from evaluation.metrics import code_counts, codebook_stats
 from evaluation.probe_data import actions_section, read_metas, train_probe_set
 from evaluation.probes import ProbeSet
-from evaluation.report import write_report, write_summary
+from evaluation.report import EVALUATION_FORMAT, write_report, write_summary
 from evaluation.split_pass import Share, batch_share, evaluate_pass, random_codes
 from model.inference import AMP_MODES, CheckpointIdentity, inference_layout, load_model
 from model.precision import decide_precision
@@ -139,7 +139,7 @@ def build_metrics(split: str, share: Share, scores: dict, identity: CheckpointId
     model, random = scores["model"], scores["random_codes"]
     delta = None if model["psnr"] is None or random["psnr"] is None else model["psnr"] - random["psnr"]
     model_elements, copy_elements = share.model_elements.compute(), share.copy_elements.compute()
-    metrics = {"split": split, "pairs": len(share.keys), "color": identity.color,
+    metrics = {"format": EVALUATION_FORMAT, "split": split, "pairs": len(share.keys), "color": identity.color,
                "checkpoint": {"sha256": identity.sha256, "step": identity.step},
                "model": model, "copy_baseline": scores["copy_baseline"],
                "delta_psnr": delta,
