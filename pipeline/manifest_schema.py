@@ -18,6 +18,7 @@ PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 Check = Callable[[Any, str], None]
 MIN_COLOURS, MAX_COLOURS = 2, 64        # pipeline/palette.py: a palette game's few colours
+MAX_CODES = 65536                       # codes are stored as uint16 at most
 
 
 class SchemaError(ValueError):
@@ -80,12 +81,14 @@ def keyed(names: Sequence[str], item: Check) -> Check:
     return check
 
 
-def integer(low: int = 0) -> Check:
+def integer(low: int = 0, high: int | None = None) -> Check:
     def check(value: Any, field: str) -> None:
         if not isinstance(value, int) or isinstance(value, bool):
             raise SchemaError(field, f"must be an integer, got {kind_name(value)}")
         if value < low:
             raise SchemaError(field, f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise SchemaError(field, f"must be <= {high}, got {value}")
     return check
 
 
@@ -161,9 +164,12 @@ COMMON = {"format": text, "splits": keyed(SPLIT_NAMES, SPLIT)}
 FRAME = obj({"height": integer(1), "width": integer(1)})
 PALETTE = obj({"rgb": colours})
 PAIRS_SCHEMA = obj(COMMON, {"frame": FRAME, "palette": PALETTE})
-LATENT_SCHEMA = obj(COMMON, {"frame": FRAME, "palette": PALETTE, "checkpoint": obj({"sha256": sha256},
-                                                              {"step": integer(0), "color": one_of("gray", "rgb"),
-                                                               "context": one_of(0, 1)})})
+CODE_TYPE = one_of("uint8", "uint16")        # pipeline/latent.code_dtype: codes never wrap
+LATENT_SCHEMA = obj(COMMON, {"frame": FRAME, "palette": PALETTE, "code_dtype": CODE_TYPE, "action_dtype": CODE_TYPE,
+                             "checkpoint": obj({"sha256": sha256},
+                                               {"step": integer(0), "color": one_of("gray", "rgb"),
+                                                "context": one_of(0, 1), "codebook_size": integer(2, MAX_CODES),
+                                                "action_codes": integer(0, MAX_CODES)})})
 
 
 def validate(value: Any, schema: Check, field: str = "") -> None:
