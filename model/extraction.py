@@ -81,6 +81,7 @@ class ExtractResult:
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run the extraction (see the module docstring); under torchrun, on every rank."""
     check_output_dir(cfg.out, "--out")
+    named = cfg.shards                  # what the manifest names as the source: the folder a re-pack keeps
     # the shard set as it is now: a re-pack swapping in another meanwhile cannot mix the two
     cfg = dataclasses.replace(cfg, shards=pin_shard_dir(cfg.shards))
     pair_manifest = load_manifest(cfg.shards, PAIRS_FORMAT)
@@ -118,7 +119,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             ranks.barrier()
         manifest = None
         if ranks.main:                           # the manifest vouches for every rank's shards
-            manifest = build_manifest(cfg.shards, pair_manifest, jobs, identity, cfg.zstd)
+            manifest = build_manifest(cfg.shards, pair_manifest, jobs, identity, cfg.zstd, named)
             atomic_write_json(cfg.out / "manifest.json", manifest)
     return ExtractResult(manifest, written=len(todo), skipped=len(jobs) - len(todo))
 
