@@ -32,13 +32,16 @@ import torch
 
 from common.cli import MAX_BATCH, MAX_SEED, MAX_THREADS, add_config_flags, check_fields, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
+from common.identity import check_made_from
 from evaluation.formatting import num, pct
 from model import load_checkpoint
+from model.checkpoint import LAM_KIND, lam_identity
 from pipeline.actions import ACTION_NAMES
+from pipeline.latent import latent_lam
 from pipeline.palette import frame_levels, read_palette
 from pipeline.shards import LATENT_FORMAT, SPLITS, atomic_write_json, load_manifest
 
-from control.checkpoint import load_controller
+from control.checkpoint import controller_lam, load_controller
 from control.controllability import run_controllability
 from control.data import read_episodes
 from control.figures import controllability_bars, rollout_curves, write_gif
@@ -66,6 +69,8 @@ class ModelPaths:
                                  "not one of the grids seen in training")
     snap: bool = flag(True, "snap each generated frame to the game's palette before it is fed back "
                             "(--no-snap: feed back what the decoder drew)")
+    allow_other_checkpoint: bool = flag(False, "play a controller, or latents, made from another LAM checkpoint "
+                                               "of the same kind (the report says so); by default refused")
 
     def __post_init__(self):
         check_fields(self)                  # the flags' rules, for a config built in Python too
@@ -124,10 +129,38 @@ def load_simulator(paths: ModelPaths) -> tuple[Simulator, bool]:
         torch.set_num_threads(paths.threads)
     lam = load_checkpoint(paths.checkpoint, "cpu")
     controller = load_controller(paths.controller, "cpu")
-    if controller.config.in_channels != lam.config.in_channels:
-        raise UserError(f"{paths.controller}: controller sees {controller.config.in_channels}-channel frames, "
-                        f"the LAM {lam.config.in_channels}")
     return Simulator(lam, controller, per_cell=paths.per_cell), lam.config.in_channels == 1
+
+
+def controller_made_for_lam(paths: ModelPaths, sim: Simulator) -> str | None:
+    """The controller must predict this LAM's codes: of its kind always (grid or action code, the
+    codebook, the colour mode), of these very weights unless --allow-other-checkpoint (then the
+    note for the report). The LAM's identity is the hash of the bytes it was loaded from."""
+    return check_made_from(str(paths.controller), controller_lam(sim.controller), f"LAM {paths.checkpoint}",
+                           lam_identity(sim.lam), kind=LAM_KIND, allow_other=paths.allow_other_checkpoint,
+                           remedy="train a controller on this LAM's latents (make extract controller)")
+
+
+def latents_made_by_lam(paths: ModelPaths, sim: Simulator, episodes: list) -> str | None:
+    """The latents' recorded codes (and the start frames' codes before) must be this LAM's: of its
+    kind always, of these very weights unless --allow-other-checkpoint. Their record: the manifest,
+    or, for shards without one beside them, each sample's json."""
+    if (Path(paths.latent) / "manifest.json").is_file():
+        recorded = latent_lam(load_manifest(paths.latent, LATENT_FORMAT))
+    else:
+        made_by = {meta.get("checkpoint", {}).get("sha256") for e in episodes for meta in e.metas} - {None}
+        recorded = {"sha256": made_by.pop()} if len(made_by) == 1 else {}
+    return check_made_from(str(paths.latent), recorded, f"LAM {paths.checkpoint}", lam_identity(sim.lam),
+                           kind=LAM_KIND, allow_other=paths.allow_other_checkpoint,
+                           remedy="extract latents with this LAM (make extract)")
+
+
+def made_from_notes(*notes: str | None) -> list[str]:
+    """The notes of what was played with --allow-other-checkpoint, said on stderr as well."""
+    kept = [note for note in notes if note]
+    for note in kept:
+        print(f"warning: {note}", file=sys.stderr)
+    return kept
 
 
 def with_palette(sim: Simulator, paths: ModelPaths, episodes: list) -> Simulator:
@@ -141,23 +174,12 @@ def with_palette(sim: Simulator, paths: ModelPaths, episodes: list) -> Simulator
     return replace(sim, palette=levels)
 
 
-def lam_mismatch(paths: ModelPaths, sim: Simulator) -> str | None:
-    """A warning when the controller learned another LAM's codes (its codes would mean nothing here).
-    The LAM's identity is the hash of the bytes it was loaded from, not of a second read of its path."""
-    trained_on = sim.controller.lam.get("sha256")
-    if trained_on and trained_on != sim.lam.sha256:
-        return (f"warning: {paths.controller} was trained on the codes of LAM {trained_on[:12]}, "
-                f"not of {paths.checkpoint}; retrain it (make controller)")
-    return None
-
-
 # ------------------------------------------------------------------------------------ rollout
 def rollout(config: RolloutConfig) -> dict:
     sim, grayscale = load_simulator(config)
-    warning = lam_mismatch(config, sim)
-    if warning:
-        print(warning, file=sys.stderr)
+    controller_note = controller_made_for_lam(config, sim)
     episodes = read_episodes(config.latent, config.split, grayscale=grayscale)
+    notes = made_from_notes(controller_note, latents_made_by_lam(config, sim, episodes))
     sim = with_palette(sim, config, episodes)
     started = time.perf_counter()
     try:
@@ -178,7 +200,7 @@ def rollout(config: RolloutConfig) -> dict:
     metrics = {"split": config.split, "checkpoint": str(config.checkpoint), "lam_step": int(sim.lam.step),
                "controller": str(config.controller), "controller_step": sim.controller.step,
                "controller_grids": 0 if config.per_cell else len(sim.controller.seen_grids),
-               "latent": str(config.latent), "config": jsonable(asdict(config)),
+               "latent": str(config.latent), "config": jsonable(asdict(config)), "made_from_other": notes,
                "palette": None if sim.palette is None else sim.palette.tolist(),
                "rollouts": {"starts": len(result.starts), "episodes": len({s.episode for s in result.starts}),
                             "curves": result.curves},
@@ -199,19 +221,21 @@ def jsonable(values: dict) -> dict:
 
 # ------------------------------------------------------------------------------------ serving
 def build_game(config: ServeConfig) -> tuple[Game | None, str | None]:
-    """The game, or the reason there is none (a missing checkpoint, controller or test frames)."""
+    """The game, or the reason there is none (a missing checkpoint, controller or test frames, or
+    ones made from another LAM)."""
     try:
         sim, grayscale = load_simulator(config)
-        warning = lam_mismatch(config, sim)
-        if warning:
-            print(warning, file=sys.stderr)
+        controller_note = controller_made_for_lam(config, sim)
         episodes = read_episodes(config.latent, config.split, grayscale=grayscale, max_episodes=config.max_episodes)
+        notes = made_from_notes(controller_note, latents_made_by_lam(config, sim, episodes))
         sim = with_palette(sim, config, episodes)
     except UserError as error:
         return None, str(error)
     starts = [StartFrame(e.frames[t], e.frames[max(t - 1, 0)], codes_before(e, t))
               for e in episodes for t in range(len(e.frames))]
-    return Game(sim, starts, config.seed), None
+    game = Game(sim, starts, config.seed)
+    game.made_from_other = notes                 # for a report of what was played (play.py session)
+    return game, None
 
 
 def serve(config: ServeConfig) -> int:
@@ -314,7 +338,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         if problem:
             raise UserError(problem)
         about = {"checkpoint": str(config.checkpoint), "controller": str(config.controller),
-                 "latent": str(config.latent), "seed": config.seed}
+                 "latent": str(config.latent), "seed": config.seed,
+                 "made_from_other": getattr(game, "made_from_other", [])}
         print(summary(record_session(game, config.out, config.steps, about)))
         return 0
     metrics = rollout(config)

@@ -26,6 +26,7 @@ import torch
 from common.errors import UserError
 from pipeline.actions import ACTION_NAMES
 from pipeline.frames import rgb_to_gray_uint8, to_model_input
+from pipeline.latent import latent_lam
 from pipeline.png import decode_png
 from pipeline.shards import LATENT_FORMAT, load_manifest
 from pipeline.stream import latent_dataset, latent_urls
@@ -218,9 +219,9 @@ def same_kind_of_codes(sample: dict, first: dict, source) -> None:
 
 
 def latent_identity(source) -> dict:
-    """The LAM checkpoint ({"sha256", "step"}) whose codes a latent directory holds, when it says
-    (its manifest read and checked like every manifest: a damaged one is one clear error)."""
+    """The LAM whose codes a latent directory holds, as its manifest records it (pipeline.latent.
+    latent_lam: sha256, step, codebook size, action codes, colour mode), when there is one (read and
+    checked like every manifest: a damaged one is one clear error)."""
     if not (Path(source) / "manifest.json").is_file():
         return {}
-    checkpoint = load_manifest(Path(source), LATENT_FORMAT).get("checkpoint", {})
-    return {key: checkpoint[key] for key in ("sha256", "step") if key in checkpoint}
+    return latent_lam(load_manifest(Path(source), LATENT_FORMAT))

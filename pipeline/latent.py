@@ -69,6 +69,18 @@ class CheckpointIdentity:
         return code_dtype(self.codebook_size)
 
 
+def latent_lam(manifest: dict) -> dict:
+    """What a latent manifest records of the LAM that made its codes, in the terms of
+    model/checkpoint.lam_identity (a field an older manifest lacks is left out)."""
+    checkpoint = manifest.get("checkpoint", {})
+    facts = {key: checkpoint[key] for key in ("sha256", "step", "codebook_size") if key in checkpoint}
+    if "codebook_size" in checkpoint:               # written since the action codes were: 0 when absent
+        facts["action_codes"] = checkpoint.get("action_codes", 0)
+    if "color" in checkpoint:
+        facts["in_channels"] = 1 if checkpoint["color"] == "gray" else 3
+    return facts
+
+
 # ------------------------------------------------------------------------------------ plan
 @dataclass
 class ShardJob:

@@ -464,3 +464,46 @@ def test_browser_arrow_keys_move_the_paddle(episodes):
         driver.quit()
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------------------------------------ what was made from what
+def rollout_argv(checkpoint, controller, latent, out, *extra) -> list[str]:
+    return ["rollout", "--checkpoint", str(checkpoint), "--controller", str(controller), "--latent", str(latent),
+            "--out", str(out), "--horizon", "2", "--starts", "2", "--gifs", "0", "--control-starts", "2",
+            "--control-steps", "2", "--batch-size", "2", *extra]
+
+
+def test_latents_of_another_lam_are_refused_unless_allowed_and_then_the_report_says_so(
+        tiny_checkpoint, controller_path, latent_dir, tmp_path, capsys):
+    """`rollout --checkpoint A --latent <latents of B>` scored B's codes as "recorded codes" of A."""
+    other = tiny_checkpoint.parent / "step-000010.pt"          # the latents are step 20's
+    capsys.readouterr()
+    assert play.main(rollout_argv(other, controller_path, latent_dir, tmp_path / "refused")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {latent_dir}: made from another model")
+    assert "step 20" in err and "step 10" in err and "--allow-other-checkpoint" in err
+    assert not (tmp_path / "refused" / "metrics.json").exists()
+    out = tmp_path / "allowed"
+    assert play.main(rollout_argv(other, controller_path, latent_dir, out, "--allow-other-checkpoint")) == 0
+    notes = json.loads((out / "metrics.json").read_text())["made_from_other"]
+    assert len(notes) == 1 and str(latent_dir) in notes[0]
+    assert "Made from another model" in (out / "report.md").read_text()
+
+
+def test_a_controller_trained_for_another_lam_is_refused(tiny_checkpoint, latent_dir, tmp_path, capsys):
+    """A controller trained on step 20's codes, played with step 10: refused (it was a warning, then
+    a full report), by rollout and by the play server (whose page says why)."""
+    from control import train as control_train
+
+    assert control_train.main(["--latent", str(latent_dir), "--out", str(tmp_path / "controller"), "--steps", "2",
+                               "--batch-size", "4", "--shuffle-buffer", "8", "--channels", "4", "8", "8", "8", "8",
+                               "--hidden", "16", "--eval-batch-size", "16"]) == 0
+    controller = tmp_path / "controller" / "controller.pt"
+    other = tiny_checkpoint.parent / "step-000010.pt"
+    capsys.readouterr()
+    assert play.main(rollout_argv(other, controller, latent_dir, tmp_path / "play")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {controller}: made from another model")
+    game, problem = play.build_game(play.ServeConfig(checkpoint=other, controller=controller, latent=latent_dir))
+    assert game is None and problem.startswith(f"{controller}: made from another model")
+    assert play.main(rollout_argv(tiny_checkpoint, controller, latent_dir, tmp_path / "play")) == 0   # its own LAM

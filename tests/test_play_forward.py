@@ -213,3 +213,32 @@ def test_a_split_models_sample_without_its_action_code_is_named(split_latent, tm
     shutil.copy((latent / shard).with_suffix(".idx"), loose / "latent-000000.idx")
     with pytest.raises(UserError, match=rf"sample {missing_key} has no action\.npy, but sample \S+ has one"):
         read_episodes([str(loose / "latent-000000.tar")], "test", grayscale=True)
+
+
+def test_a_controller_of_another_kind_of_lam_is_refused_both_ways(split_latent, tiny_checkpoint, latent_dir,
+                                                                  tmp_path, capsys):
+    """A controller trained for a split LAM (it predicts the action code) played with a grid LAM was
+    a warning and a full report; a grid controller played with a split LAM a RuntimeError
+    traceback. Both are one line, whatever --allow-other-checkpoint says: they cannot work."""
+    import play
+    from control import save_controller
+    from control.train import main as train_controller
+
+    split_checkpoint, split_latents = split_latent
+    assert train_controller(["--latent", str(split_latents), "--out", str(tmp_path / "split"), "--steps", "2",
+                             "--batch-size", "4", "--shuffle-buffer", "8", "--eval-split", "val", "--channels",
+                             "4", "4", "4", "4", "4", "--hidden", "8"]) == 0
+    grid_controller = save_controller(tmp_path / "grid.pt", Controller(ControllerConfig(
+        channels=(4, 4, 4, 4, 4), hidden=8)).eval(), step=0)
+    for checkpoint, controller, latent, lam_has in (
+            (tiny_checkpoint, tmp_path / "split" / "controller.pt", latent_dir, "action_codes 0"),
+            (split_checkpoint, grid_controller, split_latents, "action_codes 8")):
+        capsys.readouterr()
+        argv = ["rollout", "--checkpoint", str(checkpoint), "--controller", str(controller), "--latent", str(latent),
+                "--out", str(tmp_path / "play"), "--horizon", "2", "--starts", "2", "--gifs", "0",
+                "--control-starts", "2", "--control-steps", "2", "--allow-other-checkpoint"]
+        assert play.main(argv) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+        assert lines[0].startswith(f"error: {controller}: made for a model with") and lam_has in lines[0]
