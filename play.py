@@ -33,6 +33,7 @@ import torch
 from common.cli import MAX_BATCH, MAX_SEED, MAX_THREADS, add_config_flags, check_fields, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 from common.identity import check_made_from
+from common.lock import FolderLock
 from evaluation.formatting import num, pct
 from model import load_checkpoint
 from model.checkpoint import LAM_KIND, lam_identity
@@ -176,6 +177,11 @@ def with_palette(sim: Simulator, paths: ModelPaths, episodes: list) -> Simulator
 
 # ------------------------------------------------------------------------------------ rollout
 def rollout(config: RolloutConfig) -> dict:
+    with FolderLock(config.out):                # one writer of --out (rollout, session, bench share reports/play)
+        return rollout_locked(config)
+
+
+def rollout_locked(config: RolloutConfig) -> dict:
     sim, grayscale = load_simulator(config)
     controller_note = controller_made_for_lam(config, sim)
     episodes = read_episodes(config.latent, config.split, grayscale=grayscale)
@@ -264,6 +270,11 @@ def post_json(url: str, payload: dict) -> dict:
 
 def bench(config: BenchConfig) -> dict:
     """Play steps through the real server on a free port: where a frame's time goes."""
+    with FolderLock(config.out):
+        return bench_locked(config)
+
+
+def bench_locked(config: BenchConfig) -> dict:
     game, problem = build_game(ServeConfig(**{**asdict(config_paths(config)), "seed": 0}))
     if problem:
         raise UserError(problem)
@@ -291,6 +302,15 @@ def bench(config: BenchConfig) -> dict:
               "controller": str(config.controller)}
     atomic_write_json(config.out / "bench.json", result)
     return result
+
+
+def session(config: SessionConfig) -> dict:
+    game, problem = build_game(ServeConfig(**{**asdict(config_paths(config)), "seed": config.seed}))
+    if problem:
+        raise UserError(problem)
+    about = {"checkpoint": str(config.checkpoint), "controller": str(config.controller),
+             "latent": str(config.latent), "seed": config.seed, "made_from_other": game.made_from_other}
+    return record_session(game, config.out, config.steps, about)
 
 
 def config_paths(config: ModelPaths) -> ModelPaths:
@@ -334,13 +354,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     if command == "session":
         check_browser()                                      # before loading any model
-        game, problem = build_game(ServeConfig(**{**asdict(config_paths(config)), "seed": config.seed}))
-        if problem:
-            raise UserError(problem)
-        about = {"checkpoint": str(config.checkpoint), "controller": str(config.controller),
-                 "latent": str(config.latent), "seed": config.seed,
-                 "made_from_other": getattr(game, "made_from_other", [])}
-        print(summary(record_session(game, config.out, config.steps, about)))
+        with FolderLock(config.out):
+            print(summary(session(config)))
         return 0
     metrics = rollout(config)
     curves, control = metrics["rollouts"]["curves"], metrics["controllability"]

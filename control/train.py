@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from common.cli import MAX_BATCH, MAX_SEED, MAX_THREADS, add_config_flags, check_fields, config_values, flag
 from common.device import model_threads, resolve_device, torch_threads
 from common.errors import UserError, check_output_dir, run_cli
+from common.lock import FolderLock
 from evaluation.formatting import pct
 from pipeline.frames import CODEBOOK_SIZE
 from pipeline.loader import BackgroundIterator
@@ -98,7 +99,8 @@ def lam_codes(latent: Path) -> dict:
 def train(config: ControllerTrainConfig, progress=print) -> dict:
     device = resolve_device(config.device)
     cores = os.cpu_count() or 1
-    with torch_threads((config.threads or model_threads(cores)) if device.type == "cpu" else None):
+    with FolderLock(config.out), \
+            torch_threads((config.threads or model_threads(cores)) if device.type == "cpu" else None):
         return train_controller(config, device, progress)
 
 
@@ -180,10 +182,11 @@ def parse_args(argv: Sequence[str] | None) -> ControllerTrainConfig:
 def run(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     print("controller config: " + json.dumps(config.to_dict(), sort_keys=True))
-    metrics = train(config)
-    atomic_write_json(config.out / "metrics.json", metrics)
-    checkpoint = config.out / CHECKPOINT_NAME
-    report = write_controller_report(config.out, metrics, config.eval_split, checkpoint)
+    with FolderLock(config.out):                # one writer of --out, from training to the report
+        metrics = train(config)
+        atomic_write_json(config.out / "metrics.json", metrics)
+        checkpoint = config.out / CHECKPOINT_NAME
+        report = write_controller_report(config.out, metrics, config.eval_split, checkpoint)
     scores = metrics[config.eval_split]
     print(f"{config.eval_split}: per-cell accuracy {pct(scores['accuracy'])} (most common code "
           f"{pct(scores['majority_accuracy'])}); changed cells {pct(scores['changed_accuracy'])} of "

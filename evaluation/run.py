@@ -22,8 +22,9 @@ import numpy as np
 
 from common.cli import MAX_BATCH, MAX_SEED, MAX_THREADS, check_fields, flag
 from common.device import model_threads, torch_threads
-from common.distributed import process_group
+from common.distributed import hold_on_main, process_group
 from common.errors import UserError, check_output_dir
+from common.lock import FolderLock
 from evaluation.code_analysis import event_code_analysis
 from evaluation.events import Elements, count_events, transition_events
 from evaluation.figures import code_tsne, codebook_histogram, codes_by_event, reconstruction_grid
@@ -78,7 +79,19 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
     pairs = sum(int(entry["pairs"]) for entry in entries)
     if pairs == 0:
         raise UserError(f"{cfg.shards}: split {cfg.split!r} has no pairs")
+    lock = FolderLock(cfg.out)
+    try:
+        return evaluate_locked(cfg, manifest, entries, pairs, lock, started)
+    finally:
+        lock.release()
+
+
+def evaluate_locked(cfg: EvaluateConfig, manifest: dict, entries: list[dict], pairs: int, lock: FolderLock,
+                    started: float) -> tuple[dict | None, Path | None]:
+    """The evaluation, on every rank; rank 0 holds --out's lock from before the pass to the last
+    file it writes there."""
     with process_group(cfg.device) as (ranks, device):
+        hold_on_main(ranks, lock)
         lam, identity = load_model(cfg.checkpoint, device)
         inference_layout(lam, device)
         loader_threads = cfg.loader_threads or ranks.cores

@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from common.cli import MAX_BATCH, MAX_THREADS, check_fields, flag
 from common.device import model_threads, torch_threads
-from common.distributed import Ranks, process_group
+from common.distributed import Ranks, hold_on_main, process_group
 from common.errors import UserError, check_output_dir
+from common.lock import FolderLock
 from model.inference import AMP_MODES, CheckpointIdentity, autocast, codes_to_array, inference_layout, load_model
 from model.precision import Precision, decide_precision
 from pipeline.latent import (Coded, ShardJob, build_manifest, clear_output, ensure_zstd, is_finished, other_checkpoints,
@@ -86,8 +87,20 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     cfg = dataclasses.replace(cfg, shards=pin_shard_dir(cfg.shards))
     pair_manifest = load_manifest(cfg.shards, PAIRS_FORMAT)
     jobs = plan_jobs(cfg.shards, pair_manifest, cfg.out)
+    lock = FolderLock(cfg.out)
+    try:
+        return extract_locked(cfg, named, pair_manifest, jobs, lock)
+    finally:
+        lock.release()
+
+
+def extract_locked(cfg: ExtractConfig, named: Path, pair_manifest: dict, jobs: list[ShardJob],
+                   lock: FolderLock) -> ExtractResult:
+    """The run, on every rank; rank 0 takes --out's lock before any rank looks at what --out holds
+    and holds it until the manifest is written."""
     with process_group(cfg.device) as (ranks, device), \
             torch_threads((cfg.threads or model_threads(ranks.cores)) if device.type == "cpu" else None):
+        hold_on_main(ranks, lock)
         lam, identity = load_model(cfg.checkpoint, device)
         inference_layout(lam, device)
         # every rank asks (so every rank stops alike); only rank 0 removes, and only with --overwrite

@@ -44,6 +44,7 @@ from zlib_ng import zlib_ng
 
 from common.cli import MAX_SEED, MAX_THREADS, add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
+from common.lock import FolderLock
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 from pipeline.palette import MAX_COLOURS, MIN_COLOURS, Palette, colour_ids
 from pipeline.png import BadFrame, Ihdr, png_chunks
@@ -448,11 +449,17 @@ def pack(src: Path, out: Path, *, seed: int = 0, fractions: Sequence[float] = (0
                           workers=workers, strict=strict)
     src, out = Path(src), Path(out)
     check_output_dir(out, "--out")
-    folder = ShardSetFolder(out)
-    folder.check()
     names = list_episodes(src)
     if out.resolve().is_relative_to(src.resolve()):
         raise UserError(f"--out {out} is inside --src {src}: it would be read as an episode")
+    with FolderLock(out):               # one packer per --out, from its first check to the swap
+        return pack_locked(src, out, names, options, progress)
+
+
+def pack_locked(src: Path, out: Path, names: list[str], options: PackOptions, progress: bool) -> dict:
+    """pack()'s work on the episodes `names`, with the --out lock held."""
+    folder = ShardSetFolder(out)
+    folder.check()
     episodes = [Episode(i, name, split) for i, (name, split) in
                 enumerate(zip(names, assign_splits(names, options.seed, options.fractions)))]
     folder.remove_leftovers()
