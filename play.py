@@ -240,7 +240,7 @@ def build_game(config: ServeConfig) -> tuple[Game | None, str | None]:
     starts = [StartFrame(e.frames[t], e.frames[max(t - 1, 0)], codes_before(e, t))
               for e in episodes for t in range(len(e.frames))]
     game = Game(sim, starts, config.seed)
-    game.made_from_other = notes                 # for a report of what was played (play.py session)
+    game.made_from_other = notes                 # for the report of what was played (play.py session)
     return game, None
 
 

@@ -108,6 +108,7 @@ class Game:
         if not starts:
             raise ValueError("no start frames")
         self.sim, self.starts = sim, starts
+        self.made_from_other: list[str] = []     # what was allowed with --allow-other-checkpoint (play.py)
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.restart()

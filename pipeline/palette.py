@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.frames import rgb_to_gray_uint8
 # more than MAX_COLOURS is not a palette game: nothing to snap to (the manifest schema's rule, MIN_COLOURS too)
-from pipeline.manifest_schema import MAX_COLOURS, MIN_COLOURS, PALETTE, SchemaError, validate
+from pipeline.manifest_schema import MAX_COLOURS, MIN_COLOURS, PALETTE, SchemaError, validate  # noqa: F401 - pack reads them here
 
 if TYPE_CHECKING:      # torch is imported where it is used: the packer needs only the colours
     import torch

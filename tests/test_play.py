@@ -507,3 +507,25 @@ def test_a_controller_trained_for_another_lam_is_refused(tiny_checkpoint, latent
     game, problem = play.build_game(play.ServeConfig(checkpoint=other, controller=controller, latent=latent_dir))
     assert game is None and problem.startswith(f"{controller}: made from another model")
     assert play.main(rollout_argv(tiny_checkpoint, controller, latent_dir, tmp_path / "play")) == 0   # its own LAM
+
+
+def test_codes_past_the_codebook_are_refused_by_rollout_and_the_play_server(tiny_checkpoint, controller_path,
+                                                                           latent_dir, tmp_path, capsys):
+    """Latents whose every code is +256 (stored uint16, the manifest saying uint16 as for a larger
+    codebook) gave a rollout as good as the real codes: the FSQ lookup wrapped them. Now the
+    rollout stops on the first such sample, and the play server's page says which."""
+    from test_stream import first_test_shard, plus_256, rewrite_latent_shard
+
+    latent = tmp_path / "latent"
+    shutil.copytree(latent_dir, latent)
+    shard = first_test_shard(latent)
+    key = rewrite_latent_shard(latent, shard, plus_256)[0]
+    manifest = json.loads((latent / "manifest.json").read_text())
+    (latent / "manifest.json").write_text(json.dumps({**manifest, "code_dtype": "uint16"}))
+    capsys.readouterr()
+    assert play.main(rollout_argv(tiny_checkpoint, controller_path, latent, tmp_path / "play")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {latent / shard}: sample {key}: codes.npy holds code")
+    game, problem = play.build_game(play.ServeConfig(checkpoint=tiny_checkpoint, controller=controller_path,
+                                                     latent=latent))
+    assert game is None and problem.startswith(f"{latent / shard}: sample {key}: codes.npy holds code")
