@@ -114,8 +114,9 @@ def test_shift_model_keeps_the_api_and_learns_a_move():
 
 @pytest.mark.parametrize("make, message", [
     (lambda: ModelConfig(output="warp"), "output must be one of sigmoid, residual, shift"),
-    (lambda: ModelConfig(shift=ShiftConfig(max_x=-1)), "shift.max_x and shift.max_y must be >= 0"),
-    (lambda: ModelConfig(shift=ShiftConfig(max_y=-3)), "shift.max_x and shift.max_y must be >= 0"),
+    (lambda: ModelConfig(shift=ShiftConfig(max_x=-1)), "shift.max_x and shift.max_y must be in [0, 80] and [0, 105]"),
+    (lambda: ModelConfig(shift=ShiftConfig(max_y=-3)), "shift.max_x and shift.max_y must be in [0, 80] and [0, 105]"),
+    (lambda: ModelConfig(shift=ShiftConfig(max_y=106)), "shift.max_x and shift.max_y must be in [0, 80] and [0, 105]"),
     (lambda: ModelConfig(shift=ShiftConfig(stage=4)), "shift.stage must be in 0..3"),
 ])
 def test_bad_shift_options_are_refused(make, message):
