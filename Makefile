@@ -128,7 +128,7 @@ test: setup browser
 wheels: setup
 	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-	  -d $(WHEELS) webdataset wandb zstandard zlib-ng ale-py gymnasium tqdm matplotlib scikit-learn pytest pytest-timeout hypothesis
+	  -d $(WHEELS) webdataset wandb zstandard uvicorn starlette zlib-ng ale-py gymnasium tqdm matplotlib scikit-learn pytest pytest-timeout hypothesis
 	@ls $(WHEELS) | wc -l | xargs echo "wheels in $(WHEELS)/:"
 
 gpu-check:

@@ -30,17 +30,21 @@ from typing import Sequence
 
 import torch
 
-from common.cli import add_config_flags, check_fields, config_values, flag
+from common.cli import MAX_BATCH, MAX_SEED, MAX_THREADS, add_config_flags, check_fields, config_values, flag
 from common.device import resolve_device
 from common.errors import UserError, check_output_dir, run_cli
+from common.identity import check_made_from
+from common.lock import FolderLock
 from common.provenance import provenance
 from evaluation.formatting import num, pct
 from model import load_checkpoint
+from model.checkpoint import LAM_KIND, lam_identity
 from pipeline.actions import ACTION_NAMES
+from pipeline.latent import latent_lam
 from pipeline.palette import frame_levels, read_palette
 from pipeline.shards import LATENT_FORMAT, SPLITS, atomic_write_json, load_manifest
 
-from control.checkpoint import load_controller
+from control.checkpoint import controller_lam, load_controller
 from control.controllability import run_controllability
 from control.data import read_episodes
 from control.figures import controllability_bars, rollout_curves, write_gif
@@ -53,6 +57,8 @@ from control.simulator import Simulator
 DEFAULT_CHECKPOINT = Path("checkpoints/latent_action/best.pt")
 DEFAULT_CONTROLLER = Path("checkpoints/controller/controller.pt")
 DEFAULT_LATENT = Path("shards/latent")
+# a rollout keeps its GIF starts' frames in memory, every step of them: 10,000 steps of 3 panels are 1 GB
+MAX_PLAY_STEPS = 10_000
 
 
 @dataclass
@@ -63,11 +69,13 @@ class ModelPaths:
     split: str = flag("test", choices=SPLITS)
     device: str = flag("auto", "where the models run: auto (a GPU when there is one), cpu or cuda",
                        choices=("auto", "cpu", "cuda"))
-    threads: int = flag(0, "torch CPU threads (0: torch's default)", min=0)
+    threads: int = flag(0, "torch CPU threads (0: torch's default)", min=0, max=MAX_THREADS)
     per_cell: bool = flag(False, "the controller picks each cell's code on its own, "
                                  "not one of the grids seen in training")
     snap: bool = flag(True, "snap each generated frame to the game's palette before it is fed back "
                             "(--no-snap: feed back what the decoder drew)")
+    allow_other_checkpoint: bool = flag(False, "play a controller, or latents, made from another LAM checkpoint "
+                                               "of the same kind (the report says so); by default refused")
 
     def __post_init__(self):
         check_fields(self)                  # the flags' rules, for a config built in Python too
@@ -76,13 +84,13 @@ class ModelPaths:
 @dataclass
 class RolloutConfig(ModelPaths):
     out: Path = Path("reports/play")
-    horizon: int = flag(200, "steps each rollout plays", min=1)
-    starts: int = flag(48, "rollout start frames, spread over the split's episodes", min=1)
+    horizon: int = flag(200, "steps each rollout plays", min=1, max=MAX_PLAY_STEPS)
+    starts: int = flag(48, "rollout start frames, spread over the split's episodes", min=1, max=MAX_PLAY_STEPS)
     gifs: int = flag(3, "GIFs of starts spread over the episodes", min=0)
-    control_starts: int = flag(100, min=1)
-    control_steps: int = flag(20, "steps of always-LEFT / always-RIGHT", min=1)
-    batch_size: int = flag(0, "starts played side by side (0: all of them at once)", min=0)
-    seed: int = flag(0, min=0)
+    control_starts: int = flag(100, min=1, max=MAX_PLAY_STEPS)
+    control_steps: int = flag(20, "steps of always-LEFT / always-RIGHT", min=1, max=MAX_PLAY_STEPS)
+    batch_size: int = flag(0, "starts played side by side (0: all of them at once)", min=0, max=MAX_BATCH)
+    seed: int = flag(0, min=0, max=MAX_SEED)
 
     def __post_init__(self):
         super().__post_init__()
@@ -99,7 +107,7 @@ class ServeConfig(ModelPaths):
 
 @dataclass
 class BenchConfig(ModelPaths):
-    steps: int = flag(100, "play steps timed", min=1)
+    steps: int = flag(100, "play steps timed", min=1, max=MAX_PLAY_STEPS)
     out: Path = Path("reports/play")
 
     def __post_init__(self):
@@ -109,9 +117,9 @@ class BenchConfig(ModelPaths):
 
 @dataclass
 class SessionConfig(ModelPaths):
-    steps: int = flag(300, "steps the ball-following policy plays on the page", min=1)
+    steps: int = flag(300, "steps the ball-following policy plays on the page", min=1, max=MAX_PLAY_STEPS)
     out: Path = Path("reports/play")
-    seed: int = flag(0, "picks the test frame the game restarts from", min=0)
+    seed: int = flag(0, "picks the test frame the game restarts from", min=0, max=MAX_SEED)
 
     def __post_init__(self):
         super().__post_init__()
@@ -127,10 +135,38 @@ def load_simulator(paths: ModelPaths) -> tuple[Simulator, bool]:
     device = resolve_device(paths.device)
     lam = load_checkpoint(paths.checkpoint, device)
     controller = load_controller(paths.controller, device)
-    if controller.config.in_channels != lam.config.in_channels:
-        raise UserError(f"{paths.controller}: controller sees {controller.config.in_channels}-channel frames, "
-                        f"the LAM {lam.config.in_channels}")
     return Simulator(lam, controller, device=device, per_cell=paths.per_cell), lam.config.in_channels == 1
+
+
+def controller_made_for_lam(paths: ModelPaths, sim: Simulator) -> str | None:
+    """The controller must predict this LAM's codes: of its kind always (grid or action code, the
+    codebook, the colour mode), of these very weights unless --allow-other-checkpoint (then the
+    note for the report). The LAM's identity is the hash of the bytes it was loaded from."""
+    return check_made_from(str(paths.controller), controller_lam(sim.controller), f"LAM {paths.checkpoint}",
+                           lam_identity(sim.lam), kind=LAM_KIND, allow_other=paths.allow_other_checkpoint,
+                           remedy="train a controller on this LAM's latents (make extract controller)")
+
+
+def latents_made_by_lam(paths: ModelPaths, sim: Simulator, episodes: list) -> str | None:
+    """The latents' recorded codes (and the start frames' codes before) must be this LAM's: of its
+    kind always, of these very weights unless --allow-other-checkpoint. Their record: the manifest,
+    or, for shards without one beside them, each sample's json."""
+    if (Path(paths.latent) / "manifest.json").is_file():
+        recorded = latent_lam(load_manifest(paths.latent, LATENT_FORMAT))
+    else:
+        made_by = {meta.get("checkpoint", {}).get("sha256") for e in episodes for meta in e.metas} - {None}
+        recorded = {"sha256": made_by.pop()} if len(made_by) == 1 else {}
+    return check_made_from(str(paths.latent), recorded, f"LAM {paths.checkpoint}", lam_identity(sim.lam),
+                           kind=LAM_KIND, allow_other=paths.allow_other_checkpoint,
+                           remedy="extract latents with this LAM (make extract)")
+
+
+def made_from_notes(*notes: str | None) -> list[str]:
+    """The notes of what was played with --allow-other-checkpoint, said on stderr as well."""
+    kept = [note for note in notes if note]
+    for note in kept:
+        print(f"warning: {note}", file=sys.stderr)
+    return kept
 
 
 def with_palette(sim: Simulator, paths: ModelPaths, episodes: list) -> Simulator:
@@ -144,23 +180,17 @@ def with_palette(sim: Simulator, paths: ModelPaths, episodes: list) -> Simulator
     return replace(sim, palette=levels)
 
 
-def lam_mismatch(paths: ModelPaths, sim: Simulator) -> str | None:
-    """A warning when the controller learned another LAM's codes (its codes would mean nothing here).
-    The LAM's identity is the hash of the bytes it was loaded from, not of a second read of its path."""
-    trained_on = sim.controller.lam.get("sha256")
-    if trained_on and trained_on != sim.lam.sha256:
-        return (f"warning: {paths.controller} was trained on the codes of LAM {trained_on[:12]}, "
-                f"not of {paths.checkpoint}; retrain it (make controller)")
-    return None
-
-
 # ------------------------------------------------------------------------------------ rollout
 def rollout(config: RolloutConfig) -> dict:
+    with FolderLock(config.out):                # one writer of --out (rollout, session, bench share reports/play)
+        return rollout_locked(config)
+
+
+def rollout_locked(config: RolloutConfig) -> dict:
     sim, grayscale = load_simulator(config)
-    warning = lam_mismatch(config, sim)
-    if warning:
-        print(warning, file=sys.stderr)
+    controller_note = controller_made_for_lam(config, sim)
     episodes = read_episodes(config.latent, config.split, grayscale=grayscale)
+    notes = made_from_notes(controller_note, latents_made_by_lam(config, sim, episodes))
     sim = with_palette(sim, config, episodes)
     started = time.perf_counter()
     try:
@@ -183,13 +213,13 @@ def rollout(config: RolloutConfig) -> dict:
                "lam_step": int(sim.lam.step),
                "controller": str(config.controller), "controller_step": sim.controller.step,
                "controller_grids": 0 if config.per_cell else len(sim.controller.seen_grids),
-               "latent": str(config.latent), "config": jsonable(asdict(config)),
+               "latent": str(config.latent), "config": jsonable(asdict(config)), "made_from_other": notes,
                "palette": None if sim.palette is None else sim.palette.tolist(),
                "rollouts": {"starts": len(result.starts), "episodes": len({s.episode for s in result.starts}),
                             "curves": result.curves},
                "controllability": control, "figures": figures, "gifs": gifs,
                "seconds": round(time.perf_counter() - started, 1),
-               "provenance": provenance(**lam_origin(sim.lam), precision="fp32")}      # rollouts run fp32 on the CPU
+               "provenance": provenance(**lam_origin(sim.lam), precision="fp32")}      # rollouts run in fp32, on --device
     atomic_write_json(config.out / "metrics.json", metrics)
     metrics["report"] = str(write_play_report(config.out, metrics, figures, gifs))
     return metrics
@@ -213,19 +243,21 @@ def jsonable(values: dict) -> dict:
 
 # ------------------------------------------------------------------------------------ serving
 def build_game(config: ServeConfig) -> tuple[Game | None, str | None]:
-    """The game, or the reason there is none (a missing checkpoint, controller or test frames)."""
+    """The game, or the reason there is none (a missing checkpoint, controller or test frames, or
+    ones made from another LAM)."""
     try:
         sim, grayscale = load_simulator(config)
-        warning = lam_mismatch(config, sim)
-        if warning:
-            print(warning, file=sys.stderr)
+        controller_note = controller_made_for_lam(config, sim)
         episodes = read_episodes(config.latent, config.split, grayscale=grayscale, max_episodes=config.max_episodes)
+        notes = made_from_notes(controller_note, latents_made_by_lam(config, sim, episodes))
         sim = with_palette(sim, config, episodes)
     except UserError as error:
         return None, str(error)
     starts = [StartFrame(e.frames[t], e.frames[max(t - 1, 0)], codes_before(e, t))
               for e in episodes for t in range(len(e.frames))]
-    return Game(sim, starts, config.seed), None
+    game = Game(sim, starts, config.seed)
+    game.made_from_other = notes                 # for the report of what was played (play.py session)
+    return game, None
 
 
 def serve(config: ServeConfig) -> int:
@@ -254,6 +286,11 @@ def post_json(url: str, payload: dict) -> dict:
 
 def bench(config: BenchConfig) -> dict:
     """Play steps through the real server on a free port: where a frame's time goes."""
+    with FolderLock(config.out):
+        return bench_locked(config)
+
+
+def bench_locked(config: BenchConfig) -> dict:
     game, problem = build_game(ServeConfig(**{**asdict(config_paths(config)), "seed": 0}))
     if problem:
         raise UserError(problem)
@@ -281,6 +318,15 @@ def bench(config: BenchConfig) -> dict:
               "controller": str(config.controller)}
     atomic_write_json(config.out / "bench.json", result)
     return result
+
+
+def session(config: SessionConfig) -> dict:
+    game, problem = build_game(ServeConfig(**{**asdict(config_paths(config)), "seed": config.seed}))
+    if problem:
+        raise UserError(problem)
+    about = {"checkpoint": str(config.checkpoint), "controller": str(config.controller),
+             "latent": str(config.latent), "seed": config.seed, "made_from_other": game.made_from_other}
+    return record_session(game, config.out, config.steps, about)
 
 
 def config_paths(config: ModelPaths) -> ModelPaths:
@@ -324,12 +370,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     if command == "session":
         check_browser()                                      # before loading any model
-        game, problem = build_game(ServeConfig(**{**asdict(config_paths(config)), "seed": config.seed}))
-        if problem:
-            raise UserError(problem)
-        about = {"checkpoint": str(config.checkpoint), "controller": str(config.controller),
-                 "latent": str(config.latent), "seed": config.seed}
-        print(summary(record_session(game, config.out, config.steps, about)))
+        with FolderLock(config.out):
+            print(summary(session(config)))
         return 0
     metrics = rollout(config)
     curves, control = metrics["rollouts"]["curves"], metrics["controllability"]

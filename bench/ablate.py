@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import ROOT, machine, markdown_table
-from common.cli import add_config_flags, config_values, flag
+from common.cli import MAX_SEED, MAX_THREADS, add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 
 
@@ -65,9 +65,9 @@ class AblateConfig:
     shards: Path = flag(ROOT / "shards" / "pairs", "pair shard directory")
     out: Path = flag(ROOT / "reports" / "ablation", "ablation.md, ablation.json and each run's folder")
     iters: int = flag(0, "training steps (0: the demo preset's)", min=0)
-    seeds: tuple[int, ...] = flag((0, 1), "training seeds of each entry", nargs="+", min=0)
+    seeds: tuple[int, ...] = flag((0, 1), "training seeds of each entry", nargs="+", min=0, max=MAX_SEED)
     controller_steps: int = flag(300, "controller training steps", min=1)
-    jobs: int = flag(1, "runs side by side (one CPU thread each when > 1)", min=1)
+    jobs: int = flag(1, "runs side by side (one CPU thread each when > 1)", min=1, max=MAX_THREADS)
     only: tuple[str, ...] = flag((), f"entries to run, in this order (of: {', '.join(ENTRIES)})", nargs="*")
     set: tuple[str, ...] = flag((), "a train.py setting for every entry (FIELD=VALUE)", nargs="*")
 

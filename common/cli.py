@@ -31,6 +31,14 @@ from typing import Any, Callable, Mapping, Sequence
 from common.errors import UserError
 
 PARSERS = {int: int, float: float, str: str, Path: Path}
+
+# Upper bounds of numbers that cannot work past them, one statement for every command (a flag's
+# error names the bound: `--threads must be <= 256 (got 100000)`).
+MAX_THREADS = 256           # threads or worker processes per rank: more than any machine here has cores,
+                            # and each costs a stack (100,000 loader threads: "terminate called", rc 134)
+MAX_BATCH = 4096            # pairs per batch on one rank: 4096 pairs' frames alone are 1.1 GB in fp32, the
+                            # model's activations many times that (and DALI's batch size is a 32-bit int)
+MAX_SEED = 2**31 - 1        # numpy, ALE and DALI take 32-bit seeds
 KIND_WORDS = {int: "an integer", float: "a number"}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator, Sequence, TypeVar
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from common.device import resolve_device
+from common.errors import UserError
+from common.lock import FolderLock
 
 T = TypeVar("T")
 # A barrier waits for the slowest rank's share of the work: far longer than a training step, so
@@ -77,6 +80,52 @@ class Ranks:
         return gathered
 
 
+def hold_on_main(ranks: Ranks, lock: FolderLock) -> None:
+    """The output folder's lock, taken by rank 0 (the one writer of what vouches for the run; the
+    other ranks write their shards only between barriers it has passed). Every rank learns whether
+    it got it, so a refused run stops on every rank alike. The caller releases it (a no-op off rank 0)."""
+    refusal = None
+    if ranks.main:
+        try:
+            lock.acquire()
+        except UserError as error:
+            refusal = str(error)
+    refusal = ranks.all_gather(refusal)[0]
+    if refusal:
+        raise UserError(refusal)
+
+
+# prctl(2): ask the kernel for a signal when the parent process dies
+PR_SET_PDEATHSIG = 1
+
+
+def end_with_launcher() -> None:
+    """Under torchrun, die with it. torchrun starts each rank in a session of its own
+    (start_new_session=True in torch's SubprocessHandler), so killing torchrun's process group (a
+    job's Ctrl-C, a scheduler's kill -9) leaves every rank running, writing, and holding its output.
+    Asked here, the kernel kills this rank the moment torchrun dies, however it dies; and if it died
+    before the ask, the rank stops now."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if launcher_gone():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def launcher_gone() -> bool:
+    """Whether this rank's parent is no longer a torchrun (it was reparented to init or a reaper)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as file:
+            command = file.read()
+    except OSError:
+        return True
+    return b"torch.distributed" not in command and b"torchrun" not in command
+
+
 def torchrun_ranks() -> Ranks:
     """This process's place, from torchrun's environment (rank 0 of 1 without it)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -88,6 +137,7 @@ def torchrun_ranks() -> Ranks:
 def process_group(device: str | torch.device | None) -> Iterator[tuple[Ranks, torch.device]]:
     """This rank and its device (the rank's own GPU: cuda:LOCAL_RANK), inside the process group when
     torchrun started several; the group is left on exit. CPU ranks sharing a machine split its cores."""
+    end_with_launcher()
     ranks = torchrun_ranks()
     if str(device or "auto") in ("auto", "cuda") and torch.cuda.is_available():
         torch.cuda.set_device(ranks.local_rank)           # so the device rule picks this rank's GPU

@@ -23,6 +23,16 @@ def save_controller(path: str | Path, controller: Controller, *, step: int, lam:
     return Path(path)
 
 
+def controller_lam(controller: Controller) -> dict:
+    """What the controller records of the LAM it was trained for (model/checkpoint.lam_identity's
+    terms): what its training wrote, and what its own shape implies (a controller from before it
+    wrote the rest): its colour mode, and grid codes of its codebook, or that many action codes."""
+    config = controller.config
+    implied = ({"action_codes": config.codebook_size} if config.target == "action"
+               else {"codebook_size": config.codebook_size, "action_codes": 0})
+    return {"in_channels": config.in_channels, **implied, **controller.lam}
+
+
 def load_controller(path: str | Path, device: str | torch.device = "cpu") -> Controller:
     """The controller in eval mode; `.step`, `.lam` (the LAM identity it was trained on) attached."""
     loaded = read_checkpoint_file(path, CONTROLLER_FORMAT, "controller checkpoint")

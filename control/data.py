@@ -26,6 +26,7 @@ import torch
 from common.errors import UserError
 from pipeline.actions import ACTION_NAMES
 from pipeline.frames import rgb_to_gray_uint8, to_model_input
+from pipeline.latent import latent_lam
 from pipeline.png import decode_png
 from pipeline.shards import LATENT_FORMAT, load_manifest
 from pipeline.stream import latent_dataset, latent_urls
@@ -99,9 +100,11 @@ def samples_with_prev(source, split: str, grayscale: bool, urls_seed: int | None
     urls = latent_urls(source, split)
     if urls_seed is not None:
         random.Random(urls_seed).shuffle(urls)
-    previous = None
+    previous = first = None
     cached = {} if cache is None else {"decode_frame": cache, "model_input": False}
     for sample in latent_dataset(urls, grayscale, with_meta=True, split_nodes=False, split_workers=False, **cached):
+        first = first or sample
+        same_kind_of_codes(sample, first, source)
         meta = sample["meta"]
         after = follows(previous and previous["meta"], meta)
         if "prev" in sample:          # stored: right also at the first sample of a shard
@@ -189,8 +192,11 @@ def read_episodes(source, split: str = "test", *, grayscale: bool, max_episodes:
                                     codes=torch.stack([s["codes"] for s in run]), metas=[s["meta"] for s in run],
                                     action_codes=action_codes))
 
+    first = None
     for sample in latent_dataset(latent_urls(source, split), grayscale, with_meta=True,
                                  split_nodes=False, split_workers=False):
+        first = first or sample
+        same_kind_of_codes(sample, first, source)
         if run and not follows(run[-1]["meta"], sample["meta"]):
             close_run()
             run = []
@@ -203,10 +209,19 @@ def read_episodes(source, split: str = "test", *, grayscale: bool, max_episodes:
     return episodes
 
 
+def same_kind_of_codes(sample: dict, first: dict, source) -> None:
+    """Every sample of a latent set holds a per-frame action code (`action.npy`) or none does: one
+    LAM made them all. (Where the manifest is read, the stream checks each sample against it.)"""
+    if ("action_code" in sample) != ("action_code" in first):
+        has, lacks = (first, sample) if "action_code" in first else (sample, first)
+        raise UserError(f"{source}: sample {lacks['key']} has no action.npy, but sample {has['key']} has one: "
+                        f"latents of a LAM with a per-frame action code hold one in every sample (re-run extract.py)")
+
+
 def latent_identity(source) -> dict:
-    """The LAM checkpoint ({"sha256", "step"}) whose codes a latent directory holds, when it says
-    (its manifest read and checked like every manifest: a damaged one is one clear error)."""
+    """The LAM whose codes a latent directory holds, as its manifest records it (pipeline.latent.
+    latent_lam: sha256, step, codebook size, action codes, colour mode), when there is one (read and
+    checked like every manifest: a damaged one is one clear error)."""
     if not (Path(source) / "manifest.json").is_file():
         return {}
-    checkpoint = load_manifest(Path(source), LATENT_FORMAT).get("checkpoint", {})
-    return {key: checkpoint[key] for key in ("sha256", "step") if key in checkpoint}
+    return latent_lam(load_manifest(Path(source), LATENT_FORMAT))

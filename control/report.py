@@ -157,6 +157,8 @@ def write_play_report(out: Path, metrics: dict, figures: dict[str, str], gifs: l
              + ". Two kinds: **recorded codes** (the codes extracted from the recording at each step: the decoder's "
              "drift alone) and **controller** (the controller's codes for the recorded action, "
              f"{choice(metrics.get('controller_grids', 0))}: what a player gets), beside copying the start frame.", ""]
+    lines += [f"**Made from another model:** {note}." for note in metrics.get("made_from_other", [])]
+    lines += [""] if metrics.get("made_from_other") else []
     for kind in kinds:
         lines += [f"**{KIND_NAMES[kind].capitalize()}.**", ""] + [f"- {note}" for note in kind_story(curves, kind)] + [""]
     control = metrics.get("controllability")
@@ -226,6 +228,7 @@ def session_section(result: dict) -> str:
              f"LAM `{result.get('checkpoint', '?')}`, controller `{result.get('controller', '?')}`, started from a "
              f"random test frame (seed {result.get('seed', '?')}); "
              f"{'n/a' if rate is None else f'{rate:.1f}'} steps/s through the page, browser included.", "",
+             *[f"**Made from another model:** {note}." for note in result.get("made_from_other", [])],
              f"**{met} of {len(result['goals'])} goals met.**", "", "| goal | session | met |", "|---|---|---|"]
     lines += [f"| {goal['goal']} | {value} | {'✔' if goal['met'] else '✘'} |" for goal, value in zip(result["goals"], values)]
     left, right = presses["left"], presses["right"]

@@ -1,4 +1,5 @@
-"""The play page's server: standard library only (ThreadingHTTPServer), one game shared by the page.
+"""The play page's server: uvicorn (its h11 protocol, asyncio) serving a small Starlette-style ASGI
+app, one game shared by the page.
 
 Routes: GET / (the page), /play.js, /style.css (its files: a fixed allow-list read once at start,
 so no URL, whatever its `..` or percent-encoding, can reach any other file); GET /api/state (the
@@ -7,14 +8,19 @@ random test frame). Every API answer is JSON: {"step", "action", "frame" (a PNG 
 "timing_ms": {"controller", "decoder", "png"}}. A request the server cannot serve gets a 4xx and a
 one-line reason; an unexpected failure a 500 and one log line, never a traceback on the page.
 
-Under load: a listen backlog sized for a burst of concurrent steps; a bounded pool of worker threads
-(MAX_WORKERS) serving at most MAX_CONNECTIONS open connections (one past that gets 503 at once);
-a connection idle for IDLE_TIMEOUT_S is closed, and so is one whose request (line, headers and
-body) has not all arrived REQUEST_DEADLINE_S after its first byte, however slowly it drips; one
-model step at a time (Game's lock): every tab the user opens plays the same game, their steps
-interleaved in arrival order. A request whose length is ambiguous (Transfer-Encoding, more than one
-Content-Length) is a 400 and ends the connection. POSTs are taken only
-from the page's own origin (Origin, when sent, must match the Host header, which must name this
+Under load: connections are accepted and read asynchronously (one event loop, no thread per
+connection), so idle or slow sockets cost a file descriptor each, not a worker. A connection that
+sends nothing for IDLE_TIMEOUT_S is closed, and so is one whose request (line, headers and body) has
+not all arrived REQUEST_DEADLINE_S after its first byte, however slowly it drips. Each client
+address has PER_CLIENT_READING connections read at once; its further ones wait, unread, in arrival
+order (up to PER_CLIENT_WAITING; past that 429), so one address's sockets cannot starve another's.
+Past MAX_CONNECTIONS open connections in all (a true overload) a new one gets 503 at once. The model
+steps in one worker thread, one step at a time (and Game's lock): every tab the user opens plays the
+same game, their steps interleaved in arrival order.
+
+A request whose length is ambiguous (any Transfer-Encoding header, even an empty one; more than one
+Content-Length, or one that is not ASCII digits) is a 400 and ends the connection. POSTs are taken
+only from the page's own origin (Origin, when sent, must match the Host header, which must name this
 server: a loopback name or the host it was started with, at its port; bound to every interface,
 also an IP address or the machine's name), so no other web page the user has open can drive it.
 
@@ -23,26 +29,32 @@ Without a usable LAM checkpoint, controller or test frames the server still star
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import html
 import io
 import ipaddress
 import json
-import queue
 import random
 import re
 import socket
 import sys
 import threading
 import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Callable
 
+import h11
 import torch
+import uvicorn
 from PIL import Image
+from starlette.requests import Request
+from starlette.responses import Response
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline.actions import ACTION_NAMES
 
@@ -54,12 +66,14 @@ STATIC_ROUTES = {"/": "index.html", "/index.html": "index.html", "/play.js": "pl
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8"}
 MAX_BODY_BYTES = 1024
-CONTENT_LENGTH = re.compile(r"[0-9]{1,9}")          # ASCII digits only: str.isdigit() also takes '²'
-LISTEN_BACKLOG = 256                                 # socketserver's default of 5 resets a burst of steps
-IDLE_TIMEOUT_S = 30.0                                # a kept-alive connection that sends nothing is closed
+CONTENT_LENGTH = re.compile(rb"[0-9]{1,9}")         # ASCII digits only: str.isdigit() also takes '²'
+LISTEN_BACKLOG = 256                                 # a burst of steps waits in the kernel until accepted
+IDLE_TIMEOUT_S = 5.0                                 # a connection that sends nothing is closed
 REQUEST_DEADLINE_S = 10.0                            # a request's line, headers and body, from its first byte
-MAX_WORKERS = 32                                     # threads serving connections (one model step runs at a time)
-MAX_CONNECTIONS = 256                                # open at once, served or waiting; past it: 503
+PER_CLIENT_READING = 16                              # connections of one address read at once
+PER_CLIENT_WAITING = 256                             # its further ones held unread, in order; past them: 429
+MAX_CONNECTIONS = 1024                               # open at once, all clients; past it: 503
+SHUTDOWN_GRACE_S = 2.0                               # a stopping server waits this long for answers in flight
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
@@ -94,6 +108,7 @@ class Game:
         if not starts:
             raise ValueError("no start frames")
         self.sim, self.starts = sim, starts
+        self.made_from_other: list[str] = []     # what was allowed with --allow-other-checkpoint (play.py)
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.restart()
@@ -139,307 +154,309 @@ def unavailable_page(problem: str) -> bytes:
             f"(<code>make controller</code>), then restart <code>make play</code>.</p></body></html>").encode()
 
 
-class PlayHandler(BaseHTTPRequestHandler):
-    """One connection's requests. The game (or the reason there is none) and the page's files are
-    the server's: `self.server` is the PlayServer that made this handler."""
+@dataclass(frozen=True)
+class Limits:
+    """What one connection and one client address may hold (the module docstring says why)."""
 
-    server: PlayServer
-    server_version = "BreakoutPlay/1"
-    protocol_version = "HTTP/1.1"        # keep-alive: a held key sends one request per frame
+    idle_timeout: float = IDLE_TIMEOUT_S
+    request_deadline: float = REQUEST_DEADLINE_S
+    per_client_reading: int = PER_CLIENT_READING
+    per_client_waiting: int = PER_CLIENT_WAITING
+    max_connections: int = MAX_CONNECTIONS
 
-    def setup(self) -> None:
-        self.timeout = self.server.idle_timeout      # StreamRequestHandler puts it on the connection's socket
-        super().setup()
-        plain, self.rfile = self.rfile, io.BufferedReader(
-            DeadlineReader(self.connection, self.server.idle_timeout, self.server.request_deadline))
-        plain.close()                                # its reference would keep the socket open after close
 
-    def handle_one_request(self) -> None:
-        self.rfile.raw.await_request()           # idle until the next request's first byte, then its deadline
-        super().handle_one_request()
+# ------------------------------------------------------------------------------------ the app
+def reply(status: int, body: bytes, content_type: str, close: bool = False) -> Response:
+    headers = {"Content-Type": content_type, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+    if close:
+        headers["Connection"] = "close"
+    return Response(body, status_code=status, headers=headers)
 
-    def log_message(self, format, *args):      # noqa: A002 - the base class's name
-        pass                                     # one line per frame would drown the server's messages
 
-    # ---------------------------------------------------------------- answers
-    def send_bytes(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+def reply_json(status: int, payload: dict, close: bool = False) -> Response:
+    return reply(status, json.dumps(payload).encode(), "application/json", close)
 
-    def send_json(self, status: int, payload: dict) -> None:
-        self.send_bytes(status, json.dumps(payload).encode(), "application/json")
 
-    def fail(self, status: HTTPStatus, reason: str) -> None:
-        self.send_json(status, {"error": reason})
+def fail(status: int, reason: str, close: bool = False) -> Response:
+    return reply_json(status, {"error": reason}, close)
 
-    # ---------------------------------------------------------------- methods
-    def do_GET(self) -> None:                   # noqa: N802 - http.server's naming
-        self.guarded(self.get)
 
-    def do_POST(self) -> None:                  # noqa: N802
-        self.guarded(self.post)
+class PlayApp:
+    """The ASGI app: routes, the Host and Origin checks, and the game's answers. The model runs in
+    `model`, a pool of one thread, so the event loop keeps accepting and reading meanwhile."""
 
-    def refuse_method(self) -> None:
-        self.close_connection = True
-        self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
-        self.send_header("Allow", "GET, POST")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+    def __init__(self, server: "PlayServer"):
+        self.server = server
+        self.static = load_static_files()
+        self.model = ThreadPoolExecutor(1, thread_name_prefix="play-model")
 
-    def __getattr__(self, name: str):
-        # http.server answers a method it has no do_<METHOD> for with 501; here any other
-        # method is the client's mistake: 405
-        if name.startswith("do_"):
-            return self.refuse_method
-        raise AttributeError(name)
-
-    def guarded(self, handle) -> None:
-        try:
-            path = urlsplit(self.path).path
-        except ValueError:                       # e.g. 'http://[::1/': a bracket that never closes
-            self.close_connection = True
-            self.fail(HTTPStatus.BAD_REQUEST, "unreadable request target")
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
             return
+        request = Request(scope, receive)
         try:
-            handle(path)
-        except TimeoutError:
-            raise                                # http.server closes the connection, no answer
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception as error:              # one line in the log, no traceback on the page
-            print(f"play server: {self.command} {self.path[:80]!r} failed: {type(error).__name__}: {error}",
+            response = await self.answer(request)
+        except Exception as error:              # noqa: BLE001 - one line in the log, no traceback on the page
+            print(f"play server: {request.method} {scope['path'][:80]!r} failed: {type(error).__name__}: {error}",
                   file=sys.stderr)
-            self.close_connection = True
-            self.fail(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the server's log)")
+            response = fail(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the server's log)", close=True)
+        await response(scope, receive, send)
 
-    def get(self, path: str) -> None:
-        if self.headers.get("Transfer-Encoding") or self.headers.get_all("Content-Length", ["0"]) != ["0"]:
-            self.close_connection = True         # a GET's body is not read: what follows it is no request
+    async def answer(self, request: Request) -> Response:
+        path = request.scope["path"]
+        if request.method == "GET":
+            return await self.get(request, path)
+        if request.method == "POST":
+            return await self.post(request, path)
+        # any other method is the client's mistake: 405, not http.server's 501
+        return Response(b"", status_code=HTTPStatus.METHOD_NOT_ALLOWED, headers={"Allow": "GET, POST",
+                                                                                  "Connection": "close"})
+
+    async def get(self, request: Request, path: str) -> Response:
+        # a GET's body is read (its framing is unambiguous: the protocol refused any other), but a
+        # client that sends one is not a browser: its connection ends with this answer
+        close = request.headers.getlist("content-length") not in ([], ["0"])
         if path in ("/", "/index.html") and self.server.problem is not None:
-            self.send_bytes(HTTPStatus.SERVICE_UNAVAILABLE, unavailable_page(self.server.problem),
-                            CONTENT_TYPES[".html"])
-        elif path in self.server.static:
-            self.send_bytes(HTTPStatus.OK, *self.server.static[path])
-        elif path == "/api/state":
-            self.api(lambda game: game.state())
-        elif path.startswith("/api/"):
-            self.fail(HTTPStatus.METHOD_NOT_ALLOWED if path in ("/api/step", "/api/restart") else HTTPStatus.NOT_FOUND,
-                      f"{path}: use POST" if path in ("/api/step", "/api/restart") else "no such API")
-        else:
-            self.fail(HTTPStatus.NOT_FOUND, "not found")
+            return reply(HTTPStatus.SERVICE_UNAVAILABLE, unavailable_page(self.server.problem),
+                         CONTENT_TYPES[".html"], close)
+        if path in self.static:
+            return reply(HTTPStatus.OK, *self.static[path], close)
+        if path == "/api/state":
+            return await self.api(lambda game: game.state(), close)
+        if path in ("/api/step", "/api/restart"):
+            return fail(HTTPStatus.METHOD_NOT_ALLOWED, f"{path}: use POST", close)
+        return fail(HTTPStatus.NOT_FOUND, "no such API" if path.startswith("/api/") else "not found", close)
 
-    def post(self, path: str) -> None:
-        refusal = self.foreign_origin()
+    async def post(self, request: Request, path: str) -> Response:
+        refusal = foreign_origin(request, self.server.serves_host)
         if refusal:
-            self.close_connection = True
-            self.fail(HTTPStatus.FORBIDDEN, refusal)
-            return
-        body = self.read_body()
-        if body is None:
-            return
+            return fail(HTTPStatus.FORBIDDEN, refusal, close=True)
+        length = int((request.headers.getlist("content-length") or ["0"])[0])   # one, of digits: the protocol's check
+        if length > MAX_BODY_BYTES:
+            return fail(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes", close=True)
+        body = await request.body()
         if path == "/api/restart":
-            self.api(lambda game: game.restart())
-        elif path == "/api/step":
-            action = self.parse_action(body)
-            if action is not None:
-                self.api(lambda game: game.step(action))
-        else:
-            self.fail(HTTPStatus.NOT_FOUND, "not found")
+            return await self.api(lambda game: game.restart())
+        if path == "/api/step":
+            action = parse_action(body)
+            if action not in ACTION_NAMES:
+                return fail(HTTPStatus.BAD_REQUEST, action)
+            return await self.api(lambda game: game.step(action))
+        return fail(HTTPStatus.NOT_FOUND, "not found")
 
-    def foreign_origin(self) -> str | None:
-        """Why this POST is not from the page itself (None when it is). A browser sends Origin on
-        every cross-site POST, and Host names what the user's browser thinks it is talking to
-        (which defeats DNS rebinding: attacker.example resolving to 127.0.0.1)."""
-        hosts = self.headers.get_all("Host") or []
-        host = hosts[0].strip().lower() if len(hosts) == 1 else ""       # two Host headers: which one?
-        if not self.server.serves_host(host):
-            return f"Host {host or '(none)'!r} is not this server"
-        origin = self.headers.get("Origin")
-        if origin is not None and origin.strip().lower() != f"http://{host}":
-            return f"POST from origin {origin[:80]!r} refused: only the play page itself may post"
+    async def api(self, answer: Callable[["Game"], dict], close: bool = False) -> Response:
+        """`answer(game)`, run in the model's thread, as JSON; 503 with the reason when there is no game."""
+        game = self.server.game
+        if game is None:
+            return fail(HTTPStatus.SERVICE_UNAVAILABLE, self.server.problem or "no game", close)
+        payload = await asyncio.get_running_loop().run_in_executor(self.model, answer, game)
+        return reply_json(HTTPStatus.OK, payload, close)
+
+
+def parse_action(body: bytes) -> str:
+    """The action a step's body names, or (not one of ACTION_NAMES) the reason it names none."""
+    try:
+        action = json.loads(body or b"{}").get("action")
+    except (ValueError, AttributeError, RecursionError):    # RecursionError: a body of '[[[[...'
+        return 'body must be JSON like {"action": "LEFT"}'
+    return action if action in ACTION_NAMES else f"action must be one of {', '.join(ACTION_NAMES)}"
+
+
+def foreign_origin(request: Request, serves_host: Callable[[str], bool]) -> str | None:
+    """Why this POST is not from the page itself (None when it is). A browser sends Origin on every
+    cross-site POST, and Host names what the user's browser thinks it is talking to (which defeats
+    DNS rebinding: attacker.example resolving to 127.0.0.1)."""
+    hosts = request.headers.getlist("host")
+    host = hosts[0].strip().lower() if len(hosts) == 1 else ""       # two Host headers: which one?
+    if not serves_host(host):
+        return f"Host {host or '(none)'!r} is not this server"
+    origin = request.headers.get("origin")
+    if origin is not None and origin.strip().lower() != f"http://{host}":
+        return f"POST from origin {origin[:80]!r} refused: only the play page itself may post"
+    return None
+
+
+# ------------------------------------------------------------------------------------ connections
+def framing_problem(head: bytes) -> str | None:
+    """What makes a request's length ambiguous, read off its raw head (None: nothing, or the head is
+    not all in yet). h11 alone would merge two equal Content-Length headers and take
+    `Transfer-Encoding: chunked` over a Content-Length; a proxy in front may read the stream another
+    way, so any Transfer-Encoding and anything but one Content-Length of ASCII digits is refused."""
+    end = re.search(rb"\r?\n\r?\n", head)
+    if end is None:
+        return None
+    lengths, encodings = [], 0
+    for line in re.split(rb"\r?\n", head[:end.start()])[1:]:
+        name, colon, value = line.partition(b":")
+        name = name.strip().lower()
+        if colon and name == b"content-length":
+            lengths.append(value.strip())
+        elif colon and name == b"transfer-encoding":
+            encodings += 1
+    if encodings or len(lengths) > 1 or (lengths and not CONTENT_LENGTH.fullmatch(lengths[0])):
+        return "bad Content-Length (one header, ASCII digits; no Transfer-Encoding)"
+    return None
+
+
+class ClientSlots:
+    """Who may be read: at most `reading` connections of one client address at once, `waiting`
+    more held unread in arrival order, `total` open connections in all."""
+
+    READING, WAITING = "reading", "waiting"
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.open = 0
+        self.reading: Counter[str] = Counter()
+        self.queued: dict[str, deque] = {}
+
+    def admit(self, client: str, connection) -> str | tuple[int, str]:
+        """READING, WAITING, or the (status, reason) that refuses the connection."""
+        if self.open >= self.limits.max_connections:
+            return HTTPStatus.SERVICE_UNAVAILABLE, f"server busy: {self.limits.max_connections} connections open; try again"
+        queue = self.queued.setdefault(client, deque())
+        if self.reading[client] < self.limits.per_client_reading:
+            self.reading[client] += 1
+            verdict = self.READING
+        elif len(queue) < self.limits.per_client_waiting:
+            queue.append(connection)
+            verdict = self.WAITING
+        else:
+            return (HTTPStatus.TOO_MANY_REQUESTS,
+                    f"{self.limits.per_client_reading + self.limits.per_client_waiting} connections open from {client}")
+        self.open += 1
+        return verdict
+
+    def release(self, client: str, connection, was_reading: bool):
+        """A connection closed; the client's next waiting connection, which may now be read, or None."""
+        self.open -= 1
+        queue = self.queued.get(client, deque())
+        if not was_reading:
+            queue.remove(connection)
+            return None
+        if queue:
+            return queue.popleft()             # takes over the slot
+        self.reading[client] -= 1
+        if not self.reading[client]:
+            del self.reading[client]
+            self.queued.pop(client, None)
         return None
 
-    def read_body(self) -> bytes | None:
-        lengths = self.headers.get_all("Content-Length") or ["0"]
-        length = lengths[0]
-        if self.headers.get("Transfer-Encoding") or len(lengths) > 1 or not CONTENT_LENGTH.fullmatch(length):
-            # where the body ends is unknown (a proxy may have read another length): the stream cannot go on
-            self.close_connection = True
-            self.fail(HTTPStatus.BAD_REQUEST, "bad Content-Length (one header, ASCII digits; no Transfer-Encoding)")
-            return None
-        if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True
-            self.fail(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
-            return None
-        return self.rfile.read(int(length))
 
-    def parse_action(self, body: bytes) -> str | None:
-        try:
-            action = json.loads(body or b"{}").get("action")
-        except (ValueError, AttributeError, RecursionError):    # RecursionError: a body of '[[[[...' 
-            self.fail(HTTPStatus.BAD_REQUEST, 'body must be JSON like {"action": "LEFT"}')
-            return None
-        if action not in ACTION_NAMES:
-            self.fail(HTTPStatus.BAD_REQUEST, f"action must be one of {', '.join(ACTION_NAMES)}")
-            return None
-        return action
+class GuardedProtocol(H11Protocol):
+    """uvicorn's h11 protocol with what a socket open to the network needs on top: a client's slot
+    (ClientSlots), a timer that closes a connection idle before its first request, a deadline for
+    each request from its first byte, and the framing check. After a response uvicorn's own
+    keep-alive timeout (the same idle timeout) takes over."""
 
-    def api(self, answer) -> None:
-        """`answer(game)` as JSON; 503 with the reason when there is no game."""
-        if self.server.game is None:
-            self.fail(HTTPStatus.SERVICE_UNAVAILABLE, self.server.problem or "no game")
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.play: PlayServer = self.config.play
+        self.address = self.client[0] if self.client else "?"
+        self.timer: asyncio.TimerHandle | None = None
+        self.in_request = self.peer_done = False
+        verdict = self.play.slots.admit(self.address, self)
+        self.slot = verdict if verdict in (ClientSlots.READING, ClientSlots.WAITING) else None
+        if verdict == ClientSlots.READING:
+            self.start_reading()
+        elif verdict == ClientSlots.WAITING:
+            transport.pause_reading()
         else:
-            self.send_json(HTTPStatus.OK, answer(self.server.game))
+            self.refuse(*verdict)
 
+    def start_reading(self) -> None:
+        self.slot = ClientSlots.READING
+        self.transport.resume_reading()
+        self.arm(self.play.limits.idle_timeout)
 
-class DeadlineReader(io.RawIOBase):
-    """A connection's bytes for its handler's buffered reader, each wait bounded: waiting for a
-    request, by the idle timeout; once its first byte is in, by what is left of the request deadline,
-    so a client that drips a header line every few seconds cannot hold a worker (a plain socket
-    timeout restarts with every byte). Writes keep the idle timeout."""
+    def arm(self, seconds: float | None) -> None:
+        """Close the connection `seconds` from now (None: no timer)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = None if seconds is None else self.loop.call_later(seconds, self.transport.close)
 
-    def __init__(self, sock: socket.socket, idle_timeout: float, deadline: float):
-        self.sock, self.idle_timeout, self.deadline = sock, idle_timeout, deadline
-        self.started: float | None = None
+    def connection_lost(self, exc) -> None:
+        self.arm(None)
+        if self.slot is not None:
+            successor = self.play.slots.release(self.address, self, self.slot == ClientSlots.READING)
+            self.slot = None
+            if successor is not None:
+                successor.start_reading()
+        super().connection_lost(exc)
 
-    def await_request(self) -> None:
-        self.started = None
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and not self.in_request:
+            self.in_request = True                   # the request's deadline runs from its first byte
+            self.arm(self.play.limits.request_deadline)
+        super().data_received(data)
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        if self.started is None:
-            timeout = self.idle_timeout
-        else:
-            timeout = self.started + self.deadline - time.monotonic()
-            if timeout <= 0:
-                raise TimeoutError(f"request not complete {self.deadline:g} s after its first byte")
-        self.sock.settimeout(timeout)
-        try:
-            received = self.sock.recv_into(buffer)
-        finally:
-            self.sock.settimeout(self.idle_timeout)
-        if received and self.started is None:
-            self.started = time.monotonic()
-        return received
-
-
-class WorkerPool:
-    """At most `size` daemon threads running `serve(job)` for queued jobs; a thread is started only
-    while jobs wait for one, so an idle server holds few. Daemon: a connection a worker is still
-    serving never holds up the process's exit."""
-
-    def __init__(self, size: int, serve):
-        self.size, self.serve = size, serve
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.threads: list[threading.Thread] = []
-        self.waiting_jobs = self.idle_threads = 0
-
-    def submit(self, job) -> None:
-        with self.lock:
-            self.waiting_jobs += 1
-            if self.waiting_jobs > self.idle_threads and len(self.threads) < self.size:
-                thread = threading.Thread(target=self._work, name=f"play-worker-{len(self.threads)}", daemon=True)
-                self.threads.append(thread)
-                thread.start()
-        self.jobs.put(job)
-
-    def _work(self) -> None:
-        while True:
-            with self.lock:
-                self.idle_threads += 1
-            job = self.jobs.get()
-            with self.lock:
-                self.idle_threads -= 1
-                self.waiting_jobs -= 1
-            if job is None:
+    def handle_events(self) -> None:
+        if self.conn.their_state is h11.IDLE:
+            problem = framing_problem(self.conn.trailing_data[0])
+            if problem:
+                self.refuse(HTTPStatus.BAD_REQUEST, problem)
                 return
-            self.serve(job)
+        super().handle_events()
+        if self.in_request and self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.ERROR):
+            self.in_request = False                  # all in: the model may take its time
+            self.arm(None)
 
-    def close(self) -> None:
-        with self.lock:
-            for _ in self.threads:
-                self.jobs.put(None)
+    def eof_received(self):
+        """The client is done sending: keep the connection only to write an answer in flight."""
+        self.peer_done = True
+        return True if self.cycle is not None and not self.cycle.response_complete else None
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.peer_done:
+            self.transport.close()
 
-class PlayServer(HTTPServer):
-    """An HTTP server with a listen backlog for bursts, a bounded pool of worker threads and a cap on
-    open connections (past it, 503 at once: a flood of slow connections costs sockets up to the cap,
-    never threads past the pool), and the host names it answers to (`serves_host`); it holds what
-    its handlers serve: the game (or the reason there is none) and the page's files."""
-
-    request_queue_size = LISTEN_BACKLOG
-
-    def __init__(self, host: str, port: int, game: Game | None, problem: str | None = None,
-                 idle_timeout: float = IDLE_TIMEOUT_S, request_deadline: float = REQUEST_DEADLINE_S,
-                 workers: int = MAX_WORKERS, max_connections: int = MAX_CONNECTIONS):
-        super().__init__((host, port), PlayHandler)
-        self.started_host = host
-        self.game, self.problem, self.idle_timeout = game, problem, idle_timeout
-        self.request_deadline, self.max_connections = request_deadline, max_connections
-        self.static = load_static_files()
-        self.pool = WorkerPool(workers, self._serve_connection)
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-
-    def process_request(self, request: socket.socket, client_address) -> None:
-        """Called by serve_forever for each accepted connection: to a worker, or 503 when full."""
-        with self.connections_lock:
-            full = len(self.connections) >= self.max_connections
-            if not full:
-                self.connections.add(request)
-        if full:
-            self.refuse_busy(request)
-        else:
-            self.pool.submit((request, client_address))
-
-    def _serve_connection(self, job) -> None:
-        request, client_address = job
-        try:
-            self.finish_request(request, client_address)
-        except Exception:                       # noqa: BLE001 - one line, and the server goes on
-            self.handle_error(request, client_address)
-        finally:
-            with self.connections_lock:
-                self.connections.discard(request)
-            self.shutdown_request(request)
-
-    def refuse_busy(self, request: socket.socket) -> None:
-        body = json.dumps({"error": f"server busy: {self.max_connections} connections open; try again"}).encode()
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    def refuse(self, status: int, reason: str) -> None:
+        """Answer `status` with `reason` and close, without reading further."""
+        body = json.dumps({"error": reason}).encode()
+        head = (f"HTTP/1.1 {int(status)} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
-        try:
-            request.settimeout(1.0)              # the accepting thread must not wait on a stalled client
-            request.sendall(head + body)
-        except OSError:
-            pass
-        finally:
-            self.shutdown_request(request)
+        self.transport.write(head + body)
+        self.transport.close()
 
-    def handle_error(self, request, client_address) -> None:
-        error = sys.exc_info()[1]
-        print(f"play server: connection from {client_address[0] if client_address else '?'} failed: "
-              f"{type(error).__name__}: {error}", file=sys.stderr)
+
+# ------------------------------------------------------------------------------------ the server
+class PlayServer:
+    """The page's server on host:port, bound when made (a port in use is an OSError here). Run it
+    with `serve_forever()` (in any thread: in the main one Ctrl-C stops it), stop it from another
+    thread with `shutdown()`; `server_close()` lets go of what is left."""
+
+    def __init__(self, host: str, port: int, game: Game | None, problem: str | None = None, limits: Limits = Limits()):
+        self.started_host, self.game, self.problem, self.limits = host, game, problem, limits
+        self.slots = ClientSlots(limits)
+        self.socket = listening_socket(host, port)
+        self.server_address = self.socket.getsockname()[:2]
+        self.app = PlayApp(self)
+        config = uvicorn.Config(self.app, http=GuardedProtocol, ws="none", lifespan="off", log_level="error",
+                                access_log=False, proxy_headers=False, server_header=False,
+                                timeout_keep_alive=limits.idle_timeout, backlog=LISTEN_BACKLOG,
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        config.play = self                        # what each connection's protocol reads its limits from
+        self.uvicorn = uvicorn.Server(config)
+        self.serving = threading.Event()
+        self.stopped = threading.Event()
+
+    def serve_forever(self) -> None:
+        self.serving.set()
+        try:
+            self.uvicorn.run(sockets=[self.socket])
+        finally:
+            self.stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop serving (from another thread) and wait until it has."""
+        self.uvicorn.should_exit = True
+        if self.serving.is_set():
+            self.stopped.wait(30)
 
     def server_close(self) -> None:
-        """Stop listening, end the workers, and close every connection still open (a worker blocked
-        reading one returns at once)."""
-        super().server_close()
-        self.pool.close()
-        with self.connections_lock:
-            for connection in self.connections:
-                try:
-                    connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        self.socket.close()
+        self.app.model.shutdown(wait=False, cancel_futures=True)
 
     def serves_host(self, host_header: str) -> bool:
         """Is `host_header` (lower case) this server, at its port (which a browser leaves out for 80)?
@@ -454,6 +471,20 @@ class PlayServer(HTTPServer):
         if name in {*LOOPBACK_NAMES, bracketed(self.started_host)}:
             return True
         return self.started_host in WILDCARD_HOSTS and (is_ip_address(name) or name in machine_names())
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def split_host(host_header: str) -> tuple[str, str]:
@@ -482,6 +513,7 @@ def machine_names() -> set[str]:
 
 
 def make_server(host: str, port: int, game: Game | None, problem: str | None = None, **limits) -> PlayServer:
-    """The play server on host:port (0: a free port). `limits` (PlayServer's): idle_timeout (seconds of
-    silence that close a connection), request_deadline, workers, max_connections."""
-    return PlayServer(host, port, game, problem, **limits)
+    """The play server on host:port (0: a free port). `limits` (Limits' fields): idle_timeout (seconds
+    of silence that close a connection), request_deadline, per_client_reading, per_client_waiting,
+    max_connections."""
+    return PlayServer(host, port, game, problem, Limits(**limits))

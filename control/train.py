@@ -22,9 +22,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from common.cli import add_config_flags, check_fields, config_values, flag
+from common.cli import MAX_BATCH, MAX_SEED, MAX_THREADS, add_config_flags, check_fields, config_values, flag
 from common.device import model_threads, resolve_device, torch_threads
 from common.errors import UserError, check_output_dir, run_cli
+from common.lock import FolderLock
 from evaluation.formatting import pct
 from pipeline.frames import CODEBOOK_SIZE
 from pipeline.loader import BackgroundIterator
@@ -44,22 +45,25 @@ class ControllerTrainConfig:
     latent: Path = flag(help="latent shard directory (lam-latent/1)")
     out: Path = flag(Path("checkpoints/controller"), "controller.pt, metrics.json and report.md")
     steps: int = flag(1500, "optimiser steps", min=1)
-    batch_size: int = flag(32, min=1)
+    batch_size: int = flag(32, min=1, max=MAX_BATCH)
     lr: float = flag(1e-3, "AdamW learning rate (cosine to a tenth of it)", above=0)
     weight_decay: float = flag(1e-4, min=0)
-    shuffle_buffer: int = flag(256, "samples mixed across episodes before batching", min=1)
-    seed: int = flag(0, min=0)
+    shuffle_buffer: int = flag(256, "samples mixed across episodes before batching (held decoded)",
+                                 min=1, max=65536)
+    seed: int = flag(0, min=0, max=MAX_SEED)
     log_every: int = flag(50, min=1)
     ckpt_every: int = flag(500, "the checkpoint is rewritten (atomically) this often and at the end", min=1)
     eval_split: str = flag("test", choices=("train", "val", "test"))
-    eval_batch_size: int = flag(64, min=1)
+    eval_batch_size: int = flag(64, min=1, max=MAX_BATCH)
     use_prev: bool = True
     prev_codes: bool = flag(False, "also see the codes of the step before (control/network.py)")
-    channels: tuple[int, ...] = flag((16, 32, 64, 96, 128), "widths of the five stride-2 stages", min=1)
-    hidden: int = flag(192, min=1)
+    channels: tuple[int, ...] = flag((16, 32, 64, 96, 128), "widths of the five stride-2 stages", min=1,
+                                    max=4096)
+    hidden: int = flag(192, min=1, max=4096)
     device: str = flag("cpu", "where the controller trains", choices=("auto", "cpu", "cuda"))
     threads: int = flag(0, "torch CPU threads of the network; 0: the cores less one, which reads and decodes "
-                           "the shards beside it (common/device.model_threads)", min=0)
+                           "the shards beside it (common/device.model_threads)", min=0,
+                       max=MAX_THREADS)
     frame_cache_gb: float = flag(FRAME_CACHE_GB, "decoded frames kept across epochs (control/data.FrameCache)",
                                  min=0)
     max_grids: int = flag(65536, "answer with one of this many most common grids seen; 0: cell by cell", min=0)
@@ -97,7 +101,8 @@ def lam_codes(latent: Path) -> dict:
 def train(config: ControllerTrainConfig, progress=print) -> dict:
     device = resolve_device(config.device)
     cores = os.cpu_count() or 1
-    with torch_threads((config.threads or model_threads(cores)) if device.type == "cpu" else None):
+    with FolderLock(config.out), \
+            torch_threads((config.threads or model_threads(cores)) if device.type == "cpu" else None):
         return train_controller(config, device, progress)
 
 
@@ -204,10 +209,11 @@ def run(argv: Sequence[str] | None = None) -> int:
               f"codes of this LAM: nothing to train")
         return 0
     print("controller config: " + json.dumps(config.to_dict(), sort_keys=True))
-    metrics = train(config)
-    atomic_write_json(config.out / "metrics.json", metrics)
-    checkpoint = config.out / CHECKPOINT_NAME
-    report = write_controller_report(config.out, metrics, config.eval_split, checkpoint)
+    with FolderLock(config.out):                # one writer of --out, from training to the report
+        metrics = train(config)
+        atomic_write_json(config.out / "metrics.json", metrics)
+        checkpoint = config.out / CHECKPOINT_NAME
+        report = write_controller_report(config.out, metrics, config.eval_split, checkpoint)
     scores = metrics[config.eval_split]
     print(f"{config.eval_split}: per-cell accuracy {pct(scores['accuracy'])} (most common code "
           f"{pct(scores['majority_accuracy'])}); changed cells {pct(scores['changed_accuracy'])} of "

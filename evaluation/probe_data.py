@@ -2,7 +2,6 @@
 checkpoint made them, encoded now otherwise), and the evaluated split's pairs, as ProbeSets."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Sequence
@@ -10,12 +9,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from common.errors import UserError
 from evaluation.probes import ProbeSet, action_label, action_probes, move_label
 from model.inference import CheckpointIdentity, autocast, codes_to_array
 from pipeline.frames import to_model_input
 from pipeline.pair_index import PreviousFrames, build_pair_index
 from pipeline.png import decode_png
 from pipeline.shards import LATENT_FORMAT, load_manifest, read_members, split_shards
+from pipeline.stream import decode_codes
 
 
 def read_metas(entries: Sequence[dict]) -> dict[str, dict]:
@@ -30,8 +31,16 @@ def latent_codes(latent_dir: Path | None, identity: CheckpointIdentity, keys: se
     manifest = load_manifest(latent_dir, LATENT_FORMAT)
     if manifest.get("checkpoint", {}).get("sha256") != identity.sha256 or "train" not in manifest["splits"]:
         return None
-    members = read_members(split_shards(latent_dir, manifest, "train"), ("codes.npy",), keys)
-    return {key: np.load(io.BytesIO(m["codes.npy"]), allow_pickle=False) for key, m in members.items()}
+    entries = split_shards(latent_dir, manifest, "train")
+    members = read_members(entries, ("codes.npy",), keys)
+    size, dtype = manifest["checkpoint"].get("codebook_size"), manifest.get("code_dtype")
+    codes = {}
+    for key, m in members.items():
+        try:                                     # the stream's check: stored type, every code in the codebook
+            codes[key] = decode_codes(m["codes.npy"], size, dtype).numpy()
+        except ValueError as error:
+            raise UserError(f"{latent_dir}: train sample {key}: {error}") from None
+    return codes
 
 
 def train_probe_set(shards: Path, manifest: dict, lam, identity: CheckpointIdentity, device: torch.device,

@@ -13,6 +13,7 @@ from pipeline.shards import atomic_write_bytes
 SEED_PSNR_TARGET = 28.0        # the seed's success criterion, stated for RGB frames
 SEED_USED_TARGET = 0.5         # at least half the codebook in use
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+EVALUATION_FORMAT = "lam-evaluation/1"      # metrics.json of evaluate.py, told from other tools' by it
 
 
 # ------------------------------------------------------------------------------------ verdicts
@@ -221,15 +222,32 @@ def write_report(out: Path, metrics: dict, figures: dict[str, str], checkpoint_p
 
 
 def sibling_metrics(root: Path) -> list[dict]:
+    """The evaluations in `root/*/metrics.json`: a shared reports/ folder also holds other tools'
+    metrics.json (a rollout's in reports/play, a controller's), which are no split's and are left out."""
     found = []
     for path in sorted(Path(root).glob("*/metrics.json")):
         try:
             metrics = json.loads(path.read_text())
+        except (OSError, ValueError):           # ValueError: bad JSON, and bytes that are not UTF-8
+            continue
+        if is_evaluation(metrics):
             metrics["_dir"] = path.parent.name
             found.append(metrics)
-        except (OSError, json.JSONDecodeError):
-            continue
     return found
+
+
+def is_evaluation(metrics) -> bool:
+    """An evaluate.py metrics.json: one that says so (`format`), or one from before it did that has
+    every field the summary reads."""
+    if not isinstance(metrics, dict):
+        return False
+    if "format" in metrics:
+        return metrics["format"] == EVALUATION_FORMAT
+    checkpoint, codebook = metrics.get("checkpoint"), metrics.get("codebook")
+    return (metrics.get("split") in SPLIT_ORDER and isinstance(metrics.get("pairs"), int)
+            and all(isinstance(metrics.get(part), dict) for part in ("model", "copy_baseline"))
+            and isinstance(checkpoint, dict) and isinstance(checkpoint.get("sha256"), str)
+            and isinstance(codebook, dict) and "used_fraction" in codebook)
 
 
 def split_rank(metrics: dict) -> tuple:

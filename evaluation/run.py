@@ -21,10 +21,11 @@ from typing import Sequence
 
 import numpy as np
 
-from common.cli import check_fields, flag
+from common.cli import MAX_BATCH, MAX_SEED, MAX_THREADS, check_fields, flag
 from common.device import model_threads, torch_threads
-from common.distributed import process_group
+from common.distributed import hold_on_main, process_group
 from common.errors import UserError, check_output_dir
+from common.lock import FolderLock
 from common.provenance import provenance
 from evaluation.code_analysis import event_code_analysis
 from evaluation.events import Elements, count_events, transition_events
@@ -32,7 +33,7 @@ from evaluation.figures import code_tsne, codebook_histogram, codes_by_event, re
 from evaluation.metrics import code_counts, codebook_stats
 from evaluation.probe_data import actions_section, read_metas, train_probe_set
 from evaluation.probes import ProbeSet
-from evaluation.report import write_report, write_summary
+from evaluation.report import EVALUATION_FORMAT, write_report, write_summary
 from evaluation.split_pass import Share, batch_share, evaluate_pass, random_codes
 from model.inference import AMP_MODES, CheckpointIdentity, inference_layout, load_model
 from model.precision import decide_precision
@@ -47,19 +48,20 @@ class EvaluateConfig:
     checkpoint: Path = flag(help="LAM checkpoint")
     split: str = flag("test", choices=SPLITS)
     out: Path | None = flag(None, "report directory (default reports/<split>)")
-    batch_size: int = flag(64, "pairs per batch, per rank", min=1)
+    batch_size: int = flag(64, "pairs per batch, per rank", min=1, max=MAX_BATCH)
     latent: Path | None = flag(Path("shards/latent"), "latent shards whose train codes the action probe may reuse "
                                                       "(if this checkpoint made them)")
     probe_limit: int = flag(1500, "train transitions for the action probe", min=0)
-    seed: int = flag(0, "random codes for ΔPSNR, t-SNE, probes", min=0)
+    seed: int = flag(0, "random codes for ΔPSNR, t-SNE, probes", min=0, max=MAX_SEED)
     device: str | None = flag(None, "auto (default), cpu or cuda; under torchrun each rank its own GPU",
                               choices=("auto", "cpu", "cuda"))
     backend: str | None = flag(None, "data loader: auto (the default: dali where installed, else torch), dali or torch",
                                choices=("auto", "dali", "torch"))
     loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
-                                            "(default: the machine's cores shared among its ranks)", min=1)
+                                            "(default: the machine's cores shared among its ranks)", min=1,
+                                      max=MAX_THREADS)
     threads: int | None = flag(None, "CPU threads of the model, per rank (default: half the rank's cores, at least "
-                                     "one; the rest score its predictions beside it)", min=1)
+                                     "one; the rest score its predictions beside it)", min=1, max=MAX_THREADS)
     amp: str = flag("auto", "precision: auto (bf16 where native and faithful to fp32 for this checkpoint, "
                             "else fp32), bf16, fp16 or off (fp32)", choices=AMP_MODES)
     progress: bool = True
@@ -80,7 +82,19 @@ def evaluate(cfg: EvaluateConfig) -> tuple[dict | None, Path | None]:
     pairs = sum(int(entry["pairs"]) for entry in entries)
     if pairs == 0:
         raise UserError(f"{cfg.shards}: split {cfg.split!r} has no pairs")
+    lock = FolderLock(cfg.out)
+    try:
+        return evaluate_locked(cfg, manifest, entries, pairs, lock, started)
+    finally:
+        lock.release()
+
+
+def evaluate_locked(cfg: EvaluateConfig, manifest: dict, entries: list[dict], pairs: int, lock: FolderLock,
+                    started: float) -> tuple[dict | None, Path | None]:
+    """The evaluation, on every rank; rank 0 holds --out's lock from before the pass to the last
+    file it writes there."""
     with process_group(cfg.device) as (ranks, device):
+        hold_on_main(ranks, lock)
         lam, identity = load_model(cfg.checkpoint, device)
         inference_layout(lam, device)
         loader_threads = cfg.loader_threads or ranks.cores
@@ -152,7 +166,7 @@ def build_metrics(split: str, share: Share, scores: dict, identity: CheckpointId
     model, random = scores["model"], scores["random_codes"]
     delta = None if model["psnr"] is None or random["psnr"] is None else model["psnr"] - random["psnr"]
     model_elements, copy_elements = share.model_elements.compute(), share.copy_elements.compute()
-    metrics = {"split": split, "pairs": len(share.keys), "color": identity.color,
+    metrics = {"format": EVALUATION_FORMAT, "split": split, "pairs": len(share.keys), "color": identity.color,
                "checkpoint": {"sha256": identity.sha256, "step": identity.step},
                "model": model, "copy_baseline": scores["copy_baseline"],
                "delta_psnr": delta,

@@ -142,6 +142,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Lat
     return lam
 
 
+# the facts of a LAM that decide whether an artefact made for one can work with another
+LAM_KIND = ("codebook_size", "action_codes", "in_channels")
+
+
+def lam_identity(lam: LatentActionModel) -> dict:
+    """What an artefact made from `lam` records of it, and what a reader holds that record against
+    (common/identity.check_made_from): its sha256 and step, and LAM_KIND."""
+    return {"sha256": lam.sha256, "step": int(lam.step), "codebook_size": lam.config.codebook_size,
+            "action_codes": lam.action_codes, "in_channels": lam.config.in_channels}
+
+
 def with_weights(module: nn.Module, loaded: CheckpointFile) -> nn.Module:
     """`module` (built from the checkpoint's config) with its weights, in eval mode; `.step` the step
     it was saved at, `.sha256` the hash of the bytes the weights were loaded from."""

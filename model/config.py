@@ -29,6 +29,13 @@ CONTEXTS = (0, 1)                     # frames before t the model sees: none (th
 # The shift head's block grid for each inner decoder stage (14x10, 27x20, 53x40, 105x80): the nearest
 # grid that divides 210 x 160, so blocks are 15x16, 7x8, 3x4 and 2x2 px.
 MOTION_GRIDS = ((14, 10), (30, 20), (70, 40), (105, 80))
+# Upper bounds past which a model cannot work: codes are stored as uint16 (pipeline/latent.code_dtype);
+# a cell's vector feeds every FiLM layer (100,000,000 dims: an allocation failure); a dead-code reset
+# buffer holds that many vectors; an action head that many classes.
+MAX_CODES = 65536
+MAX_CODE_DIM = 4096
+MAX_RESET_BUFFER = 1 << 20
+MAX_ACTION_CLASSES = 256
 
 
 def levels_tuple(value: Any) -> tuple[int, ...]:
@@ -56,15 +63,15 @@ class VQConfig:
     reset_buffer: int = 4096              # recent encoder outputs kept for dead-code resets
 
     def __post_init__(self):
-        if not 2 <= self.codes <= 65536:
-            raise ValueError(f"vq.codes must be in [2, 65536], got {self.codes}")
+        if not 2 <= self.codes <= MAX_CODES:
+            raise ValueError(f"vq.codes must be in [2, {MAX_CODES}], got {self.codes}")
         for name in ("commitment_weight", "codebook_weight", "entropy_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"vq.{name} must be >= 0, got {getattr(self, name)}")
         if not self.entropy_temperature > 0:
             raise ValueError(f"vq.entropy_temperature must be > 0, got {self.entropy_temperature}")
-        if self.reset_buffer < 1:
-            raise ValueError(f"vq.reset_buffer must be >= 1, got {self.reset_buffer}")
+        if not 1 <= self.reset_buffer <= MAX_RESET_BUFFER:     # it holds this many encoder outputs
+            raise ValueError(f"vq.reset_buffer must be in [1, {MAX_RESET_BUFFER}], got {self.reset_buffer}")
 
     @property
     def size(self) -> int:
@@ -80,8 +87,8 @@ class FSQConfig:
 
     def __post_init__(self):
         self.levels = levels_tuple(self.levels)
-        if not 2 <= self.size <= 65536:
-            raise ValueError(f"fsq.levels {','.join(map(str, self.levels))} make {self.size} codes; 2 to 65536 fit")
+        if not 2 <= self.size <= MAX_CODES:
+            raise ValueError(f"fsq.levels {','.join(map(str, self.levels))} make {self.size} codes; 2 to {MAX_CODES} fit")
 
     @property
     def size(self) -> int:
@@ -101,8 +108,10 @@ class ShiftConfig:
     code_vote: bool = True                # the codes' 3x3 neighbourhood votes on each block's shift directly
 
     def __post_init__(self):
-        if self.max_x < 0 or self.max_y < 0:
-            raise ValueError(f"shift.max_x and shift.max_y must be >= 0, got {self.max_x}, {self.max_y}")
+        if not (0 <= self.max_x <= FRAME_WIDTH // 2 and 0 <= self.max_y <= FRAME_HEIGHT // 2):
+            # the head scores every shift: past half the frame there is nothing left to move into view
+            raise ValueError(f"shift.max_x and shift.max_y must be in [0, {FRAME_WIDTH // 2}] and "
+                             f"[0, {FRAME_HEIGHT // 2}], got {self.max_x}, {self.max_y}")
         if not 0 <= self.stage < len(MOTION_GRIDS):
             raise ValueError(f"shift.stage must be in 0..{len(MOTION_GRIDS) - 1}, got {self.stage}")
 
@@ -126,6 +135,9 @@ class ActionCodeConfig:
 
     def __post_init__(self):
         self.levels = levels_tuple(self.levels)
+        if not 2 <= self.size <= MAX_CODES:                   # stored as uint16 (pipeline/latent.code_dtype)
+            raise ValueError(f"action_code.levels {','.join(map(str, self.levels))} make {self.size} codes; "
+                             f"2 to {MAX_CODES} fit")
         if not 0 <= self.grid_dropout < 1:
             raise ValueError(f"action_code.grid_dropout must be in [0, 1), got {self.grid_dropout}")
 
@@ -192,15 +204,15 @@ class ModelConfig:
         checks = [
             (self.in_channels in (1, 3), f"in_channels must be 1 (gray) or 3 (RGB), got {self.in_channels}"),
             (0 < self.width <= 4, f"width must be in (0, 4], got {self.width}"),
-            (self.code_dim >= 1, f"code_dim must be >= 1, got {self.code_dim}"),
+            (1 <= self.code_dim <= MAX_CODE_DIM, f"code_dim must be in [1, {MAX_CODE_DIM}], got {self.code_dim}"),
             (self.encoder_input in ENCODER_INPUTS,
              f"encoder_input must be one of {', '.join(ENCODER_INPUTS)}, got {self.encoder_input!r}"),
             (self.context in CONTEXTS, f"context must be 0 (frames t, t+1) or 1 (frame t-1 too), got {self.context!r}"),
             (self.output in OUTPUTS, f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}"),
             (self.quantizer in QUANTIZERS, f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}"),
             (self.changed_pixel_weight >= 1, f"changed_pixel_weight must be >= 1, got {self.changed_pixel_weight}"),
-            (self.action_classes == 0 or self.action_classes >= 2,
-             f"action_classes must be 0 (no action head) or >= 2, got {self.action_classes}"),
+            (self.action_classes == 0 or 2 <= self.action_classes <= MAX_ACTION_CLASSES,
+             f"action_classes must be 0 (no action head) or in [2, {MAX_ACTION_CLASSES}], got {self.action_classes}"),
             (self.action_weight >= 0, f"action_weight must be >= 0, got {self.action_weight}"),
         ]
         for ok, message in checks:

@@ -40,10 +40,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.cli import check_fields, flag
+from common.cli import MAX_BATCH, MAX_THREADS, check_fields, flag
 from common.device import fixed_conv_algorithms, model_threads, torch_threads
-from common.distributed import Ranks, process_group
+from common.distributed import Ranks, hold_on_main, process_group
 from common.errors import UserError, check_output_dir
+from common.lock import FolderLock
 from model.inference import AMP_MODES, CheckpointIdentity, autocast, codes_to_array, inference_layout, load_model
 from model.precision import Precision, decide_precision
 from pipeline.latent import (Coded, ShardJob, build_manifest, clear_output, ensure_zstd, is_finished, other_checkpoints,
@@ -59,7 +60,7 @@ class ExtractConfig:
     checkpoint: Path = flag(help="trained model checkpoint (.pt)")
     out: Path = flag(Path("shards/latent"), "latent shard directory")
     batch_size: int | None = flag(None, "pairs per encoder batch, per rank (default 64 on a CPU, 512 on a GPU; "
-                                        "the bytes written do not depend on it)", min=1, max=65536)
+                                        "the bytes written do not depend on it)", min=1, max=MAX_BATCH)
     overwrite: bool = flag(False, "replace latents made by another checkpoint")
     zstd: bool = flag(False, "also write .tar.zst copies of every shard")
     device: str | None = flag(None, "cuda or cpu (default: cuda when available; under torchrun each rank its own GPU)",
@@ -67,9 +68,10 @@ class ExtractConfig:
     backend: str | None = flag(None, "frame decoding backend of the loader: auto (the default: dali where installed, "
                                      "else torch), dali or torch", choices=("auto", "dali", "torch"))
     loader_threads: int | None = flag(None, "frame decoding threads (torch backend: worker processes) per rank "
-                                            "(default: the machine's cores shared among its ranks)", min=1)
+                                            "(default: the machine's cores shared among its ranks)", min=1,
+                                      max=MAX_THREADS)
     threads: int | None = flag(None, "CPU threads of the encoder, per rank (default: the rank's cores less one, "
-                                     "which decodes frames beside it; at least one)", min=1)
+                                     "which decodes frames beside it; at least one)", min=1, max=MAX_THREADS)
     amp: str = flag("off", "precision: off (fp32, the default: the same bytes whatever the loader, ranks, reruns "
                            "or --batch-size on this machine), bf16 or fp16 (faster where native, no such promise), "
                            "auto (bf16 where native and faithful to fp32 for this checkpoint)", choices=AMP_MODES)
@@ -90,12 +92,25 @@ class ExtractResult:
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run the extraction (see the module docstring); under torchrun, on every rank."""
     check_output_dir(cfg.out, "--out")
+    named = cfg.shards                  # what the manifest names as the source: the folder a re-pack keeps
     # the shard set as it is now: a re-pack swapping in another meanwhile cannot mix the two
     cfg = dataclasses.replace(cfg, shards=pin_shard_dir(cfg.shards))
     pair_manifest = load_manifest(cfg.shards, PAIRS_FORMAT)
     jobs = plan_jobs(cfg.shards, pair_manifest, cfg.out)
+    lock = FolderLock(cfg.out)
+    try:
+        return extract_locked(cfg, named, pair_manifest, jobs, lock)
+    finally:
+        lock.release()
+
+
+def extract_locked(cfg: ExtractConfig, named: Path, pair_manifest: dict, jobs: list[ShardJob],
+                   lock: FolderLock) -> ExtractResult:
+    """The run, on every rank; rank 0 takes --out's lock before any rank looks at what --out holds
+    and holds it until the manifest is written."""
     with process_group(cfg.device) as (ranks, device), fixed_conv_algorithms(), \
             torch_threads((cfg.threads or model_threads(ranks.cores)) if device.type == "cpu" else None):
+        hold_on_main(ranks, lock)
         lam, identity = load_model(cfg.checkpoint, device)
         inference_layout(lam, device)
         # every rank asks (so every rank stops alike); only rank 0 removes, and only with --overwrite
@@ -129,7 +144,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             ranks.barrier()
         manifest = None
         if ranks.main:                           # the manifest vouches for every rank's shards
-            manifest = build_manifest(cfg.shards, pair_manifest, jobs, identity, cfg.zstd)
+            manifest = build_manifest(cfg.shards, pair_manifest, jobs, identity, cfg.zstd, named)
             atomic_write_json(cfg.out / "manifest.json", manifest)
     return ExtractResult(manifest, written=len(todo), skipped=len(jobs) - len(todo))
 

@@ -25,6 +25,14 @@ from model.conv import Conv2d
 
 
 
+def check_codes(codes: torch.Tensor, size: int) -> None:
+    """Every code in [0, size), or a ValueError naming the first one outside."""
+    outside = (codes < 0) | (codes >= size)
+    if bool(outside.any()):
+        raise ValueError(f"code {int(codes[outside].flatten()[0])} is outside the codebook's {size} codes "
+                         f"(0..{size - 1})")
+
+
 class ScalarQuantizer(nn.Module):
     def __init__(self, levels: tuple[int, ...], code_dim: int):
         """`levels` per scalar (FSQConfig.levels for the grid; ActionCodeConfig.levels for the
@@ -61,7 +69,10 @@ class ScalarQuantizer(nn.Module):
         return quantised, codes, {"commitment": zero, "codebook": zero, "entropy": zero}
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, H, W) -> quantised vectors (B, D, H, W), as the forward pass produces them."""
+        """Codes (B, H, W) -> quantised vectors (B, D, H, W), as the forward pass produces them. A
+        code outside [0, codebook_size) is a ValueError: the digits' `% levels` would wrap it (259
+        drawn as 3)."""
+        check_codes(codes, self.codebook_size)
         digits = torch.div(codes[:, None], self.basis, rounding_mode="floor") % self.levels.long()
         return self.up((digits - self.half_width) / self.half_width)
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import VQConfig
+from model.fsq import check_codes
 
 
 def _distributed() -> bool:
@@ -105,7 +106,9 @@ class Quantizer(nn.Module):
         self._seeded = bool(self.initialised)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, H, W) -> quantised vectors (B, D, H, W), as the forward pass produces them."""
+        """Codes (B, H, W) -> quantised vectors (B, D, H, W), as the forward pass produces them; a code
+        outside the codebook is a ValueError (on a GPU an embedding's own check is a device assert)."""
+        check_codes(codes, self.codebook.shape[0])
         return F.embedding(codes, self.codebook).permute(0, 3, 1, 2).contiguous()
 
     # ---------------------------------------------------------------------------------- state

@@ -69,6 +69,18 @@ class CheckpointIdentity:
         return code_dtype(self.codebook_size)
 
 
+def latent_lam(manifest: dict) -> dict:
+    """What a latent manifest records of the LAM that made its codes, in the terms of
+    model/checkpoint.lam_identity (a field an older manifest lacks is left out)."""
+    checkpoint = manifest.get("checkpoint", {})
+    facts = {key: checkpoint[key] for key in ("sha256", "step", "codebook_size") if key in checkpoint}
+    if "codebook_size" in checkpoint:               # written since the action codes were: 0 when absent
+        facts["action_codes"] = checkpoint.get("action_codes", 0)
+    if "color" in checkpoint:
+        facts["in_channels"] = 1 if checkpoint["color"] == "gray" else 3
+    return facts
+
+
 # ------------------------------------------------------------------------------------ plan
 @dataclass
 class ShardJob:
@@ -268,8 +280,11 @@ def zstd_ratio(manifest: dict, out: Path) -> float:
 
 # ------------------------------------------------------------------------------------ manifest
 def build_manifest(shards: Path, pair_manifest: dict, jobs: Sequence[ShardJob], identity: CheckpointIdentity,
-                   with_zstd: bool) -> dict:
-    """The latent manifest, from the pair manifest and every finished shard's record."""
+                   with_zstd: bool, named: Path | None = None) -> dict:
+    """The latent manifest, from the pair manifest and every finished shard's record. Its source is
+    the pair folder as the user `named` it (`shards/pairs`, which a re-pack keeps, not the hidden
+    version folder it pointed to, which the re-pack after next removes) and the sha256 of the pair
+    manifest read, which tells which set that was."""
     splits = {}
     for split in SPLITS:
         if split not in pair_manifest.get("splits", {}):
@@ -291,7 +306,7 @@ def build_manifest(shards: Path, pair_manifest: dict, jobs: Sequence[ShardJob], 
             "checkpoint": {"path": identity.path, "sha256": identity.sha256, "step": identity.step,
                            "color": identity.color, "context": identity.context,
                            "codebook_size": identity.codebook_size, **split_code},
-            "source": {"shards": str(shards), "manifest_sha256": sha256_file(shards / "manifest.json")},
+            "source": {"shards": str(named or shards), "manifest_sha256": sha256_file(shards / "manifest.json")},
             "frame": pair_manifest.get("frame", {}), "grid": list(GRID), "code_dtype": identity.code_dtype.name,
             **({"action_dtype": code_dtype(identity.action_codes).name} if identity.action_codes else {}),
             # the game's colours, for whoever plays the model forward (pipeline/palette.py)

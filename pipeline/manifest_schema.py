@@ -17,6 +17,8 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 Check = Callable[[Any, str], None]
+MIN_COLOURS, MAX_COLOURS = 2, 64        # pipeline/palette.py: a palette game's few colours
+MAX_CODES = 65536                       # codes are stored as uint16 at most
 
 
 class SchemaError(ValueError):
@@ -79,12 +81,14 @@ def keyed(names: Sequence[str], item: Check) -> Check:
     return check
 
 
-def integer(low: int = 0) -> Check:
+def integer(low: int = 0, high: int | None = None) -> Check:
     def check(value: Any, field: str) -> None:
         if not isinstance(value, int) or isinstance(value, bool):
             raise SchemaError(field, f"must be an integer, got {kind_name(value)}")
         if value < low:
             raise SchemaError(field, f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise SchemaError(field, f"must be <= {high}, got {value}")
     return check
 
 
@@ -127,6 +131,24 @@ def shards_sum_to_pairs(split: Any, field: str) -> None:
                                                  f"{sum(shard['pairs'] for shard in split['shards'])}")
 
 
+def colours(value: Any, field: str) -> None:
+    """A palette's colours (pipeline/palette.py): MIN_COLOURS to MAX_COLOURS of them, each [r, g, b],
+    integers in 0..255. One colour would draw every frame in it, and thousands would cost gigabytes
+    to snap a frame to: neither is a game's palette."""
+    list_of(colour)(value, field)
+    if not MIN_COLOURS <= len(value) <= MAX_COLOURS:
+        raise SchemaError(field, f"must hold {MIN_COLOURS} to {MAX_COLOURS} colours, got {len(value)}")
+
+
+def colour(value: Any, field: str) -> None:
+    if not isinstance(value, list) or len(value) != 3:
+        raise SchemaError(field, f"must be a colour [r, g, b], got {short(value)}")
+    for position, channel in enumerate(value):
+        integer(0)(channel, child(field, position))
+        if channel > 255:
+            raise SchemaError(child(field, position), f"must be <= 255, got {channel}")
+
+
 def both(*checks: Check) -> Check:
     def check(value: Any, field: str) -> None:
         for one in checks:
@@ -140,10 +162,14 @@ SHARD = obj({"file": inside_folder, "index": inside_folder, "pairs": integer(0),
 SPLIT = both(obj({"shards": list_of(SHARD)}, {"pairs": integer(0), "episodes": list_of(text)}), shards_sum_to_pairs)
 COMMON = {"format": text, "splits": keyed(SPLIT_NAMES, SPLIT)}
 FRAME = obj({"height": integer(1), "width": integer(1)})
-PAIRS_SCHEMA = obj(COMMON, {"frame": FRAME})
-LATENT_SCHEMA = obj(COMMON, {"frame": FRAME, "checkpoint": obj({"sha256": sha256},
-                                                              {"step": integer(0), "color": one_of("gray", "rgb"),
-                                                               "context": one_of(0, 1)})})
+PALETTE = obj({"rgb": colours})
+PAIRS_SCHEMA = obj(COMMON, {"frame": FRAME, "palette": PALETTE})
+CODE_TYPE = one_of("uint8", "uint16")        # pipeline/latent.code_dtype: codes never wrap
+LATENT_SCHEMA = obj(COMMON, {"frame": FRAME, "palette": PALETTE, "code_dtype": CODE_TYPE, "action_dtype": CODE_TYPE,
+                             "checkpoint": obj({"sha256": sha256},
+                                               {"step": integer(0), "color": one_of("gray", "rgb"),
+                                                "context": one_of(0, 1), "codebook_size": integer(2, MAX_CODES),
+                                                "action_codes": integer(0, MAX_CODES)})})
 
 
 def validate(value: Any, schema: Check, field: str = "") -> None:

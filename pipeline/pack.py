@@ -42,10 +42,11 @@ from typing import Iterator, Sequence
 
 from zlib_ng import zlib_ng
 
-from common.cli import add_config_flags, config_values, flag
+from common.cli import MAX_SEED, MAX_THREADS, add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
+from common.lock import FolderLock
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
-from pipeline.palette import MAX_COLOURS, Palette, colour_ids
+from pipeline.palette import MAX_COLOURS, MIN_COLOURS, Palette, colour_ids
 from pipeline.png import BadFrame, Ihdr, png_chunks
 from pipeline.shard_set import ShardSetFolder
 from pipeline.shards import PAIRS_FORMAT, SPLITS, TarShardWriter, WrittenShard, atomic_write_json
@@ -433,7 +434,7 @@ def build_manifest(options: PackOptions, episodes: list[Episode], shards: dict[s
 
 def palette_entry(colours: set[int]) -> dict:
     """The manifest's "palette" (the game's colours, pipeline/palette.py), when the frames have one."""
-    if not colours or len(colours) > MAX_COLOURS:
+    if not MIN_COLOURS <= len(colours) <= MAX_COLOURS:        # the manifest schema's rule
         return {}
     return {"palette": Palette.from_ids(colours).to_json()}
 
@@ -448,11 +449,17 @@ def pack(src: Path, out: Path, *, seed: int = 0, fractions: Sequence[float] = (0
                           workers=workers, strict=strict)
     src, out = Path(src), Path(out)
     check_output_dir(out, "--out")
-    folder = ShardSetFolder(out)
-    folder.check()
     names = list_episodes(src)
     if out.resolve().is_relative_to(src.resolve()):
         raise UserError(f"--out {out} is inside --src {src}: it would be read as an episode")
+    with FolderLock(out):               # one packer per --out, from its first check to the swap
+        return pack_locked(src, out, names, options, progress)
+
+
+def pack_locked(src: Path, out: Path, names: list[str], options: PackOptions, progress: bool) -> dict:
+    """pack()'s work on the episodes `names`, with the --out lock held."""
+    folder = ShardSetFolder(out)
+    folder.check()
     episodes = [Episode(i, name, split) for i, (name, split) in
                 enumerate(zip(names, assign_splits(names, options.seed, options.fractions)))]
     folder.remove_leftovers()
@@ -506,10 +513,10 @@ class PackCommand:
 
     src: Path = flag(help="bulk_videos/: one sub-folder per episode")
     out: Path = flag(help="output folder (shards/pairs)")
-    seed: int = flag(0, "seed of the episode split", min=0)
+    seed: int = flag(0, "seed of the episode split", min=0, max=MAX_SEED)
     fractions: str = flag("0.8,0.1,0.1", "train,val,test shares of the episodes")
     pairs_per_shard: int = flag(DEFAULT_PAIRS_PER_SHARD, min=1)
-    workers: int = flag(1, "processes checking frames", min=1)
+    workers: int = flag(1, "processes checking frames", min=1, max=MAX_THREADS)
     strict: bool = flag(False, "any bad or missing frame is fatal; nothing written")
     progress: bool = True
 

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from pipeline.frames import rgb_to_gray_uint8
+# more than MAX_COLOURS is not a palette game: nothing to snap to (the manifest schema's rule, MIN_COLOURS too)
+from pipeline.manifest_schema import MAX_COLOURS, MIN_COLOURS, PALETTE, SchemaError, validate  # noqa: F401 - pack reads them here
 
 if TYPE_CHECKING:      # torch is imported where it is used: the packer needs only the colours
     import torch
-
-MAX_COLOURS = 64            # more than this is not a palette game: nothing to snap to
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,11 @@ class Palette:
 
     @classmethod
     def from_json(cls, value: dict) -> "Palette":
-        rgb = np.asarray(value["rgb"], dtype=np.int64)
-        if rgb.ndim != 2 or rgb.shape[1] != 3 or not len(rgb) or rgb.min() < 0 or rgb.max() > 255:
-            raise ValueError("palette.rgb must be a non-empty list of [r, g, b] values in 0..255")
-        return cls(rgb.astype(np.uint8))
+        try:
+            validate(value, PALETTE, "palette")          # the manifest schema's rule, for a dict from anywhere
+        except SchemaError as error:
+            raise ValueError(str(error)) from None
+        return cls(np.asarray(value["rgb"], dtype=np.uint8))
 
     def levels(self, channels: int) -> torch.Tensor:
         """float (K', C) in [0, 1]: the colours in the model's colour mode (C = 1 gray, 3 RGB); in gray,

@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from common.cli import add_config_flags, config_values, flag
+from common.cli import MAX_SEED, MAX_THREADS, add_config_flags, config_values, flag
 from common.errors import UserError, check_output_dir, run_cli
 from pipeline.actions import ACTION_NAMES, FIRE, LEFT, NOOP, RIGHT
 
@@ -243,8 +243,8 @@ class RecordCommand:
     out: Path = flag(help="output folder (bulk_videos/)")
     episodes: int = flag(help="episodes to record", min=1)
     max_steps: int = flag(help="transitions per episode at most", min=1)
-    seed: int = flag(0, min=0)
-    workers: int = flag(1, "processes", min=1)
+    seed: int = flag(0, min=0, max=MAX_SEED)
+    workers: int = flag(1, "processes", min=1, max=MAX_THREADS)
     frameskip: int = flag(4, "emulator frames per step", min=1)
     sticky: float = flag(0.25, "sticky-action probability", min=0, max=1)
     skip_existing: bool = flag(False, "do nothing (exit 0) when --out already holds episodes")

@@ -23,7 +23,7 @@ import json
 import random
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -94,29 +94,64 @@ def manifest_entry(url: str) -> dict | None:
     "sha256"}; of the `.tar.zst` copy for a `.zst` url), or None where no manifest lists it. Found
     by place (<dir>/<split>/<shard>), so a list of urls from `latent_urls` is checked as the
     directory itself would be."""
-    if not is_local(url):
+    found = _manifest_of(url)
+    if found is None:
         return None
     path = Path(url)
-    directory = path.parent.parent
+    return found.entries.get(f"{path.parent.name}/{path.name}")
+
+
+def code_limits(url: str) -> CodeLimits:
+    """What the codes in a shard may be: from the manifest of the latent directory holding it, or,
+    where none is found (a remote url, a loose shard), only the stored types."""
+    found = _manifest_of(url)
+    return CodeLimits() if found is None else found.limits
+
+
+class CodeLimits(NamedTuple):
+    """The codes a latent manifest promises: grid codes in [0, codebook_size) of type code_dtype,
+    and, for a LAM with a per-frame action code, action codes in [0, action_codes) of action_dtype
+    (0: the samples hold none). None: not known (the stored types still bound them)."""
+
+    codebook_size: int | None = None
+    code_dtype: str | None = None
+    action_codes: int | None = None
+    action_dtype: str | None = None
+    manifest: str = ""
+
+
+class ManifestFacts(NamedTuple):
+    entries: dict[str, dict]
+    limits: CodeLimits
+
+
+def _manifest_of(url: str) -> ManifestFacts | None:
+    if not is_local(url):
+        return None
+    directory = Path(url).parent.parent
     manifest_file = directory / "manifest.json"
     if not manifest_file.is_file():
         return None
     stat = manifest_file.stat()
-    entries = _manifest_entries(str(directory), stat.st_mtime_ns, stat.st_size)
-    return entries.get(f"{path.parent.name}/{path.name}")
+    return _manifest_facts(str(directory), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=8)
-def _manifest_entries(directory: str, mtime_ns: int, size: int) -> dict[str, dict]:
-    """file -> {"pairs", "sha256"} for every shard (and .tar.zst copy) a latent manifest lists;
-    cached per manifest version (its mtime and size), as every shard of a pass asks."""
+def _manifest_facts(directory: str, mtime_ns: int, size: int) -> ManifestFacts:
+    """file -> {"pairs", "sha256"} for every shard (and .tar.zst copy) a latent manifest lists, and
+    the codes it promises; cached per manifest version (its mtime and size), as every shard asks."""
+    manifest = load_manifest(Path(directory), LATENT_FORMAT)
     entries = {}
-    for split in load_manifest(Path(directory), LATENT_FORMAT)["splits"].values():
+    for split in manifest["splits"].values():
         for shard in split["shards"]:
             entries[shard["file"]] = {"pairs": shard["pairs"], "sha256": shard["sha256"]}
             if "zstd" in shard:
                 entries[shard["zstd"]["file"]] = {"pairs": shard["pairs"], "sha256": shard["zstd"]["sha256"]}
-    return entries
+    checkpoint = manifest.get("checkpoint", {})
+    limits = CodeLimits(checkpoint.get("codebook_size"), manifest.get("code_dtype"),
+                        checkpoint.get("action_codes", 0) if "codebook_size" in checkpoint else None,
+                        manifest.get("action_dtype"), str(Path(directory) / "manifest.json"))
+    return ManifestFacts(entries, limits)
 
 
 class ShardMismatch(ValueError):
@@ -186,23 +221,61 @@ def tar_samples(data: Iterable[dict], handler: Callable = wds.reraise_exception,
 
 
 # ----------------------------------------------------------------------------------- decoding
-def decode_codes(data: bytes) -> torch.Tensor:
-    """codes.npy (uint8 up to 256 codes, uint16 above: pipeline.latent.code_dtype) -> int64 (7, 5)."""
+class BadSample(ValueError):
+    """A latent sample that is not what its shard's manifest promises; the message names the shard
+    and the sample."""
+
+
+def stored_codes(data: bytes, member: str, size: int | None, dtype: str | None) -> np.ndarray:
+    """A `.npy` of codes as extraction stores them: an unsigned type (`dtype` where the manifest says
+    which; otherwise one of CODE_DTYPES) and every code in [0, size) where the size is known. A code
+    past the codebook must not reach the decoder, whose lookup would wrap it (259 drawn as 3)."""
     codes = np.load(io.BytesIO(data), allow_pickle=False)
+    allowed = (dtype,) if dtype else tuple(np.dtype(t).name for t in CODE_DTYPES)
+    if codes.dtype.name not in allowed:        # a signed or float array was not written by extraction
+        raise ValueError(f"{member} holds {codes.dtype}, expected {' or '.join(allowed)}")
+    if size is not None and codes.size and int(codes.max()) >= size:
+        raise ValueError(f"{member} holds code {int(codes.max())}, but there are {size} codes (0..{size - 1})")
+    return codes
+
+
+def decode_codes(data: bytes, size: int | None = None, dtype: str | None = None) -> torch.Tensor:
+    """codes.npy (uint8 up to 256 codes, uint16 above: pipeline.latent.code_dtype) -> int64 (7, 5),
+    each code checked against the codebook's `size` when it is known."""
+    codes = stored_codes(data, "codes.npy", size, dtype)
     if codes.shape != GRID:
         raise ValueError(f"codes.npy has shape {codes.shape}, expected {GRID}")
-    if codes.dtype not in CODE_DTYPES:         # a signed or float grid was not written by extraction
-        raise ValueError(f"codes.npy holds {codes.dtype}, expected one of "
-                         f"{', '.join(np.dtype(t).name for t in CODE_DTYPES)}")
     return torch.from_numpy(codes.astype(np.int64))
 
 
-def decode_action_code(data: bytes) -> int:
-    """action.npy: the per-frame action code of a LAM that has one (a scalar, or shape (1,))."""
-    code = np.load(io.BytesIO(data), allow_pickle=False)
+def decode_action_code(data: bytes, size: int | None = None, dtype: str | None = None) -> int:
+    """action.npy: the per-frame action code of a LAM that has one (a scalar, or shape (1,)), checked
+    against the number of action codes when it is known."""
+    code = stored_codes(data, "action.npy", size, dtype)
     if code.size != 1:
         raise ValueError(f"action.npy has {code.size} values, expected one")
     return int(code.reshape(-1)[0])
+
+
+def sample_codes(sample: dict) -> dict:
+    """The sample's codes, decoded and checked against the manifest of its shard (`code_limits`):
+    {"codes"} (+ {"action_code"}). A problem is a BadSample naming the shard and the sample."""
+    url, key = sample.get("__url__", "a latent shard"), sample["__key__"]
+    limits = code_limits(url) if isinstance(url, str) else CodeLimits()
+    try:
+        out = {"codes": decode_codes(sample["codes.npy"], limits.codebook_size, limits.code_dtype)}
+        if "action.npy" in sample:
+            if limits.action_codes == 0:
+                raise ValueError(f"action.npy, but {limits.manifest} names a LAM without action codes")
+            out["action_code"] = decode_action_code(sample["action.npy"], limits.action_codes, limits.action_dtype)
+        elif limits.action_codes:
+            raise ValueError(f"no action.npy, but {limits.manifest} names a LAM with a per-frame action code "
+                             f"({limits.action_codes} codes)")
+    except KeyError as missing:
+        raise BadSample(f"{url}: sample {key} has no {missing.args[0]} member") from None
+    except ValueError as error:
+        raise BadSample(f"{url}: sample {key}: {error}") from None
+    return out
 
 
 FRAMES = ("cur", "next", "prev")       # "prev" only in shards of a model with context
@@ -217,11 +290,9 @@ def decode_latent_sample(sample: dict, grayscale: bool = True, with_meta: bool =
     give gray frames as (H, W, 1), which `to_model_input` takes as they are)."""
     out = {"key": sample["__key__"],
            "cur": decode_frame(sample["cur.png"]),
-           "codes": decode_codes(sample["codes.npy"]),
+           **sample_codes(sample),
            "next": decode_frame(sample["next.png"])}
     meta = json.loads(sample["json"]) if with_meta or "prev.png" in sample else None
-    if "action.npy" in sample:
-        out["action_code"] = decode_action_code(sample["action.npy"])
     if "prev.png" in sample:
         out["prev"] = decode_frame(sample["prev.png"])
         out["prev_valid"] = bool(meta.get("prev_valid", True))
@@ -259,6 +330,8 @@ def raise_user_error(error: Exception) -> bool:
     urls = [arg for arg in error.args if isinstance(arg, str) and (arg.endswith(".tar") or arg.endswith(ZSTD_SUFFIX))]
     reason = next((str(arg) for arg in error.args if isinstance(arg, str) and arg not in urls), type(error).__name__)
     where = urls[-1] if urls else "a latent shard"
+    if isinstance(error, BadSample):
+        raise UserError(str(error)) from None
     if isinstance(error, ShardMismatch):
         raise UserError(f"{where}: latent shard {reason}: cut short or changed since it was written "
                         f"(re-run extract.py)") from None

@@ -152,3 +152,44 @@ def test_run_cli_turns_a_broken_pipe_into_exit_141(capsys):
 
     assert run_cli(writes_to_a_closed_pipe, []) == 141
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------ upper bounds
+@pytest.mark.parametrize("command, argv, message", [
+    ("extract", ["--batch-size", "99999999999"], "--batch-size must be <= 4096 (got 99999999999)"),
+    ("extract", ["--loader-threads", "100000"], "--loader-threads must be <= 256 (got 100000)"),
+    ("extract", ["--threads", "100000"], "--threads must be <= 256 (got 100000)"),
+    ("evaluate", ["--threads", "100000"], "--threads must be <= 256 (got 100000)"),
+    ("evaluate", ["--seed", "4294967296"], "--seed must be <= 2147483647"),
+    ("control.train", ["--threads", "100000"], "--threads must be <= 256"),
+    ("control.train", ["--shuffle-buffer", "1000000000"], "--shuffle-buffer must be <= 65536"),
+    ("play rollout", ["--horizon", "1000000"], "--horizon must be <= 10000"),
+    ("pack", ["--workers", "100000"], "--workers must be <= 256"),
+    ("train", ["--set", "code_dim=100000000"], "code_dim must be in [1, 4096], got 100000000"),
+    ("train", ["--set", "threads=100000"], "threads must be <= 256"),
+    ("train", ["--set", "seed=4294967296"], "seed must be <= 2147483647"),
+    ("train", ["--model", "split", "--set", "action_code.levels=300,300"],
+     "action_code.levels 300,300 make 90000 codes; 2 to 65536 fit"),
+    ("train", ["--set", "shift.max_x=100000"], "shift.max_x and shift.max_y must be in [0, 80]"),
+])
+def test_a_number_past_what_can_work_is_refused_naming_the_bound(command, argv, message, tmp_path, capsys):
+    """Memory, threads and the stored code type have limits: a value past one is one line that
+    says the bound, before any work (these were an allocation traceback, DALI's TypeError, rc 134
+    and 139, and a model whose codes no uint16 holds)."""
+    import evaluate
+    import extract
+    import train
+
+    out = str(tmp_path / "out")
+    runs = {"extract": lambda: extract.main(["--shards", str(tmp_path), "--checkpoint", str(tmp_path / "x.pt"),
+                                             "--out", out, *argv]),
+            "evaluate": lambda: evaluate.main(["--shards", str(tmp_path), "--checkpoint", str(tmp_path / "x.pt"),
+                                               "--out", out, *argv]),
+            "control.train": lambda: control_train.main(["--latent", str(tmp_path), "--out", out, *argv]),
+            "play rollout": lambda: play.main(["rollout", "--out", out, *argv]),
+            "pack": lambda: pack.main(["--src", str(tmp_path), "--out", out, *argv]),
+            "train": lambda: train.main(["--shards", str(tmp_path), "--preset", "tiny", "--out", out,
+                                         "--run-dir", str(tmp_path / "run"), *argv])}
+    assert runs[command]() == 2
+    assert message in one_error_line(capsys)
+    assert not Path(out).exists()

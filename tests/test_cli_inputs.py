@@ -147,7 +147,7 @@ def test_play_checks_the_controller_against_the_lam_it_loaded(tiny_checkpoint, l
     paths = play.ModelPaths(checkpoint=best, controller=controller_path, latent=latent_dir)
     load_then_replace(monkeypatch, best, (tiny_checkpoint.parent / "step-000010.pt").read_bytes())
     sim, _ = play.load_simulator(paths)
-    assert play.lam_mismatch(paths, sim) is None            # the LAM it loaded is the one the controller knows
+    assert play.controller_made_for_lam(paths, sim) is None   # the LAM it loaded is the one the controller knows
 
 
 # ------------------------------------------------------------------------------------ outputs

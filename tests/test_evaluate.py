@@ -36,10 +36,22 @@ def test_code_analysis_helpers():
 # ----------------------------------------------------------------------------- evaluate.py
 @pytest.fixture(scope="module")
 def reports(pair_shards, tiny_checkpoint, latent_dir, tmp_path_factory):
-    """val and test evaluated into one reports/ folder: val takes the probe's train codes from the
-    latent shards, test (no latent shards given, a small probe) encodes them. Returns (root, stdout of test)."""
+    """val and test evaluated into one reports/ folder that already holds the other tools' outputs,
+    as `make controller rollout eval` leaves it (a controller's and a rollout's metrics.json beside
+    the splits'): val takes the probe's train codes from the latent shards, test (no latent shards
+    given, a small probe) encodes them. Returns (root, stdout of each split)."""
+    import play
+    from control import train as control_train
+
     latent = latent_dir
     root = tmp_path_factory.mktemp("reports")
+    assert control_train.main(["--latent", str(latent), "--out", str(root / "controller"), "--steps", "2",
+                               "--batch-size", "4", "--shuffle-buffer", "8", "--channels", "4", "8", "8", "8", "8",
+                               "--hidden", "16", "--eval-batch-size", "16", "--log-every", "1"]) == 0
+    assert play.main(["rollout", "--checkpoint", str(tiny_checkpoint), "--controller",
+                      str(root / "controller" / "controller.pt"), "--latent", str(latent), "--out", str(root / "play"),
+                      "--horizon", "2", "--starts", "2", "--gifs", "0", "--control-starts", "2", "--control-steps", "2",
+                      "--batch-size", "2"]) == 0
     printed = {}
     for split, extra in (("val", ["--latent", str(latent)]),
                          ("test", ["--latent", str(root / "no-latents"), "--probe-limit", "40"])):
@@ -111,6 +123,23 @@ def test_figures_and_report_are_written(reports):
     assert metrics["model"]["psnr"] < metrics["copy_baseline"]["psnr"]
     assert "The model does not beat copying frame t" in report.split("##")[0]
     assert "## Actions" in report and "majority class" in report
+
+
+def test_each_report_reads_only_evaluations_beside_it(reports):
+    """reports/ also holds a rollout's and a controller's metrics.json (the normal case after
+    `make controller rollout eval`): the evaluations ran, and their report and summary list the
+    evaluated splits only (the rollout's metrics were read as a split's: KeyError 'pairs')."""
+    root, _ = reports
+    assert {path.parent.name for path in root.glob("*/metrics.json")} == {"controller", "play", "val", "test"}
+    assert table_rows((root / "summary.md").read_text()) == ["val", "test"]
+    side_by_side = (root / "test" / "report.md").read_text().split("## Splits side by side")[1]
+    assert table_rows(side_by_side.split("\n\n", 2)[1]) == ["val", "test"]
+
+
+def table_rows(markdown: str) -> list[str]:
+    """The first column of a markdown table's body rows."""
+    rows = [line for line in markdown.splitlines() if line.startswith("|")][2:]
+    return [row.split("|")[1].strip() for row in rows]
 
 
 def test_summary_puts_splits_side_by_side(reports):

@@ -350,3 +350,18 @@ def test_agreement_of_the_tiny_model_on_its_sample(pair_shards, tiny_checkpoint)
     measured = measure_agreement(load_checkpoint(tiny_checkpoint, "cpu"), batches, torch.device("cpu"))
     assert measured.pairs == min(32, manifest["splits"]["test"]["pairs"])
     assert 0.5 < measured.code_cells <= 1 and measured.gap_db < 1 and measured.psnr_between > 30
+
+
+def test_the_latent_manifest_names_a_source_that_repacks_keep(videos, tiny_checkpoint, tmp_path):
+    """`source.shards` is the pair folder as named (a link a re-pack swaps), not the hidden version
+    folder behind it, which the re-pack after next removes; `manifest_sha256` tells which set."""
+    from pipeline.pack import pack
+
+    pairs = tmp_path / "shards" / "pairs"
+    pack(videos, pairs, seed=0, pairs_per_shard=16, workers=1, progress=False)
+    assert run_extract(pairs, tiny_checkpoint, tmp_path / "latent") == 0
+    source = json.loads((tmp_path / "latent" / "manifest.json").read_text())["source"]
+    for _ in range(2):                                   # the version folder extraction read is gone after these
+        pack(videos, pairs, seed=0, pairs_per_shard=16, workers=1, progress=False)
+    assert source["shards"] == str(pairs)
+    assert sha256_file(pairs / "manifest.json") == source["manifest_sha256"]     # the same input: the same set

@@ -77,3 +77,19 @@ def test_the_number_of_codes_follows_from_the_levels():
 
 def test_a_checkpoint_without_the_field_is_a_vector_quantiser():
     assert ModelConfig.from_dict({"width": 0.125}).quantizer == "vq"
+
+
+def test_a_code_outside_the_codebook_is_an_error_not_another_code():
+    """FSQ's digits are taken `% levels`: code 259 of a 256-code quantiser would be drawn as code 3.
+    The lookup refuses it (and a negative code); the nearest-code quantiser's lookup does too."""
+    from model.config import VQConfig
+    from model.quantizer import Quantizer
+
+    q = quantizer("8,8,4")
+    assert torch.equal(q.lookup(torch.full((1, 7, 5), 3)), q.lookup(torch.full((1, 7, 5), 3)))
+    for code in (259, 256, -1):
+        with pytest.raises(ValueError, match=rf"code {code} is outside the codebook's 256 codes \(0\.\.255\)"):
+            q.lookup(torch.full((1, 7, 5), code))
+    vq = Quantizer(VQConfig(codes=16), 8)
+    with pytest.raises(ValueError, match="code 16 is outside the codebook's 16 codes"):
+        vq.lookup(torch.full((1, 7, 5), 16))

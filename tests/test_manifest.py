@@ -60,6 +60,15 @@ def message(call) -> str:
      "inside the shard folder"),
     (lambda m: m["splits"]["train"]["shards"][0].update(file="train/../../x.tar"), "splits.train.shards[0].file",
      "inside the shard folder"),
+    # the palette every generated frame is snapped to: one colour drew every frame black, a NaN and a
+    # list where the object belongs were tracebacks, 3,000 colours took 2.6 GB to snap one frame
+    (lambda m: m.update(palette={"rgb": [[0, 0, 0]]}), "palette.rgb", "must hold 2 to 64 colours, got 1"),
+    (lambda m: m.update(palette={"rgb": [[0, 0, 0]] * 3000}), "palette.rgb", "must hold 2 to 64 colours, got 3000"),
+    (lambda m: m.update(palette={"rgb": [[0, 0, 0], [float("nan"), 0, 0]]}), "palette.rgb[1][0]",
+     "must be an integer"),
+    (lambda m: m.update(palette={"rgb": [[0, 0, 0], [256, 0, 0]]}), "palette.rgb[1][0]", "must be <= 255"),
+    (lambda m: m.update(palette={"rgb": [[0, 0, 0], [1, 2]]}), "palette.rgb[1]", "must be a colour [r, g, b]"),
+    (lambda m: m.update(palette=[[0, 0, 0], [9, 9, 9]]), "palette", "must be an object"),
 ])
 def test_a_manifest_field_out_of_schema_is_one_line_naming_it(shard_copy, change, field, problem):
     edit_manifest(shard_copy, change)
@@ -239,3 +248,17 @@ def test_a_latent_source_that_is_not_there_says_so(tmp_path, capsys, tiny_checkp
                       "--latent", "/nonexistent", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "error: /nonexistent: not found" in err and "half-written" not in err
+
+
+def test_a_bad_palette_in_a_latent_manifest_is_refused_where_it_is_read(latent_dir, tmp_path):
+    """The latent manifest carries the palette to the rollouts, the play server and train.py's own
+    frames: read there, a palette out of schema is one line naming the field, not a black game."""
+    from pipeline.palette import Palette
+
+    latent = tmp_path / "latent"
+    shutil.copytree(latent_dir, latent)
+    edit_manifest(latent, lambda m: m.update(palette={"rgb": [[0, 0, 0]]}))
+    text = message(lambda: load_manifest(latent, LATENT_FORMAT))
+    assert text.startswith(f"{latent / 'manifest.json'}: palette.rgb: must hold 2 to 64 colours")
+    with pytest.raises(ValueError, match="palette.rgb"):          # a dict made elsewhere: the same rule
+        Palette.from_json({"rgb": [[0, 0, 0]]})

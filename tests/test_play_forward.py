@@ -4,6 +4,8 @@ controller, and the controller's view of the codes of the step before."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +14,13 @@ from PIL import Image
 
 import extract
 import train
+from common.errors import UserError
 from control.data import NONE, samples_with_prev
 from control.network import Controller, ControllerConfig
 from control.rollout import codes_before
 from pipeline.palette import Palette, frame_levels, read_palette, snap
 from pipeline.stream import latent_dataset
+from test_stream import first_test_shard, npy, rewrite_latent_shard
 
 
 # ------------------------------------------------------------------------------------ palette
@@ -154,3 +158,87 @@ def test_own_frames_replace_a_share_of_frame_t_by_the_models_snapped_drawing():
     model.train()
     out = model(cur, cur, prev, start=start)
     assert out["pred"].shape == cur.shape
+
+
+# ------------------------------------------------------------------------------------ action codes in range
+def split_latent_copy(split_latent, tmp_path) -> Path:
+    latent = tmp_path / "latent"
+    shutil.copytree(split_latent[1], latent)
+    return latent
+
+
+@pytest.mark.parametrize("stored, problem", [
+    (np.array([302.9]), r"action\.npy holds float64, expected uint8"),
+    (np.array([9], dtype=np.uint8), r"action\.npy holds code 9, but there are 8 codes \(0\.\.7\)"),
+    (np.array([-1], dtype=np.int64), r"action\.npy holds int64, expected uint8"),
+])
+def test_an_action_code_of_another_type_or_past_its_count_names_the_sample(split_latent, tmp_path, stored, problem):
+    """A float64 action.npy of 302.9 was read as code 302 of 8; control.train then crashed on it."""
+    from control.data import read_episodes
+    from control.train import main as train_controller
+
+    latent = split_latent_copy(split_latent, tmp_path)
+    shard = first_test_shard(latent)
+    first_key = rewrite_latent_shard(latent, shard, lambda members: members.update({"action.npy": npy(stored)}))[0]
+    with pytest.raises(UserError, match=rf"^{latent / shard}: sample {first_key}: {problem}$"):
+        read_episodes(latent, "test", grayscale=True)
+    train_shard = json.loads((latent / "manifest.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    rewrite_latent_shard(latent, train_shard, lambda members: members.update({"action.npy": npy(stored)}))
+    assert train_controller(["--latent", str(latent), "--out", str(tmp_path / "controller"), "--steps", "2",
+                             "--batch-size", "4", "--shuffle-buffer", "8", "--channels", "4", "4", "4", "4", "4",
+                             "--hidden", "8"]) == 2
+
+
+def test_a_split_models_sample_without_its_action_code_is_named(split_latent, tmp_path):
+    """One sample without action.npy: read with its manifest, the stream names it; read as loose
+    shards (no manifest to say what to expect), read_episodes names it (it was KeyError 'action_code')."""
+    from control.data import read_episodes
+
+    latent = split_latent_copy(split_latent, tmp_path)
+    shard = first_test_shard(latent)
+    dropped = []
+
+    def drop_the_third(members: dict) -> None:
+        dropped.append(None)
+        if len(dropped) == 3:
+            members.pop("action.npy")
+
+    missing_key = rewrite_latent_shard(latent, shard, drop_the_third)[2]
+    with pytest.raises(UserError, match=rf"^{latent / shard}: sample {missing_key}: no action\.npy, but "
+                                        rf"{latent / 'manifest.json'} names a LAM with a per-frame action code"):
+        read_episodes(latent, "test", grayscale=True)
+    loose = tmp_path / "loose" / "test"
+    loose.mkdir(parents=True)
+    shutil.copy(latent / shard, loose / "latent-000000.tar")
+    shutil.copy((latent / shard).with_suffix(".idx"), loose / "latent-000000.idx")
+    with pytest.raises(UserError, match=rf"sample {missing_key} has no action\.npy, but sample \S+ has one"):
+        read_episodes([str(loose / "latent-000000.tar")], "test", grayscale=True)
+
+
+def test_a_controller_of_another_kind_of_lam_is_refused_both_ways(split_latent, tiny_checkpoint, latent_dir,
+                                                                  tmp_path, capsys):
+    """A controller trained for a split LAM (it predicts the action code) played with a grid LAM was
+    a warning and a full report; a grid controller played with a split LAM a RuntimeError
+    traceback. Both are one line, whatever --allow-other-checkpoint says: they cannot work."""
+    import play
+    from control import save_controller
+    from control.train import main as train_controller
+
+    split_checkpoint, split_latents = split_latent
+    assert train_controller(["--latent", str(split_latents), "--out", str(tmp_path / "split"), "--steps", "2",
+                             "--batch-size", "4", "--shuffle-buffer", "8", "--eval-split", "val", "--channels",
+                             "4", "4", "4", "4", "4", "--hidden", "8"]) == 0
+    grid_controller = save_controller(tmp_path / "grid.pt", Controller(ControllerConfig(
+        channels=(4, 4, 4, 4, 4), hidden=8)).eval(), step=0)
+    for checkpoint, controller, latent, lam_has in (
+            (tiny_checkpoint, tmp_path / "split" / "controller.pt", latent_dir, "action_codes 0"),
+            (split_checkpoint, grid_controller, split_latents, "action_codes 8")):
+        capsys.readouterr()
+        argv = ["rollout", "--checkpoint", str(checkpoint), "--controller", str(controller), "--latent", str(latent),
+                "--out", str(tmp_path / "play"), "--horizon", "2", "--starts", "2", "--gifs", "0",
+                "--control-starts", "2", "--control-steps", "2", "--allow-other-checkpoint"]
+        assert play.main(argv) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+        assert lines[0].startswith(f"error: {controller}: made for a model with") and lam_has in lines[0]

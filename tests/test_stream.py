@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +186,84 @@ def test_a_latent_tar_cut_between_samples_is_one_clear_error(latent_dir, tmp_pat
     with pytest.raises(UserError, match=rf"latent-000000\.tar: latent shard holds 3 samples, its index lists "
                                         rf"{len(samples)}: cut short"):
         list(latent_dataset(str(cut)))
+
+
+# ------------------------------------------------------------------------------------ codes in range
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def rewrite_shard(tar: Path, change) -> tuple[list[str], str]:
+    """Rewrite a latent tar with `change(members)` applied to each sample's members, its index with
+    it (a shard a user edited and re-indexed: only the codes' own checks can tell); its keys and sha256."""
+    from pipeline.shards import TarShardWriter
+
+    samples = list(iter_samples(tar, tar.with_suffix(".idx")))
+    tar.unlink()
+    with TarShardWriter(tar) as writer:
+        for key, members in samples:
+            change(members)
+            writer.add(key, members)
+    return [key for key, _ in samples], writer.result.sha256
+
+
+def rewrite_latent_shard(latent: Path, shard_file: str, change) -> list[str]:
+    """`rewrite_shard` on one shard of the latent folder `latent`, and its sha256 in the manifest."""
+    keys_written, sha256 = rewrite_shard(latent / shard_file, change)
+    manifest = json.loads((latent / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            if shard["file"] == shard_file:
+                shard["sha256"] = sha256
+    (latent / "manifest.json").write_text(json.dumps(manifest))
+    return keys_written
+
+
+def first_test_shard(latent: Path) -> str:
+    return json.loads((latent / "manifest.json").read_text())["splits"]["test"]["shards"][0]["file"]
+
+
+def plus_256(members: dict) -> None:
+    codes = np.load(io.BytesIO(members["codes.npy"]))
+    members["codes.npy"] = npy(codes.astype(np.uint16) + 256)
+
+
+def test_codes_that_are_not_the_manifests_are_one_error_naming_the_shard_and_sample(latent_dir, tmp_path):
+    """Every code +256, stored as uint16 (a rollout on them scored as the real codes: the FSQ lookup
+    wrapped them): the reader refuses them where it reads them, naming the shard and the sample,
+    by their type and, where the type could hold them, by the codebook's size."""
+    from control.data import read_episodes
+
+    latent = tmp_path / "latent"
+    shutil.copytree(latent_dir, latent)
+    shard = first_test_shard(latent)
+    first_key = rewrite_latent_shard(latent, shard, plus_256)[0]
+    with pytest.raises(UserError) as raised:
+        list(latent_dataset(latent, split="test"))
+    assert str(raised.value).startswith(f"{latent / shard}: sample {first_key}: codes.npy holds uint16, expected uint8")
+    manifest = json.loads((latent / "manifest.json").read_text())
+    manifest["code_dtype"] = "uint16"                   # as if the codebook needed uint16: the size still tells
+    (latent / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=rf"^{latent / shard}: sample {first_key}: codes\.npy holds code \d+, but "
+                                        rf"there are 256 codes \(0\.\.255\)$"):
+        read_episodes(latent, "test", grayscale=True)
+
+
+def test_signed_or_float_codes_are_refused_even_without_a_manifest(latent_dir, tmp_path):
+    """A loose shard (no manifest beside it to give the codebook's size): the stored type still
+    bounds the codes, and a float or signed grid is no stored type."""
+    loose = tmp_path / "loose" / "test"
+    loose.mkdir(parents=True)
+    shard = latent_dir / first_test_shard(latent_dir)
+    shutil.copy(shard, loose / shard.name)
+    shutil.copy(shard.with_suffix(".idx"), loose / shard.with_suffix(".idx").name)
+    keys_written, _ = rewrite_shard(loose / shard.name, float_codes)
+    with pytest.raises(UserError, match=rf"sample {keys_written[0]}: codes\.npy holds float64, expected uint8 or "
+                                        rf"uint16"):
+        list(latent_dataset(str(loose / shard.name)))
+
+
+def float_codes(members: dict) -> None:
+    members["codes.npy"] = npy(np.load(io.BytesIO(members["codes.npy"])).astype(np.float64) + 0.5)

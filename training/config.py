@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
-from common.cli import flag, without_none
+from common.cli import MAX_BATCH, MAX_SEED, MAX_THREADS, flag, without_none
 from common.errors import UserError
 from model import ModelConfig
 from model.config import VARIANTS, levels_tuple, model_settings, resolve_model, setting_types
@@ -71,8 +71,9 @@ class TrainConfig:
     own_frames_start: int = flag(0, min=0)
     # optimisation
     iters: int = flag(100_000, "train until this step (also after --resume)", min=1)
-    batch_size: int = flag(32, "global batch per optimiser step (all ranks, all micro-batches)", min=1)
-    grad_accum: int = flag(1, min=1)         # micro-batches per step
+    batch_size: int = flag(32, "global batch per optimiser step (all ranks, all micro-batches)", min=1,
+                           max=MAX_BATCH * 64)
+    grad_accum: int = flag(1, min=1, max=MAX_BATCH)         # micro-batches per step
     lr: float = flag(3e-4, above=0)
     lr_min: float = flag(1e-4, above=0)
     lr_schedule: str = flag("cosine", choices=("cosine", "linear", "constant"))   # after warmup
@@ -103,9 +104,9 @@ class TrainConfig:
     amp: str = flag("auto", "auto: bf16 where it is native (a GPU with bf16, a CPU with avx512_bf16 or AMX), else fp32",
                     choices=AMP_MODES)
     wandb: str = flag("", "default $WANDB_MODE, else offline", choices=WANDB_MODES)
-    seed: int = flag(0, min=0)
+    seed: int = flag(0, min=0, max=MAX_SEED)
     deterministic: bool = False
-    threads: int = flag(0, min=0)            # CPU threads per rank; 0 = the cores shared out among local ranks
+    threads: int = flag(0, min=0, max=MAX_THREADS)   # CPU threads per rank; 0 = the cores shared out among local ranks
     # cadences in steps (0 = never)
     val_every: int = flag(1000, min=0)       # validation loss (and best.pt)
     # validation sample: this many batches' pairs, drawn across every val episode (0 = all)

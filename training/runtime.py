@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from common.device import resolve_device
+from common.distributed import end_with_launcher
 from model.inference import autocast_dtype
 
 
@@ -47,6 +48,7 @@ class Runtime:
 def setup_runtime(device: str, amp: str, seed: int, deterministic: bool, threads: int) -> Runtime:
     """Rank and device from torchrun's environment (one process = rank 0 of 1), the process group,
     threads, seeds and numerics. `device` is auto | cpu | cuda."""
+    end_with_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device != "cpu" and torch.cuda.is_available():
