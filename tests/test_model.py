@@ -401,3 +401,28 @@ def test_split_model_is_played_from_the_action_code_alone():
     torch.testing.assert_close(latent, expected)
     with pytest.raises(ValueError, match="needs the per-frame action code"):
         model.decode(cur, grid, cur)
+
+
+@pytest.mark.parametrize("size", [(105, 80), (53, 40), (27, 20), (14, 10), (7, 5), (9, 7)])
+def test_film_scales_each_cells_patch_as_nearest_upsampling_does(size):
+    """FiLM broadcasts each cell's scale and shift over its patch without upsampling them: the same
+    values as F.interpolate(mode="nearest") would give (exactly), and the same gradients (float64)."""
+    import torch.nn.functional as F
+
+    from model.networks import FiLM
+
+    torch.manual_seed(0)
+    film = FiLM(6, 4).double()
+    torch.nn.init.normal_(film.to_scale_shift.weight)
+    features = torch.randn(2, 4, *size, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    latent = torch.randn(2, 6, 7, 5, dtype=torch.float64, requires_grad=True)
+
+    def upsampled(features, latent):
+        gamma, beta = F.interpolate(film.to_scale_shift(latent), size=size, mode="nearest").chunk(2, dim=1)
+        return features * (1 + gamma) + beta
+
+    assert torch.equal(film(features, latent), upsampled(features, latent))
+    weights = torch.randn(2, 4, *size, dtype=torch.float64)
+    ours = torch.autograd.grad((film(features, latent) * weights).sum(), (features, latent))
+    theirs = torch.autograd.grad((upsampled(features, latent) * weights).sum(), (features, latent))
+    assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
