@@ -90,13 +90,16 @@ play-session: setup
 # settings, latents and a controller of that checkpoint) and redoes a stage whose inputs changed,
 # saying so; `make clean` wipes the data and reports. Val is evaluated while training (best.pt is
 # chosen on it); the demo reports test (`make eval` does both).
+CLOCK = $(PY) -m bench.timed --log $(REPORTS)/demo-timings.json
 demo: setup
-	$(MAKE) data shards
-	$(MAKE) train PRESET=$(DEMO_PRESET) TRAIN_ARGS="--reuse $(TRAIN_ARGS)"
-	$(MAKE) extract EXTRACT_ARGS="--overwrite $(EXTRACT_ARGS)"
-	$(MAKE) eval EVAL_SPLITS=test
-	$(MAKE) controller CONTROLLER_ARGS="--reuse $(DEMO_CONTROLLER_ARGS)"
-	$(MAKE) rollout ROLLOUT_ARGS="$(DEMO_ROLLOUT_ARGS)"
+	@$(CLOCK) --fresh
+	$(CLOCK) --stage "record + pack" -- $(MAKE) data shards
+	$(CLOCK) --stage "train ($(DEMO_PRESET))" -- $(MAKE) train PRESET=$(DEMO_PRESET) TRAIN_ARGS="--reuse $(TRAIN_ARGS)"
+	$(CLOCK) --stage extract -- $(MAKE) extract EXTRACT_ARGS="--overwrite $(EXTRACT_ARGS)"
+	$(CLOCK) --stage "evaluate (test)" -- $(MAKE) eval EVAL_SPLITS=test
+	$(CLOCK) --stage controller -- $(MAKE) controller CONTROLLER_ARGS="--reuse $(DEMO_CONTROLLER_ARGS)"
+	$(CLOCK) --stage "rollouts" -- $(MAKE) rollout ROLLOUT_ARGS="$(DEMO_ROLLOUT_ARGS)"
+	@$(CLOCK) --summary
 	@echo "==> reports: $(REPORTS)/test/report.md (model), $(REPORTS)/play/report.md (controller and rollouts)"
 
 bench: setup

@@ -13,7 +13,7 @@ import time
 
 from bench.common import ROOT, machine
 
-BENCHMARKS = ["pack", "loader", "train", "extract", "scale", "stages"]
+BENCHMARKS = ["demo", "pack", "loader", "train", "extract", "scale", "stages"]
 OUTPUT = ROOT / "BENCHMARKS.md"
 
 
