@@ -65,6 +65,8 @@ class CheckConfig:
     shards: Path | None = None          # None: record 40 episodes and pack them (made once, reused)
     quality: bool = False
     compile_backend: str = "inductor"   # the dry run may trace only (aot_eager): no code generation
+    batches: tuple[int, ...] = (32, 256)            # the batch sizes train_speed times
+    modes: tuple[str, ...] = ("eager", "compiled", "compiled, reduce-overhead")
 
     @property
     def on_gpu(self) -> bool:
@@ -246,7 +248,7 @@ def train_speed(cfg: CheckConfig, shards: Path, batch_size: int, compile: bool, 
 def loss_curves(speed: dict) -> dict:
     """Compiled against eager at batch 32: the same batches in the same order, so the same curve
     within float rounding (and the noise it grows into over the steps)."""
-    eager, compiled = speed.get("eager, batch 32", {}), speed.get("compiled, batch 32", {})
+    eager, compiled = speed.get("eager, batch 32", {}), speed.get("compiled, batch 32", {})   # the default batches
     if "losses" not in eager or "losses" not in compiled:
         raise Skipped("needs both the eager and the compiled batch-32 runs")
     tail = lambda losses: sum(losses[-50:]) / len(losses[-50:])  # noqa: E731
@@ -424,7 +426,12 @@ def stages_for(cfg: CheckConfig) -> list[tuple[str, Callable[[], dict]]]:
     def speeds() -> dict:
         runs = {}
         for label, batch, compiled, mode in SPEED_RUNS:
+            if label not in cfg.modes:
+                continue
+            batch = {32: cfg.batches[0], 256: cfg.batches[-1]}[batch]
             name = f"{label}, batch {batch}"
+            if name in runs:
+                continue
             try:
                 runs[name] = train_speed(cfg, shards(), batch, compiled, mode)
             except Skipped as reason:
@@ -460,6 +467,10 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", action="store_true", help="also train batch 32 against batch 256")
     parser.add_argument("--compile-backend", choices=("inductor", "aot_eager"), default="inductor",
                         help="aot_eager: trace and partition only (a quick dry run on a CPU)")
+    parser.add_argument("--batches", type=checked_type(int, "--batches", {"min": 1, "max": 4096}), nargs="+",
+                        default=[32, 256], help="the small and the large batch train_speed times (default 32 256)")
+    parser.add_argument("--modes", nargs="+", choices=[label for label, *_ in SPEED_RUNS][:3],
+                        default=["eager", "compiled", "compiled, reduce-overhead"], help="what train_speed runs")
     parser.add_argument("--preflight", action="store_true", help="only check for torch and a CUDA GPU")
     args = parser.parse_args(argv)
     problem = cuda_problem() if args.device == "cuda" else None
@@ -471,7 +482,7 @@ def cli(argv: list[str] | None = None) -> int:
     check_output_dir(args.out, "--out")
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = CheckConfig(args.out.resolve(), args.steps, args.device, args.preset, args.shards, args.quality,
-                      args.compile_backend)
+                      args.compile_backend, tuple(args.batches), tuple(args.modes))
     if not has_dali():
         print("gpu-check: DALI is not installed; the loader runs the torch backend", flush=True)
     from training.runtime import git_sha
