@@ -47,6 +47,7 @@ from control.rollout import KINDS, codes_before, run_rollouts
 from control.server import Game, StartFrame, make_server
 from control.session import check_browser, record_session, summary
 from control.simulator import Simulator
+from control.world import check_belongs, load_world
 
 DEFAULT_CHECKPOINT = Path("checkpoints/latent_action/best.pt")
 DEFAULT_CONTROLLER = Path("checkpoints/controller/controller.pt")
@@ -64,6 +65,7 @@ class ModelPaths:
                                  "not one of the grids seen in training")
     snap: bool = flag(True, "snap each generated frame to the game's palette before it is fed back "
                             "(--no-snap: feed back what the decoder drew)")
+    world: Path | None = flag(None, "world model checkpoint (make world) that draws instead of the LAM's decoder")
 
     def __post_init__(self):
         check_fields(self)                  # the flags' rules, for a config built in Python too
@@ -125,7 +127,17 @@ def load_simulator(paths: ModelPaths) -> tuple[Simulator, bool]:
     if controller.config.in_channels != lam.config.in_channels:
         raise UserError(f"{paths.controller}: controller sees {controller.config.in_channels}-channel frames, "
                         f"the LAM {lam.config.in_channels}")
-    return Simulator(lam, controller, per_cell=paths.per_cell), lam.config.in_channels == 1
+    return Simulator(lam, controller, per_cell=paths.per_cell, world=load_world_for(paths, lam, controller)), \
+        lam.config.in_channels == 1
+
+
+def load_world_for(paths: ModelPaths, lam, controller):
+    """The world model of --world, refused unless it was trained with this LAM and controller; None without --world."""
+    if paths.world is None:
+        return None
+    world = load_world(paths.world, "cpu")
+    check_belongs(world, lam, controller, paths.world)
+    return world
 
 
 def with_palette(sim: Simulator, paths: ModelPaths, episodes: list) -> Simulator:
@@ -174,6 +186,7 @@ def rollout(config: RolloutConfig) -> dict:
     figures = {"curves": rollout_curves(result.curves, config.out / "curves.png").name,
                "controllability": controllability_bars(control, config.out / "controllability.png", CONTROL_GOAL).name}
     metrics = {"split": config.split, "checkpoint": str(config.checkpoint), "lam_step": int(sim.lam.step),
+               "world": None if config.world is None else str(config.world),
                "controller": str(config.controller), "controller_step": sim.controller.step,
                "controller_grids": 0 if config.per_cell else len(sim.controller.seen_grids),
                "latent": str(config.latent), "config": jsonable(asdict(config)),
@@ -312,6 +325,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         if problem:
             raise UserError(problem)
         about = {"checkpoint": str(config.checkpoint), "controller": str(config.controller),
+                 "world": None if config.world is None else str(config.world),
                  "latent": str(config.latent), "seed": config.seed}
         print(summary(record_session(game, config.out, config.steps, about)))
         return 0
