@@ -27,16 +27,26 @@ CONTROLLER_ARGS ?=
 # the README's ablation table: 800 steps, two runs side by side (about 2 hours for all 8 variants on 2 cores)
 ABLATE_ARGS ?= --iters 800 --jobs 2
 DEMO_CONTROLLER_ARGS ?= --steps 800
+# The world model that is played (control/world.py, docs/world-model.md): rollout, play and
+# play-session play it when $(WORLD) exists, else the LAM's decoder.
+WORLD_DIR  ?= checkpoints/world
+WORLD      ?= $(WORLD_DIR)/world.pt
+WORLD_ARGS ?=
+ROLLOUT_ARGS ?=
+# the demo's share: a world model a 2-core CPU trains in about 3 minutes, rollouts in about 2
+DEMO_WORLD_ARGS   ?= --steps 240
+DEMO_ROLLOUT_ARGS ?= --starts 12 --control-starts 24
+PLAY_WORLD = $$([ -f $(WORLD) ] && echo --world $(WORLD))
 # The GPU check runs with the GPU machine's own Python and torch, installing only carried wheels.
 GPU_PY ?= python3
 WHEELS ?= wheels
 
-.PHONY: setup data shards train extract eval controller rollout play play-session demo bench ablate test browser gpu-check wheels clean help
+.PHONY: setup data shards train extract eval controller world rollout play play-session demo bench ablate ablate-world test browser gpu-check wheels clean help
 
 help:
 	@echo "make demo   - install, record, pack, train (demo preset), extract, evaluate"
 	@echo "make test   - run the test suite (CPU only)"
-	@echo "make setup | data | shards | train | extract | eval | controller | rollout | play | play-session | bench | clean"
+	@echo "make setup | data | shards | train | extract | eval | controller | world | rollout | play | play-session | bench | clean"
 	@echo "make wheels (here), then make gpu-check (on a GPU machine)"
 
 $(STAMP): pyproject.toml
@@ -67,21 +77,26 @@ eval: setup
 controller: setup
 	$(PY) -m control.train --latent $(LATENT) --out $(CONTROLLER_DIR) $(CONTROLLER_ARGS)
 
+# The world model: from the LAM's decoder, on the controller's codes and its own rollouts.
+world: setup
+	$(PY) -m control.world_train --latent $(LATENT) --checkpoint $(CKPT) --controller $(CONTROLLER) --out $(WORLD_DIR) $(WORLD_ARGS)
+
 rollout: setup
-	$(PY) play.py rollout --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play
+	$(PY) play.py rollout --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play $(PLAY_WORLD) $(ROLLOUT_ARGS)
 
 play: setup
-	$(PY) play.py serve --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT)
+	$(PY) play.py serve --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) $(PLAY_WORLD)
 
 # A ball-following policy plays 300 steps on the play page in headless Chromium (make browser).
 play-session: setup
-	$(PY) play.py session --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play
+	$(PY) play.py session --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play $(PLAY_WORLD)
 
 demo: setup
 	$(MAKE) data shards
 	$(MAKE) train PRESET=demo
 	$(MAKE) extract eval
-	$(MAKE) controller rollout CONTROLLER_ARGS="$(DEMO_CONTROLLER_ARGS)"
+	$(MAKE) controller CONTROLLER_ARGS="$(DEMO_CONTROLLER_ARGS)"
+	$(MAKE) world rollout WORLD_ARGS="$(DEMO_WORLD_ARGS)" ROLLOUT_ARGS="$(DEMO_ROLLOUT_ARGS)"
 	@echo "==> reports: $(REPORTS)/test/report.md (model), $(REPORTS)/play/report.md (controller and rollouts)"
 
 bench: setup
@@ -90,6 +105,11 @@ bench: setup
 # Each model variant trained at demo scale on the same shards and scored on val (hours on a CPU).
 ablate: setup
 	$(PY) -m bench.ablate --shards $(SHARDS) --out $(REPORTS)/ablation $(ABLATE_ARGS)
+
+# The world model's levers on this LAM and controller (docs/world-model.md): world-ablation.md.
+WORLD_ABLATE_ARGS ?= --worlds decoder controller-codes own-rollouts context-noise past-3 key
+ablate-world: setup
+	$(PY) -m bench.ablate --checkpoint $(CKPT) --latent $(LATENT) --controller $(CONTROLLER) --out $(REPORTS)/ablation $(WORLD_ABLATE_ARGS)
 
 # The play page's browser test drives Debian's Chromium; without it that one test skips and says so.
 browser:

@@ -110,6 +110,8 @@ class SessionConfig(ModelPaths):
     steps: int = flag(300, "steps the ball-following policy plays on the page", min=1)
     out: Path = Path("reports/play")
     seed: int = flag(0, "picks the test frame the game restarts from", min=0)
+    browser: bool = flag(True, "drive the page in headless Chromium (--no-browser: the same policy on the game's "
+                               "own step API, where Chromium is not installed)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -320,14 +322,15 @@ def run(argv: Sequence[str] | None = None) -> int:
               f"http+json {m['http_and_json']:.1f} ms; {result['threads']} threads)")
         return 0
     if command == "session":
-        check_browser()                                      # before loading any model
+        if config.browser:
+            check_browser()                                  # before loading any model
         game, problem = build_game(ServeConfig(**{**asdict(config_paths(config)), "seed": config.seed}))
         if problem:
             raise UserError(problem)
         about = {"checkpoint": str(config.checkpoint), "controller": str(config.controller),
                  "world": None if config.world is None else str(config.world),
                  "latent": str(config.latent), "seed": config.seed}
-        print(summary(record_session(game, config.out, config.steps, about)))
+        print(summary(record_session(game, config.out, config.steps, about, config.browser)))
         return 0
     metrics = rollout(config)
     curves, control = metrics["rollouts"]["curves"], metrics["controllability"]
