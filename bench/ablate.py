@@ -72,6 +72,9 @@ STEPS = (10, 50, 200)                   # rollout steps the table shows
 class WorldEntry:
     about: str                          # what the row is, for the table
     train: tuple[str, ...] | None       # control.world_train flags; None: no world model, the LAM's decoder
+    # a LAM variant trained, extracted and given a controller of its own for this row (instead of
+    # --checkpoint's), as long as the LAM and the world model together: `split` at the same budget
+    variant: str | None = None
 
 
 # The issue's list, each lever on top of the row before it (docs/world-model.md says what each did).
@@ -86,6 +89,8 @@ WORLD_ENTRIES: dict[str, WorldEntry] = {
     "context-noise": WorldEntry("+ noise on the past frames (std up to 0.1)", (*OWN, "--context-noise", "0.1")),
     "past-3": WorldEntry("+ frame t-2 (own rollouts, no noise)", (*OWN, "--past-frames", "3")),
     "key": WorldEntry("+ the key beside the codes (own rollouts, no noise)", (*OWN, "--key")),
+    "split": WorldEntry("Genie's split LAM (t-1, 8 action codes, grid dropout), trained the LAM's and the world "
+                        "model's steps together, played from its own decoder", None, "split"),
 }
 WORLD_STEPS = (1, 10, 50, 200)          # rollout steps the world table shows
 
@@ -107,6 +112,8 @@ class AblateConfig:
     latent: Path = flag(ROOT / "shards" / "latent", "--worlds: its latent shards")
     controller: Path = flag(ROOT / "checkpoints" / "controller" / "controller.pt", "--worlds: its controller")
     world_steps: int = flag(240, "--worlds: world model training steps", min=1)
+    lam_steps: int = flag(1300, "--worlds: the steps --checkpoint was trained (the split row trains this many "
+                                "plus --world-steps)", min=1)
     split: str = flag("val", "--worlds: the split rollouts and sessions start from", choices=("val", "test"))
     starts: int = flag(12, "--worlds: rollout starts (200 steps each)", min=1)
     control_starts: int = flag(24, "--worlds: starts of held LEFT / RIGHT", min=1)
@@ -254,6 +261,8 @@ def run_world_entry(entry: WorldEntry, root: Path, cfg: AblateConfig, threads: i
     run = lambda args: run_stage(args, log, threads)  # noqa: E731
     models = ["--checkpoint", str(cfg.checkpoint), "--controller", str(cfg.controller), "--latent", str(cfg.latent)]
     world, training = [], None
+    if entry.variant is not None:
+        models, training = lam_of_its_own(entry.variant, root, cfg, run, threads)
     if entry.train is not None:
         shutil.rmtree(root / "world", ignore_errors=True)
         run(["-m", "control.world_train", *models, "--out", str(root / "world"), "--steps", str(cfg.world_steps),
@@ -273,6 +282,27 @@ def run_world_entry(entry: WorldEntry, root: Path, cfg: AblateConfig, threads: i
     return {"training": training and {k: training[k] for k in ("training", "val")},
             "play": json.loads((root / "play" / "metrics.json").read_text()),
             "sessions": [{k: s[k] for k in ("seed", "steps", "steps_per_s", "score")} for s in sessions]}
+
+
+def lam_of_its_own(variant: str, root: Path, cfg: AblateConfig, run, threads: int | None) -> tuple[list[str], dict]:
+    """Train the LAM variant for the LAM's and the world model's steps together, extract its codes and
+    train its controller as the demo does; returns the play flags and its training time."""
+    for made in ("ckpt", "run", "latent", "controller"):
+        shutil.rmtree(root / made, ignore_errors=True)
+    steps = cfg.lam_steps + cfg.world_steps
+    started = time.perf_counter()
+    run(["train.py", "--shards", str(cfg.shards), "--preset", "demo", "--model", variant, "--out", str(root / "ckpt"),
+         "--run-dir", str(root / "run"), "--wandb", "disabled", "--iters", str(steps),
+         "--set", f"lr_decay_iters={steps}", *(["--set", f"threads={threads}"] if threads else [])])
+    seconds = time.perf_counter() - started
+    checkpoint = root / "ckpt" / "best.pt"
+    run(["extract.py", "--shards", str(cfg.shards), "--checkpoint", str(checkpoint), "--out", str(root / "latent"),
+         "--no-progress"])
+    run(["-m", "control.train", "--latent", str(root / "latent"), "--out", str(root / "controller"),
+         "--steps", str(cfg.controller_steps)])
+    models = ["--checkpoint", str(checkpoint), "--controller", str(root / "controller" / "controller.pt"),
+              "--latent", str(root / "latent")]
+    return models, {"training": {"steps": steps, "seconds": round(seconds, 1)}, "val": None}
 
 
 def world_figures(result: dict) -> dict:

@@ -197,6 +197,9 @@ def train_world(config: WorldTrainConfig, device: torch.device, progress) -> dic
     torch.manual_seed(config.seed)
     lam, controller, levels = load_parts(config, device)
     world = WorldModel.from_lam(lam, config.past_frames, config.key).to(device).train()
+    if device.type == "cpu":
+        # oneDNN's NHWC convolutions, as the controller and extraction use (BENCHMARKS.md "Stages")
+        world.to(memory_format=torch.channels_last)
     owners = {"lam": identity(lam), "controller": identity(controller)}
     del lam                                                   # only its decoder's weights were wanted
     grayscale = world.config.lam_config.in_channels == 1

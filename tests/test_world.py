@@ -195,3 +195,15 @@ def test_a_world_model_of_another_lam_or_controller_is_refused_in_play(trained, 
     game, problem = play.build_game(play.ServeConfig(checkpoint=tiny_checkpoint, controller=other,
                                                      latent=latent_dir, world=stranger))
     assert game is None and "stranger.pt" in problem and "LAM" in problem
+
+
+def test_a_session_without_a_browser_plays_the_world_model(trained, tiny_checkpoint, controller_path, latent_dir,
+                                                           tmp_path, capsys):
+    out, _ = trained
+    code = play.main(["session", "--checkpoint", str(tiny_checkpoint), "--controller", str(controller_path),
+                      "--latent", str(latent_dir), "--world", str(out / "world.pt"), "--out", str(tmp_path),
+                      "--steps", "6", "--no-browser", "--threads", "1"])
+    assert code == 0, capsys.readouterr().err
+    session = json.loads((tmp_path / "session.json").read_text())
+    assert session["world"] == str(out / "world.pt") and session["browser"] is False
+    assert session["score"]["steps"] == 6 and len(session["frames"]) == 7
