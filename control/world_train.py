@@ -48,11 +48,13 @@ from pipeline.shards import LATENT_FORMAT, atomic_write_json, load_manifest
 from control.checkpoint import load_controller
 from control.data import FrameCache, latent_identity
 from control.network import Controller
-from control.world import MAX_PAST_FRAMES, WorldModel, identity, save_world
+from control.world import MAX_PAST_FRAMES, PADDLE_ROW, WorldModel, identity, save_world
 from control.world_data import fixed_batches, window_batches
 
 CHECKPOINT_NAME = "world.pt"
-CODE_SOURCES = ("controller", "recorded")
+# the codes it learns from (see `codes_for`): the controller's for the recorded key everywhere; the
+# same with the paddle's row of the grid the recording's; or the recording's (the LAM encoder's) everywhere
+CODE_SOURCES = ("controller", "paddle-row", "recorded")
 
 
 @dataclass
@@ -68,8 +70,11 @@ class WorldTrainConfig:
                                     "rollouts begin", min=0, max=1)
     past_frames: int = flag(2, "frames it sees: t-1 and t (2), also t-2 (3), ...", min=1, max=MAX_PAST_FRAMES)
     key: bool = flag(False, "also read the real key pressed, beside the codes")
-    codes: str = flag("controller", "the codes it learns from: the controller's for the recorded key, or the "
-                                    "recorded ones (the LAM encoder's, which saw frame t+1)", choices=CODE_SOURCES)
+    momentum: bool = flag(False, "also read the last step's codes (the LAM's encoder on t-1, t), gated per cell: "
+                                 "the ball's flight from the past (control/world.py)")
+    codes: str = flag("paddle-row", "the codes it learns from: the controller's for the recorded key; the same "
+                                    "with the paddle's row of the grid from the recording; or the recorded ones "
+                                    "(the LAM encoder's, which saw frame t+1)", choices=CODE_SOURCES)
     context_noise: float = flag(0.0, "largest std of Gaussian noise on the past frames it sees (GameNGen); "
                                      "each sample draws its own strength up to it; 0: none", min=0, max=1)
     snap: bool = flag(True, "snap its own drawings to the palette before they are fed back (as play does)")
@@ -120,6 +125,27 @@ def with_noise(past: torch.Tensor, strength: float, generator: torch.Generator |
     return (past + sigma * noise).clamp(0, 1)
 
 
+def codes_for(source: str, controller: Controller, cur: torch.Tensor, prev: torch.Tensor, key: torch.Tensor,
+              recorded: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
+    """The codes one training step draws from (CODE_SOURCES).
+
+    Why the paddle's row from the recording: with sticky actions (pipeline/record.py) the paddle's
+    move after a key press is a draw, not a function of the key and the past, and the controller's
+    codes name one such draw that is often not the recorded one. Trained against the recorded frame,
+    a model that trusts those codes is wrong half the time, so it learns to hedge: a squared loss
+    pays best for half a paddle in each likely place, which snapping splits into two paddles. The
+    recorded codes name the draw that happened, so the model learns to follow the codes for the
+    paddle (in play the controller's codes are a plausible draw), while the ball, the bricks and the
+    rest still come from the controller's codes, which do not know where the ball goes."""
+    if source == "recorded":
+        return recorded
+    codes = controller.codes(cur, key, prev, prev_codes=before if controller.config.prev_codes else None)
+    if source == "paddle-row":
+        codes = codes.clone()
+        codes[:, PADDLE_ROW] = recorded[:, PADDLE_ROW]
+    return codes
+
+
 def play_window(world: WorldModel, controller: Controller, batch: dict, horizon: int, config: WorldTrainConfig,
                 levels: torch.Tensor | None, device: torch.device,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[float]]:
@@ -132,10 +158,7 @@ def play_window(world: WorldModel, controller: Controller, batch: dict, horizon:
     total, losses, before = 0.0, [], None
     for k in range(horizon):
         cur, prev, key = history[:, -1], history[:, -2], actions[:, k]
-        if config.codes == "recorded":
-            codes = batch["codes"][:, k].to(device)
-        else:
-            codes = controller.codes(cur, key, prev, prev_codes=before if controller.config.prev_codes else None)
+        codes = codes_for(config.codes, controller, cur, prev, key, batch["codes"][:, k].to(device), before)
         pred = world(with_noise(history[:, -world.past_frames:], config.context_noise, generator), codes, key)
         loss = changed_weighted_mse(pred, frames[:, window_past + k], cur, weight)
         total, before = total + loss, codes
@@ -196,7 +219,7 @@ def load_parts(config: WorldTrainConfig, device: torch.device):
 def train_world(config: WorldTrainConfig, device: torch.device, progress) -> dict:
     torch.manual_seed(config.seed)
     lam, controller, levels = load_parts(config, device)
-    world = WorldModel.from_lam(lam, config.past_frames, config.key).to(device).train()
+    world = WorldModel.from_lam(lam, config.past_frames, config.key, config.momentum).to(device).train()
     if device.type == "cpu":
         # oneDNN's NHWC convolutions, as the controller and extraction use (BENCHMARKS.md "Stages")
         world.to(memory_format=torch.channels_last)
