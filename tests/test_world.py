@@ -53,8 +53,7 @@ def trained(latent_dir, tiny_checkpoint, controller_path, tmp_path_factory):
                              "--controller", str(controller_path), "--out", str(out), "--steps", "16",
                              "--batch-size", "4", "--shuffle-buffer", "8", "--rollout-steps", "2",
                              "--rollout-from", "0.5", "--lr", "1e-3", "--val-batches", "2", "--key",
-                             "--past-frames", "3", "--context-noise", "0.02", "--momentum", "--threads", "1",
-                             "--device", "cpu"])
+                             "--past-frames", "3", "--context-noise", "0.02", "--threads", "1", "--device", "cpu"])
     assert code == 0
     return out, json.loads((out / "metrics.json").read_text())
 
@@ -68,22 +67,6 @@ def test_an_untrained_world_model_draws_what_the_lams_decoder_draws(lam, episode
         drawn = world(stack_past([frames[0:2], frames[1:3], frames[2:4]], past_frames), codes[2:4],
                       torch.tensor([1, 3]))
     torch.testing.assert_close(drawn, lam.decode(frames[2:4], codes[2:4]), rtol=0, atol=1e-5)
-
-
-def test_momentum_draws_from_the_last_steps_codes_where_its_gate_is_open(lam, episodes):
-    """Gate open: the LAM's decoder given the codes the LAM reads off (t-1, t); shut: the player's codes."""
-    frames, codes = episodes[0].frames, episodes[0].codes
-    world = WorldModel.from_lam(lam, past_frames=2, momentum=True).eval()
-    past = stack_past([frames[1:3], frames[2:4]], 2)
-    with torch.no_grad():
-        world.gate_bias.fill_(100.0)
-        last_step = world(past, codes[2:4])
-        world.gate_bias.fill_(-100.0)
-        players = world(past, codes[2:4])
-    torch.testing.assert_close(last_step, lam.decode(frames[2:4], lam.encode(frames[1:3], frames[2:4])),
-                               rtol=0, atol=1e-5)
-    torch.testing.assert_close(players, lam.decode(frames[2:4], codes[2:4]), rtol=0, atol=1e-5)
-    assert world.reader.encoder.stack[0][0].weight.requires_grad is False
 
 
 def test_a_context_lams_world_model_starts_as_its_decoder(context_checkpoint, episodes):
@@ -147,7 +130,7 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint_naming_its_owners(trai
     world = load_world(out / "world.pt")
     assert world.lam["sha256"] == lam.sha256
     assert world.controller["sha256"] == load_controller(controller_path).sha256
-    assert world.past_frames == 3 and world.config.key and world.config.momentum
+    assert world.past_frames == 3 and world.config.key
 
 
 def test_a_controller_of_another_lam_is_refused_for_training(latent_dir, tiny_checkpoint, tmp_path, capsys):
