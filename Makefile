@@ -34,7 +34,7 @@ WORLD      ?= $(WORLD_DIR)/world.pt
 WORLD_ARGS ?=
 ROLLOUT_ARGS ?=
 # the demo's share: a world model a 2-core CPU trains in about 3 minutes, rollouts in about 2
-DEMO_WORLD_ARGS   ?= --steps 240
+DEMO_WORLD_ARGS   ?= --steps 160 --val-batches 2
 DEMO_ROLLOUT_ARGS ?= --starts 12 --control-starts 24
 PLAY_WORLD = $$([ -f $(WORLD) ] && echo --world $(WORLD))
 # The GPU check runs with the GPU machine's own Python and torch, installing only carried wheels.
@@ -107,7 +107,7 @@ ablate: setup
 	$(PY) -m bench.ablate --shards $(SHARDS) --out $(REPORTS)/ablation $(ABLATE_ARGS)
 
 # The world model's levers on this LAM and controller (docs/world-model.md): world-ablation.md.
-WORLD_ABLATE_ARGS ?= --worlds decoder controller-codes own-rollouts context-noise past-3 key
+WORLD_ABLATE_ARGS ?= --worlds decoder controller-codes own-rollouts paddle-row context-noise past-3 key split --controller-steps 800
 ablate-world: setup
 	$(PY) -m bench.ablate --checkpoint $(CKPT) --latent $(LATENT) --controller $(CONTROLLER) --out $(REPORTS)/ablation $(WORLD_ABLATE_ARGS)
 

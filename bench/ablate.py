@@ -81,14 +81,16 @@ class WorldEntry:
 ONE_STEP = ("--rollout-steps", "1")
 OWN = ("--rollout-steps", "3", "--rollout-from", "0.3")
 WORLD_ENTRIES: dict[str, WorldEntry] = {
-    "decoder": WorldEntry("today's: the LAM's decoder, frame t and the codes", None),
+    "decoder": WorldEntry("today's: the LAM's decoder, frame t and the controller's codes", None),
+    "controller-codes": WorldEntry("world model (t-1, t) trained one step on the controller's codes",
+                                   (*ONE_STEP, "--codes", "controller")),
+    "own-rollouts": WorldEntry("+ its own snapped rollouts, 3 steps", (*OWN, "--codes", "controller")),
+    "paddle-row": WorldEntry("+ the paddle's row of codes from the recording (the default)", OWN),
+    "context-noise": WorldEntry("+ noise on the past frames (std up to 0.1)", (*OWN, "--context-noise", "0.1")),
+    "past-3": WorldEntry("+ frame t-2 (no noise)", (*OWN, "--past-frames", "3")),
+    "key": WorldEntry("+ the key beside the codes (no noise, t-1 and t)", (*OWN, "--key")),
     "recorded-codes": WorldEntry("world model (t-1, t) trained one step on the recorded codes (the encoder's)",
                                  (*ONE_STEP, "--codes", "recorded")),
-    "controller-codes": WorldEntry("world model (t-1, t) trained one step on the controller's codes", ONE_STEP),
-    "own-rollouts": WorldEntry("+ its own snapped rollouts, 3 steps", OWN),
-    "context-noise": WorldEntry("+ noise on the past frames (std up to 0.1)", (*OWN, "--context-noise", "0.1")),
-    "past-3": WorldEntry("+ frame t-2 (own rollouts, no noise)", (*OWN, "--past-frames", "3")),
-    "key": WorldEntry("+ the key beside the codes (own rollouts, no noise)", (*OWN, "--key")),
     "split": WorldEntry("Genie's split LAM (t-1, 8 action codes, grid dropout), trained the LAM's and the world "
                         "model's steps together, played from its own decoder", None, "split"),
 }
@@ -111,7 +113,7 @@ class AblateConfig:
     checkpoint: Path = flag(ROOT / "checkpoints" / "latent_action" / "best.pt", "--worlds: the LAM")
     latent: Path = flag(ROOT / "shards" / "latent", "--worlds: its latent shards")
     controller: Path = flag(ROOT / "checkpoints" / "controller" / "controller.pt", "--worlds: its controller")
-    world_steps: int = flag(240, "--worlds: world model training steps", min=1)
+    world_steps: int = flag(160, "--worlds: world model training steps (the demo's)", min=1)
     lam_steps: int = flag(1300, "--worlds: the steps --checkpoint was trained (the split row trains this many "
                                 "plus --world-steps)", min=1)
     split: str = flag("val", "--worlds: the split rollouts and sessions start from", choices=("val", "test"))

@@ -48,7 +48,7 @@ from pipeline.shards import LATENT_FORMAT, atomic_write_json, load_manifest
 from control.checkpoint import load_controller
 from control.data import FrameCache, latent_identity
 from control.network import Controller
-from control.world import CODE_CELLS, MAX_PAST_FRAMES, PADDLE_ROW, WorldModel, identity, save_world
+from control.world import MAX_PAST_FRAMES, PADDLE_ROW, WorldModel, identity, save_world
 from control.world_data import fixed_batches, window_batches
 
 CHECKPOINT_NAME = "world.pt"
@@ -70,10 +70,6 @@ class WorldTrainConfig:
                                     "rollouts begin", min=0, max=1)
     past_frames: int = flag(2, "frames it sees: t-1 and t (2), also t-2 (3), ...", min=1, max=MAX_PAST_FRAMES)
     key: bool = flag(False, "also read the real key pressed, beside the codes")
-    flight: bool = flag(False, "what moved keeps moving: a prior on the decoder's shifts from the last step "
-                               "(control/world.FlightPrior)")
-    code_cells: str = flag("grid", "the cells whose codes it reads: all, or only the paddle's row (the rest as if "
-                                   "nothing changed there: all but the paddle from the past)", choices=CODE_CELLS)
     codes: str = flag("paddle-row", "the codes it learns from: the controller's for the recorded key; the same "
                                     "with the paddle's row of the grid from the recording; or the recorded ones "
                                     "(the LAM encoder's, which saw frame t+1)", choices=CODE_SOURCES)
@@ -221,7 +217,7 @@ def load_parts(config: WorldTrainConfig, device: torch.device):
 def train_world(config: WorldTrainConfig, device: torch.device, progress) -> dict:
     torch.manual_seed(config.seed)
     lam, controller, levels = load_parts(config, device)
-    world = WorldModel.from_lam(lam, config.past_frames, config.key, config.flight, config.code_cells).to(device).train()
+    world = WorldModel.from_lam(lam, config.past_frames, config.key).to(device).train()
     if device.type == "cpu":
         # oneDNN's NHWC convolutions, as the controller and extraction use (BENCHMARKS.md "Stages")
         world.to(memory_format=torch.channels_last)
