@@ -14,7 +14,7 @@ import torch
 import play
 from control import Controller, ControllerConfig, Simulator, load_controller, save_controller
 from control.data import read_episodes
-from control.world import WORLD_FORMAT, WorldModel, load_world, save_world, stack_past
+from control.world import PADDLE_ROW, WORLD_FORMAT, WorldModel, load_world, save_world, stack_past
 from control.world_data import windows
 from control import world_train
 from model import load_checkpoint
@@ -133,6 +133,18 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint_naming_its_owners(trai
     assert world.past_frames == 3 and world.config.key
 
 
+def test_the_paddle_row_codes_are_the_recordings_and_the_rest_the_controllers(lam, controller_path, episodes):
+    e, controller = episodes[0], load_controller(controller_path)
+    cur, prev, key = e.frames[2:4], e.frames[1:3], e.actions[2:4]
+    chosen = controller.codes(cur, key, prev)
+    recorded = (chosen + 1) % 256                             # differs from the controller's in every cell
+    mixed = world_train.codes_for("paddle-row", controller, cur, prev, key, recorded, None)
+    assert torch.equal(mixed[:, PADDLE_ROW], recorded[:, PADDLE_ROW])
+    assert torch.equal(mixed[:, :PADDLE_ROW], chosen[:, :PADDLE_ROW])
+    assert torch.equal(world_train.codes_for("controller", controller, cur, prev, key, recorded, None), chosen)
+    assert torch.equal(world_train.codes_for("recorded", controller, cur, prev, key, recorded, None), recorded)
+
+
 def test_a_controller_of_another_lam_is_refused_for_training(latent_dir, tiny_checkpoint, tmp_path, capsys):
     other = save_controller(tmp_path / "other.pt", small_controller(), step=0, lam={"sha256": "0" * 64, "step": 1})
     code = world_train.main(["--latent", str(latent_dir), "--checkpoint", str(tiny_checkpoint),
@@ -170,12 +182,15 @@ def test_rollout_and_serve_play_the_trained_world_model(trained, tiny_checkpoint
 
     game, problem = play.build_game(play.ServeConfig(checkpoint=tiny_checkpoint, controller=controller_path,
                                                      latent=latent_dir, world=world_path, seed=0))
-    assert problem is None and game.sim.world is not None
+    assert problem is None and game.sim.world is not None and game.sim.world.past_frames == 3
+    before, start = game.prev, game.cur
+    game.step("LEFT")
     cur, prev = game.cur, game.prev
-    answer = game.step("LEFT")
-    assert answer["step"] == 1
-    choice = game.sim.codes(cur, prev, torch.tensor([3]))
-    torch.testing.assert_close(game.cur, game.sim.draw(cur, choice, prev), rtol=0, atol=0)
+    answer = game.step("RIGHT")
+    assert answer["step"] == 2
+    choice = game.sim.codes(cur, prev, torch.tensor([2]))
+    # the second step sees t-2 too: the start's frame t-1
+    torch.testing.assert_close(game.cur, game.sim.draw(cur, choice, start, [before]), rtol=0, atol=0)
     palette = read_palette(load_manifest(latent_dir, LATENT_FORMAT)).levels(1)
     assert torch.isin(game.cur, palette.view(-1)).all()           # snapped, as every played frame
 
