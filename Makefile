@@ -32,19 +32,28 @@ CONTROLLER_ARGS ?=
 # the README's ablation table: 800 steps, two runs side by side (about 2 hours for all 8 variants on 2 cores)
 ABLATE_ARGS ?= --iters 800 --jobs 2
 ROLLOUT_ARGS ?=
-# The demo's own sizes: the controller's steps, and 12 starts played 200 steps (make rollout: 48).
+# The demo's own sizes: the controller's steps (make controller: its default).
 DEMO_CONTROLLER_ARGS ?= --steps 800
-DEMO_ROLLOUT_ARGS ?= --starts 12
+# The world model that is played (control/world.py, docs/world-model.md): rollout, play and
+# play-session play it when $(WORLD) exists, else the LAM's decoder.
+WORLD_DIR  ?= checkpoints/world
+WORLD      ?= $(WORLD_DIR)/world.pt
+WORLD_ARGS ?=
+# The demo does not train one: measured, it does not yet play better than the decoder
+# (docs/world-model.md), and it would cost a 2-core CPU minutes. The demo's rollouts: 12 starts
+# played 200 steps and 24 held LEFT / RIGHT starts (make rollout: 48 and 100).
+DEMO_ROLLOUT_ARGS ?= --starts 12 --control-starts 24
+PLAY_WORLD = $$([ -f $(WORLD) ] && echo --world $(WORLD))
 # The GPU check runs with the GPU machine's own Python and torch, installing only carried wheels.
 GPU_PY ?= python3
 WHEELS ?= wheels
 
-.PHONY: setup data shards train extract eval controller rollout play play-session demo bench ablate readme-figures test browser gpu-check wheels clean help
+.PHONY: setup data shards train extract eval controller world rollout play play-session demo bench ablate ablate-world readme-figures test browser gpu-check wheels clean help
 
 help:
 	@echo "make demo   - install, record, pack, train (demo preset; gpu-demo on CUDA), extract, evaluate, play"
 	@echo "make test   - run the test suite (CPU only)"
-	@echo "make setup | data | shards | train | extract | eval | controller | rollout | play | play-session | bench | clean"
+	@echo "make setup | data | shards | train | extract | eval | controller | world | rollout | play | play-session | bench | clean"
 	@echo "make readme-figures - the README's table, GIF and pipeline picture from a demo's reports"
 	@echo "make wheels (here), then make gpu-check (on a GPU machine)"
 
@@ -77,15 +86,19 @@ eval: setup
 controller: setup
 	$(PY) -m control.train --latent $(LATENT) --out $(CONTROLLER_DIR) $(CONTROLLER_ARGS)
 
+# The world model: from the LAM's decoder, on the controller's codes and its own rollouts.
+world: setup
+	$(PY) -m control.world_train --latent $(LATENT) --checkpoint $(CKPT) --controller $(CONTROLLER) --out $(WORLD_DIR) $(WORLD_ARGS)
+
 rollout: setup
-	$(PY) play.py rollout --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play $(ROLLOUT_ARGS)
+	$(PY) play.py rollout --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play $(PLAY_WORLD) $(ROLLOUT_ARGS)
 
 play: setup
-	$(PY) play.py serve --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT)
+	$(PY) play.py serve --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) $(PLAY_WORLD)
 
 # A ball-following policy plays 300 steps on the play page in headless Chromium (make browser).
 play-session: setup
-	$(PY) play.py session --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play
+	$(PY) play.py session --checkpoint $(CKPT) --controller $(CONTROLLER) --latent $(LATENT) --out $(REPORTS)/play $(PLAY_WORLD)
 
 # Run again, it reuses what is finished and valid (recordings, shards, a finished run of the same
 # settings, latents and a controller of that checkpoint) and redoes a stage whose inputs changed,
@@ -114,6 +127,11 @@ ablate: setup
 # from a demo's reports/test and reports/play; each report names its commit and machine.
 readme-figures: setup
 	$(PY) -m bench.readme_figures --reports $(REPORTS)
+
+# The world model's levers on this LAM and controller (docs/world-model.md): world-ablation.md.
+WORLD_ABLATE_ARGS ?= --worlds decoder controller-codes own-rollouts paddle-row context-noise past-3 key split --controller-steps 800
+ablate-world: setup
+	$(PY) -m bench.ablate --checkpoint $(CKPT) --latent $(LATENT) --controller $(CONTROLLER) --out $(REPORTS)/ablation $(WORLD_ABLATE_ARGS)
 
 # The play page's browser test drives Debian's Chromium; without it that one test skips and says so.
 browser:

@@ -53,6 +53,7 @@ from control.rollout import KINDS, codes_before, run_rollouts
 from control.server import Game, StartFrame, make_server
 from control.session import check_browser, record_session, summary
 from control.simulator import Simulator
+from control.world import check_belongs, load_world
 
 DEFAULT_CHECKPOINT = Path("checkpoints/latent_action/best.pt")
 DEFAULT_CONTROLLER = Path("checkpoints/controller/controller.pt")
@@ -76,6 +77,7 @@ class ModelPaths:
                             "(--no-snap: feed back what the decoder drew)")
     allow_other_checkpoint: bool = flag(False, "play a controller, or latents, made from another LAM checkpoint "
                                                "of the same kind (the report says so); by default refused")
+    world: Path | None = flag(None, "world model checkpoint (make world) that draws instead of the LAM's decoder")
 
     def __post_init__(self):
         check_fields(self)                  # the flags' rules, for a config built in Python too
@@ -120,6 +122,8 @@ class SessionConfig(ModelPaths):
     steps: int = flag(300, "steps the ball-following policy plays on the page", min=1, max=MAX_PLAY_STEPS)
     out: Path = Path("reports/play")
     seed: int = flag(0, "picks the test frame the game restarts from", min=0, max=MAX_SEED)
+    browser: bool = flag(True, "drive the page in headless Chromium (--no-browser: the same policy on the game's "
+                               "own step API, where Chromium is not installed)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -135,7 +139,9 @@ def load_simulator(paths: ModelPaths) -> tuple[Simulator, bool]:
     device = resolve_device(paths.device)
     lam = load_checkpoint(paths.checkpoint, device)
     controller = load_controller(paths.controller, device)
-    return Simulator(lam, controller, device=device, per_cell=paths.per_cell), lam.config.in_channels == 1
+    world = load_world_for(paths, lam, controller, device)
+    return Simulator(lam, controller, device=device, per_cell=paths.per_cell, world=world), \
+        lam.config.in_channels == 1
 
 
 def controller_made_for_lam(paths: ModelPaths, sim: Simulator) -> str | None:
@@ -167,6 +173,15 @@ def made_from_notes(*notes: str | None) -> list[str]:
     for note in kept:
         print(f"warning: {note}", file=sys.stderr)
     return kept
+
+
+def load_world_for(paths: ModelPaths, lam, controller, device: torch.device):
+    """The world model of --world, refused unless it was trained with this LAM and controller; None without --world."""
+    if paths.world is None:
+        return None
+    world = load_world(paths.world, device)
+    check_belongs(world, lam, controller, paths.world)
+    return world
 
 
 def with_palette(sim: Simulator, paths: ModelPaths, episodes: list) -> Simulator:
@@ -211,6 +226,7 @@ def rollout_locked(config: RolloutConfig) -> dict:
                "controllability": controllability_bars(control, config.out / "controllability.png", CONTROL_GOAL).name}
     metrics = {"split": config.split, "device": str(sim.device), "checkpoint": str(config.checkpoint),
                "lam_step": int(sim.lam.step),
+               "world": None if config.world is None else str(config.world),
                "controller": str(config.controller), "controller_step": sim.controller.step,
                "controller_grids": 0 if config.per_cell else len(sim.controller.seen_grids),
                "latent": str(config.latent), "config": jsonable(asdict(config)), "made_from_other": notes,
@@ -325,8 +341,9 @@ def session(config: SessionConfig) -> dict:
     if problem:
         raise UserError(problem)
     about = {"checkpoint": str(config.checkpoint), "controller": str(config.controller),
+             "world": None if config.world is None else str(config.world),
              "latent": str(config.latent), "seed": config.seed, "made_from_other": game.made_from_other}
-    return record_session(game, config.out, config.steps, about)
+    return record_session(game, config.out, config.steps, about, config.browser)
 
 
 def config_paths(config: ModelPaths) -> ModelPaths:
@@ -369,7 +386,8 @@ def run(argv: Sequence[str] | None = None) -> int:
               f"http+json {m['http_and_json']:.1f} ms; {result['threads']} threads)")
         return 0
     if command == "session":
-        check_browser()                                      # before loading any model
+        if config.browser:
+            check_browser()                                  # before loading any model
         with FolderLock(config.out):
             print(summary(session(config)))
         return 0

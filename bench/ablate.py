@@ -13,6 +13,14 @@ goes) and ablation.md: each entry's mean over its seeds, and the seeds' spread.
     python -m bench.ablate [--shards shards/pairs] [--iters N] [--seeds 0 1] [--only NAME ...]
         [--set field=value ...] [--controller-steps 300] [--jobs 2]
 
+`--worlds NAME ...` measures the world model's levers instead (control/world.py, docs/world-model.md):
+on one LAM, its latents and its controller (`--checkpoint`, `--latent`, `--controller`), each entry
+trains a world model (python -m control.world_train, or none: the LAM's decoder), plays it with
+play.py rollout (both kinds, held LEFT / RIGHT) and plays `--sessions` sessions of the ball-following
+policy (play.py session --no-browser), and writes world-ablation.md and .json after every entry.
+
+    python -m bench.ablate --worlds decoder controller-codes own-rollouts [--world-steps 240]
+
 Every stage runs as its own process, through the same command lines a user types. `--jobs 2` runs
 two (entry, seed) runs side by side, one CPU thread each: on a 2-core box the small convolutions
 gain less from a second thread than from a second run.
@@ -60,6 +68,35 @@ ENTRIES: dict[str, Entry] = {
 STEPS = (10, 50, 200)                   # rollout steps the table shows
 
 
+@dataclass(frozen=True)
+class WorldEntry:
+    about: str                          # what the row is, for the table
+    train: tuple[str, ...] | None       # control.world_train flags; None: no world model, the LAM's decoder
+    # a LAM variant trained, extracted and given a controller of its own for this row (instead of
+    # --checkpoint's), as long as the LAM and the world model together: `split` at the same budget
+    variant: str | None = None
+
+
+# The issue's list, each lever on top of the row before it (docs/world-model.md says what each did).
+ONE_STEP = ("--rollout-steps", "1")
+OWN = ("--rollout-steps", "3", "--rollout-from", "0.3")
+WORLD_ENTRIES: dict[str, WorldEntry] = {
+    "decoder": WorldEntry("today's: the LAM's decoder, frame t and the controller's codes", None),
+    "controller-codes": WorldEntry("world model (t-1, t) trained one step on the controller's codes",
+                                   (*ONE_STEP, "--codes", "controller")),
+    "own-rollouts": WorldEntry("+ its own snapped rollouts, 3 steps", (*OWN, "--codes", "controller")),
+    "paddle-row": WorldEntry("+ the paddle's row of codes from the recording (the default)", OWN),
+    "context-noise": WorldEntry("+ noise on the past frames (std up to 0.1)", (*OWN, "--context-noise", "0.1")),
+    "past-3": WorldEntry("+ frame t-2 (no noise)", (*OWN, "--past-frames", "3")),
+    "key": WorldEntry("+ the key beside the codes (no noise, t-1 and t)", (*OWN, "--key")),
+    "recorded-codes": WorldEntry("world model (t-1, t) trained one step on the recorded codes (the encoder's)",
+                                 (*ONE_STEP, "--codes", "recorded")),
+    "split": WorldEntry("Genie's split LAM (t-1, 8 action codes, grid dropout), trained the LAM's and the world "
+                        "model's steps together, played from its own decoder", None, "split"),
+}
+WORLD_STEPS = (1, 10, 50, 200)          # rollout steps the world table shows
+
+
 @dataclass
 class AblateConfig:
     shards: Path = flag(ROOT / "shards" / "pairs", "pair shard directory")
@@ -70,14 +107,36 @@ class AblateConfig:
     jobs: int = flag(1, "runs side by side (one CPU thread each when > 1)", min=1, max=MAX_THREADS)
     only: tuple[str, ...] = flag((), f"entries to run, in this order (of: {', '.join(ENTRIES)})", nargs="*")
     set: tuple[str, ...] = flag((), "a train.py setting for every entry (FIELD=VALUE)", nargs="*")
+    # the world model's levers (--worlds): on one LAM, its latents and its controller
+    worlds: tuple[str, ...] = flag((), f"world model entries to run instead of model variants (of: "
+                                       f"{', '.join(WORLD_ENTRIES)})", nargs="*")
+    checkpoint: Path = flag(ROOT / "checkpoints" / "latent_action" / "best.pt", "--worlds: the LAM")
+    latent: Path = flag(ROOT / "shards" / "latent", "--worlds: its latent shards")
+    controller: Path = flag(ROOT / "checkpoints" / "controller" / "controller.pt", "--worlds: its controller")
+    world_steps: int = flag(160, "--worlds: world model training steps (the demo's)", min=1)
+    lam_steps: int = flag(1300, "--worlds: the steps --checkpoint was trained (the split row trains this many "
+                                "plus --world-steps)", min=1)
+    split: str = flag("val", "--worlds: the split rollouts and sessions start from", choices=("val", "test"))
+    starts: int = flag(12, "--worlds: rollout starts (200 steps each)", min=1)
+    control_starts: int = flag(24, "--worlds: starts of held LEFT / RIGHT", min=1)
+    sessions: int = flag(4, "--worlds: sessions of the ball-following policy (300 steps each, no browser)", min=0)
 
     def __post_init__(self):
         self.shards, self.out = Path(self.shards), Path(self.out)
+        self.checkpoint, self.latent, self.controller = Path(self.checkpoint), Path(self.latent), Path(self.controller)
         unknown = [name for name in self.only if name not in ENTRIES]
         if unknown:
             raise UserError(f"--only {' '.join(unknown)}: no such entry (there are: {', '.join(ENTRIES)})")
+        unknown = [name for name in self.worlds if name not in WORLD_ENTRIES]
+        if unknown:
+            raise UserError(f"--worlds {' '.join(unknown)}: no such entry (there are: {', '.join(WORLD_ENTRIES)})")
         check_output_dir(self.out, "--out")
-        if not (self.shards / "manifest.json").is_file():
+        if self.worlds:
+            for label, path in (("--checkpoint", self.checkpoint), ("--controller", self.controller),
+                                ("--latent", self.latent / "manifest.json")):
+                if not path.is_file():
+                    raise UserError(f"{label} {path}: not found (make train extract controller first)")
+        elif not (self.shards / "manifest.json").is_file():
             raise UserError(f"--shards {self.shards}: no manifest.json (run make shards first)")
 
     @property
@@ -196,6 +255,148 @@ def write_tables(out: Path, results: dict[str, list[dict]], note: str) -> str:
     return text
 
 
+# ------------------------------------------------------------------------------------ world models
+def run_world_entry(entry: WorldEntry, root: Path, cfg: AblateConfig, threads: int | None) -> dict:
+    """Train the entry's world model (if any), roll it out and play the sessions; returns the numbers."""
+    log = root / "log.txt"
+    root.mkdir(parents=True, exist_ok=True)
+    run = lambda args: run_stage(args, log, threads)  # noqa: E731
+    models = ["--checkpoint", str(cfg.checkpoint), "--controller", str(cfg.controller), "--latent", str(cfg.latent)]
+    world, training = [], None
+    if entry.variant is not None:
+        models, training = lam_of_its_own(entry.variant, root, cfg, run, threads)
+    if entry.train is not None:
+        shutil.rmtree(root / "world", ignore_errors=True)
+        run(["-m", "control.world_train", *models, "--out", str(root / "world"), "--steps", str(cfg.world_steps),
+             *entry.train, *(["--threads", str(threads)] if threads else [])])
+        world = ["--world", str(root / "world" / "world.pt")]
+        training = json.loads((root / "world" / "metrics.json").read_text())
+    play_flags = [*models, *world, "--split", cfg.split, *(["--threads", str(threads)] if threads else [])]
+    shutil.rmtree(root / "play", ignore_errors=True)
+    run(["play.py", "rollout", *play_flags, "--out", str(root / "play"), "--starts", str(cfg.starts),
+         "--control-starts", str(cfg.control_starts), "--gifs", "2"])
+    sessions = []
+    for seed in range(cfg.sessions):
+        shutil.rmtree(root / f"session-{seed}", ignore_errors=True)
+        run(["play.py", "session", *play_flags, "--out", str(root / f"session-{seed}"), "--seed", str(seed),
+             "--no-browser"])
+        sessions.append(json.loads((root / f"session-{seed}" / "session.json").read_text()))
+    return {"training": training and {k: training[k] for k in ("training", "val")},
+            "play": json.loads((root / "play" / "metrics.json").read_text()),
+            "sessions": [{k: s[k] for k in ("seed", "steps", "steps_per_s", "score")} for s in sessions]}
+
+
+def lam_of_its_own(variant: str, root: Path, cfg: AblateConfig, run, threads: int | None) -> tuple[list[str], dict]:
+    """Train the LAM variant for the LAM's and the world model's steps together, extract its codes and
+    train its controller as the demo does; returns the play flags and its training time."""
+    for made in ("ckpt", "run", "latent", "controller"):
+        shutil.rmtree(root / made, ignore_errors=True)
+    steps = cfg.lam_steps + cfg.world_steps
+    started = time.perf_counter()
+    run(["train.py", "--shards", str(cfg.shards), "--preset", "demo", "--model", variant, "--out", str(root / "ckpt"),
+         "--run-dir", str(root / "run"), "--wandb", "disabled", "--iters", str(steps),
+         "--set", f"lr_decay_iters={steps}", *(["--set", f"threads={threads}"] if threads else [])])
+    seconds = time.perf_counter() - started
+    checkpoint = root / "ckpt" / "best.pt"
+    run(["extract.py", "--shards", str(cfg.shards), "--checkpoint", str(checkpoint), "--out", str(root / "latent"),
+         "--no-progress"])
+    run(["-m", "control.train", "--latent", str(root / "latent"), "--out", str(root / "controller"),
+         "--steps", str(cfg.controller_steps)])
+    models = ["--checkpoint", str(checkpoint), "--controller", str(root / "controller" / "controller.pt"),
+              "--latent", str(root / "latent")]
+    return models, {"training": {"steps": steps, "seconds": round(seconds, 1)}, "val": None}
+
+
+def world_figures(result: dict) -> dict:
+    """The figures a world row shows."""
+    curves, control = result["play"]["rollouts"]["curves"], result["play"]["controllability"]
+    horizon = len(curves["horizon"])
+    figures = {"left": control["controller"]["left"]["success"], "right": control["controller"]["right"]["success"]}
+    for kind in ("codes", "controller"):
+        for step in (s for s in WORLD_STEPS if s <= horizon):
+            for name in ("psnr", "paddle_found", "ball_found", "ball_phantom", "two_balls", "bricks_lost_model",
+                         "bricks_lost_real"):
+                figures[f"{kind}_{name}_{step}"] = curves[kind][name][step - 1]
+        figures[f"{kind}_above_copy"] = next((h for h, (m, c) in enumerate(zip(curves[kind]["psnr"],
+                                                                              curves["copy"]["psnr"]), 1)
+                                              if m is not None and c is not None and m < c), horizon + 1) - 1
+    for step in (s for s in WORLD_STEPS if s <= horizon):
+        figures[f"copy_psnr_{step}"] = curves["copy"]["psnr"][step - 1]
+    scores = [s["score"] for s in result["sessions"]]
+    if scores:
+        seen = [s["ball"]["seen"] for s in scores if s["ball"]["seen"] is not None]
+        figures.update(session_ball=statistics.fmean(seen) if seen else None,
+                       session_paddle=statistics.fmean(s["paddle"]["seen"] for s in scores),
+                       session_bricks=statistics.fmean(s["bricks"]["broken"] for s in scores),
+                       session_back=sum(s["bricks"]["came_back"] for s in scores),
+                       session_launches=sum(s["ball"]["launches"] for s in scores),
+                       session_steps_per_s=statistics.fmean(s2["steps_per_s"] for s2 in result["sessions"]))
+    training = result.get("training")
+    figures["train_seconds"] = training["training"]["seconds"] if training else None
+    return figures
+
+
+def per_step(figures: dict, kind: str, name: str, percent: bool = True) -> str:
+    values = [figures.get(f"{kind}_{name}_{step}") for step in WORLD_STEPS]
+    return " / ".join("n/a" if v is None else f"{v:.0%}" if percent else f"{v:.2f}" for v in values)
+
+
+WORLD_HEADER = ["entry", "kind", "PSNR, steps 1 / 10 / 50 / 200 (copy-start)", "steps above copy", "paddle found",
+                "ball found", "a ball where none", "two balls", "bricks lost at 200 (recording)", "LEFT / RIGHT",
+                "session: ball in play / paddle / bricks broken (back) / launches", "train s"]
+
+
+def world_rows(name: str, result: dict) -> list[list]:
+    f = world_figures(result)
+    pct_or = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
+    session = ("n/a" if "session_ball" not in f else
+               f"{pct_or(f['session_ball'])} / {pct_or(f['session_paddle'])} / {f['session_bricks']:.1f} "
+               f"({f['session_back']}) / {f['session_launches']}")
+    rows = []
+    for kind in ("codes", "controller"):
+        bricks = f.get(f"{kind}_bricks_lost_model_200")
+        rows.append([f"`{name}`: {WORLD_ENTRIES[name].about}" if kind == "codes" else "", "recorded codes"
+                     if kind == "codes" else "controller",
+                     f"{per_step(f, kind, 'psnr', False)} ({per_step(f, 'copy', 'psnr', False)})",
+                     f[f"{kind}_above_copy"], per_step(f, kind, "paddle_found"), per_step(f, kind, "ball_found"),
+                     per_step(f, kind, "ball_phantom"), per_step(f, kind, "two_balls"),
+                     "n/a" if bricks is None else f"{bricks:.2f} ({f[f'{kind}_bricks_lost_real_200']:.2f})",
+                     f"{pct_or(f['left'])} / {pct_or(f['right'])}" if kind == "controller" else "",
+                     session if kind == "controller" else "",
+                     "" if f["train_seconds"] is None or kind == "codes" else f"{f['train_seconds']:.0f}"])
+    return rows
+
+
+def write_world_tables(out: Path, results: dict[str, dict], note: str) -> str:
+    (out / "world-ablation.json").write_text(json.dumps(results, indent=2, default=str))
+    rows = [row for name, result in results.items() for row in world_rows(name, result)]
+    text = (f"# Ablation: the world model that is played\n\n{note}\n\n" + markdown_table(WORLD_HEADER, rows)
+            + "\n\nRollouts: play.py rollout, 200 steps from each start, every frame snapped and fed back; the "
+              "paddle found in the share of starts, the ball found where the recording shows one, a ball where it "
+              "shows none. LEFT / RIGHT: held 20 steps. Sessions: the ball-following policy, 300 steps each, on the "
+              "game's step API (no browser), mean over sessions. train s: the world model's training.\n")
+    (out / "world-ablation.md").write_text(text)
+    return text
+
+
+def run_worlds(cfg: AblateConfig) -> int:
+    note = (f"LAM `{cfg.checkpoint}`, controller `{cfg.controller}`, latents `{cfg.latent}`; world models "
+            f"{cfg.world_steps} steps; {cfg.split} split, "
+            f"{cfg.starts} rollout starts, {cfg.sessions} sessions. {machine()}.")
+    results: dict[str, dict] = {}
+    threads = 1 if cfg.jobs > 1 else None
+
+    def one(name: str) -> None:
+        results[name] = run_world_entry(WORLD_ENTRIES[name], cfg.out / "worlds" / name, cfg, threads)
+        write_world_tables(cfg.out, {n: results[n] for n in cfg.worlds if n in results}, note)
+
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
+        for done in [pool.submit(one, name) for name in cfg.worlds]:
+            done.result()
+    print(write_world_tables(cfg.out, {n: results[n] for n in cfg.worlds}, note))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_cli(cli, argv)
 
@@ -205,6 +406,8 @@ def cli(argv: list[str] | None) -> int:
     add_config_flags(parser, AblateConfig)
     cfg = AblateConfig(**config_values(parser.parse_args(argv), AblateConfig))
     cfg.out.mkdir(parents=True, exist_ok=True)
+    if cfg.worlds:
+        return run_worlds(cfg)
     note = (f"`demo` preset{f', {cfg.iters} steps' if cfg.iters else ''}, seeds {list(cfg.seeds)}, val split of "
             f"`{cfg.shards}`; controller {cfg.controller_steps} steps"
             f"{'; every entry with --set ' + ' '.join(cfg.set) if cfg.set else ''}. {machine()}.")

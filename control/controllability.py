@@ -11,7 +11,7 @@ from evaluation.events import detect_elements
 from pipeline.actions import LEFT, RIGHT
 
 from control.data import Episode
-from control.rollout import recorded_steps, rollout_starts, start_frames
+from control.rollout import older_frames, recorded_steps, rollout_starts, start_frames
 from control.simulator import Simulator
 
 PADDLE_MIN_X, PADDLE_MAX_X = 8, 144      # the paddle's left edge range (pipeline/record.py)
@@ -33,11 +33,14 @@ def run_controllability(sim: Simulator, episodes: list[Episode], count: int, ste
         n = len(chunk)
         cur, prev = start_frames(episodes, chunk)
         before = recorded_steps(episodes, chunk, 0).before
+        older = older_frames(sim, episodes, chunk)
         begin = [detect_elements(frame).paddle_x for frame in cur]
         ends = {}
         for name, action in (("left", LEFT), ("right", RIGHT)):
-            ends[name] = final_paddles(sim.rollout(cur, prev, torch.full((n, steps), action), before=before))
-        ends["random"] = final_paddles(sim.rollout(cur, prev, torch.zeros(n, steps, dtype=torch.int64), generator))
+            ends[name] = final_paddles(sim.rollout(cur, prev, torch.full((n, steps), action), before=before,
+                                                   older=older))
+        ends["random"] = final_paddles(sim.rollout(cur, prev, torch.zeros(n, steps, dtype=torch.int64), generator,
+                                                   older=older))
         for i, start in enumerate(chunk):
             rows.append({"episode": episodes[start.episode].name, "t": start.t, "start_x": begin[i],
                          **{f"end_x_{name}": ends[name][i] for name in ends}})

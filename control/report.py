@@ -150,7 +150,9 @@ def write_play_report(out: Path, metrics: dict, figures: dict[str, str], gifs: l
     horizon = len(curves["horizon"])
     lines = ["# Playing Breakout inside the model", "",
              f"LAM `{metrics['checkpoint']}` (step {metrics['lam_step']}), controller `{metrics['controller']}` "
-             f"(step {metrics['controller_step']}); {metrics['split']} split of `{metrics['latent']}`.", "",
+             f"(step {metrics['controller_step']}); {metrics['split']} split of `{metrics['latent']}`; "
+             + (f"frames drawn by the world model `{metrics['world']}` (docs/world-model.md)." if metrics.get("world")
+                else "frames drawn by the LAM's decoder."), "",
              f"{metrics['rollouts']['starts']} rollouts of {horizon} steps from recorded {metrics['split']} frames "
              f"({metrics['rollouts']['episodes']} episodes), every generated frame fed back in"
              + (" after snapping it to the game's palette" if metrics.get("palette") else " as the decoder drew it")

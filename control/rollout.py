@@ -58,6 +58,14 @@ def start_frames(episodes: list[Episode], starts: list[Start]) -> tuple[torch.Te
     return cur, prev
 
 
+def older_frames(sim: Simulator, episodes: list[Episode], starts: list[Start]) -> list[torch.Tensor]:
+    """The recorded frames before t-1 that the simulator's world model sees (t-2, ..., oldest first;
+    frame 0 where the episode has none): none for the LAM's decoder or a world model of t-1 and t."""
+    count = 0 if sim.world is None else sim.world.past_frames - 2
+    return [torch.stack([episodes[s.episode].frames[max(s.t - back, 0)] for s in starts])
+            for back in range(count + 1, 1, -1)]
+
+
 @dataclass
 class Recorded:
     """What the recording did after each start: actions (B, H), codes (B, H, 7, 5), action codes
@@ -88,13 +96,16 @@ def recorded_steps(episodes: list[Episode], starts: list[Start], horizon: int) -
                            torch.cat([b.action for b in before]) if has_actions else None))
 
 
-def play(sim: Simulator, kind: str, cur: torch.Tensor, prev: torch.Tensor, recorded: Recorded):
-    """One kind of rollout from the starts: the generated frames, step by step."""
+def play(sim: Simulator, kind: str, cur: torch.Tensor, prev: torch.Tensor, recorded: Recorded,
+         older: list[torch.Tensor] | None = None):
+    """One kind of rollout from the starts: the generated frames, step by step. The recorded keys
+    go with the recorded codes too (a world model with a key input reads them)."""
     if kind == "codes":
-        return sim.rollout(cur, prev, codes=recorded.codes, action_codes=recorded.action_codes)
+        return sim.rollout(cur, prev, recorded.actions, codes=recorded.codes, action_codes=recorded.action_codes,
+                           older=older)
     if kind == ACTION_ONLY:
-        return sim.rollout(cur, prev, action_codes=recorded.action_codes)
-    return sim.rollout(cur, prev, recorded.actions, before=recorded.before)
+        return sim.rollout(cur, prev, recorded.actions, action_codes=recorded.action_codes, older=older)
+    return sim.rollout(cur, prev, recorded.actions, before=recorded.before, older=older)
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -215,7 +226,7 @@ def run_rollouts(sim: Simulator, episodes: list[Episode], horizon: int, count: i
             copy[h].update(cur, recorded.frames[:, h], cur)
         kept = {i: {"real": torch.cat([cur[i:i + 1], recorded.frames[i]])} for i in range(len(chunk)) if first + i in keep}
         for kind in kinds:
-            frames = play(sim, kind, cur, prev, recorded)
+            frames = play(sim, kind, cur, prev, recorded, older_frames(sim, episodes, chunk))
             gone, drawn = BricksGone(start_elements), {i: [cur[i]] for i in kept}
             for h, model in enumerate(frames):
                 model = model.cpu()

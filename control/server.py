@@ -60,6 +60,7 @@ from pipeline.actions import ACTION_NAMES
 
 from control.figures import to_uint8_image
 from control.simulator import Choice, Simulator
+from control.world import MAX_PAST_FRAMES
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_ROUTES = {"/": "index.html", "/index.html": "index.html", "/play.js": "play.js", "/style.css": "style.css"}
@@ -117,6 +118,7 @@ class Game:
         with self.lock:
             start = self.starts[self.rng.randrange(len(self.starts))]
             self.cur, self.prev, self.step_count, self.action = start.cur[None], start.prev[None], 0, "NOOP"
+            self.older = []                  # frames before t-1, for a world model that sees them
             self.before = start.before
             return self._answer({"controller": 0.0, "decoder": 0.0})
 
@@ -130,8 +132,9 @@ class Game:
             began = time.perf_counter()
             choice = self.sim.codes(self.cur, self.prev, torch.tensor([index]), before=self.before)
             coded = time.perf_counter()
-            nxt = self.sim.draw(self.cur, choice, self.prev)
+            nxt = self.sim.draw(self.cur, choice, self.prev, self.older)
             decoded = time.perf_counter()
+            self.older = [*self.older, self.prev][-MAX_PAST_FRAMES:]
             self.prev, self.cur, self.before = self.cur, nxt, choice
             self.step_count += 1
             self.action = action

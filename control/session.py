@@ -398,6 +398,24 @@ def play_session(game, steps: int) -> Session:
     return session
 
 
+def play_without_browser(game, steps: int, policy: Callable[[Elements], str] = follow_the_ball) -> Session:
+    """The same policy and the same frames (the server's PNGs), on the game's own step API without
+    the page, the server or a browser: a session's figures where Chromium is not installed, and
+    several starts cheaply (bench/ablate.py). The end-to-end check stays `play_session`."""
+    state = game.restart()
+    frames, shown, actions = [decode_frame(state["frame"])], [state["action"]], []
+    elements = [detect_elements(frames[0])]
+    began = time.perf_counter()
+    for _ in range(steps):
+        action = policy(elements[-1])
+        state = game.step(action)
+        actions.append(action)
+        frames.append(decode_frame(state["frame"]))
+        shown.append(state["action"])
+        elements.append(detect_elements(frames[-1]))
+    return Session(frames, elements, actions, shown, time.perf_counter() - began)
+
+
 def write_session(out: Path, session: Session, about: dict) -> dict:
     """session.json, the contact sheet and the report's section, into `out`; returns what
     session.json holds (and where the report went). `about`: what was played (checkpoints, seed)."""
@@ -415,8 +433,9 @@ def write_session(out: Path, session: Session, about: dict) -> dict:
     return result
 
 
-def record_session(game, out: Path, steps: int, about: dict) -> dict:
-    return write_session(out, play_session(game, steps), about)
+def record_session(game, out: Path, steps: int, about: dict, browser: bool = True) -> dict:
+    session = play_session(game, steps) if browser else play_without_browser(game, steps)
+    return write_session(out, session, {**about, "browser": browser})
 
 
 def summary(result: dict) -> str:

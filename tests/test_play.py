@@ -428,7 +428,7 @@ class PaddleScript:
     def codes(self, cur, prev, action, random_codes=None, before=None):
         return Choice(action.view(-1, 1, 1).expand(-1, 7, 5).clone(), None)
 
-    def draw(self, cur, choice, prev=None):
+    def draw(self, cur, choice, prev=None, older=None):
         shift = {2: 4, 3: -4}.get(int(choice.grid[0, 0, 0]), 0)
         x = detect_elements(cur[0]).paddle_x
         nxt = cur.clone()

@@ -27,7 +27,7 @@ class StillSimulator:
     def codes(self, cur, prev, action, random_codes=None, before=None):
         return Choice(torch.zeros(len(cur), 7, 5, dtype=torch.int64), None)
 
-    def draw(self, cur, choice, prev=None):
+    def draw(self, cur, choice, prev=None, older=None):
         return cur.clone()
 
 

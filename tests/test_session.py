@@ -140,7 +140,7 @@ class BallScript:
         self.pressed.append(ACTION_NAMES[int(action[0])])
         return Choice(action.view(-1, 1, 1).expand(-1, 7, 5).clone(), None)
 
-    def draw(self, cur, choice, prev=None):
+    def draw(self, cur, choice, prev=None, older=None):
         action = ACTION_NAMES[int(choice.grid[0, 0, 0])]
         seen = detect_elements(cur[0])
         nxt = cur.clone()
