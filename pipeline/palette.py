@@ -77,11 +77,23 @@ def colour_ids(frame: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def snap(frames: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """float (B, C, H, W) -> the same with each pixel the nearest of `levels` (K, C), by squared distance."""
+    """float (B, C, H, W) -> the same with each pixel the nearest of `levels` (K, C), by squared
+    distance (for gray, a pixel exactly halfway between two levels takes the darker).
+
+    Gray (C = 1), the common case when playing, is a binary search among the midpoints of the
+    sorted levels: no (B, K, H, W) distance tensor and no argmin across it, which took a third of a
+    rollout's time (measured: BENCHMARKS.md "Stages", palette snap). Colours: the distances with
+    the K levels last, so that the argmin runs along contiguous memory."""
+    import torch
+
     colours = levels.to(frames.dtype)
-    distance = (frames.unsqueeze(1) - colours.view(1, *colours.shape, 1, 1)).pow(2).sum(2)     # (B, K, H, W)
-    nearest = distance.argmin(1)                                                            # (B, H, W)
-    return colours[nearest].permute(0, 3, 1, 2).contiguous()
+    if colours.shape[1] == 1:
+        grey = colours[:, 0].sort().values
+        between = (grey[1:] + grey[:-1]) / 2                 # x <= between[i] is nearer grey[i] (or as near)
+        return grey[torch.bucketize(frames, between)]
+    pixels = frames.permute(0, 2, 3, 1)                                                    # (B, H, W, C)
+    distance = (pixels.unsqueeze(3) - colours).pow(2).sum(-1)                              # (B, H, W, K)
+    return colours[distance.argmin(-1)].permute(0, 3, 1, 2).contiguous()
 
 
 def frame_levels(frames: torch.Tensor) -> torch.Tensor | None:

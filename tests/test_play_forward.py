@@ -134,6 +134,15 @@ def test_a_rollout_starts_from_the_recorded_codes_before_it(latent_dir):
 
 
 # ------------------------------------------------------------------------------------ own frames
+@pytest.mark.parametrize("channels", [1, 3])
+def test_snapping_equals_the_nearest_level_by_brute_force_in_any_level_order(channels):
+    generator = torch.Generator().manual_seed(channels)
+    levels = torch.rand(7, channels, generator=generator)                   # unsorted, as a manifest may list them
+    frames = torch.rand(2, channels, 21, 16, generator=generator)
+    distance = (frames.unsqueeze(1) - levels.view(1, 7, channels, 1, 1)).pow(2).sum(2)
+    assert torch.equal(snap(frames, levels), levels[distance.argmin(1)].permute(0, 3, 1, 2))
+
+
 def test_own_frames_replace_a_share_of_frame_t_by_the_models_snapped_drawing():
     from model import LatentActionModel, ModelConfig
     from training.own_frames import OwnFrames
