@@ -285,7 +285,7 @@ def lever_rows(result: dict) -> list[list]:
             "kept: extraction, evaluation (model/inference.inference_layout), the controller's training"),
         row(f"threads for the model: all {result['cores']} cores or one (channels_last)", "ms / pair", "all cores",
             "one thread", "kept as cores less the neighbouring stages (common/device.model_threads); "
-                          "stages run side by side"),
+                          "stages run side by side; not the controller's training (section play)"),
         row("evaluation batch size 64 (the default) or 32", "ms / pair", "batch 64", "batch 32", "64 kept"),
         row("evaluation batch size 64 or 128", "ms / pair", "batch 64", "batch 128", "64 kept"),
         row("torch.compile of encoder and decoder (inductor, dynamic batch size, after compiling)", "ms / pair",

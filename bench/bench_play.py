@@ -1,0 +1,97 @@
+"""Playing forward on a CPU: the two levers that made the demo's rollouts and controller cheaper,
+each beside what it replaced, alternating in one process (medians).
+
+    python -m bench play
+
+- Snapping a generated frame to the game's palette (pipeline/palette.snap): the nearest level by
+  a (B, K, H, W) distance tensor and an argmin across K (before), against a binary search among the
+  sorted gray levels' midpoints (now; colours keep the distances, with K last).
+- The controller's training step on one thread (the cores less the one that reads the shards,
+  before) against every core (now: its frames are decoded once and cached, so the reading thread is
+  idle after the first epoch).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from control.network import Controller, ControllerConfig
+from pipeline.palette import snap
+
+REPS = 7
+GRAY_LEVELS = torch.tensor([0, 74, 111, 142, 170, 180, 200, 255], dtype=torch.float32).view(-1, 1) / 255
+
+
+def snap_by_distances(frames: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The baseline: every pixel's distance to every level, (B, K, H, W), and the argmin across K."""
+    colours = levels.to(frames.dtype)
+    distance = (frames.unsqueeze(1) - colours.view(1, *colours.shape, 1, 1)).pow(2).sum(2)
+    return colours[distance.argmin(1)].permute(0, 3, 1, 2).contiguous()
+
+
+def median_ms(run, reps: int = REPS) -> float:
+    run()                                               # warm-up: first calls allocate
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        run()
+        times.append(1000 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def snap_rows() -> list[list]:
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for name, frames, levels in (
+            ("gray, 12 frames (a rollout step)", torch.rand(12, 1, 210, 160, generator=generator), GRAY_LEVELS),
+            ("RGB, 12 frames, 8 colours", torch.rand(12, 3, 210, 160, generator=generator),
+             torch.rand(8, 3, generator=generator))):
+        assert torch.equal(snap(frames, levels), snap_by_distances(frames, levels))
+        before = statistics.median(median_ms(lambda: snap_by_distances(frames, levels)) for _ in range(2))
+        after = statistics.median(median_ms(lambda: snap(frames, levels)) for _ in range(2))
+        rows.append([f"palette snap, {name}", "ms", f"distances + argmin: {before:.1f}", f"now: {after:.1f}",
+                     f"{before / after:.2f}x"])
+    return rows
+
+
+def controller_rows() -> list[list]:
+    cores = os.cpu_count() or 1
+    torch.manual_seed(0)
+    controller = Controller(ControllerConfig(in_channels=1, target="grid", codebook_size=256))
+    controller.to(memory_format=torch.channels_last)            # as control/train.py trains it on a CPU
+    optimizer = torch.optim.AdamW(controller.parameters(), lr=1e-3)
+    batch = 32
+    cur, prev = torch.rand(batch, 1, 210, 160), torch.rand(batch, 1, 210, 160)
+    action, codes = torch.randint(0, 4, (batch,)), torch.randint(0, 256, (batch, 7, 5))
+
+    def step():
+        loss = F.cross_entropy(controller.cell_logits(cur, action, prev, None), codes)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    results = {1: [], cores: []}
+    previous = torch.get_num_threads()
+    try:
+        for _ in range(2):
+            for threads in results:
+                torch.set_num_threads(threads)
+                results[threads].append(median_ms(step, reps=5))
+    finally:
+        torch.set_num_threads(previous)
+    one, every = (statistics.median(results[t]) for t in (1, cores))
+    return [["controller training step, batch 32 (cached frames: no decoding beside it)", "ms",
+             f"one thread: {one:.0f}", f"{cores} threads: {every:.0f}", f"{one / every:.2f}x"]]
+
+
+def run() -> str:
+    rows = snap_rows() + controller_rows()
+    table = ["| what | unit | before | now | speed-up |", "|---|---|---|---|---|"]
+    table += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(["## Playing forward: palette snap and the controller's threads", "",
+                      "Each pair alternates in one process; medians of the runs. The snap's two ways give "
+                      "equal frames (checked in the run).", "", *table])
