@@ -89,6 +89,8 @@ WORLD_ENTRIES: dict[str, WorldEntry] = {
     "context-noise": WorldEntry("+ noise on the past frames (std up to 0.1)", (*OWN, "--context-noise", "0.1")),
     "past-3": WorldEntry("+ frame t-2 (no noise)", (*OWN, "--past-frames", "3")),
     "key": WorldEntry("+ the key beside the codes (no noise, t-1 and t)", (*OWN, "--key")),
+    "rollouts-6": WorldEntry("paddle-row with 6-step rollouts of its own frames (the next experiment)",
+                             ("--rollout-steps", "6", "--rollout-from", "0.3")),
     "recorded-codes": WorldEntry("world model (t-1, t) trained one step on the recorded codes (the encoder's)",
                                  (*ONE_STEP, "--codes", "recorded")),
     "split": WorldEntry("Genie's split LAM (t-1, 8 action codes, grid dropout), trained the LAM's and the world "
