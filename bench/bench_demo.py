@@ -18,5 +18,6 @@ def run() -> str:
         return "## `make demo`, stage by stage\n\nNo demo has run here yet (`make demo` writes reports/demo-timings.json)."
     return "\n".join(["## `make demo`, stage by stage", "",
                       "Each stage of the last `make demo` on this machine, timed while it ran (bench/timed.py). "
-                      "The virtual environment is made before the first stage and is not in the table.", "",
+                      "The virtual environment is made before the first stage and is not in the table. The line under "
+                      "the table names the demo's commit and machine; the stamp below it, when it was copied here.", "",
                       summary(json.loads(LOG.read_text()))])
