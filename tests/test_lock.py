@@ -86,6 +86,7 @@ def stage_runs(pair_shards, latent_dir, tiny_checkpoint, controller, out: Path) 
     import extract
     import play
     from control import train as control_train
+    from control import world_train
     from pipeline import pack
 
     return {
@@ -95,6 +96,8 @@ def stage_runs(pair_shards, latent_dir, tiny_checkpoint, controller, out: Path) 
         "evaluate": lambda _: evaluate.main(["--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint),
                                              "--out", str(out), "--backend", "torch", "--no-progress"]),
         "controller": lambda _: control_train.main(["--latent", str(latent_dir), "--out", str(out), "--steps", "2"]),
+        "world": lambda _: world_train.main(["--latent", str(latent_dir), "--checkpoint", str(tiny_checkpoint),
+                                             "--controller", str(controller), "--out", str(out), "--steps", "2"]),
         "rollout": lambda _: play.main(["rollout", "--checkpoint", str(tiny_checkpoint), "--controller",
                                         str(controller), "--latent", str(latent_dir), "--out", str(out)]),
     }
@@ -108,7 +111,7 @@ def controller(tmp_path_factory) -> Path:
                            Controller(ControllerConfig(channels=(4, 8, 8, 8, 8), hidden=16)).eval(), step=0)
 
 
-@pytest.mark.parametrize("stage", ["pack", "extract", "evaluate", "controller", "rollout"])
+@pytest.mark.parametrize("stage", ["pack", "extract", "evaluate", "controller", "world", "rollout"])
 def test_every_stage_refuses_a_folder_another_run_is_writing(stage, videos, pair_shards, latent_dir,
                                                              tiny_checkpoint, controller, tmp_path, capsys):
     out = tmp_path / "out"
