@@ -27,6 +27,7 @@ from common.device import resolve_device, torch_threads
 from common.errors import UserError, check_output_dir, run_cli
 from common.lock import FolderLock
 from evaluation.formatting import pct
+from model.checkpoint import finished_run
 from pipeline.frames import CODEBOOK_SIZE
 from pipeline.loader import BackgroundIterator
 from pipeline.shards import LATENT_FORMAT, atomic_write_json, load_manifest
@@ -183,17 +184,8 @@ RUN_LOCAL_SETTINGS = frozenset({"out", "device", "threads", "frame_cache_gb", "r
 def finished_before(config: ControllerTrainConfig) -> bool:
     """`--reuse`: <out> holds a controller that finished `config.steps` steps with these settings, on the
     codes of the LAM the latents come from (and its metrics.json)."""
-    checkpoint = config.out / CHECKPOINT_NAME
-    if not (checkpoint.is_file() and (config.out / "metrics.json").is_file()):
-        return False
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:                       # noqa: BLE001 - not reusable, whatever is wrong with it
-        return False
-    mine = {k: v for k, v in config.to_dict().items() if k not in RUN_LOCAL_SETTINGS}
-    saved = {k: v for k, v in dict(state.get("train_config") or {}).items() if k not in RUN_LOCAL_SETTINGS}
-    return (state.get("step") == config.steps and saved == mine
-            and dict(state.get("lam") or {}) == latent_identity(config.latent))
+    state = finished_run(config.out / CHECKPOINT_NAME, config.steps, config.to_dict(), RUN_LOCAL_SETTINGS)
+    return state is not None and dict(state.get("lam") or {}) == latent_identity(config.latent)
 
 
 # ------------------------------------------------------------------------------------ cli

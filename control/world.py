@@ -149,7 +149,7 @@ def identity(module: nn.Module) -> dict:
 
 def save_world(path: str | Path, world: WorldModel, *, step: int, lam: dict, controller: dict,
                train_config: dict | None = None, metrics: dict | None = None) -> Path:
-    """Atomic (temp file, fsync, rename) and torch.load(weights_only=True)-loadable, naming the LAM
+    """Written by model/checkpoint.save_checkpoint (atomic, weights-only loadable), naming the LAM
     and the controller ({"sha256", "step"}) it was trained with."""
     save_checkpoint(path, world, world.config.to_dict(), step, checkpoint_format=WORLD_FORMAT, lam=dict(lam),
                     controller=dict(controller), train_config=train_config or {}, metrics=metrics or {})

@@ -26,7 +26,6 @@ This file is the command and its training loop.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -42,6 +41,7 @@ from common.device import model_threads, resolve_device, torch_threads
 from common.errors import UserError, check_output_dir, run_cli
 from common.lock import FolderLock
 from model import load_checkpoint
+from model.checkpoint import file_sha256, finished_run
 from model.lam import CHANGED
 from pipeline.loader import BackgroundIterator
 from pipeline.palette import read_palette, snap
@@ -289,26 +289,11 @@ def fit(config: WorldTrainConfig, world: WorldModel, controller: Controller, lev
 RUN_LOCAL_SETTINGS = frozenset({"out", "device", "threads", "reuse", "log_every", "ckpt_every"})
 
 
-def file_sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 def finished_before(config: WorldTrainConfig) -> bool:
     """`--reuse`: <out> holds a world model that finished `config.steps` steps with these settings,
     trained with the very LAM and controller files given now (their bytes' sha256), and its metrics.json."""
-    checkpoint = config.out / CHECKPOINT_NAME
-    if not (checkpoint.is_file() and (config.out / "metrics.json").is_file()):
-        return False
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:                       # noqa: BLE001 - not reusable, whatever is wrong with it
-        return False
-    mine = {k: v for k, v in config.to_dict().items() if k not in RUN_LOCAL_SETTINGS}
-    saved = {k: v for k, v in dict(state.get("train_config") or {}).items() if k not in RUN_LOCAL_SETTINGS}
-    return (state.get("step") == config.steps and saved == mine
+    state = finished_run(config.out / CHECKPOINT_NAME, config.steps, config.to_dict(), RUN_LOCAL_SETTINGS)
+    return (state is not None
             and dict(state.get("lam") or {}).get("sha256") == file_sha256(config.checkpoint)
             and dict(state.get("controller") or {}).get("sha256") == file_sha256(config.controller))
 

@@ -1,8 +1,9 @@
 """The checkpoint format, read and written here only: a plain dict loadable with
 torch.load(weights_only=True): format, model (unwrapped state_dict), config, step, and whatever
-else its writer adds (tensors and plain Python values only). Two kinds share it: the LAM's
-("lam-checkpoint/1": config {"model", "train"}, plus the trainer's resume state) and the
-controller's (control/checkpoint.py: "lam-controller/1")."""
+else its writer adds (tensors and plain Python values only). Three kinds share it: the LAM's
+("lam-checkpoint/1": config {"model", "train"}, plus the trainer's resume state), the
+controller's (control/checkpoint.py: "lam-controller/1") and the world model's (control/world.py:
+"lam-world/1")."""
 from __future__ import annotations
 
 import hashlib
@@ -99,6 +100,32 @@ def read_checkpoint_file(path: str | Path, expected_format: str, kind: str = "ch
         if not isinstance(state[key], entry):
             raise UserError(f"{path}: {kind}'s {key!r} is a {type(state[key]).__name__}, expected a {entry.__name__}")
     return CheckpointFile(path, hashlib.sha256(data).hexdigest(), state)
+
+
+def finished_run(path: Path, steps: int, train_config: dict, run_local: frozenset[str]) -> dict | None:
+    """`--reuse` of a controller or world model: the checkpoint at `path` when it finished `steps`
+    steps with `train_config` (the settings in `run_local`, which say where and how it ran and not
+    what it learns, aside) and its metrics.json lies beside it; else None, whatever is wrong with
+    the file. The caller compares the identities it names (the LAM, the controller)."""
+    if not (path.is_file() and (path.parent / "metrics.json").is_file()):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:                       # noqa: BLE001 - not reusable, whatever is wrong with it
+        return None
+    if not isinstance(state, dict) or state.get("step") != steps:
+        return None
+    saved = {k: v for k, v in dict(state.get("train_config") or {}).items() if k not in run_local}
+    wanted = {k: v for k, v in train_config.items() if k not in run_local}
+    return state if saved == wanted else None
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file's bytes, as `CheckpointFile.sha256` records it; None when unreadable."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def load_failure(error: Exception, data: bytes) -> str:
