@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from common.memory import keep_freed_memory
+
 
 class UserError(Exception):
     """A problem with the user's input (a file, a flag): its message names what is wrong."""
@@ -16,7 +18,9 @@ class UserError(Exception):
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a command-line `main`, turning UserError and Ctrl-C into one line on stderr and an exit
     code; argparse's own exit (--help, or a usage error it has printed) becomes its code; a closed
-    stdout (a pipe into `head`) ends it quietly."""
+    stdout (a pipe into `head`) ends it quietly. Every command keeps its freed memory
+    (common/memory.py: on a CPU, the training step's activations are otherwise faulted in anew each step)."""
+    keep_freed_memory()
     try:
         code = int(main(argv) or 0)
         sys.stdout.flush()                   # here, where a closed pipe can still be caught
