@@ -140,9 +140,10 @@ browser:
 	    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
 	  echo "chromium not installed: the browser test will skip"
 
-# One pytest worker per core (a file's tests stay on one worker, so its module fixtures are built once).
+# One pytest worker per core (a file's tests stay on one worker, so its module fixtures are built once),
+# the slowest files first (tests/conftest.py, SLOWEST_FIRST).
 test: setup browser
-	$(PY) -m pytest -n auto --dist loadfile
+	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 # Runtime wheels for a GPU machine without registry access (cp312, manylinux x86-64): torch and
 # torchmetrics are left out, as that machine has its own. DALI's wheel (~200 MB) is larger than one
