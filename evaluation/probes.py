@@ -134,13 +134,19 @@ def fit_jobs(train: ProbeSet, test: ProbeSet, label, codebook: np.ndarray, seed:
     return jobs, rest
 
 
+# A pool of fitting processes takes about 2.5 s to start (each imports scikit-learn), so it pays only
+# from a few hundred train pairs on: on the 2-core CPU, the 12 fits of 192 pairs took 2.6 s here and
+# 4.0 s in two processes; of 1,500 pairs (the default probe_limit) 35 s here and 23 s in two.
+POOL_FROM_PAIRS = 500
+
+
 def run_fits(jobs: list, workers: int) -> list[float | None]:
     """Each (name, model, x_train, y_train, x_test, y_test) job's score, in order. The fits are
     independent and each runs on one thread (_fit_and_score), so they run side by side in `workers`
     processes: the same scores (every model has its own random_state) in a fraction of the time where
     there are cores (the probes were half of an evaluation's time on a CPU, and all of its tail on a
     GPU box)."""
-    if workers <= 1 or len(jobs) <= 1:
+    if workers <= 1 or len(jobs) <= 1 or max(len(job[3]) for job in jobs) < POOL_FROM_PAIRS:
         return [_fit_and_score(*job[1:]) for job in jobs]
     from joblib import Parallel, delayed
 
