@@ -13,7 +13,7 @@ import time
 
 from bench.common import ROOT, machine
 
-BENCHMARKS = ["demo", "pack", "loader", "train", "extract", "scale", "stages", "play"]
+BENCHMARKS = ["demo", "pack", "loader", "train", "step", "extract", "scale", "stages", "play"]
 OUTPUT = ROOT / "BENCHMARKS.md"
 
 
