@@ -134,7 +134,8 @@ class TrainConfig:
             (self.best_by in ("selection", "recon"), f"best_by must be selection or recon, got {self.best_by!r}"),
             (self.iters >= 1, "iters must be >= 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.batch_size % self.grad_accum == 0, "batch_size must be divisible by grad_accum"),
+            # (grad_accum 0 is refused by the line above; `or` keeps this line from dividing by it)
+            (self.grad_accum < 1 or self.batch_size % self.grad_accum == 0, "batch_size must be divisible by grad_accum"),
             (0 < self.lr_min <= self.lr, "need 0 < lr_min <= lr"),
             (self.warmup >= 0 and self.lr_decay_iters >= 0, "warmup and lr_decay_iters must be >= 0"),
             (self.threads >= 0, "threads must be >= 0"),
