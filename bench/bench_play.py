@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from bench.common import median_ms
 from control.network import Controller, ControllerConfig
 from pipeline.palette import snap
 
-REPS = 7
 GRAY_LEVELS = torch.tensor([0, 74, 111, 142, 170, 180, 200, 255], dtype=torch.float32).view(-1, 1) / 255
 
 
@@ -31,16 +30,6 @@ def snap_by_distances(frames: torch.Tensor, levels: torch.Tensor) -> torch.Tenso
     colours = levels.to(frames.dtype)
     distance = (frames.unsqueeze(1) - colours.view(1, *colours.shape, 1, 1)).pow(2).sum(2)
     return colours[distance.argmin(1)].permute(0, 3, 1, 2).contiguous()
-
-
-def median_ms(run, reps: int = REPS) -> float:
-    run()                                               # warm-up: first calls allocate
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        run()
-        times.append(1000 * (time.perf_counter() - started))
-    return statistics.median(times)
 
 
 def snap_rows() -> list[list]:

@@ -24,17 +24,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import ROOT, markdown_table, pair_shards, recorded_videos
+from bench.common import ROOT, markdown_table, median_ms, pair_shards, recorded_videos
 from model import ModelConfig
 from model.motion import GatherShifted, ShiftHead
 
-REPS = 7
 TRAIN_STEPS = 120
 
 
@@ -96,16 +94,6 @@ def film_nchw_view(film, features, latent):
 
 
 # ------------------------------------------------------------------------------ measuring
-def median_ms(run, reps: int = REPS) -> float:
-    run()
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        run()
-        times.append(1000 * (time.perf_counter() - started))
-    return statistics.median(times)
-
-
 def alternate(before, now, rounds: int = 3) -> tuple[float, float]:
     results = {"before": [], "now": []}
     for _ in range(rounds):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,3 +75,14 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def median_ms(run, reps: int = 7) -> float:
+    """The median of `reps` timed calls of `run`, in ms, after one untimed call (first calls allocate)."""
+    run()
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        run()
+        times.append(1000 * (time.perf_counter() - started))
+    return statistics.median(times)

@@ -118,8 +118,9 @@ class GatherShifted(torch.autograd.Function):
     The frame is seen as rows of blocks, (B, C, grid_h, block_h, W), and each block's weight is
     repeated across its block_w columns once per call (`_per_row`), so every pass over the frame
     runs along whole rows: broadcasting one weight per block over 4-pixel runs made each pass 4x
-    slower on a CPU. The op was a fifth of the demo model's training step; these two changes made
-    the step 1.2x faster (BENCHMARKS.md), with the same bits."""
+    slower on a CPU. The op was a fifth of the demo model's training step; with the weights' gradient
+    summed rows first it is 2.3x faster (BENCHMARKS.md, "Training step on a CPU"): the same output
+    bits, the weights' gradient within float rounding (summed in another order)."""
 
     @staticmethod
     def forward(ctx, frame: torch.Tensor, weights: torch.Tensor, dim: int, step: int) -> torch.Tensor:

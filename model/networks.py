@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
-from model.conv import Conv2d, ConvTranspose2d
+from model.conv import Conv2d, ConvTranspose2d, layout_of
 from model.motion import MATCH_REACH, ShiftHead, match_features, match_shifts, shift_frame
 from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH
 
@@ -146,7 +146,7 @@ class FiLM(nn.Module):
         # broadcast over it. The same values as interpolate's, without the full-size scale/shift (and
         # its backward: a full-size cat and a pooling) that took a fifth of a training step on a CPU.
         batch, channels, height, width = features.shape
-        if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
+        if layout_of(features) == torch.channels_last:
             # Channels-last features, seen as they lie, (B, H, W / run, run, C): the scale and shift
             # broadcast over each run with the channels innermost. The NCHW view
             # below on NHWC memory made each pass stride across channels: 5x slower forward on a CPU.
