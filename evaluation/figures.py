@@ -63,24 +63,41 @@ def code_tsne(codebook: np.ndarray, counts: Sequence[int], path: Path, seed: int
 
 
 def reconstruction_grid(examples: Sequence[Example], path: Path) -> Path:
-    """Rows of: frame t, frame t+1, prediction, |prediction - t+1| heat-map, |t+1 - t| for reference."""
+    """Rows of: frame t, frame t+1, prediction, |prediction - (t+1)| heat-map, |(t+1) - t| for reference,
+    each at the frames' own pixels (a one-pixel miss of the ball stays one pixel; a plotting library's
+    axes would resample it away), the pair's key on the left. Composed as one array and written by PIL:
+    0.6 s a grid through matplotlib's axes was a tenth of the test suite's CPU time."""
+    from PIL import Image, ImageDraw, ImageFont
+
     columns = ("frame t", "frame t+1", "prediction", "|prediction - (t+1)|", "|(t+1) - t|")
-    fig, axes = plt.subplots(len(examples), len(columns), figsize=(2.3 * len(columns), 2.9 * len(examples)),
-                             squeeze=False)
-    for row, example in zip(axes, examples):
+    height, width = examples[0].cur.shape[:2]
+    gap, header, label = 8, 18, 96
+    canvas = np.full((header + len(examples) * (height + gap), label + len(columns) * (width + gap), 3), 255, np.uint8)
+    heat_colours = matplotlib.colormaps["inferno"]
+    for row, example in enumerate(examples):
         gray = example.cur.ndim == 2
-        for ax, image in zip(row[:3], (example.cur, example.next, example.pred)):
-            ax.imshow(np.clip(image, 0, 1), cmap="gray" if gray else None, vmin=0, vmax=1)
-        for ax, difference in zip(row[3:], (example.pred - example.next, example.next - example.cur)):
+        tiles = [np.clip(image, 0, 1) for image in (example.cur, example.next, example.pred)]
+        tiles = [np.repeat(tile[..., None], 3, axis=-1) if gray else tile for tile in tiles]
+        for difference in (example.pred - example.next, example.next - example.cur):
             heat = np.abs(difference) if gray else np.abs(difference).mean(axis=-1)
-            ax.imshow(heat, cmap="inferno", vmin=0, vmax=max(0.25, float(heat.max())))
-        row[0].set_ylabel(example.key, fontsize=8)
-    for ax, title in zip(axes[0], columns):
-        ax.set_title(title, fontsize=9)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return save_figure(fig, path)
+            tiles.append(heat_colours(heat / max(0.25, float(heat.max())))[..., :3])
+        top = header + row * (height + gap)
+        for column, tile in enumerate(tiles):
+            left = label + column * (width + gap)
+            canvas[top:top + height, left:left + width] = np.round(tile * 255).astype(np.uint8)
+    image = Image.fromarray(canvas)
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    for column, title in enumerate(columns):
+        draw.text((label + column * (width + gap) + width // 2, header // 2), title, fill=(0, 0, 0), font=font,
+                  anchor="mm")
+    for row, example in enumerate(examples):
+        draw.text((label - gap, header + row * (height + gap) + height // 2), example.key, fill=(0, 0, 0),
+                  font=font, anchor="rm")
+    buffer = io.BytesIO()
+    image.save(buffer, format="png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def codes_by_event(analysis: dict, path: Path) -> Path:

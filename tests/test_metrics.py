@@ -130,3 +130,37 @@ def test_the_meter_averages_ssim_over_frames_across_batches():
     without = ReconstructionMeter(ssim=False)
     without.update(pred, target, target)
     assert without.compute()["ssim"] is None
+
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_reconstruction_grid_shows_every_frame_at_its_own_pixels(channels, tmp_path):
+    """A one-pixel miss must stay visible: each row holds frame t, frame t+1 and the prediction
+    unresampled (their exact bytes), and the error map of a perfect prediction is one flat colour,
+    the heat map's zero."""
+    import matplotlib
+    from PIL import Image
+
+    from evaluation.examples import Example
+    from evaluation.figures import reconstruction_grid
+
+    rng = np.random.default_rng(0)
+    shape = (21, 16) if channels == 1 else (21, 16, 3)
+    frames = [rng.integers(0, 256, shape).astype(np.float32) / 255 for _ in range(6)]
+    examples = [Example(f"00001_{i:06d}", frames[i], frames[i + 1], frames[i + 1], 1) for i in (0, 2, 4)]
+    grid = np.asarray(Image.open(reconstruction_grid(examples, tmp_path / "grid.png")).convert("RGB"))
+
+    def places(tile: np.ndarray) -> int:
+        """How often `tile` (h, w, 3 uint8) appears in the grid, pixel for pixel."""
+        h, w = tile.shape[:2]
+        windows = np.lib.stride_tricks.sliding_window_view(grid, (h, w, 3))[..., 0, :, :, :]
+        return int(np.all(windows == tile, axis=(-3, -2, -1)).sum())
+
+    def as_tile(frame: np.ndarray) -> np.ndarray:
+        return np.round((np.repeat(frame[..., None], 3, -1) if frame.ndim == 2 else frame) * 255).astype(np.uint8)
+
+    for example in examples:
+        assert places(as_tile(example.cur)) == 1, example.key
+        assert places(as_tile(example.next)) == 2, example.key          # frame t+1 and the prediction
+    zero = np.round(np.asarray(matplotlib.colormaps["inferno"](0.0)[:3]) * 255).astype(np.uint8)
+    assert places(np.broadcast_to(zero, (*shape[:2], 3))) == len(examples)
