@@ -147,21 +147,6 @@ def test_resume_with_a_foreign_checkpoint_is_one_clear_error(pair_shards, tmp_pa
 
 
 # ------------------------------------------------------------------------------ DDP
-def test_two_ddp_ranks_on_cpu(pair_shards, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py"), *tiny_args(pair_shards, tmp_path, 6, "--set", "ckpt_every=3")], env=env, capture_output=True, text=True, timeout=300)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-3000:]
-    assert "[rank 0/2]" in output and "[rank 1/2]" in output
-    assert "identical on all 2 ranks" in output                     # weight digests all-gathered at the end
-    assert output.count("train.py at git") == 1                    # only rank 0 prints the config
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best.pt", "step-000003.pt", "step-000006.pt"]
-    assert [row["step"] for row in rows(tmp_path / "run")] == list(range(1, 7))    # one writer
-    state = torch.load(tmp_path / "ckpt" / "step-000006.pt", weights_only=True)
-    assert state["world_size"] == 2 and [s["rank"] for s in state["loader"]] == [0, 1]
-
-
 # ------------------------------------------------------------------------------ logging, config, errors
 def test_wandb_offline_creates_its_run_directory(pair_shards, tmp_path):
     args = tiny_args(pair_shards, tmp_path, 2)
@@ -301,8 +286,10 @@ def test_learning_rate_decays_from_lr_to_lr_min():
 
 def test_two_ddp_ranks_compiled_without_graph_breaks(pair_shards, tmp_path):
     """The multi-GPU path (per-rank BatchNorm, statistics averaged; no SyncBatchNorm) traced by
-    torch.compile under DDP with gloo. aot_eager traces and partitions the graphs as inductor would,
-    without generating C++ (minutes on this CPU)."""
+    torch.compile under DDP with gloo, on one machine (`torchrun --standalone`): one writer of the log
+    and the checkpoints, every rank's loader position saved, the same weights on every rank. aot_eager
+    traces and partitions the graphs as inductor would, without generating C++ (minutes on this CPU).
+    DDP without compile, and its --resume: tests/test_scale_out.py."""
     args = [a for a in tiny_args(pair_shards, tmp_path, 3, "--set", "ckpt_every=3") if a != "--no-compile"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -310,7 +297,13 @@ def test_two_ddp_ranks_compiled_without_graph_breaks(pair_shards, tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert "torch.compile: 0 graph break(s) after step 1" in output
-    assert "identical on all 2 ranks" in output
+    assert "[rank 0/2]" in output and "[rank 1/2]" in output
+    assert "identical on all 2 ranks" in output                     # weight digests all-gathered at the end
+    assert output.count("train.py at git") == 1                    # only rank 0 prints the config
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best.pt", "step-000003.pt"]
+    assert [row["step"] for row in rows(tmp_path / "run")] == [1, 2, 3]    # one writer
+    state = torch.load(tmp_path / "ckpt" / "step-000003.pt", weights_only=True)
+    assert state["world_size"] == 2 and [s["rank"] for s in state["loader"]] == [0, 1]
 
 
 # ------------------------------------------------------------------------------------ best.pt
