@@ -60,6 +60,7 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, data: PairSet) -
     progress = tqdm(total=cfg.iters, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1,
                     disable=not rt.main)
     model.train()
+    first_step_breaks = None          # torch.compile's graph breaks in step 1 (a resumed run has none to count)
     timer = time.perf_counter()
     while step < cfg.iters:
         # ---- one optimiser update (a non-finite one is skipped and not counted)
@@ -72,7 +73,8 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, data: PairSet) -
         step += 1
         row = {f"train/{name}": value for name, value in outcome.terms.items()}
         if step == 1 and cfg.compile:
-            graph_breaks(reset=True)     # step 1 seeds the codebook (a broadcast under DDP): a one-off graph
+            # counted apart: step 1 of a VQ model seeds the codebook (a broadcast under DDP), a one-off graph
+            first_step_breaks = graph_breaks(reset=True)
 
         # ---- VQ: dead codes get fresh vectors (not in the last interval: a new code needs steps to learn)
         if cfg.reset_every and every(step, cfg.reset_every) and step <= schedule_horizon(cfg) - cfg.reset_every:
@@ -96,7 +98,8 @@ def run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, data: PairSet) -
     progress.close()
     r.logger.close()
     if cfg.compile and rt.main:
-        print(f"torch.compile: {graph_breaks()} graph break(s) after step 1", flush=True)
+        in_step_1 = "" if first_step_breaks is None else f"{first_step_breaks} graph break(s) in step 1, "
+        print(f"torch.compile: {in_step_1}{graph_breaks()} graph break(s) after step 1", flush=True)
     if r.train_step.scaler.is_enabled() and rt.main:
         print(f"fp16: {r.train_step.overflow_skips} of {step} steps were updates the GradScaler skipped for overflow "
               f"(loss scale now {r.train_step.scaler.get_scale():g})", flush=True)

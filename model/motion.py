@@ -127,7 +127,9 @@ class GatherShifted(torch.autograd.Function):
         rows, reach = _rows(frame.shape, weights), step * (weights.shape[1] // 2)
         padded = F.pad(frame, (reach, reach) if dim == -1 else (0, 0, reach, reach))
         per_row = _per_row(weights, frame.shape[-1])
-        out = frame.new_empty(rows, dtype=torch.result_type(frame, weights))
+        # promote_types of the dtypes, not result_type of the tensors: torch.compile traces the first
+        # and breaks its graph at the second
+        out = frame.new_empty(rows, dtype=torch.promote_types(frame.dtype, weights.dtype))
         for i in range(weights.shape[1]):
             # output[x] = frame[x − shift] = padded[x − shift + reach], shift = step·i − reach
             source = padded.narrow(dim, 2 * reach - step * i, frame.shape[dim]).view(rows)

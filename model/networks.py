@@ -158,20 +158,34 @@ class FiLM(nn.Module):
         return (cells * (1 + gamma) + beta).view(batch, channels, height, width)
 
 
-@functools.lru_cache(maxsize=None)
 def nearest_layout(grid: tuple[int, int], size: tuple[int, int], device: torch.device
                    ) -> tuple[torch.Tensor, int | None]:
     """For nearest upsampling from `grid` to `size` (F.interpolate's own index rule): the grid row of
     every output row, and how many output columns share a grid column when they come in equal runs
     (None otherwise)."""
-    def sources(cells: int, out: int) -> torch.Tensor:
+    rows, run = _nearest_sources(grid, size)
+    return _index_tensor(rows, device), run
+
+
+@functools.lru_cache(maxsize=None)
+def _index_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """One tensor per layout and device, made once: not a host-to-device copy at every forward."""
+    return torch.tensor(values, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result      # a pure function of the shapes: traced as its result, no graph break
+def _nearest_sources(grid: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, ...], int | None]:
+    """nearest_layout's numbers, computed by F.interpolate itself on index ramps (so its rounding is
+    the rule), as plain ints."""
+    def sources(cells: int, out: int) -> list[int]:
         index = torch.arange(cells, dtype=torch.float32).view(1, 1, cells)
-        return F.interpolate(index, size=out, mode="nearest").view(out).long()
+        return F.interpolate(index, size=out, mode="nearest").view(out).long().tolist()
 
     rows, cols = sources(grid[0], size[0]), sources(grid[1], size[1])
     run = size[1] // grid[1]
-    even = size[1] % grid[1] == 0 and torch.equal(cols, torch.arange(size[1]) // run)
-    return rows.to(device), run if even else None
+    even = size[1] % grid[1] == 0 and cols == [column // run for column in range(size[1])]
+    return tuple(rows), run if even else None
 
 
 class Decoder(nn.Module):
