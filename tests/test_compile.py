@@ -93,28 +93,3 @@ def test_an_inductor_compiled_train_step_follows_the_eager_one(monkeypatch):
     torch._dynamo.reset()
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
     assert losses[True][-1] < losses[True][0]
-
-
-def test_a_deterministic_run_asks_for_deterministic_kernels_eager_and_compiled(monkeypatch):
-    """`deterministic=True` (every preset) turns on torch's deterministic algorithms, warning where
-    an op has none; a compiled step also sets inductor's own flag (setup_runtime leaves it to the step
-    so that an eager run need not import inductor)."""
-    import torch._inductor.config as inductor
-
-    from training.runtime import setup_runtime
-
-    monkeypatch.setattr(inductor, "deterministic", False)
-    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    threads = torch.get_num_threads()
-    try:
-        torch.use_deterministic_algorithms(False)
-        rt = setup_runtime("cpu", "off", 0, True, 1)
-        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
-        model = LatentActionModel(ModelConfig(width=0.0625, code_dim=32))
-        TrainStep(model, torch.optim.Adam(model.parameters()), rt, compile=False)
-        assert not inductor.deterministic
-        TrainStep(model, torch.optim.Adam(model.parameters()), rt, compile=True)
-        assert inductor.deterministic
-    finally:
-        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
-        torch.set_num_threads(threads)

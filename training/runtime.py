@@ -64,10 +64,7 @@ def setup_runtime(device: str, amp: str, seed: int, deterministic: bool, threads
     random.seed(seed)
     np.random.seed(seed)
     if deterministic:
-        # use_deterministic_algorithms(True, warn_only=True) without its import of inductor (1.6 s of every
-        # command's start on a CPU) only to set inductor's flag; a compiled run sets that flag itself
-        # (training/step.py).
-        torch.set_deterministic_debug_mode("warn")
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif resolved.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -71,9 +71,6 @@ class TrainStep:
         # Compiled first, then wrapped (as torchtitan does): dynamo then traces the model alone, in one
         # graph, instead of breaking at DDP's own Python forward.
         # The model's convolutions are layout-owning operators under compile (model/conv.py says why).
-        if compile and torch.are_deterministic_algorithms_enabled():
-            # setup_runtime left inductor's own flag alone (it would have imported inductor for it)
-            torch.use_deterministic_algorithms(True, warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
         compiled = (torch.compile(model, backend=compile_backend,
                                   mode=None if compile_mode == "default" or compile_backend != "inductor" else compile_mode)
                     if compile else model)
