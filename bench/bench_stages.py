@@ -193,6 +193,7 @@ def levers(checkpoint: str, shards: str, latent: str, controller_path: str) -> d
     from control.data import FrameCache, training_batches
     from evaluation.metrics import ssim_per_frame
     from model import load_checkpoint
+    from model.networks import fold_layouts_when_compiled
     from pipeline.loader import in_order_loader
 
     cpu = torch.device("cpu")
@@ -226,6 +227,7 @@ def levers(checkpoint: str, shards: str, latent: str, controller_path: str) -> d
             pred = (nxt[:32] + 0.02 * torch.randn_like(nxt[:32])).clamp(0, 1)
             time_it("ssim torchmetrics", lambda: _ssim_update(pred, nxt[:32], data_range=1.0), 32)
             time_it("ssim separable", lambda: ssim_per_frame(pred, nxt[:32]), 32)
+        fold_layouts_when_compiled()
         compiled_encode = torch.compile(fast.encode_both, dynamic=True)
         compiled_decoder = torch.compile(fast.decoder, dynamic=True)
 

@@ -174,7 +174,6 @@ def _index_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor
 
 
 @functools.lru_cache(maxsize=None)
-@torch.compiler.assume_constant_result      # a pure function of the shapes: traced as its result, no graph break
 def _nearest_sources(grid: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, ...], int | None]:
     """nearest_layout's numbers, computed by F.interpolate itself on index ramps (so its rounding is
     the rule), as plain ints."""
@@ -186,6 +185,14 @@ def _nearest_sources(grid: tuple[int, int], size: tuple[int, int]) -> tuple[tupl
     run = size[1] // grid[1]
     even = size[1] % grid[1] == 0 and cols == [column // run for column in range(size[1])]
     return tuple(rows), run if even else None
+
+
+def fold_layouts_when_compiled() -> None:
+    """Before torch.compile traces a model: nearest_layout's numbers, a pure function of the shapes, are
+    taken as its result instead of traced (tracing the tensor ops inside breaks the graph). Marked by
+    whoever compiles, not here at import: the mark imports torch._dynamo (1.5 s on a CPU), which
+    extraction, evaluation and play never need."""
+    torch.compiler.assume_constant_result(_nearest_sources.__wrapped__)
 
 
 class Decoder(nn.Module):

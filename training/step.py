@@ -11,6 +11,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.errors import UserError
+from model.networks import fold_layouts_when_compiled
 from training.config import TrainConfig
 from training.runtime import Runtime, all_sum
 
@@ -71,6 +72,8 @@ class TrainStep:
         # Compiled first, then wrapped (as torchtitan does): dynamo then traces the model alone, in one
         # graph, instead of breaking at DDP's own Python forward.
         # The model's convolutions are layout-owning operators under compile (model/conv.py says why).
+        if compile:
+            fold_layouts_when_compiled()
         compiled = (torch.compile(model, backend=compile_backend,
                                   mode=None if compile_mode == "default" or compile_backend != "inductor" else compile_mode)
                     if compile else model)
