@@ -57,13 +57,14 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-# The slowest test files, slowest first (seconds summed over their tests, `pytest --durations=0` on a
-# 2-core CPU: 77, 74, 58, 42, 30, 29, 26, 26, 25, 19, 18). `make test` gives each core a worker and
-# each worker whole files (`--dist loadfile --no-loadscope-reorder`): starting the long files first
-# lets the short ones fill in at the end, instead of one core finishing a 77-second file alone.
-SLOWEST_FIRST = ("test_scale_out.py", "test_train.py", "test_crash.py", "test_training_faults.py",
-                 "test_evaluate.py", "test_loader.py", "test_play.py", "test_compile.py", "test_extract.py",
-                 "test_lock.py", "test_gpu_check.py")
+# The slowest test files, slowest first (seconds summed over their tests, `make test` on a 2-core CPU
+# with an empty inductor cache, as in CI: 83, 59, 55, 50, 27, 27, 26, 23, 22, 18, 18). `make test`
+# gives each core a worker and each worker whole files (`--dist loadfile --no-loadscope-reorder`):
+# starting the long files first lets the short ones fill in at the end, instead of one core
+# finishing a long file alone.
+SLOWEST_FIRST = ("test_scale_out.py", "test_train.py", "test_crash.py", "test_compile.py", "test_evaluate.py",
+                 "test_training_faults.py", "test_lock.py", "test_extract.py", "test_play.py", "test_loader.py",
+                 "test_gpu_check.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
