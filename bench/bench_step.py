@@ -14,6 +14,9 @@
   real training loop (train.py, 120 steps of the demo preset on recorded Breakout): each side is a
   fresh process, as the allocator setting is per process. Also the whole step before this round
   (both old ops and the default allocator) against now.
+- The reconstruction grid (evaluation/figures.reconstruction_grid: the trainer's logged image and
+  the report's figure), 8 pairs of real frames: matplotlib's axes (before, kept here as
+  `matplotlib_grid`) against one composed array written by PIL (now).
 
 Pairs alternate; medians of the runs.
 """
@@ -93,6 +96,31 @@ def film_nchw_view(film, features, latent):
     return (cells * (1 + gamma) + beta).view(batch, channels, height, width)
 
 
+def matplotlib_grid(examples, path: Path) -> Path:
+    """The reconstruction grid as it was drawn before: one matplotlib axes per image."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from evaluation.figures import save_figure
+
+    columns = ("frame t", "frame t+1", "prediction", "|prediction - (t+1)|", "|(t+1) - t|")
+    fig, axes = plt.subplots(len(examples), len(columns), figsize=(2.3 * len(columns), 2.9 * len(examples)),
+                             squeeze=False)
+    for row, example in zip(axes, examples):
+        for ax, image in zip(row[:3], (example.cur, example.next, example.pred)):
+            ax.imshow(np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1)
+        for ax, difference in zip(row[3:], (example.pred - example.next, example.next - example.cur)):
+            heat = np.abs(difference)
+            ax.imshow(heat, cmap="inferno", vmin=0, vmax=max(0.25, float(heat.max())))
+        row[0].set_ylabel(example.key, fontsize=8)
+    for ax, title in zip(axes[0], columns):
+        ax.set_title(title, fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return save_figure(fig, path)
+
+
 # ------------------------------------------------------------------------------ measuring
 def alternate(before, now, rounds: int = 3) -> tuple[float, float]:
     results = {"before": [], "now": []}
@@ -161,6 +189,26 @@ def film_rows() -> list[list]:
     return rows
 
 
+def grid_row() -> list:
+    """The trainer's and the report's reconstruction grid of 8 pairs of recorded frames (gray)."""
+    import numpy as np
+    from PIL import Image
+
+    from evaluation.examples import Example
+    from evaluation.figures import reconstruction_grid
+
+    pngs = sorted(recorded_videos().rglob("*.png"))[:17]
+    frames = [np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255 for path in pngs]
+    examples = [Example(f"00000_{i:06d}", frames[i], frames[i + 1], np.clip(frames[i + 1] + 0.02, 0, 1), 0)
+                for i in range(0, 16, 2)]
+    with tempfile.TemporaryDirectory() as out:
+        before, now = alternate(lambda: matplotlib_grid(examples, Path(out) / "before.png"),
+                                lambda: reconstruction_grid(examples, Path(out) / "now.png"))
+    return ["reconstruction grid, 8 pairs (drawn every image_every steps and by evaluate.py)", "ms",
+            f"matplotlib axes: {before:.0f}", f"one array, PIL: {now:.0f}", f"{before / now:.1f}x",
+            "the frames' own pixels now (matplotlib resampled them)"]
+
+
 # ------------------------------------------------------------------------------ the real loop
 CHILD = """
 import json, resource, sys, time
@@ -226,7 +274,7 @@ def training_rows() -> tuple[list[list], list[str]]:
 
 
 def run() -> str:
-    rows = [gather_row(), *film_rows()]
+    rows = [gather_row(), *film_rows(), grid_row()]
     train_table, notes = training_rows()
     rows += train_table
     return "\n".join([
