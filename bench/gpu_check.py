@@ -67,6 +67,7 @@ class CheckConfig:
     compile_backend: str = "inductor"   # the dry run may trace only (aot_eager): no code generation
     batches: tuple[int, ...] = (32, 256)            # the batch sizes train_speed times
     modes: tuple[str, ...] = ("eager", "compiled", "compiled, reduce-overhead")
+    probe_limit: int = 1500             # evaluate.py's default: the evaluation stage times what a user's run does
 
     @property
     def on_gpu(self) -> bool:
@@ -320,7 +321,8 @@ def evaluation(cfg: CheckConfig, shards: Path, checkpoint: Path) -> dict:
     from evaluation.run import EvaluateConfig, evaluate
 
     metrics, _ = evaluate(EvaluateConfig(shards=shards, checkpoint=checkpoint, split="test", out=cfg.out / "eval",
-                                         latent=cfg.out / "latent", device=cfg.device, progress=False))
+                                         latent=cfg.out / "latent", device=cfg.device, progress=False,
+                                         probe_limit=cfg.probe_limit))
     return {"pairs": metrics["pairs"], "seconds": metrics["seconds"], "pass_seconds": metrics["pass_seconds"],
             "after_the_pass_seconds": round(metrics["seconds"] - metrics["pass_seconds"], 1),
             "timings": metrics.get("timings")}
@@ -471,6 +473,8 @@ def cli(argv: list[str] | None = None) -> int:
                         default=[32, 256], help="the small and the large batch train_speed times (default 32 256)")
     parser.add_argument("--modes", nargs="+", choices=[label for label, *_ in SPEED_RUNS][:3],
                         default=["eager", "compiled", "compiled, reduce-overhead"], help="what train_speed runs")
+    parser.add_argument("--probe-limit", type=checked_type(int, "--probe-limit", {"min": 0}), default=1500,
+                        help="train transitions for the evaluation stage's action probes (evaluate.py's default)")
     parser.add_argument("--preflight", action="store_true", help="only check for torch and a CUDA GPU")
     args = parser.parse_args(argv)
     problem = cuda_problem() if args.device == "cuda" else None
@@ -482,7 +486,7 @@ def cli(argv: list[str] | None = None) -> int:
     check_output_dir(args.out, "--out")
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = CheckConfig(args.out.resolve(), args.steps, args.device, args.preset, args.shards, args.quality,
-                      args.compile_backend, tuple(args.batches), tuple(args.modes))
+                      args.compile_backend, tuple(args.batches), tuple(args.modes), args.probe_limit)
     if not has_dali():
         print("gpu-check: DALI is not installed; the loader runs the torch backend", flush=True)
     from training.runtime import git_sha

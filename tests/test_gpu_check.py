@@ -73,7 +73,7 @@ def test_a_dry_run_on_the_cpu_runs_every_stage_that_needs_no_gpu(pair_shards, tm
 
     out = tmp_path / "check"
     code = gpu_check.main(["--device", "cpu", "--preset", "tiny", "--steps", "2", "--shards", str(pair_shards),
-                           "--out", str(out), "--batches", "8", "--modes", "eager"])
+                           "--out", str(out), "--batches", "8", "--modes", "eager", "--probe-limit", "32"])
     stages = json.loads((out / "gpu-check.json").read_text())["stages"]
     assert code == 0, {name: result.get("error") for name, result in stages.items()}
     assert stages["cuda_tests"]["skipped"] == stages["dali_mixed_vs_cpu"]["skipped"] == "needs CUDA"
