@@ -399,8 +399,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             for kind in KINDS:
                 c = {name: values[h - 1] for name, values in curves[kind].items()}
                 line += (f"; {kind}: PSNR {num(c['psnr'])}, paddle {pct(c['paddle_found'], 0)}, "
-                         f"ball {pct(c['ball_found'], 0)}, bricks lost {num(c['bricks_lost_model'])} "
-                         f"({num(c['bricks_lost_real'])})")
+                         f"ball {pct(c['ball_found'], 0)} (moving {pct(c['ball_moving'], 0)}), "
+                         f"bricks lost {num(c['bricks_lost_model'])} ({num(c['bricks_lost_real'])})")
             print(line)
     moved = {(codes, side): pct(control[codes][side]["success"], 0)
              for codes in ("controller", "random_codes") for side in ("left", "right")}

@@ -93,9 +93,11 @@ def headline_rows(test: dict, play: dict | None) -> list[list[str]]:
             if kind not in curves:
                 continue
             c = curves[kind]
-            rows.append([f"played forward {horizon} steps {label}: PSNR (dB) / paddle found / ball found, at step {horizon}",
+            # a frozen ball is found too: "moving" is the share of those found a step earlier that moved
+            rows.append([f"played forward {horizon} steps {label}: PSNR (dB) / paddle found / ball found "
+                         f"(moving as the game's), at step {horizon}",
                          f"{num(at_step(c.get('psnr'), horizon))} / {pct(at_step(c.get('paddle_found'), horizon), 0)} / "
-                         f"{pct(at_step(c.get('ball_found'), horizon), 0)}",
+                         f"{pct(at_step(c.get('ball_found'), horizon), 0)} ({pct(at_step(c.get('ball_moving'), horizon), 0)})",
                          f"the start frame held: {num(held)} dB"])
         control = play.get("controllability")
         if control:

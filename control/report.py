@@ -43,7 +43,9 @@ def kind_story(curves: dict, kind: str) -> list[str]:
     ball = first_step(c["ball_found"], lambda v: v < goal)
     notes.append((f"The ball is found in fewer than {goal:.0%} of the frames where the recording shows it from step {ball}"
                   if ball else f"The ball is found in at least {goal:.0%} of the frames where the recording shows it throughout")
-                 + f" (step 10: {pct(at(c['ball_found'], 10), 0)}, step {last}: {pct(at(c['ball_found'], last), 0)}); "
+                 + f" (step 10: {pct(at(c['ball_found'], 10), 0)}, step {last}: {pct(at(c['ball_found'], last), 0)}; "
+                 "of those found a step earlier too, moving as the game's ball does: "
+                 f"{pct(at(c['ball_moving'], 10), 0)} and {pct(at(c['ball_moving'], last), 0)}); "
                  f"a ball where there is none: {pct(max(v or 0 for v in c['ball_phantom']), 0)} at worst, "
                  f"two balls: {pct(max(v or 0 for v in c['two_balls']), 0)} at worst.")
     off = first_step(c["bricks_off"], lambda v: v > 0)
@@ -168,7 +170,8 @@ def write_play_report(out: Path, metrics: dict, figures: dict[str, str], gifs: l
     lines += ["| " + " | ".join(row) + " |" for row in goal_rows(curves, control)]
     steps = [h for h in REPORT_HORIZONS if h <= horizon]
     measures = [("PSNR (dB)", "psnr", num), ("paddle found", "paddle_found", pct0), ("paddle within 2 px", "paddle_within_2px", pct0),
-                ("ball found (recording shows one)", "ball_found", pct0), ("ball where none", "ball_phantom", pct0),
+                ("ball found (recording shows one)", "ball_found", pct0),
+                ("ball moving (of those found a step earlier too)", "ball_moving", pct0), ("ball where none", "ball_phantom", pct0),
                 ("two balls", "two_balls", pct0), ("bricks lost (recording's)", "bricks_lost_model", num),
                 ("starts with a brick back", "bricks_back", pct0), ("grain (% of empty pixels)", "grain", pct2)]
     lines += ["", "## Step by step", "", "| measure | " + " | ".join(f"step {h}" for h in steps) + " |",
@@ -222,6 +225,7 @@ def session_section(result: dict) -> str:
     met = sum(goal["met"] for goal in result["goals"])
     values = [f"{pct0(score['paddle']['seen'])} ({score['paddle']['missing_frames']} of {score['steps']} frames without)",
               f"{pct0(ball['seen'])} of {ball['scored_frames']} frames",
+              f"{pct0(ball['moving'])} of {ball['steps_seen_twice']} steps",
               f"{bricks['broken']} ({bricks['start']} at the start, {bricks['end']} at the end, "
               f"{bricks['came_back']} back)"]
     lines = [SESSION_TITLE, "",
@@ -246,7 +250,9 @@ def session_section(result: dict) -> str:
               f"- What is counted: generated frames only (the start frame is a recorded one). The ball is in play "
               "from the frame after a FIRE (or a frame that shows it) until it vanishes after being seen at or below "
               f"row {rules['out_of_play_y']} (through the bottom); while in play a frame without it is a miss, whether it vanished higher "
-              "up or has not appeared yet after the FIRE. Bricks broken: standing at the start, gone at the end, and "
+              "up or has not appeared yet after the FIRE. The ball moves in a step if the frames before and after both "
+              f"show it and it went at least {rules['ball_step_px']} px across or down (a frozen ball is seen, not "
+              "played). Bricks broken: standing at the start, gone at the end, and "
               "never standing again once gone. A press is scored unless the paddle touches the wall it is pushed "
               f"toward (left edge ≤ {rules['wall_left_x']} for LEFT, ≥ {rules['wall_right_x']} for RIGHT) or is not seen; it moved if the next frame's paddle "
               "is on that side (the game's paddle keeps some momentum, so a reversal can take a step).", "",

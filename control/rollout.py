@@ -6,10 +6,12 @@ and play"), beside copying the start frame:
 - `controller`: the controller's codes for the recorded action: what a player gets.
 
 Per step, over every start: PSNR; paddle found and within 2 px of the recording's; ball found
-where the recording shows one, a ball where it shows none, two balls; brick pixels lost since the
-start frame (in bricks) beside the recording's, and whether they agree within one brick (+10 %);
-bricks that come back after they were gone; grain on the empty background. Paddle, ball and bricks
-come from the pixel detectors (evaluation/events.py), the same on recorded and generated frames.
+where the recording shows one, and of those found in the step before too, the share that moved as
+the game's ball does (a frozen ball is found, not played); a ball where it shows none, two balls;
+brick pixels lost since the start frame (in bricks) beside the recording's, and whether they agree
+within one brick (+10 %); bricks that come back after they were gone; grain on the empty
+background. Paddle, ball and bricks come from the pixel detectors (evaluation/events.py), the same
+on recorded and generated frames.
 PSNR is 10·log10(1/MSE) with the MSE over every pixel of every start at that step.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from evaluation.events import BRICK_PIXELS, Elements, detect_elements
+from evaluation.events import BRICK_PIXELS, Elements, ball_moved, detect_elements
 from evaluation.metrics import ReconstructionMeter
 
 from control.data import NONE, Episode
@@ -121,6 +123,8 @@ class StepCounts:
     ball_shown: int = 0            # recorded frames with a ball
     ball_found: int = 0
     ball_errors: list = field(default_factory=list)
+    ball_found_twice: int = 0      # ... found in this frame and the one before
+    ball_moved: int = 0            # ... and moved at least BALL_STEP_PX between them
     no_ball: int = 0
     phantom: int = 0
     two_balls: int = 0
@@ -130,7 +134,8 @@ class StepCounts:
     bricks_back: int = 0           # starts where a brick that was gone stands again (by this step)
     grain: float = 0.0
 
-    def update(self, model: Elements, real: Elements, start: Elements, back: bool) -> None:
+    def update(self, model: Elements, real: Elements, start: Elements, back: bool, before: Elements) -> None:
+        """`before`: the model's frame one step earlier (the start frame at step 1)."""
         self.frames += 1
         if real.paddle_x is not None:
             self.paddle_shown += 1
@@ -144,6 +149,9 @@ class StepCounts:
             if model.ball is not None:
                 self.ball_found += 1
                 self.ball_errors.append(math.dist(model.ball, real.ball))
+                moved = ball_moved(before, model)
+                self.ball_found_twice += moved is not None
+                self.ball_moved += bool(moved)
         else:
             self.no_ball += 1
             self.phantom += model.ball is not None
@@ -163,6 +171,7 @@ class StepCounts:
                 "paddle_within_2px": rate(self.paddle_within, self.paddle_shown),
                 "paddle_error_px": mean(self.paddle_errors),
                 "ball_found": rate(self.ball_found, self.ball_shown), "ball_error_px": mean(self.ball_errors),
+                "ball_moving": rate(self.ball_moved, self.ball_found_twice),
                 "ball_phantom": rate(self.phantom, self.no_ball), "two_balls": rate(self.two_balls, self.frames),
                 "bricks_lost_real": rate(self.bricks_lost_real, self.frames),
                 "bricks_lost_model": rate(self.bricks_lost_model, self.frames),
@@ -228,12 +237,15 @@ def run_rollouts(sim: Simulator, episodes: list[Episode], horizon: int, count: i
         for kind in kinds:
             frames = play(sim, kind, cur, prev, recorded, older_frames(sim, episodes, chunk))
             gone, drawn = BricksGone(start_elements), {i: [cur[i]] for i in kept}
+            before = start_elements
             for h, model in enumerate(frames):
                 model = model.cpu()
                 meters[kind].frames[h].update(model, recorded.frames[:, h], cur)
                 found = [detect_elements(frame) for frame in model]
-                for elements, real, begin, back in zip(found, real_elements[h], start_elements, gone.update(found)):
-                    meters[kind].counts[h].update(elements, real, begin, back)
+                for elements, real, begin, back, earlier in zip(found, real_elements[h], start_elements,
+                                                                gone.update(found), before):
+                    meters[kind].counts[h].update(elements, real, begin, back, earlier)
+                before = found
                 for i in drawn:
                     drawn[i].append(model[i])
             for i, frames_i in drawn.items():

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from common.errors import UserError
-from evaluation.events import BALL_WIDTH, Elements, detect_elements
+from evaluation.events import BALL_STEP_PX, BALL_WIDTH, Elements, ball_moved, detect_elements
 from evaluation.formatting import pct
 from pipeline.shards import atomic_write_bytes, atomic_write_json
 
@@ -51,8 +51,8 @@ FOLLOW_DEAD_ZONE_PX = 4             # the paddle's centre this close to the ball
 # margin for a model's ball.
 OUT_OF_PLAY_Y = 180
 SHEET_EVERY = 10                    # the contact sheet shows every 10th frame
-# Goals (issue "Play forward for 200 steps").
-PADDLE_GOAL, BALL_GOAL, BRICKS_GOAL = 1.0, 0.90, 3
+# Goals (issue "Play forward for 200 steps"; the moving ball: a frozen ball met the ball goal).
+PADDLE_GOAL, BALL_GOAL, BALL_MOVING_GOAL, BRICKS_GOAL = 1.0, 0.90, 0.90, 3
 
 
 # ------------------------------------------------------------------------------------ the policy
@@ -281,10 +281,13 @@ def ball_in_play(elements: Sequence[Elements], actions: Sequence[str]) -> dict:
     So every frame after the first FIRE is scored except those after the ball left through the
     bottom and before the FIRE that relaunches it: a ball that vanishes higher up (erased) counts as
     missing until it is seen again, and so do the frames between a launching FIRE and the ball's
-    appearing (counted apart too: frames_waiting_after_fire)."""
+    appearing (counted apart too: frames_waiting_after_fire).
+
+    "moving": of the steps whose frame before and after both show the ball, the share in which it
+    moved at least BALL_STEP_PX px across or down, as the game's ball does."""
     first = elements[0].ball
     in_play, last_y, waiting = first is not None, None if first is None else first[1], False
-    scored = seen = lost = vanished = launches = waited = 0
+    scored = seen = lost = vanished = launches = waited = seen_twice = moved = 0
     for i in range(1, len(elements)):
         ball = elements[i].ball
         if actions[i - 1] == "FIRE" and not in_play:
@@ -293,6 +296,8 @@ def ball_in_play(elements: Sequence[Elements], actions: Sequence[str]) -> dict:
         if ball is not None:
             in_play, last_y, waiting = True, ball[1], False
             scored, seen = scored + 1, seen + 1
+            step = ball_moved(elements[i - 1], elements[i])
+            seen_twice, moved = seen_twice + (step is not None), moved + bool(step)
         elif not in_play:
             continue
         elif last_y is not None and last_y >= OUT_OF_PLAY_Y:
@@ -303,7 +308,8 @@ def ball_in_play(elements: Sequence[Elements], actions: Sequence[str]) -> dict:
             scored += 1
     return {"seen": share([True] * seen + [False] * (scored - seen)), "scored_frames": scored, "seen_frames": seen,
             "launches": launches, "lost_out_of_bottom": lost, "vanished_in_field": vanished,
-            "frames_waiting_after_fire": waited}
+            "frames_waiting_after_fire": waited,
+            "moving": share([True] * moved + [False] * (seen_twice - moved)), "steps_seen_twice": seen_twice}
 
 
 def bricks_broken(elements: Sequence[Elements]) -> dict:
@@ -339,9 +345,13 @@ def presses_that_moved(elements: Sequence[Elements], actions: Sequence[str], act
 def goals(score: dict) -> list[dict]:
     """The issue's goals for a session, each with its value and whether it is met."""
     paddle, ball, bricks = score["paddle"]["seen"], score["ball"]["seen"], score["bricks"]["broken"]
+    moving = score["ball"]["moving"]
     return [{"goal": "paddle seen in every frame", "value": paddle, "met": paddle is not None and paddle >= PADDLE_GOAL},
             {"goal": f"ball seen in ≥ {BALL_GOAL:.0%} of the frames while in play (after FIRE)", "value": ball,
              "met": ball is not None and ball >= BALL_GOAL},
+            {"goal": f"the ball moves (≥ {BALL_STEP_PX} px a step, as the game's does) in "
+                     f"≥ {BALL_MOVING_GOAL:.0%} of the steps it is seen before and after", "value": moving,
+             "met": moving is not None and moving >= BALL_MOVING_GOAL},
             {"goal": f"≥ {BRICKS_GOAL} bricks broken (and none back)", "value": bricks,
              "met": bricks >= BRICKS_GOAL and score["bricks"]["came_back"] == 0}]
 
@@ -426,7 +436,7 @@ def write_session(out: Path, session: Session, about: dict) -> dict:
               "seconds": round(session.seconds, 2),
               "policy": f"follow the ball (FIRE without one; NOOP within {FOLLOW_DEAD_ZONE_PX} px)",
               "rules": {"out_of_play_y": OUT_OF_PLAY_Y, "wall_left_x": PADDLE_MIN_X, "wall_right_x": PADDLE_MAX_X,
-                        "sheet_every": SHEET_EVERY},
+                        "ball_step_px": BALL_STEP_PX, "sheet_every": SHEET_EVERY},
               "score": score, "goals": goals(score), "contact_sheet": sheet.name, "frames": frame_rows(session)}
     atomic_write_json(out / "session.json", result)
     result["report"] = str(write_session_report(out, session_section(result)))
@@ -445,6 +455,7 @@ def summary(result: dict) -> str:
     rate = result["steps_per_s"]
     return (f"session of {result['steps']} steps ({'n/a' if rate is None else f'{rate:.1f}'} steps/s): "
             f"paddle seen {pct(score['paddle']['seen'], 0)}, ball while in play {pct(score['ball']['seen'], 0)} "
-            f"of {score['ball']['scored_frames']} frames, bricks broken {score['bricks']['broken']} "
+            f"of {score['ball']['scored_frames']} frames (moving in {pct(score['ball']['moving'], 0)} of "
+            f"{score['ball']['steps_seen_twice']} steps), bricks broken {score['bricks']['broken']} "
             f"(back {score['bricks']['came_back']}), presses that moved: LEFT {pct(left['moved'], 0)} of "
             f"{left['scored']}, RIGHT {pct(right['moved'], 0)} of {right['scored']}; report: {result['report']}")

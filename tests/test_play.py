@@ -88,7 +88,7 @@ def test_rollout_metrics_have_one_value_per_horizon_for_each_kind(sim, episodes)
     curves = result.curves
     assert curves["horizon"] == [1, 2, 3, 4] and len(result.starts) == 5
     for kind in ("codes", "controller"):
-        for name in ("psnr", "paddle_found", "paddle_within_2px", "ball_found", "ball_phantom", "two_balls",
+        for name in ("psnr", "paddle_found", "paddle_within_2px", "ball_found", "ball_moving", "ball_phantom", "two_balls",
                      "bricks_lost_real", "bricks_lost_model", "bricks_off", "bricks_back", "grain"):
             assert len(curves[kind][name]) == 4, (kind, name)
         assert all(v is not None and 5 < v < 80 for v in curves[kind]["psnr"])
@@ -152,10 +152,32 @@ def test_kind_meter_scores_a_perfect_model_as_infinite_psnr():
     meter = KindMeter(1)
     meter.frames[0].update(real.clone(), real, start)
     for frame, begin in zip(real, start):
-        meter.counts[0].update(detect_elements(frame), detect_elements(frame), detect_elements(begin), False)
+        meter.counts[0].update(detect_elements(frame), detect_elements(frame), detect_elements(begin), False,
+                               detect_elements(begin))
     curves = meter.curves()
     assert curves["psnr"] == [None] and curves["psnr_changed"] == [None]          # MSE 0: infinite, JSON null
     assert curves["two_balls"] == [0.0] and curves["bricks_back"] == [0.0] and curves["grain"] == [0.0]
+
+
+def test_a_ball_found_but_frozen_in_place_is_not_counted_as_moving():
+    """A model that draws the ball where it was every step is "found" wherever the recording shows a
+    ball; the moving share tells it from the game's ball, which moves 4-8 px a step."""
+    from control.rollout import StepCounts
+    from evaluation.events import Elements
+
+    bricks = np.ones((6, 18), dtype=bool)
+    at = lambda ball: Elements(paddle_x=50, ball=ball, bricks=bricks)  # noqa: E731
+    real = [at((100, 100 + 6 * h)) for h in range(4)]
+    frozen, played = StepCounts(), StepCounts()
+    for h in range(1, 4):
+        frozen.update(at((100, 100 + h % 2)), real[h], real[0], False, at((100, 100 + (h - 1) % 2)))
+        played.update(real[h], real[h], real[0], False, real[h - 1])
+    assert frozen.compute()["ball_found"] == played.compute()["ball_found"] == 1.0
+    assert frozen.compute()["ball_moving"] == 0.0 and played.compute()["ball_moving"] == 1.0
+    # a ball that was not there the step before: found, but not yet scored for moving
+    first = StepCounts()
+    first.update(real[1], real[1], real[0], False, at(None))
+    assert first.compute()["ball_found"] == 1.0 and first.compute()["ball_moving"] is None
 
 
 def test_controllability_excludes_walls_and_fails_a_lost_paddle():

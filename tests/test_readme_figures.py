@@ -20,7 +20,7 @@ from bench import readme_figures
 from bench.readme_figures import README_BEGIN, README_END
 from common.provenance import cpu_state, describe, git_state
 from control import Controller, ControllerConfig, save_controller
-from evaluation.formatting import num
+from evaluation.formatting import num, pct
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,6 +115,8 @@ def test_the_table_is_written_from_the_reports_into_a_copy_of_the_readme(demo_re
     assert f"| {num(test['model']['psnr'])} / {num(test['model']['psnr_changed'])} |" in table
     assert f"copy frame t: {num(test['copy_baseline']['psnr'])}" in table
     assert "played forward 6 steps on the recorded codes" in table and "held LEFT / RIGHT for 3 steps" in table
+    codes = rollout["rollouts"]["curves"]["codes"]                 # a frozen ball is found: its moving share beside
+    assert f"{pct(codes['ball_found'][-1], 0)} ({pct(codes['ball_moving'][-1], 0)})" in table
     assert f"{test['pairs']} pairs" in table and test["checkpoint"]["sha256"][:12] in table
     assert describe(test["provenance"]) in table and "preset tiny, variant default" in table
     assert (img / "rollout.gif").read_bytes() == (demo_reports / "play" / rollout["gifs"][0]).read_bytes()

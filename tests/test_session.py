@@ -82,14 +82,17 @@ def test_the_score_of_a_hand_made_game():
     # RIGHT at 1, 2 and 8 moved; at 6 there was no paddle to move: left out
     assert (right["presses"], right["scored"], right["no_paddle"], right["moved"]) == (4, 3, 1, 1.0)
     assert score["actions"] == {"LEFT": 3, "RIGHT": 4, "FIRE": 2, "NOOP": 0}
-    assert [goal["met"] for goal in goals(score)] == [False, False, False]
+    # seen before and after: steps 1 -> 2, 7 -> 8 and 8 -> 9, each a move of 10 px or more
+    assert (ball["steps_seen_twice"], ball["moving"]) == (3, 1.0)
+    assert [goal["met"] for goal in goals(score)] == [False, False, True, False]
 
 
 def test_a_perfect_game_meets_the_goals_and_a_lost_paddle_fails_a_press():
-    game = [elements(50, (100, 100))] + [elements(50 + 4 * i, (100, 100 + i), without(*[(5, c) for c in range(i)]))
-                                         for i in range(1, 5)]
+    game = [elements(50, (100, 100))] + [elements(50 + 4 * i, (100 + 2 * i, 100 + 4 * i),
+                                                  without(*[(5, c) for c in range(i)])) for i in range(1, 5)]
     score = score_session(game, ["RIGHT"] * 4)
     assert score["ball"]["seen"] == 1.0 and score["ball"]["launches"] == 0          # in play from the start
+    assert score["ball"]["moving"] == 1.0
     assert score["bricks"]["broken"] == 4 and score["presses"]["right"]["moved"] == 1.0
     assert all(goal["met"] for goal in goals(score))
     lost = score_session([elements(50, (100, 100)), elements(None, (100, 104))], ["LEFT"])["presses"]["left"]
@@ -169,6 +172,16 @@ def as_uint8(frame: torch.Tensor) -> np.ndarray:
     return (frame[0] * 255).round().to(torch.uint8).numpy()
 
 
+def test_a_ball_that_is_seen_but_frozen_in_place_is_not_in_play():
+    # what a model did on the play page: the ball drawn mid-field, jittering by a pixel, for 300 steps
+    game = [elements(50, (100, 100 + i % 2)) for i in range(7)]
+    score = score_session(game, ["NOOP"] * 6)
+    assert score["ball"]["seen"] == 1.0
+    assert (score["ball"]["steps_seen_twice"], score["ball"]["moving"]) == (6, 0.0)
+    ball_goals = [goal for goal in goals(score) if "ball" in goal["goal"]]
+    assert [goal["met"] for goal in ball_goals] == [True, False]
+
+
 def test_a_session_on_the_page_plays_what_the_page_shows_and_writes_its_record(tmp_path):
     needs_browser()
     script = BallScript()
@@ -190,7 +203,8 @@ def test_a_session_on_the_page_plays_what_the_page_shows_and_writes_its_record(t
     score = saved["score"]
     assert score["paddle"]["seen"] == 1.0 and score["presses"]["right"]["moved"] == 1.0
     assert score["ball"] == {"seen": 1.0, "scored_frames": 10, "seen_frames": 10, "launches": 2,
-                             "lost_out_of_bottom": 2, "vanished_in_field": 0, "frames_waiting_after_fire": 0}
+                             "lost_out_of_bottom": 2, "vanished_in_field": 0, "frames_waiting_after_fire": 0,
+                             "moving": 1.0, "steps_seen_twice": 8}
     assert score["bricks"] == {"start": 108, "end": 106, "broken": 2, "came_back": 0}
     assert [row["pressed"] for row in saved["frames"]] == session.actions + [None]
     assert [row["paddle_x"] for row in saved["frames"]] == [40 + 4 * max(0, i - 1 - (i > 6)) for i in range(13)]
@@ -198,7 +212,7 @@ def test_a_session_on_the_page_plays_what_the_page_shows_and_writes_its_record(t
     assert sheet.format == "PNG" and sheet.width > 100
     report = (tmp_path / "report.md").read_text()
     assert result["report"] == str(tmp_path / "report.md")
-    assert "## A person-like session on the play page" in report and "2 of 3 goals met" in report
+    assert "## A person-like session on the play page" in report and "3 of 4 goals met" in report
     assert "session-contact-sheet.png" in report
 
 
