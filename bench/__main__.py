@@ -2,7 +2,9 @@
 
 Each benchmark module exposes `run() -> str`, a markdown section that compares the project's way with
 a baseline measured in the same run, as ratios. `python -m bench pack loader` runs a subset; the
-sections not run keep their previous text in BENCHMARKS.md.
+sections not run keep their previous text in BENCHMARKS.md. A module with PER_MACHINE = True (and its
+TITLE and INTRO) returns one machine's block, kept beside the other kinds of machine's blocks
+(bench/common.per_machine_section); its run() returning "" measured nothing, and the section is kept.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import re
 import sys
 import time
 
-from bench.common import ROOT, machine
+from bench.common import ROOT, machine, per_machine_section
 
 BENCHMARKS = ["demo", "pack", "loader", "train", "step", "extract", "scale", "stages", "play"]
 OUTPUT = ROOT / "BENCHMARKS.md"
@@ -38,7 +40,12 @@ def main(argv: list[str]) -> int:
         module = importlib.import_module(f"bench.bench_{name}")
         body = module.run().strip()
         stamp = time.strftime("%Y-%m-%d")
-        sections[name] = f"{body}\n\n_Measured {stamp} on: {machine()}; took {time.perf_counter() - started:.0f} s._\n"
+        measured = f"{body}\n\n_Measured {stamp} on: {machine()}; took {time.perf_counter() - started:.0f} s._\n"
+        if getattr(module, "PER_MACHINE", False):
+            if not body and name in sections:
+                continue                                    # nothing measured here: the section stays
+            measured = per_machine_section(sections.get(name, ""), module.TITLE, module.INTRO, measured if body else None)
+        sections[name] = measured
         write(sections)    # after each benchmark, so a later failure keeps what was measured
     print(f"wrote {OUTPUT}")
     return 0

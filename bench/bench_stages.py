@@ -34,6 +34,10 @@ RECORD_STEPS = 100
 PROBE_LIMIT = 200                   # train pairs for evaluate's probes (their fit is a fixed cost per run)
 STEPS = 6                           # timed steps per cell (controller, rollout, server)
 WORK = BENCH_OUT / "stages"
+PER_MACHINE = True                  # bf16 is native on some CPUs and emulated on others: both kinds kept
+TITLE = "## Stages: fp32 and bf16, and the CPU levers"
+INTRO = ("One block per kind of machine (bench/common.per_machine_section): whether bf16 is native decides every "
+         "ratio below, so a run on one kind keeps the other kinds' figures.")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -345,7 +349,6 @@ def run() -> str:
     fp32_run, bf16_run = runs["fp32"], runs["bf16"]
     verdict = "passes" if measured.passes else "fails"
     return "\n".join([
-        "## Stages: fp32 and bf16, and the CPU levers", "",
         f"bf16 on this machine: **{bf16_kind}**. The model: {origin}, step {identity.step}. Stage data: "
         f"{EPISODES} recorded episodes of up to {MAX_STEPS} steps (one per split). Each stage runs in fp32 and "
         "in bf16 autocast in the same run; speed ratio bf16 over fp32 (above 1: bf16 faster).", "",
@@ -355,7 +358,7 @@ def run() -> str:
         f"{fp32_run['pass_seconds']:.0f} s and {bf16_run['pass_seconds']:.0f} s; the probes' fits and the figures "
         "are a fixed cost per run, not per pair.",
         "- Rollouts and the play server run as `play.py` runs them (torch's default threads, the model as loaded).",
-        "", "### bf16 against fp32: the precision rule's check", "",
+        "", "#### bf16 against fp32: the precision rule's check", "",
         f"On {measured.pairs} pairs of a fixed sample of the test split ({agreement_shards.relative_to(ROOT) if agreement_shards.is_relative_to(ROOT) else agreement_shards}):", "",
         markdown_table(["", "measured", "bar (model/precision.py)"], [
             ["code cells equal to fp32's", f"{measured.code_cells:.2%}", f">= {CODE_AGREEMENT:.1%}"],
@@ -367,7 +370,7 @@ def run() -> str:
         f"{'so auto runs it in fp32 without measuring' if not native else 'so auto measures this at the start of each run'}. "
         "The check is per checkpoint (a code flips where an FSQ projection sits near a rounding boundary), so "
         "extraction and evaluation repeat it on a 256-pair sample wherever bf16 is native.",
-        "", "### CPU levers, fp32", "",
+        "", "#### CPU levers, fp32", "",
         "Each row's two sides alternate in one child process; medians. Same outputs within float rounding "
         "(tested: the same codes, the same metrics).", "",
         markdown_table(["lever", "unit", "baseline", "candidate", "speed-up", "decision"], lever_rows(lever_result)),

@@ -1,9 +1,11 @@
-"""What every benchmark shares: the machine description, a recorded Breakout set and its pair shards
-(made once under bench/out/ and reused), and peak-memory measurement in a child process."""
+"""What every benchmark shares: the machine description (and its kind, for sections kept per kind of
+machine), a recorded Breakout set and its pair shards (made once under bench/out/ and reused), and
+peak-memory measurement in a child process."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -26,6 +28,32 @@ def machine() -> str:
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{code}; {cpu['cores']} CPU cores ({cpu['model']}, {cpu['simd']}), {mem_gb:.0f} GiB RAM, "
             f"{where['gpu'] or 'no GPU'}; Python {where['python']}, torch {where['torch']}")
+
+
+# A section measured per kind of machine holds one block per kind: a run replaces its own kind's block
+# and keeps the others (the figures of a CPU with native bf16 and one without are both worth keeping).
+MACHINE_BLOCK = re.compile(r"<!-- machine:([\w-]+) -->\n(.*?)<!-- /machine:\1 -->", flags=re.S)
+
+
+def machine_kind() -> tuple[str, str]:
+    """(key, words) of this machine's kind: its GPU by name, else its CPU's SIMD flags in words."""
+    from common.provenance import cpu_state, gpu_name
+
+    words = gpu_name() or cpu_state()["simd"]
+    return re.sub(r"[^a-z0-9]+", "-", words.lower()).strip("-") or "unknown", words
+
+
+def per_machine_section(previous: str, title: str, intro: str, block: str | None,
+                        kind: tuple[str, str] | None = None) -> str:
+    """`title`, `intro`, then one block per kind of machine: `block` (measured here; None: nothing
+    was) under this machine's kind (`kind`, default machine_kind()) in place of its earlier one, and
+    every other kind's block of `previous` (the section's earlier text) kept, in key order."""
+    blocks = dict(MACHINE_BLOCK.findall(previous))
+    if block is not None:
+        key, words = kind or machine_kind()
+        blocks[key] = f"### On {words}\n\n{block.strip()}\n"
+    parts = [f"<!-- machine:{key} -->\n{text.strip()}\n<!-- /machine:{key} -->" for key, text in sorted(blocks.items())]
+    return "\n\n".join([title, intro, *parts])
 
 
 def recorded_videos(episodes: int = 16, max_steps: int = 400, seed: int = 0) -> Path:
