@@ -28,6 +28,7 @@ from common.errors import UserError, check_output_dir, run_cli
 from common.lock import FolderLock
 from evaluation.formatting import pct
 from model.checkpoint import finished_run
+from model.inference import autocast, autocast_dtype, describe_amp
 from pipeline.frames import CODEBOOK_SIZE
 from pipeline.loader import BackgroundIterator
 from pipeline.shards import LATENT_FORMAT, atomic_write_json, load_manifest
@@ -62,6 +63,11 @@ class ControllerTrainConfig:
                                     max=4096)
     hidden: int = flag(192, min=1, max=4096)
     device: str = flag("cpu", "where the controller trains", choices=("auto", "cpu", "cuda"))
+    # As train.py's: bf16 only where it is native (emulated bf16 is several times slower than fp32).
+    # Measured on the 2-core avx512_bf16 box: a step 1.8x faster (BENCHMARKS.md "Stages"). The scores
+    # and the rollouts run the trained controller in fp32 either way.
+    amp: str = flag("auto", "training precision: auto (bf16 where native: a CPU with avx512_bf16 or AMX, a GPU "
+                            "with bf16; fp32 elsewhere), bf16, or off (fp32)", choices=("auto", "bf16", "off"))
     # 0 is every core, not the cores less one (common/device.model_threads): the frames are decoded
     # once and cached (frame_cache_gb), so after the first epoch the reading thread is idle; measured
     # on the 2-core AVX2 box, `make demo`'s 800 steps: 217 samples/s on 2 threads, 144 on 1.
@@ -131,6 +137,7 @@ def train_controller(config: ControllerTrainConfig, device: torch.device, progre
 
 def fit(config: ControllerTrainConfig, controller: Controller, device: torch.device, batches, progress) -> dict:
     grayscale, target = controller.config.in_channels == 1, controller.config.target
+    dtype = autocast_dtype(config.amp, device)
     optimizer = torch.optim.AdamW(controller.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps, eta_min=config.lr * 0.1)
     code_counts = torch.zeros(*controller.cells, controller.config.codebook_size, dtype=torch.int64)
@@ -144,9 +151,10 @@ def fit(config: ControllerTrainConfig, controller: Controller, device: torch.dev
         code_counts += F.one_hot(wanted, controller.config.codebook_size).sum(0)
         if target == "grid":
             grid_counts.update(grid_bytes(batch["codes"]))
-        logits = controller.cell_logits(batch["cur"].to(device), batch["action"].to(device), batch["prev"].to(device),
-                                        targets(batch, target, before=True).to(device))
-        loss = F.cross_entropy(logits, wanted.to(device))
+        with autocast(device, dtype):
+            logits = controller.cell_logits(batch["cur"].to(device), batch["action"].to(device),
+                                            batch["prev"].to(device), targets(batch, target, before=True).to(device))
+        loss = F.cross_entropy(logits.float(), wanted.to(device))
         if not torch.isfinite(loss):
             raise RuntimeError(f"step {step}: non-finite loss {loss.item()}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
@@ -202,6 +210,7 @@ def run(argv: Sequence[str] | None = None) -> int:
               f"codes of this LAM: nothing to train")
         return 0
     print("controller config: " + json.dumps(config.to_dict(), sort_keys=True))
+    print(f"controller: precision {describe_amp(config.amp, resolve_device(config.device))}")
     with FolderLock(config.out):                # one writer of --out, from training to the report
         metrics = train(config)
         atomic_write_json(config.out / "metrics.json", metrics)

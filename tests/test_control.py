@@ -156,6 +156,26 @@ def test_cli_writes_report_and_refuses_bad_input(latent_dir, tmp_path, capsys):
     assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
 
 
+def test_the_controller_trains_in_the_precision_asked_and_says_which(latent_dir, tmp_path, capsys):
+    """bf16 where it is native (auto), or as asked: the first line says which, and a bf16 run's weights
+    are not an fp32 run's (the forward pass ran under autocast)."""
+    from common.device import cpu_native_bf16
+
+    args = ["--latent", str(latent_dir), "--steps", "3", "--batch-size", "4", "--shuffle-buffer", "8",
+            "--channels", "4", "4", "4", "4", "4", "--hidden", "8", "--eval-batch-size", "16", "--threads", "1"]
+    weights = {}
+    for amp, expected in (("off", "fp32 (--amp off)"), ("bf16", "bf16 (--amp bf16)"),
+                          ("auto", "bf16 (auto: this CPU has native bf16" if cpu_native_bf16() else "fp32 (auto: ")):
+        assert control_train.main([*args, "--out", str(tmp_path / amp), "--amp", amp]) == 0
+        assert f"controller: precision {expected}" in capsys.readouterr().out
+        weights[amp] = torch.load(tmp_path / amp / "controller.pt", weights_only=True)["model"]
+    floats = [name for name, value in weights["off"].items() if value.is_floating_point()]
+    assert any(not torch.equal(weights["off"][name], weights["bf16"][name]) for name in floats)
+    native = weights["bf16"] if cpu_native_bf16() else weights["off"]
+    assert all(torch.equal(weights["auto"][name], native[name]) for name in floats)
+    assert control_train.main([*args, "--out", str(tmp_path / "x"), "--amp", "fp16"]) == 2
+
+
 def test_reuse_keeps_a_finished_controller_and_retrains_for_other_settings(latent_dir, tmp_path, capsys):
     """`make demo` run again: the finished controller of these settings and this LAM is kept as it is;
     another setting trains afresh."""
