@@ -203,6 +203,9 @@ def summary(result: dict) -> dict:
         for step in (s for s in STEPS if s <= horizon):
             figures[f"{kind}_paddle_{step}"] = curves[kind]["paddle_found"][step - 1]
             figures[f"{kind}_ball_{step}"] = curves[kind]["ball_found"][step - 1]
+            # of the balls found a step earlier too, those that moved (a frozen ball is found); None in
+            # results written before the rollouts measured it
+            figures[f"{kind}_ball_moving_{step}"] = (curves[kind].get("ball_moving") or [None] * horizon)[step - 1]
         gaps = [m - c for m, c in zip(curves[kind]["psnr"], curves["copy"]["psnr"]) if None not in (m, c)]
         figures[f"{kind}_above_copy"] = next((h for h, gap in enumerate(gaps, 1) if gap < 0), horizon + 1) - 1
         figures[f"{kind}_two_balls"] = max(v or 0 for v in curves[kind]["two_balls"])
@@ -225,8 +228,8 @@ def trio(column, kind: str, what: str) -> str:
 
 
 HEADER = ["entry", "seeds", "paddle / ball within 2 px", "move probe", "codes used", "PSNR (copy)",
-          "recorded codes: paddle found, steps 10 / 50 / 200", "ball found", "steps above copy",
-          "controller: paddle found", "ball found", "steps above copy", "two balls (codes / controller)",
+          "recorded codes: paddle found, steps 10 / 50 / 200", "ball found", "ball moving", "steps above copy",
+          "controller: paddle found", "ball found", "ball moving", "steps above copy", "two balls (codes / controller)",
           "LEFT / RIGHT (20 steps)", "s / step"]
 
 
@@ -236,8 +239,10 @@ def table_row(name: str, results: list[dict]) -> list:
     return [f"`{name}`: {ENTRIES[name].about}", len(rows),
             f"{cell(column('paddle_within_2px'))} / {cell(column('ball_within_2px'))}", cell(column("move")),
             cell(column("codes_used")), f"{cell(column('psnr'), False)} ({cell(column('psnr_copy'), False)})",
-            trio(column, "codes", "paddle"), trio(column, "codes", "ball"), cell(column("codes_above_copy"), False),
+            trio(column, "codes", "paddle"), trio(column, "codes", "ball"), trio(column, "codes", "ball_moving"),
+            cell(column("codes_above_copy"), False),
             trio(column, "controller", "paddle"), trio(column, "controller", "ball"),
+            trio(column, "controller", "ball_moving"),
             cell(column("controller_above_copy"), False),
             f"{cell(column('codes_two_balls'))} / {cell(column('controller_two_balls'))}",
             f"{cell(column('left'))} / {cell(column('right'))}", cell(column("seconds_per_step"), False)]
@@ -250,7 +255,8 @@ def write_tables(out: Path, results: dict[str, list[dict]], note: str) -> str:
             + "\n\nMean over seeds ± half the spread between them. Drawing, probe, codes used, PSNR: evaluate.py on the "
               "val split. Rollouts: play.py rollout on val (200 steps from 48 starts, every frame fed back in after "
               "snapping to the palette): the paddle found in the share of starts, the ball found where the recording "
-              "shows one, how many steps PSNR stays above copying the start frame, the worst step's share of two "
+              "shows one, and of those found a step earlier too the share that moved as the game's ball does (a "
+              "frozen ball is found, not played), how many steps PSNR stays above copying the start frame, the worst step's share of two "
               "balls. LEFT / RIGHT: held for 20 steps, success when the paddle ends that way. s / step: training's "
               "median.\n")
     (out / "ablation.md").write_text(text)
@@ -316,9 +322,9 @@ def world_figures(result: dict) -> dict:
     figures = {"left": control["controller"]["left"]["success"], "right": control["controller"]["right"]["success"]}
     for kind in ("codes", "controller"):
         for step in (s for s in WORLD_STEPS if s <= horizon):
-            for name in ("psnr", "paddle_found", "ball_found", "ball_phantom", "two_balls", "bricks_lost_model",
-                         "bricks_lost_real"):
-                figures[f"{kind}_{name}_{step}"] = curves[kind][name][step - 1]
+            for name in ("psnr", "paddle_found", "ball_found", "ball_moving", "ball_phantom", "two_balls",
+                         "bricks_lost_model", "bricks_lost_real"):
+                figures[f"{kind}_{name}_{step}"] = (curves[kind].get(name) or [None] * horizon)[step - 1]
         figures[f"{kind}_above_copy"] = next((h for h, (m, c) in enumerate(zip(curves[kind]["psnr"],
                                                                               curves["copy"]["psnr"]), 1)
                                               if m is not None and c is not None and m < c), horizon + 1) - 1
@@ -344,7 +350,7 @@ def per_step(figures: dict, kind: str, name: str, percent: bool = True) -> str:
 
 
 WORLD_HEADER = ["entry", "kind", "PSNR, steps 1 / 10 / 50 / 200 (copy-start)", "steps above copy", "paddle found",
-                "ball found", "a ball where none", "two balls", "bricks lost at 200 (recording)", "LEFT / RIGHT",
+                "ball found", "ball moving", "a ball where none", "two balls", "bricks lost at 200 (recording)", "LEFT / RIGHT",
                 "session: ball in play / paddle / bricks broken (back) / launches", "train s"]
 
 
@@ -361,6 +367,7 @@ def world_rows(name: str, result: dict) -> list[list]:
                      if kind == "codes" else "controller",
                      f"{per_step(f, kind, 'psnr', False)} ({per_step(f, 'copy', 'psnr', False)})",
                      f[f"{kind}_above_copy"], per_step(f, kind, "paddle_found"), per_step(f, kind, "ball_found"),
+                     per_step(f, kind, "ball_moving"),
                      per_step(f, kind, "ball_phantom"), per_step(f, kind, "two_balls"),
                      "n/a" if bricks is None else f"{bricks:.2f} ({f[f'{kind}_bricks_lost_real_200']:.2f})",
                      f"{pct_or(f['left'])} / {pct_or(f['right'])}" if kind == "controller" else "",
@@ -374,8 +381,8 @@ def write_world_tables(out: Path, results: dict[str, dict], note: str) -> str:
     rows = [row for name, result in results.items() for row in world_rows(name, result)]
     text = (f"# Ablation: the world model that is played\n\n{note}\n\n" + markdown_table(WORLD_HEADER, rows)
             + "\n\nRollouts: play.py rollout, 200 steps from each start, every frame snapped and fed back; the "
-              "paddle found in the share of starts, the ball found where the recording shows one, a ball where it "
-              "shows none. LEFT / RIGHT: held 20 steps. Sessions: the ball-following policy, 300 steps each, on the "
+              "paddle found in the share of starts, the ball found where the recording shows one, of those found a "
+              "step earlier too the share that moved (a frozen ball is found, not played), a ball where it shows none. LEFT / RIGHT: held 20 steps. Sessions: the ball-following policy, 300 steps each, on the "
               "game's step API (no browser), mean over sessions. train s: the world model's training.\n")
     (out / "world-ablation.md").write_text(text)
     return text
