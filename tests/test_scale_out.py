@@ -116,8 +116,10 @@ def test_extract_killed_on_one_rank_then_rerun_on_two_machines_equals_one_proces
     assert not (out / "manifest.json").exists()
     assert_every_visible_shard_recorded(out)
     kept = {tar: tar.stat().st_mtime_ns for tar in out.rglob("latent-*.tar")}
-    # round robin: rank 0 makes train shards 0, 2, 4, ..., rank 1 shards 1, 3, 5, ... (it died in 5)
-    assert {out / "train" / "latent-000000.tar", out / "train" / "latent-000003.tar"} <= set(kept)
+    # round robin: rank 0 makes train shards 0, 2, 4, ..., rank 1 shards 1, 3, 5, ... (it died in 5).
+    # How far rank 0 got before the launcher stopped it depends on the box's load (a busy one left
+    # it inside shard 0 once): whatever it finished is kept, as the rerun checks below.
+    assert {out / "train" / "latent-000001.tar", out / "train" / "latent-000003.tar"} <= set(kept)
     assert out / "train" / "latent-000005.tar" not in kept
 
     rerun = two_machines(*extract)
