@@ -44,7 +44,8 @@ def main(argv: list[str]) -> int:
         if getattr(module, "PER_MACHINE", False):
             if not body and name in sections:
                 continue                                    # nothing measured here: the section stays
-            measured = per_machine_section(sections.get(name, ""), module.TITLE, module.INTRO, measured if body else None)
+            measured = per_machine_section(sections.get(name, ""), module.TITLE, module.INTRO,
+                                           measured if body else None)
         sections[name] = measured
         write(sections)    # after each benchmark, so a later failure keeps what was measured
     print(f"wrote {OUTPUT}")

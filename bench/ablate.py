@@ -229,8 +229,8 @@ def trio(column, kind: str, what: str) -> str:
 
 HEADER = ["entry", "seeds", "paddle / ball within 2 px", "move probe", "codes used", "PSNR (copy)",
           "recorded codes: paddle found, steps 10 / 50 / 200", "ball found", "ball moving", "steps above copy",
-          "controller: paddle found", "ball found", "ball moving", "steps above copy", "two balls (codes / controller)",
-          "LEFT / RIGHT (20 steps)", "s / step"]
+          "controller: paddle found", "ball found", "ball moving", "steps above copy",
+          "two balls (codes / controller)", "LEFT / RIGHT (20 steps)", "s / step"]
 
 
 def table_row(name: str, results: list[dict]) -> list:
@@ -256,8 +256,8 @@ def write_tables(out: Path, results: dict[str, list[dict]], note: str) -> str:
               "val split. Rollouts: play.py rollout on val (200 steps from 48 starts, every frame fed back in after "
               "snapping to the palette): the paddle found in the share of starts, the ball found where the recording "
               "shows one, and of those found a step earlier too the share that moved as the game's ball does (a "
-              "frozen ball is found, not played), how many steps PSNR stays above copying the start frame, the worst step's share of two "
-              "balls. LEFT / RIGHT: held for 20 steps, success when the paddle ends that way. s / step: training's "
+              "frozen ball is found, not played), how many steps PSNR stays above copying the start frame, the "
+              "worst step's share of two balls. LEFT / RIGHT: held for 20 steps, success when the paddle ends that way. s / step: training's "
               "median.\n")
     (out / "ablation.md").write_text(text)
     return text
@@ -322,9 +322,11 @@ def world_figures(result: dict) -> dict:
     figures = {"left": control["controller"]["left"]["success"], "right": control["controller"]["right"]["success"]}
     for kind in ("codes", "controller"):
         for step in (s for s in WORLD_STEPS if s <= horizon):
-            for name in ("psnr", "paddle_found", "ball_found", "ball_moving", "ball_phantom", "two_balls",
-                         "bricks_lost_model", "bricks_lost_real"):
-                figures[f"{kind}_{name}_{step}"] = (curves[kind].get(name) or [None] * horizon)[step - 1]
+            for name in ("psnr", "paddle_found", "ball_found", "ball_phantom", "two_balls", "bricks_lost_model",
+                         "bricks_lost_real"):
+                figures[f"{kind}_{name}_{step}"] = curves[kind][name][step - 1]
+            # None in results written before the rollouts measured it
+            figures[f"{kind}_ball_moving_{step}"] = (curves[kind].get("ball_moving") or [None] * horizon)[step - 1]
         figures[f"{kind}_above_copy"] = next((h for h, (m, c) in enumerate(zip(curves[kind]["psnr"],
                                                                               curves["copy"]["psnr"]), 1)
                                               if m is not None and c is not None and m < c), horizon + 1) - 1
@@ -350,7 +352,8 @@ def per_step(figures: dict, kind: str, name: str, percent: bool = True) -> str:
 
 
 WORLD_HEADER = ["entry", "kind", "PSNR, steps 1 / 10 / 50 / 200 (copy-start)", "steps above copy", "paddle found",
-                "ball found", "ball moving", "a ball where none", "two balls", "bricks lost at 200 (recording)", "LEFT / RIGHT",
+                "ball found", "ball moving", "a ball where none", "two balls", "bricks lost at 200 (recording)",
+                "LEFT / RIGHT",
                 "session: ball in play / paddle / bricks broken (back) / launches", "train s"]
 
 
@@ -382,7 +385,8 @@ def write_world_tables(out: Path, results: dict[str, dict], note: str) -> str:
     text = (f"# Ablation: the world model that is played\n\n{note}\n\n" + markdown_table(WORLD_HEADER, rows)
             + "\n\nRollouts: play.py rollout, 200 steps from each start, every frame snapped and fed back; the "
               "paddle found in the share of starts, the ball found where the recording shows one, of those found a "
-              "step earlier too the share that moved (a frozen ball is found, not played), a ball where it shows none. LEFT / RIGHT: held 20 steps. Sessions: the ball-following policy, 300 steps each, on the "
+              "step earlier too the share that moved (a frozen ball is found, not played), a ball where it shows "
+              "none. LEFT / RIGHT: held 20 steps. Sessions: the ball-following policy, 300 steps each, on the "
               "game's step API (no browser), mean over sessions. train s: the world model's training.\n")
     (out / "world-ablation.md").write_text(text)
     return text

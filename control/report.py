@@ -171,7 +171,8 @@ def write_play_report(out: Path, metrics: dict, figures: dict[str, str], gifs: l
     steps = [h for h in REPORT_HORIZONS if h <= horizon]
     measures = [("PSNR (dB)", "psnr", num), ("paddle found", "paddle_found", pct0), ("paddle within 2 px", "paddle_within_2px", pct0),
                 ("ball found (recording shows one)", "ball_found", pct0),
-                ("ball moving (of those found a step earlier too)", "ball_moving", pct0), ("ball where none", "ball_phantom", pct0),
+                ("ball moving (of those found a step earlier too)", "ball_moving", pct0),
+                ("ball where none", "ball_phantom", pct0),
                 ("two balls", "two_balls", pct0), ("bricks lost (recording's)", "bricks_lost_model", num),
                 ("starts with a brick back", "bricks_back", pct0), ("grain (% of empty pixels)", "grain", pct2)]
     lines += ["", "## Step by step", "", "| measure | " + " | ".join(f"step {h}" for h in steps) + " |",
