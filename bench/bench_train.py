@@ -35,7 +35,8 @@ def time_steps(cfg: dict) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rt = Runtime(0, 1, 0, device, torch.bfloat16 if cfg["bf16"] else None)
-    model = LatentActionModel(ModelConfig(width=cfg["width"], **cfg.get("model", {}))).to(device).train()
+    model = LatentActionModel(ModelConfig.named(cfg.get("variant", "default"), width=cfg["width"],
+                                                **cfg.get("model", {}))).to(device).train()
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)          # as train.py does (channels_last=True)
     model.set_grad_checkpoint(cfg["grad_checkpoint"])
@@ -64,25 +65,29 @@ def time_steps(cfg: dict) -> dict:
 
 
 def measure(width: float, batch: int, compile: bool = False, bf16: bool = False, grad_checkpoint: bool = False,
-            steps: int = 10, warmup: int = 3, model: dict | None = None, channels_last: bool = False) -> dict:
+            steps: int = 10, warmup: int = 3, model: dict | None = None, channels_last: bool = False,
+            variant: str = "default") -> dict:
+    """One child's steps/s; `variant` (model/config.py VARIANTS) with `model`'s fields changed on top."""
     cfg = dict(width=width, batch=batch, compile=compile, bf16=bf16, grad_checkpoint=grad_checkpoint,
-               steps=steps, warmup=warmup, model=model or {}, channels_last=channels_last)
+               steps=steps, warmup=warmup, variant=variant, model=model or {}, channels_last=channels_last)
     return run_child(CHILD.format(cfg=json.dumps(cfg)))
 
 
+# (row, variant, channels_last): the ablation's variants (model/config.py VARIANTS)
 MODEL_OPTIONS = [
-    ("last round's default: residual output, VQ", {"motion": "none", "motion_codes": False, "quantizer": "vq"}, False),
-    ("shift decoder, VQ", {"quantizer": "vq"}, False),
-    ("shift decoder, FSQ (the default)", {}, False),
-    ("the default, channels_last (as train.py runs it)", {}, True),
-    ("the default + frame t-1 as context", {"context": 1}, False),
-    ("the default + encoder matching features", {"encoder_match": True}, False),
+    ("two rounds ago: residual output, VQ, codes FiLM every stage", "vq-residual", False),
+    ("shift decoder, VQ, codes FiLM every stage", "vq-shift", False),
+    ("shift decoder, FSQ, codes FiLM every stage (last round's default)", "fsq-shift", False),
+    ("the default: shift decoder, FSQ, FiLM at the bottleneck only", "default", False),
+    ("the default, channels_last (as train.py runs it)", "default", True),
+    ("the default + frame t-1 as context", "context", False),
+    ("the default + encoder matching features", "match", False),
 ]
 
 
 def option_rows() -> list[list]:
-    results = [(name, measure(DEMO_WIDTH, 32, model=model, channels_last=cl, steps=8))
-               for name, model, cl in MODEL_OPTIONS]
+    results = [(name, measure(DEMO_WIDTH, 32, variant=variant, channels_last=cl, steps=8))
+               for name, variant, cl in MODEL_OPTIONS]
     base = results[0][1]["steps_per_s"]
     return [[name, f"{1 / r['steps_per_s']:.2f}", f"{base / r['steps_per_s']:.2f}×"] for name, r in results]
 
@@ -143,7 +148,7 @@ def run() -> str:
 
     # 4. what each model option costs a step (the ablation's variants), beside last round's default
     parts += ["### Model options, demo preset, batch 32, eager fp32 (`make ablate`'s variants)\n",
-              markdown_table(["model", "s / step", "vs last round's default"], option_rows()),
+              markdown_table(["model", "s / step", "vs two rounds ago"], option_rows()),
               "The default trains with `channels_last=True` (same outputs); the other rows use the default "
               "memory format, so they compare the options alone.", ""]
 
