@@ -64,6 +64,9 @@ ENTRIES: dict[str, Entry] = {
     "labels": Entry("default", "the default + 2.5 % action labels", ("action_fraction=0.025",)),
     "own-frames": Entry("default", "the default, half of each batch from its own snapped frame t (from step 300)",
                         ("own_frames=0.5", "own_frames_start=300")),
+    # one step it learnt the ball on 3 of 3 seeds, played forward it was worse (docs/model.md)
+    "film-bottleneck": Entry("default", "the default, codes FiLM the decoder's bottleneck only",
+                             ("latent_every_stage=false",)),
 }
 STEPS = (10, 50, 200)                   # rollout steps the table shows
 

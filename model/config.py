@@ -173,13 +173,8 @@ class ModelConfig:
     context: int = 0                      # 0: frames t, t+1 (seed) | 1: frame t-1 too
     # Frame t reaches the decoder at every resolution, so codes need not redraw the scene.
     decoder_skips: bool = True            # add the decoder's own frame-t features to each upsampling stage
-    # True: FiLM every upsampling stage with its cell's code, not only the 7x5 bottleneck (the last
-    # round's default, so that a paddle move need not survive five upsamplings). Off by measurement:
-    # with the shift output the codes reach the moves through the shift head's vote anyway, and
-    # without the per-stage FiLMs the demo preset learnt the ball on every seed tried (3 of 3, ball
-    # within 2 px 87-88 % on test; with them 2 of 3, one at 11 %), the paddle and PSNR a little better
-    # (docs/model.md, "FiLM at the bottleneck only").
-    latent_every_stage: bool = False
+    # A paddle move need not survive five upsamplings from the 7x5 bottleneck.
+    latent_every_stage: bool = True       # FiLM every upsampling stage with its cell's code, not only the bottleneck
     # sigmoid: the seed's; residual: clamp(t + zero-initialised change), which starts as a copy of t
     # (33 dB); shift: frame t's blocks moved by whole pixels + change (model/motion.py), so moving
     # objects are copied, not redrawn (README "The model").
@@ -283,12 +278,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # 7x5 stack and ends in a sigmoid, nearest-code VQ 256 x 128, plain MSE
     "seed": dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, output="sigmoid", shift=None,
                  quantizer="vq", vq=VQConfig(), fsq=None, changed_pixel_weight=1.0),
-    # two rounds ago the default: t+1 = t + change, codes on every stage, nearest-code VQ
-    "vq-residual": dict(output="residual", shift=None, quantizer="vq", vq=VQConfig(), fsq=None,
-                        latent_every_stage=True),
-    # the shift decoder with either quantiser, codes FiLMing every stage: the pair that chose FSQ
-    "vq-shift": dict(quantizer="vq", vq=VQConfig(), fsq=None, latent_every_stage=True),
-    "fsq-shift": dict(latent_every_stage=True),          # last round's default
+    # last round's default: t+1 = t + change, codes on every stage, nearest-code VQ
+    "vq-residual": dict(output="residual", shift=None, quantizer="vq", vq=VQConfig(), fsq=None),
+    "vq-shift": dict(quantizer="vq", vq=VQConfig(), fsq=None),
+    "fsq-shift": {},
     "blocks-7x8": dict(shift=ShiftConfig(stage=1)),
     "match": dict(encoder_match=True),
     "context": dict(context=1),
