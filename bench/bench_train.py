@@ -100,15 +100,18 @@ def train_step_flops(width: float) -> float:
     return training_flops_per_sample(ModelConfig(width=width))
 
 
+PER_MACHINE = True                  # bf16 is native on some CPUs and emulated on others: both kinds kept
+TITLE = "## Training step (train.py)"
+INTRO = ("Synthetic batches (random 210×160 gray frames); one step = forward + backward + Adam; each row is its own "
+         "child process. One block per kind of machine (bench/common.per_machine_section).")
+
+
 def run() -> str:
     on_gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if on_gpu else "CPU"
     flops_demo, flops_full = train_step_flops(DEMO_WIDTH), train_step_flops(1.0)
-    parts = ["## Training step (train.py)\n",
-             f"Synthetic batches (random 210×160 gray frames), {device}; one step = forward + backward + Adam. "
-             f"Each row is its own child process. FLOPs per training step and sample (FlopCounterMode, "
-             f"forward + backward): demo preset (width {DEMO_WIDTH}) {flops_demo / 1e9:.2f} GFLOP, "
-             f"full preset {flops_full / 1e9:.1f} GFLOP.\n"]
+    parts = [f"On the {device}. FLOPs per training step and sample (FlopCounterMode, forward + backward): demo preset "
+             f"(width {DEMO_WIDTH}) {flops_demo / 1e9:.2f} GFLOP, full preset {flops_full / 1e9:.1f} GFLOP.\n"]
 
     # 1. eager vs compiled vs bf16, demo preset at its batch size
     modes = [("eager fp32", False, False), ("compiled fp32", True, False),
