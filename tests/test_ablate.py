@@ -48,3 +48,16 @@ def test_the_world_ablation_row_shows_the_ball_moving_too():
     assert ablate.WORLD_HEADER[column - 1] == "ball found"
     assert codes[column] == "100% / 100% / 100% / 100%" and controller[column] == "0% / 0% / 0% / 0%"
     assert controller[column - 1] == "50% / 50% / 50% / 50%"
+
+
+def test_every_entry_is_a_training_configuration_train_py_accepts():
+    """Each row's variant and settings are what `make ablate` hands train.py (--model, --set): all
+    of them must make a valid demo configuration, or the row fails hours into an ablation."""
+    from training.config import build_config
+
+    for name, entry in ablate.ENTRIES.items():
+        cfg = build_config("demo", entry.settings, model=entry.model)
+        for setting in entry.settings:
+            field, _, value = setting.partition("=")
+            owner = cfg.model if hasattr(cfg.model, field) else cfg
+            assert str(getattr(owner, field)).lower() == value.lower(), (name, setting)
