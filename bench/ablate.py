@@ -64,7 +64,8 @@ ENTRIES: dict[str, Entry] = {
     "labels": Entry("default", "the default + 2.5 % action labels", ("action_fraction=0.025",)),
     "own-frames": Entry("default", "the default, half of each batch from its own snapped frame t (from step 300)",
                         ("own_frames=0.5", "own_frames_start=300")),
-    # one step it learnt the ball on 3 of 3 seeds, played forward it was worse (docs/model.md)
+    # one step it learnt the ball on 3 of 3 seeds; played forward seed 0 was worse, seed 1 far better
+    # (docs/model.md, "FiLM at the bottleneck only")
     "film-bottleneck": Entry("default", "the default, codes FiLM the decoder's bottleneck only",
                              ("latent_every_stage=false",)),
 }
@@ -191,6 +192,13 @@ def run_entry(entry: Entry, seed: int, root: Path, cfg: AblateConfig, threads: i
             "play": json.loads((root / "play" / "metrics.json").read_text())}
 
 
+def ball_moving(curves: dict, step: int) -> float | None:
+    """Of the balls found at `step` and a step earlier, the share that moved (a frozen ball is found,
+    not played); None in results written before the rollouts measured it."""
+    values = curves.get("ball_moving")
+    return values[step - 1] if values else None
+
+
 def summary(result: dict) -> dict:
     """The figures a row shows, from one run."""
     val, control, curves = result["val"], result["play"]["controllability"], result["play"]["rollouts"]["curves"]
@@ -206,9 +214,7 @@ def summary(result: dict) -> dict:
         for step in (s for s in STEPS if s <= horizon):
             figures[f"{kind}_paddle_{step}"] = curves[kind]["paddle_found"][step - 1]
             figures[f"{kind}_ball_{step}"] = curves[kind]["ball_found"][step - 1]
-            # of the balls found a step earlier too, those that moved (a frozen ball is found); None in
-            # results written before the rollouts measured it
-            figures[f"{kind}_ball_moving_{step}"] = (curves[kind].get("ball_moving") or [None] * horizon)[step - 1]
+            figures[f"{kind}_ball_moving_{step}"] = ball_moving(curves[kind], step)
         gaps = [m - c for m, c in zip(curves[kind]["psnr"], curves["copy"]["psnr"]) if None not in (m, c)]
         figures[f"{kind}_above_copy"] = next((h for h, gap in enumerate(gaps, 1) if gap < 0), horizon + 1) - 1
         figures[f"{kind}_two_balls"] = max(v or 0 for v in curves[kind]["two_balls"])
@@ -328,8 +334,7 @@ def world_figures(result: dict) -> dict:
             for name in ("psnr", "paddle_found", "ball_found", "ball_phantom", "two_balls", "bricks_lost_model",
                          "bricks_lost_real"):
                 figures[f"{kind}_{name}_{step}"] = curves[kind][name][step - 1]
-            # None in results written before the rollouts measured it
-            figures[f"{kind}_ball_moving_{step}"] = (curves[kind].get("ball_moving") or [None] * horizon)[step - 1]
+            figures[f"{kind}_ball_moving_{step}"] = ball_moving(curves[kind], step)
         figures[f"{kind}_above_copy"] = next((h for h, (m, c) in enumerate(zip(curves[kind]["psnr"],
                                                                               curves["copy"]["psnr"]), 1)
                                               if m is not None and c is not None and m < c), horizon + 1) - 1

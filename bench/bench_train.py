@@ -16,6 +16,10 @@ import torch
 from bench.common import child_peak_rss_mb, markdown_table, run_child
 
 DEMO_WIDTH = 0.25          # train.py's demo preset
+PER_MACHINE = True                  # bf16 is native on some CPUs and emulated on others: both kinds kept
+TITLE = "## Training step (train.py)"
+INTRO = ("Synthetic batches (random 210×160 gray frames); one step = forward + backward + Adam; each row is its own "
+         "child process. One block per kind of machine (bench/common.per_machine_section).")
 
 CHILD = """
 from bench.bench_train import time_steps
@@ -100,12 +104,6 @@ def train_step_flops(width: float) -> float:
     return training_flops_per_sample(ModelConfig(width=width))
 
 
-PER_MACHINE = True                  # bf16 is native on some CPUs and emulated on others: both kinds kept
-TITLE = "## Training step (train.py)"
-INTRO = ("Synthetic batches (random 210×160 gray frames); one step = forward + backward + Adam; each row is its own "
-         "child process. One block per kind of machine (bench/common.per_machine_section).")
-
-
 def run() -> str:
     on_gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if on_gpu else "CPU"
@@ -150,7 +148,7 @@ def run() -> str:
                                    "the child's peak RSS (includes ~0.4 GB of torch itself, so the ratio understates "
                                    "the activation saving)."), ""]
 
-    # 4. what each model option costs a step (the ablation's variants), beside last round's default
+    # 4. what each model option costs a step (the ablation's variants), beside two rounds ago's default
     parts += ["### Model options, demo preset, batch 32, eager fp32 (`make ablate`'s variants)\n",
               markdown_table(["model", "s / step", "vs two rounds ago"], option_rows()),
               "The default trains with `channels_last=True` (same outputs); the other rows use the default "

@@ -24,7 +24,6 @@ def test_each_stage_is_logged_with_its_time_and_exit_status(tmp_path, capsys):
     assert json.loads(log.read_text())["stages"] == []
 
 
-
 def test_benchmarks_keep_one_block_per_kind_of_machine(tmp_path, monkeypatch):
     """BENCHMARKS.md's per-machine sections (the demo's stages, the stages in fp32 and bf16): a run
     on one kind of machine replaces that kind's block and keeps the other kinds' (a CPU with native
