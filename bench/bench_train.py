@@ -85,6 +85,10 @@ MODEL_OPTIONS = [
     ("the default, channels_last (as train.py runs it)", "default", {}, True),
     ("the default, codes FiLM the bottleneck only (latent_every_stage=false)", "default",
      {"latent_every_stage": False}, False),
+    ("the default, shifts chosen by source block (shift.indexed_by=source)", "default",
+     {"shift": {"indexed_by": "source"}}, False),
+    ("the same + the encoder's view moved up to 8 px (encoder_jitter=8)", "default",
+     {"shift": {"indexed_by": "source"}, "encoder_jitter": 8}, False),
     ("the default + frame t-1 as context", "context", {}, False),
     ("the default + encoder matching features", "match", {}, False),
 ]

@@ -24,6 +24,7 @@ from pipeline.frames import FRAME_HEIGHT, FRAME_WIDTH, GRID
 BASE_CHANNELS = (64, 128, 256, 512, 512)
 QUANTIZERS = ("vq", "fsq")
 OUTPUTS = ("sigmoid", "residual", "shift")
+SHIFT_INDEXING = ("destination", "source")     # ShiftConfig.indexed_by
 ENCODER_INPUTS = ("pair", "pair_difference", "difference")
 CONTEXTS = (0, 1)                     # frames before t the model sees: none (the seed), or frame t-1
 # The shift head's block grid for each inner decoder stage (14x10, 27x20, 53x40, 105x80): the nearest
@@ -106,6 +107,9 @@ class ShiftConfig:
     # 2 (3x4 px blocks) lets the 2x4 px ball move without the bricks beside it
     stage: int = 2
     code_vote: bool = True                # the codes' 3x3 neighbourhood votes on each block's shift directly
+    # whose block a shift belongs to: "destination" (each block of t+1 picks where its pixels come
+    # from: a gather) or "source" (each block of t picks where its pixels go: a splat); model/motion.py
+    indexed_by: str = "destination"
 
     def __post_init__(self):
         if not (0 <= self.max_x <= FRAME_WIDTH // 2 and 0 <= self.max_y <= FRAME_HEIGHT // 2):
@@ -114,6 +118,8 @@ class ShiftConfig:
                              f"[0, {FRAME_HEIGHT // 2}], got {self.max_x}, {self.max_y}")
         if not 0 <= self.stage < len(MOTION_GRIDS):
             raise ValueError(f"shift.stage must be in 0..{len(MOTION_GRIDS) - 1}, got {self.stage}")
+        if self.indexed_by not in SHIFT_INDEXING:
+            raise ValueError(f"shift.indexed_by must be one of {', '.join(SHIFT_INDEXING)}, got {self.indexed_by!r}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -167,6 +173,9 @@ class ModelConfig:
     # per cell, how well each whole-pixel move explains the change, beside the encoder's conv features
     # (model/motion.match_features)
     encoder_match: bool = False
+    # In training, the encoder sees each pair moved across by a random shift of up to this many px
+    # (the decoder sees it unmoved), so codes cannot name where things are, only how they moved.
+    encoder_jitter: int = 0
     # With frame t-1 the ball's velocity is in the input (LAPO feeds o_{t-1}, o_t, o_{t+1}), so the
     # codes need not carry it. 1: the encoder also sees t - (t-1) (or t-1 itself, for "pair"), and
     # the decoder's frame stack concat(t, t - (t-1)).
@@ -204,6 +213,8 @@ class ModelConfig:
         checks = [
             (self.in_channels in (1, 3), f"in_channels must be 1 (gray) or 3 (RGB), got {self.in_channels}"),
             (0 < self.width <= 4, f"width must be in (0, 4], got {self.width}"),
+            (0 <= self.encoder_jitter <= FRAME_WIDTH // 2,
+             f"encoder_jitter must be in [0, {FRAME_WIDTH // 2}] px, got {self.encoder_jitter}"),
             (1 <= self.code_dim <= MAX_CODE_DIM, f"code_dim must be in [1, {MAX_CODE_DIM}], got {self.code_dim}"),
             (self.encoder_input in ENCODER_INPUTS,
              f"encoder_input must be one of {', '.join(ENCODER_INPUTS)}, got {self.encoder_input!r}"),
@@ -267,6 +278,9 @@ class ModelConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+        if isinstance(values.get("shift"), dict) and "indexed_by" not in values["shift"]:
+            # saved before the field existed: every shift output then was a gather
+            values = {**values, "shift": {**values["shift"], "indexed_by": "destination"}}
         return cls(**values)
 
 
@@ -308,7 +322,7 @@ def from_legacy(values: dict) -> ModelConfig:
     output = "shift" if flat.pop("motion") == "shift" else ("residual" if flat.pop("residual_output") else "sigmoid")
     flat.pop("residual_output", None)
     shift = ShiftConfig(flat.pop("motion_max_x"), flat.pop("motion_max_y"), flat.pop("motion_stage"),
-                        flat.pop("motion_codes"))
+                        flat.pop("motion_codes"), indexed_by="destination")
     codes, levels = flat.pop("codebook_size"), flat.pop("fsq_levels")
     vq = VQConfig(codes, **{name: flat.pop(name) for name in LEGACY_VQ if name in flat})
     for name in LEGACY_VQ:

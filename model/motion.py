@@ -86,15 +86,21 @@ class ShiftHead(nn.Module):
         return [(dim, step, chunk.softmax(1)) for (dim, step, _), chunk in zip(self.factors, chunks)]
 
 
-def shift_frame(frame: torch.Tensor, factors: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+def shift_frame(frame: torch.Tensor, factors: list[tuple[int, int, torch.Tensor]],
+                indexed_by: str = "destination") -> torch.Tensor:
     """Frame (B, C, H, W) moved block by block, one factor after the other: each factor's
     probabilities (B, 2k+1, h, w) weigh shifts of step·(i − k) px along its dim (positive moves
     content right / down) for every block of an h × w grid that divides the frame. Pixels from
     outside the frame are 0, and so are the few a coarse step past the wanted shift pushed out of
-    the frame before the fine step brought them back (Breakout's edges are walls and black)."""
+    the frame before the fine step brought them back (Breakout's edges are walls and black).
+
+    `indexed_by` says whose block the probabilities belong to (ShiftConfig.indexed_by):
+    "destination", each block of the output chooses where its pixels come from (a gather, a backward
+    warp); "source", each block of frame t chooses where its pixels go (a splat, a forward warp)."""
     out = frame.float()
+    move = _gather_shifted if indexed_by == "destination" else _splat_shifted
     for dim, step, weights in factors:
-        out = _gather_shifted(out, weights, dim, step)
+        out = move(out, weights, dim, step)
     return out
 
 
@@ -163,6 +169,62 @@ class GatherShifted(torch.autograd.Function):
                 grad_padded.narrow(dim, offset, shape[dim]).view(rows).addcmul_(grad, per_row[:, i])
         grad_frame = None if grad_padded is None else grad_padded.narrow(dim, reach, shape[dim])
         return grad_frame, grad_weights, None, None
+
+
+def _splat_shifted(frame: torch.Tensor, weights: torch.Tensor, dim: int, step: int) -> torch.Tensor:
+    """Σ_i frame · weights[:, i] (the weight of the block each pixel starts in), shifted by
+    step·(i − k) along `dim`: what leaves the frame is dropped, what nothing moved into is 0."""
+    height, width = frame.shape[-2:]
+    grid_h, grid_w = weights.shape[-2:]
+    if height % grid_h or width % grid_w:
+        raise ValueError(f"a {grid_h}x{grid_w} block grid does not divide a {height}x{width} frame")
+    return SplatShifted.apply(frame, weights, dim, step)
+
+
+class SplatShifted(torch.autograd.Function):
+    """_splat_shifted, the transpose of GatherShifted: the same passes along whole rows of blocks,
+    with the weights read where a pixel starts instead of where it lands. Why a model would want it:
+    a block of frame t knows what it holds (the paddle, a wall), so "the paddle's blocks move d px"
+    needs only the move d from the codes, where a gather's destination blocks must also know where
+    the paddle lands (docs/model.md, "Source-indexed shifts")."""
+
+    @staticmethod
+    def forward(ctx, frame: torch.Tensor, weights: torch.Tensor, dim: int, step: int) -> torch.Tensor:
+        rows, reach = _rows(frame.shape, weights), step * (weights.shape[1] // 2)
+        size = frame.shape[dim]
+        out_shape = list(frame.shape)
+        out_shape[dim] += 2 * reach
+        padded = frame.new_zeros(out_shape, dtype=torch.promote_types(frame.dtype, weights.dtype))
+        per_row = _per_row(weights, frame.shape[-1])
+        source = frame.contiguous().view(rows)
+        for i in range(weights.shape[1]):
+            # a pixel at x lands at x + shift = padded[x + shift + reach], shift + reach = step·i
+            padded.narrow(dim, step * i, size).view(rows).addcmul_(source, per_row[:, i])
+        ctx.save_for_backward(frame, weights)
+        ctx.dim, ctx.step = dim, step
+        return padded.narrow(dim, reach, size).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        frame, weights = ctx.saved_tensors
+        dim, step = ctx.dim, ctx.step
+        rows, reach = _rows(frame.shape, weights), step * (weights.shape[1] // 2)
+        batch, bins, grid_h, grid_w = weights.shape
+        size = frame.shape[dim]
+        padded = F.pad(grad, (reach, reach) if dim == -1 else (0, 0, reach, reach))
+        source = frame.contiguous().view(rows)
+        grad_frame = torch.zeros_like(source, dtype=grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_weights = torch.empty_like(weights) if ctx.needs_input_grad[1] else None
+        per_row = _per_row(weights, frame.shape[-1]) if grad_frame is not None else None
+        product = grad.new_empty(rows) if grad_weights is not None else None
+        for i in range(bins):
+            landed = padded.narrow(dim, step * i, size).view(rows)
+            if grad_weights is not None:
+                torch.mul(landed, source, out=product)
+                grad_weights[:, i] = product.sum(3).view(batch, frame.shape[1], grid_h, grid_w, -1).sum(-1).sum(1)
+            if grad_frame is not None:
+                grad_frame.addcmul_(landed, per_row[:, i])
+        return None if grad_frame is None else grad_frame.view(frame.shape), grad_weights, None, None
 
 
 def _rows(shape: torch.Size, weights: torch.Tensor) -> tuple[int, ...]:

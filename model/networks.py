@@ -95,6 +95,7 @@ class Encoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_mode, self.context = config.encoder_input, config.context
+        self.jitter = config.encoder_jitter
         frames_in = (1 if self.input_mode == "difference" else 2) + self.context
         self.stack = down_stack(frames_in * config.in_channels, config.channels)
         # per cell, how well each whole-pixel move explains the change (model/motion.match_features),
@@ -103,6 +104,8 @@ class Encoder(nn.Module):
         self.project = Conv2d(config.channels[-1] + len(self.match_shifts), config.code_dim, 1)
 
     def forward(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training and self.jitter:
+            cur, nxt, prev = moved_across([cur, nxt, prev], self.jitter)
         features = self.stack(self.input(cur, nxt, prev))
         if self.match_shifts:
             matches = match_features(cur, nxt, self.match_shifts, tuple(features.shape[-2:]))
@@ -117,6 +120,20 @@ class Encoder(nn.Module):
         else:
             parts = [nxt - cur] + ([cur - prev] if self.context else [])
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def moved_across(frames: list[torch.Tensor | None], reach: int) -> list[torch.Tensor | None]:
+    """The same frames, each sample moved across by its own random whole-pixel shift in [-reach,
+    reach] (zeros shifted in); one shift per sample for all of its frames. The encoder sees its
+    pair moved, the decoder the frame as it is: a code that names where the paddle lands is then
+    off by the shift, one that names how far it moved is not (ModelConfig.encoder_jitter)."""
+    first = next(f for f in frames if f is not None)
+    batch, width = first.shape[0], first.shape[-1]
+    shift = torch.randint(-reach, reach + 1, (batch, 1), device=first.device)
+    source = torch.arange(width, device=first.device) - shift                   # (B, W): out[x] = in[x - s]
+    inside = ((source >= 0) & (source < width)).view(batch, 1, 1, width)
+    index = source.clamp(0, width - 1).view(batch, 1, 1, width)
+    return [None if f is None else f.gather(-1, index.expand_as(f)) * inside.to(f.dtype) for f in frames]
 
 
 class FiLM(nn.Module):
@@ -227,6 +244,7 @@ class Decoder(nn.Module):
                             else None)
         shift = config.shift
         self.motion_stage = shift.stage if shift else None
+        self.shift_indexed_by = shift.indexed_by if shift else None
         self.shift_head = (ShiftHead(widths[1 + shift.stage], shift.max_x, shift.max_y, shift.grid,
                                      code_dim if shift.code_vote else 0) if shift else None)
         if self.output != "sigmoid":
@@ -253,7 +271,7 @@ class Decoder(nn.Module):
             if i == self.motion_stage:
                 shifts = self.shift_head(x, latent)
         if self.output == "shift":
-            return (shift_frame(cur, shifts) + x.float()).clamp(0, 1)
+            return (shift_frame(cur, shifts, self.shift_indexed_by) + x.float()).clamp(0, 1)
         if self.output == "residual":
             return (cur + x).clamp(0, 1)
         return torch.sigmoid(x)

@@ -58,6 +58,9 @@ def test_every_entry_is_a_training_configuration_train_py_accepts():
     for name, entry in ablate.ENTRIES.items():
         cfg = build_config("demo", entry.settings, model=entry.model)
         for setting in entry.settings:
-            field, _, value = setting.partition("=")
-            owner = cfg.model if hasattr(cfg.model, field) else cfg
+            path, _, value = setting.partition("=")
+            *parts, field = path.split(".")                      # "shift.indexed_by": a part's field
+            owner = cfg.model if hasattr(cfg.model, path.split(".")[0]) else cfg
+            for part in parts:
+                owner = getattr(owner, part)
             assert str(getattr(owner, field)).lower() == value.lower(), (name, setting)

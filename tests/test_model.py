@@ -9,7 +9,7 @@ import torch
 
 from common.errors import UserError
 from model import CHECKPOINT_FORMAT, LatentActionModel, ModelConfig, Quantizer, load_checkpoint
-from model.config import VARIANTS, VQConfig
+from model.config import VARIANTS, ShiftConfig, VQConfig
 
 SMALL = ModelConfig.named("vq-shift", width=0.125, vq=VQConfig(reset_buffer=64))      # the vector quantiser's tests
 
@@ -340,6 +340,14 @@ def test_context_is_validated_and_old_configs_load_as_context_0():
             ModelConfig(context=context)
     assert ModelConfig.from_dict({"width": 0.125}).context == 0            # a flat config from before the field
     assert ModelConfig.from_dict(ModelConfig(width=0.125, context=1).to_dict()).context == 1
+
+
+def test_configs_saved_before_shift_indexing_existed_load_as_the_gather_they_were():
+    saved = ModelConfig(width=0.125, shift=ShiftConfig(indexed_by="source")).to_dict()
+    assert ModelConfig.from_dict(saved).shift.indexed_by == "source"
+    del saved["shift"]["indexed_by"]
+    assert ModelConfig.from_dict(saved).shift.indexed_by == "destination"
+    assert ModelConfig.from_dict({"width": 0.125, "motion": "shift"}).shift.indexed_by == "destination"
 
 
 # ------------------------------------------------------------------------ named variants

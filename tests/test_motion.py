@@ -107,6 +107,47 @@ def test_the_shifts_written_out_backward_is_the_true_gradient(dim, step, bins):
     assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
 
 
+def plain_splat(frame, weights, dim, step):
+    """The source-indexed shift as a plain loop: each pixel, weighed by its own block's weight for
+    shift i, rolled by step·(i − k) with what leaves the frame dropped."""
+    batch, channels, height, width = frame.shape
+    bins, grid_h, grid_w = weights.shape[1:]
+    per_pixel = weights.repeat_interleave(height // grid_h, 2).repeat_interleave(width // grid_w, 3)
+    out = torch.zeros_like(frame)
+    for i in range(bins):
+        shift = step * (i - bins // 2)
+        moved = rolled(frame * per_pixel[:, i:i + 1], shift if dim == -1 else 0, shift if dim == -2 else 0)
+        out = out + moved
+    return out
+
+
+@pytest.mark.parametrize("dim, step, bins", [(-1, 3, 7), (-2, 1, 5)])
+def test_the_source_indexed_shift_is_the_plain_splat_and_its_backward_the_true_gradient(dim, step, bins):
+    from model.motion import _splat_shifted
+
+    generator = torch.Generator().manual_seed(0)
+    frame = torch.rand(2, 1, 14, 12, dtype=torch.float64, generator=generator, requires_grad=True)
+    weights = torch.rand(2, bins, 7, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, w: _splat_shifted(f, w, dim, step), (frame, weights))
+    assert torch.allclose(_splat_shifted(frame, weights, dim, step), plain_splat(frame, weights, dim, step))
+
+
+def test_source_blocks_choose_where_their_pixels_go():
+    """Indexed by source, the block that holds the paddle in frame t moves it, wherever it lands;
+    indexed by destination the same weights would move whatever lands in that block instead."""
+    head = ShiftHead(4, 24, 8, (14, 10))            # 15 x 16 px blocks
+    frame = torch.zeros(1, 1, 210, 160)
+    frame[..., 190:194, 48:64] = 1.0                # a paddle filling block column 3 (x 48..63)
+    factors = one_hot_factors(head, 0, 0)
+    moved = one_hot_factors(head, 14, 0)
+    for (_, _, keep), (_, _, move) in zip(factors, moved):
+        keep[..., 3] = move[..., 3]                 # only block column 3 takes +14
+    out = shift_frame(frame, factors, indexed_by="source")[0, 0, 190:194]
+    assert out[:, 62:78].eq(1).all() and out[:, :62].eq(0).all() and out[:, 78:].eq(0).all()
+    gathered = shift_frame(frame, factors, indexed_by="destination")[0, 0, 190:194]
+    assert gathered[:, 48:62].eq(0).all()           # block 3 took x 34..47 (black) from 14 px left
+
+
 def test_a_far_move_gets_a_gradient_towards_the_right_shift():
     """The reason for a softmax over shifts: a 22 px paddle move over black gives the +21 coarse
     shift a gradient (a bilinear warp would see none)."""
@@ -146,7 +187,32 @@ def test_shift_model_keeps_the_api_and_learns_a_move():
     torch.testing.assert_close(model(cur, nxt)["pred"], pred, rtol=0, atol=1e-6)
 
 
+def test_encoder_jitter_moves_each_pair_in_training_and_nothing_at_inference():
+    """encoder_jitter: in training the encoder sees each pair moved across by its own shift (both
+    frames alike, zeros shifted in); in eval mode it sees the pair as it is, so codes are unchanged."""
+    from model.networks import moved_across
+
+    torch.manual_seed(0)
+    cur, nxt = torch.rand(64, 1, 210, 160), torch.rand(64, 1, 210, 160)
+    moved_cur, moved_nxt, none = moved_across([cur, nxt, None], 5)
+    assert none is None
+    shifts = set()
+    for i in range(64):
+        shift = next(s for s in range(-5, 6) if torch.equal(moved_cur[i], rolled(cur[i], s, 0)))
+        assert torch.equal(moved_nxt[i], rolled(nxt[i], shift, 0))
+        shifts.add(shift)
+    assert len(shifts) > 5                          # a shift per sample, not one for the batch
+
+    plain, jittered = (LatentActionModel(ModelConfig(width=0.125, encoder_jitter=j)) for j in (0, 8))
+    jittered.load_state_dict(plain.state_dict())
+    plain.eval(), jittered.eval()
+    assert torch.equal(plain.encode(cur[:2], nxt[:2]), jittered.encode(cur[:2], nxt[:2]))
+    plain.train(), jittered.train()                 # the same weights, the same mode: only the jitter differs
+    assert not torch.equal(jittered.encoder(cur[:8], nxt[:8]), plain.encoder(cur[:8], nxt[:8]))
+
+
 @pytest.mark.parametrize("make, message", [
+    (lambda: ModelConfig(encoder_jitter=81), "encoder_jitter must be in [0, 80] px, got 81"),
     (lambda: ModelConfig(output="warp"), "output must be one of sigmoid, residual, shift"),
     (lambda: ModelConfig(shift=ShiftConfig(max_x=-1)), "shift.max_x and shift.max_y must be in [0, 80] and [0, 105]"),
     (lambda: ModelConfig(shift=ShiftConfig(max_y=-3)), "shift.max_x and shift.max_y must be in [0, 80] and [0, 105]"),
@@ -161,6 +227,7 @@ def test_bad_shift_options_are_refused(make, message):
 @pytest.mark.parametrize("setting, message", [
     ("output=warp", "output must be one of sigmoid, residual, shift"),
     ("shift.stage=4", "shift.stage must be in 0..3"),
+    ("shift.indexed_by=target", "shift.indexed_by must be one of destination, source, got 'target'"),
 ])
 def test_bad_shift_option_on_the_command_line_is_one_line(tmp_path, capsys, setting, message):
     import train
