@@ -68,8 +68,9 @@ ENTRIES: dict[str, Entry] = {
     # (docs/model.md, "FiLM at the bottleneck only")
     "film-bottleneck": Entry("default", "the default, codes FiLM the decoder's bottleneck only",
                              ("latent_every_stage=false",)),
-    # codes that name the move: the probe at the bar (94 % on test, seed 0), the paddle drawn less
-    # precisely (74 % within 2 px); docs/model.md, "Codes that name the move"
+    # codes that name the move: the probe past the bar on three seeds (94-95 % on test), the paddle
+    # drawn less precisely (74-89 % within 2 px), worse played forward; docs/model.md, "Codes that
+    # name the move"
     "move-codes": Entry("default", "the default, shifts chosen by source block, the encoder's view moved up to 8 px",
                         ("shift.indexed_by=source", "encoder_jitter=8")),
 }
