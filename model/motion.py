@@ -108,11 +108,15 @@ def _gather_shifted(frame: torch.Tensor, weights: torch.Tensor, dim: int, step: 
     """Σ_i weights[:, i] · frame shifted by step·(i − k) along `dim` (zeros shifted in). The weights
     broadcast over each block instead of being upsampled to the frame: a full-size copy per shift
     and its backward (a scatter-add) cost 20× the shifting itself on a CPU."""
+    _check_blocks(frame, weights)
+    return GatherShifted.apply(frame, weights, dim, step)
+
+
+def _check_blocks(frame: torch.Tensor, weights: torch.Tensor) -> None:
     height, width = frame.shape[-2:]
     grid_h, grid_w = weights.shape[-2:]
     if height % grid_h or width % grid_w:
         raise ValueError(f"a {grid_h}x{grid_w} block grid does not divide a {height}x{width} frame")
-    return GatherShifted.apply(frame, weights, dim, step)
 
 
 class GatherShifted(torch.autograd.Function):
@@ -174,10 +178,7 @@ class GatherShifted(torch.autograd.Function):
 def _splat_shifted(frame: torch.Tensor, weights: torch.Tensor, dim: int, step: int) -> torch.Tensor:
     """Σ_i frame · weights[:, i] (the weight of the block each pixel starts in), shifted by
     step·(i − k) along `dim`: what leaves the frame is dropped, what nothing moved into is 0."""
-    height, width = frame.shape[-2:]
-    grid_h, grid_w = weights.shape[-2:]
-    if height % grid_h or width % grid_w:
-        raise ValueError(f"a {grid_h}x{grid_w} block grid does not divide a {height}x{width} frame")
+    _check_blocks(frame, weights)
     return SplatShifted.apply(frame, weights, dim, step)
 
 
@@ -186,7 +187,7 @@ class SplatShifted(torch.autograd.Function):
     with the weights read where a pixel starts instead of where it lands. Why a model would want it:
     a block of frame t knows what it holds (the paddle, a wall), so "the paddle's blocks move d px"
     needs only the move d from the codes, where a gather's destination blocks must also know where
-    the paddle lands (docs/model.md, "Source-indexed shifts")."""
+    the paddle lands (docs/model.md, "Codes that name the move")."""
 
     @staticmethod
     def forward(ctx, frame: torch.Tensor, weights: torch.Tensor, dim: int, step: int) -> torch.Tensor:
