@@ -53,14 +53,13 @@ def test_the_world_ablation_row_shows_the_ball_moving_too():
 def test_every_entry_is_a_training_configuration_train_py_accepts():
     """Each row's variant and settings are what `make ablate` hands train.py (--model, --set): all
     of them must make a valid demo configuration, or the row fails hours into an ablation."""
+    from operator import attrgetter
+
     from training.config import build_config
 
     for name, entry in ablate.ENTRIES.items():
         cfg = build_config("demo", entry.settings, model=entry.model)
         for setting in entry.settings:
-            path, _, value = setting.partition("=")
-            *parts, field = path.split(".")                      # "shift.indexed_by": a part's field
+            path, _, value = setting.partition("=")              # "shift.indexed_by": a part's field
             owner = cfg.model if hasattr(cfg.model, path.split(".")[0]) else cfg
-            for part in parts:
-                owner = getattr(owner, part)
-            assert str(getattr(owner, field)).lower() == value.lower(), (name, setting)
+            assert str(attrgetter(path)(owner)).lower() == value.lower(), (name, setting)
