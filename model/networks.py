@@ -181,12 +181,16 @@ def nearest_layout(grid: tuple[int, int], size: tuple[int, int], device: torch.d
     every output row, and how many output columns share a grid column when they come in equal runs
     (None otherwise)."""
     rows, run = _nearest_sources(grid, size)
-    return _index_tensor(rows, device), run
+    # (traced by torch.compile, the tensor is made in the graph; asking for the mode there breaks it)
+    inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+    return _index_tensor(rows, device, inference), run
 
 
 @functools.lru_cache(maxsize=None)
-def _index_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """One tensor per layout and device, made once: not a host-to-device copy at every forward."""
+def _index_tensor(values: tuple[int, ...], device: torch.device, inference: bool) -> torch.Tensor:
+    """One tensor per layout and device, made once: not a host-to-device copy at every forward. One
+    per mode too: a tensor made under inference_mode (extraction, evaluation) can never be saved for
+    backward, and a process that evaluates and then trains would otherwise meet it in training."""
     return torch.tensor(values, device=device)
 
 

@@ -434,3 +434,17 @@ def test_film_scales_each_cells_patch_as_nearest_upsampling_does(size):
     ours = torch.autograd.grad((film(features, latent) * weights).sum(), (features, latent))
     theirs = torch.autograd.grad((upsampled(features, latent) * weights).sum(), (features, latent))
     assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
+
+
+def test_a_model_trains_after_it_ran_under_inference_mode_in_the_same_process():
+    """Extraction and evaluation run under torch.inference_mode; what the model caches there (FiLM's
+    upsampling layout) must not reach a later training step in the same process, where a tensor made
+    in inference mode cannot be saved for backward (a test worker that extracted, then trained, hit it)."""
+    model = LatentActionModel(ModelConfig(width=0.0625, code_dim=32))
+    cur, nxt = frames(2)
+    with torch.inference_mode():
+        model.eval()
+        model(cur, nxt)
+    model.train()
+    model(cur, nxt)["loss"].backward()
+    assert all(p.grad is not None for p in model.decoder.parameters() if p.requires_grad)
