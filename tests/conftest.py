@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -82,14 +85,38 @@ TEST_MAX_STEPS = 48
 TEST_PAIRS_PER_SHARD = 16
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder of session data that `build(folder)` fills, made once per `make test`. Under xdist
+    the first worker that asks builds it where every worker finds it (pytest-xdist's recipe: the
+    base temp folder's parent, behind a file lock) and the others wait and read it: each worker
+    recording, packing, training and extracting its own copy cost the suite's two cores the same
+    work twice. Tests read these folders; one that changes what it was given copies it first."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / "built" / name
+    done = folder.with_suffix(".done")
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(str(folder.with_suffix(".lock"))):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)        # what a worker that failed mid-build left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def videos(tmp_path_factory) -> Path:
     """`bulk_videos/` with TEST_EPISODES real Breakout episodes (PNG frames + meta.jsonl)."""
     from pipeline.record import record
 
-    out = tmp_path_factory.mktemp("recorded") / "bulk_videos"
-    record(out, episodes=TEST_EPISODES, max_steps=TEST_MAX_STEPS, seed=0, workers=1, progress=False)
-    return out
+    def build(folder: Path) -> None:
+        record(folder / "bulk_videos", episodes=TEST_EPISODES, max_steps=TEST_MAX_STEPS, seed=0, workers=1,
+               progress=False)
+
+    return built_once(tmp_path_factory, "recorded", build) / "bulk_videos"
 
 
 @pytest.fixture(scope="session")
@@ -97,9 +124,10 @@ def pair_shards(videos, tmp_path_factory) -> Path:
     """`shards/pairs/` packed from `videos` (several shards per split, with .idx and manifest.json)."""
     from pipeline.pack import pack
 
-    out = tmp_path_factory.mktemp("shards") / "pairs"
-    pack(videos, out, seed=0, pairs_per_shard=TEST_PAIRS_PER_SHARD, workers=1, progress=False)
-    return out
+    def build(folder: Path) -> None:
+        pack(videos, folder / "pairs", seed=0, pairs_per_shard=TEST_PAIRS_PER_SHARD, workers=1, progress=False)
+
+    return built_once(tmp_path_factory, "shards", build) / "pairs"
 
 
 @pytest.fixture(scope="session")
@@ -109,62 +137,62 @@ def broken_shards(videos, tmp_path_factory) -> Path:
     from bad_frames import make_broken_videos
     from pipeline.pack import pack
 
-    root = tmp_path_factory.mktemp("broken")
-    out = root / "pairs"
-    pack(make_broken_videos(videos, root / "bulk_videos"), out, seed=0, pairs_per_shard=TEST_PAIRS_PER_SHARD,
-         workers=1, progress=False)
-    return out
+    def build(folder: Path) -> None:
+        pack(make_broken_videos(videos, folder / "bulk_videos"), folder / "pairs", seed=0,
+             pairs_per_shard=TEST_PAIRS_PER_SHARD, workers=1, progress=False)
+
+    return built_once(tmp_path_factory, "broken", build) / "pairs"
+
+
+def trained(tmp_path_factory, name: str, pair_shards: Path, iters: int, *settings: str) -> Path:
+    """A `tiny` model trained `iters` steps on `pair_shards` (eager, no wandb); its last checkpoint."""
+    import train
+
+    def build(folder: Path) -> None:
+        code = train.main(["--shards", str(pair_shards), "--preset", "tiny", "--out", str(folder / "ckpt"),
+                           "--run-dir", str(folder / "run"), "--iters", str(iters), "--no-compile",
+                           "--wandb", "disabled", "--set", "ckpt_every=10", *settings])
+        assert code == 0
+
+    return built_once(tmp_path_factory, name, build) / "ckpt" / f"step-{iters:06d}.pt"
+
+
+def extracted(tmp_path_factory, name: str, pair_shards: Path, checkpoint: Path) -> Path:
+    """`shards/latent` (with .tar.zst copies) of `pair_shards` through `checkpoint`, in fp32 whatever
+    the CPU: tests compare the codes with the fp32 model's (bf16 has its own tests)."""
+    import extract
+
+    def build(folder: Path) -> None:
+        code = extract.main(["--shards", str(pair_shards), "--checkpoint", str(checkpoint), "--out",
+                             str(folder / "latent"), "--batch-size", "24", "--backend", "torch", "--no-progress",
+                             "--zstd", "--amp", "off"])
+        assert code == 0
+
+    return built_once(tmp_path_factory, name, build) / "latent"
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(pair_shards, tmp_path_factory) -> Path:
     """A `tiny` model trained 20 steps on `pair_shards`; returns the path of step-000020.pt."""
-    import train
-
-    root = tmp_path_factory.mktemp("tiny_run")
-    code = train.main(["--shards", str(pair_shards), "--preset", "tiny", "--out", str(root / "ckpt"),
-                       "--run-dir", str(root / "run"), "--iters", "20", "--no-compile",
-                       "--wandb", "disabled", "--set", "ckpt_every=10"])
-    assert code == 0
-    return root / "ckpt" / "step-000020.pt"
+    return trained(tmp_path_factory, "tiny_run", pair_shards, 20)
 
 
 @pytest.fixture(scope="session")
 def latent_dir(pair_shards, tiny_checkpoint, tmp_path_factory) -> Path:
     """`shards/latent` (with .tar.zst copies) of `pair_shards` through `tiny_checkpoint`. Shared by the
     extraction, stream and evaluation tests; a test that changes it copies it first."""
-    import extract
-
-    out = tmp_path_factory.mktemp("latent") / "latent"
-    # fp32 whatever the CPU: tests compare the codes with the fp32 model's (bf16 has its own tests)
-    code = extract.main(["--shards", str(pair_shards), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
-                         "--batch-size", "24", "--backend", "torch", "--no-progress", "--zstd", "--amp", "off"])
-    assert code == 0
-    return out
+    return extracted(tmp_path_factory, "latent", pair_shards, tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")
 def context_checkpoint(pair_shards, tmp_path_factory) -> Path:
     """A `tiny` model with frame t-1 as context (`--set context=1`) trained 10 steps on `pair_shards`;
     returns the path of step-000010.pt."""
-    import train
-
-    root = tmp_path_factory.mktemp("context_run")
-    code = train.main(["--shards", str(pair_shards), "--preset", "tiny", "--out", str(root / "ckpt"),
-                       "--run-dir", str(root / "run"), "--iters", "10", "--no-compile", "--wandb", "disabled",
-                       "--set", "ckpt_every=10", "--set", "context=1"])
-    assert code == 0
-    return root / "ckpt" / "step-000010.pt"
+    return trained(tmp_path_factory, "context_run", pair_shards, 10, "--set", "context=1")
 
 
 @pytest.fixture(scope="session")
 def context_latent_dir(pair_shards, context_checkpoint, tmp_path_factory) -> Path:
     """`shards/latent` (with .tar.zst copies) of `pair_shards` through `context_checkpoint`: samples
     with `<key>.prev.png`."""
-    import extract
-
-    out = tmp_path_factory.mktemp("context_latent") / "latent"
-    code = extract.main(["--shards", str(pair_shards), "--checkpoint", str(context_checkpoint), "--out", str(out),
-                         "--batch-size", "24", "--backend", "torch", "--no-progress", "--zstd", "--amp", "off"])
-    assert code == 0
-    return out
+    return extracted(tmp_path_factory, "context_latent", pair_shards, context_checkpoint)
