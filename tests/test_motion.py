@@ -2,6 +2,7 @@
 moves far beyond a pixel, and clear errors for bad options."""
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -209,6 +210,56 @@ def test_encoder_jitter_moves_each_pair_in_training_and_nothing_at_inference():
     assert torch.equal(plain.encode(cur[:2], nxt[:2]), jittered.encode(cur[:2], nxt[:2]))
     plain.train(), jittered.train()                 # the same weights, the same mode: only the jitter differs
     assert not torch.equal(jittered.encoder(cur[:8], nxt[:8]), plain.encoder(cur[:8], nxt[:8]))
+
+
+def test_jitter_until_trains_on_unmoved_pairs_from_its_step_on():
+    """jitter_until: the encoder's view moves for the first updates only; from the step it names, an
+    update is bit for bit the update of the same weights in a model that never moves it (and the
+    updates before it are not)."""
+    from training.runtime import Runtime
+    from training.step import TrainStep
+
+    cpu = Runtime(0, 1, 0, torch.device("cpu"))
+    cur = torch.rand(4, 1, 210, 160, generator=torch.Generator().manual_seed(0))
+    batch = {"cur": cur, "next": torch.roll(cur, 3, dims=-1)}
+
+    def trainer(jitter: int, until: int | None = None, weights: LatentActionModel | None = None):
+        torch.manual_seed(0)
+        model = LatentActionModel(ModelConfig(width=0.0625, code_dim=32, encoder_jitter=jitter)).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        if weights is not None:
+            model.load_state_dict(weights.state_dict())
+        return TrainStep(model, optimizer, cpu, jitter_until=until), model, optimizer
+
+    moving, model, optimizer = trainer(8, until=2)
+    still, never_moved, _ = trainer(0)
+    for step in (moving, still):
+        torch.manual_seed(1)
+        for i in (0, 1):
+            step(iter([batch]), 1e-3, i)
+    # steps 0 and 1: the view moved (the codes reach the decoder from step 1 on: its FiLMs start at 0)
+    assert not torch.equal(model.encoder.project.weight, never_moved.encoder.project.weight)
+    # step 2 on: the same weights and optimiser state in a model without a moved view, the same RNG
+    unmoved, twin, twin_optimizer = trainer(0, weights=model)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))     # (it would share the tensors)
+    for step in (2, 3):
+        rng = torch.get_rng_state()
+        ours = moving(iter([batch]), 1e-3, step).terms
+        torch.set_rng_state(rng)
+        assert unmoved(iter([batch]), 1e-3, step).terms == ours
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["jitter_until=0.5"], "jitter_until: the encoder's view is never moved (set encoder_jitter > 0)"),
+    (["encoder_jitter=8", "jitter_until=1.5"], "jitter_until"),
+])
+def test_bad_jitter_until_is_one_line(tmp_path, capsys, settings, message):
+    import train
+
+    code = train.main(["--shards", str(tmp_path), "--preset", "tiny", *[a for s in settings for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
 
 
 @pytest.mark.parametrize("make, message", [

@@ -26,7 +26,7 @@ from training.logger import Logger
 from training.own_frames import OwnFrames
 from training.resume import Resumed, restore
 from training.runtime import Runtime, git_sha
-from training.step import TrainStep
+from training.step import TrainStep, schedule_horizon
 from training.throughput import Throughput
 from training.validate import MoveProbe, Validator
 
@@ -68,7 +68,8 @@ def build_run(cfg: TrainConfig, rt: Runtime, resumed: Resumed | None, data: Pair
                   if cfg.own_frames else None)
     train_step = TrainStep(model, optimizer, rt, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, action_labels=labels,
                            max_nonfinite=cfg.max_nonfinite, compile=cfg.compile, compile_backend=cfg.compile_backend,
-                           compile_mode=cfg.compile_mode, own_frames=own_frames)
+                           compile_mode=cfg.compile_mode, own_frames=own_frames,
+                           jitter_until=round(cfg.jitter_until * schedule_horizon(cfg)) if cfg.jitter_until < 1 else None)
 
     # ---- the data: shuffled training batches; a fixed validation sample drawn across every val
     # episode, so best.pt is not chosen on a few of them

@@ -69,6 +69,10 @@ class TrainConfig:
     # has the decoder start from the model's own drawing of frame t, from step own_frames_start on.
     own_frames: float = flag(0.0, min=0, max=1)
     own_frames_start: int = flag(0, min=0)
+    # The encoder's moved view (ModelConfig.encoder_jitter) for this share of the schedule horizon,
+    # then the pairs unmoved: the codes learn to name the move while the view moves, and the last
+    # stretch lines their cells up with the decoder's again (docs/model.md: the paddle 74 -> 89 %).
+    jitter_until: float = flag(1.0, min=0, max=1)
     # optimisation
     iters: int = flag(100_000, "train until this step (also after --resume)", min=1)
     batch_size: int = flag(32, "global batch per optimiser step (all ranks, all micro-batches)", min=1,
@@ -235,6 +239,9 @@ def make_config(variant: str | ModelConfig, inherited: dict[str, Any], given: di
             raise UserError(f"bad configuration: reset_every: this model has no VQ codebook to reset "
                             f"(quantizer is {model.quantizer!r})")
         train.pop("reset_every", None)
+    if "jitter_until" in given and not model.encoder_jitter:
+        raise UserError("bad configuration: jitter_until: the encoder's view is never moved "
+                        "(set encoder_jitter > 0)")
     if "action_weight" in given and not train.get("action_fraction"):
         raise UserError("bad configuration: action_weight: there is no action head without labels "
                         "(set action_fraction > 0)")

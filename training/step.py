@@ -60,10 +60,11 @@ class TrainStep:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, *,
                  grad_accum: int = 1, grad_clip: float = 0.0, max_nonfinite: int = 5, compile: bool = False,
                  compile_backend: str = "inductor", compile_mode: str = "default", action_labels=None,
-                 own_frames=None):
+                 own_frames=None, jitter_until: int | None = None):
         self.model, self.optimizer, self.rt = model, optimizer, rt
         self.action_labels = action_labels       # training.labels.ActionLabels, or None: no supervision
         self.own_frames = own_frames             # training.own_frames.OwnFrames, or None: recorded frames only
+        self.jitter_until = jitter_until         # the first update whose encoder sees the pairs unmoved, or None
         self.grad_accum, self.grad_clip, self.max_nonfinite = grad_accum, grad_clip, max_nonfinite
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.uses_scaler)
         self.nonfinite_in_a_row = 0
@@ -88,6 +89,8 @@ class TrainStep:
         buffers and the RNG are put back); `max_nonfinite` in a row stop the run."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.jitter_until is not None:        # from the step alone, so a resumed run does the same
+            self.model.encoder.jitter = 0 if step >= self.jitter_until else self.model.config.encoder_jitter
         before = self._snapshot()
         sums: torch.Tensor | None = None         # the loss terms, summed on the device over the micro-batches
         keys: list[str] = []
