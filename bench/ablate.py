@@ -74,7 +74,8 @@ ENTRIES: dict[str, Entry] = {
     "move-codes": Entry("default", "the default, shifts chosen by source block, the encoder's view moved up to 8 px",
                         ("shift.indexed_by=source", "encoder_jitter=8")),
     # the same with the view moved for the first half of the run only: the paddle back (96 % on test,
-    # seeds 0 and 2), the probe on one of the two (89 / 93 %); docs/model.md, "Codes that name the move"
+    # seeds 0 and 2), the probe on one of the two (89 / 93 %); docs/model.md, "The view moved for part of
+    # the run only"
     "move-codes-settled": Entry("default", "move-codes, the encoder's view moved for the first half of the run only",
                                 ("shift.indexed_by=source", "encoder_jitter=8", "jitter_until=0.5")),
 }

@@ -252,7 +252,7 @@ def test_jitter_until_trains_on_unmoved_pairs_from_its_step_on():
 
 @pytest.mark.parametrize("settings, message", [
     (["jitter_until=0.5"], "jitter_until: the encoder's view is never moved (set encoder_jitter > 0)"),
-    (["encoder_jitter=8", "jitter_until=1.5"], "jitter_until"),
+    (["encoder_jitter=8", "jitter_until=1.5"], "jitter_until must be in [0, 1], got 1.5"),
 ])
 def test_bad_jitter_until_is_one_line(tmp_path, capsys, settings, message):
     import train

@@ -145,6 +145,7 @@ class TrainConfig:
             (self.warmup >= 0 and self.lr_decay_iters >= 0, "warmup and lr_decay_iters must be >= 0"),
             (self.threads >= 0, "threads must be >= 0"),
             (0 <= self.action_fraction <= 1, f"action_fraction must be in [0, 1], got {self.action_fraction}"),
+            (0 <= self.jitter_until <= 1, f"jitter_until must be in [0, 1], got {self.jitter_until}"),
             (self.grad_clip >= 0 and self.max_nonfinite >= 1, "need grad_clip >= 0 and max_nonfinite >= 1"),
             (min(self.val_every, self.val_batches, self.metrics_every, self.hist_every, self.image_every,
                  self.ckpt_every) >= 0, "cadences and val_batches must be >= 0"),
