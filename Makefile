@@ -17,8 +17,9 @@ CKPT_DIR  ?= checkpoints/latent_action
 CKPT      ?= $(CKPT_DIR)/best.pt
 REPORTS   ?= reports
 # `make train` picks `full` on a CUDA machine and `demo` elsewhere; PRESET=... overrides. (Deferred `=`:
-# asked when a recipe runs, after `setup` has made the venv that can answer.)
-HAS_CUDA   = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+# asked when a recipe runs, after `setup` has made the venv that can answer; asked once: each answer
+# imports torch, 1.7 s on a 2-core CPU.)
+HAS_CUDA   = $(eval HAS_CUDA := $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0))$(HAS_CUDA)
 PRESET    ?= $(if $(filter 1,$(HAS_CUDA)),full,demo)
 # `make demo` trains `gpu-demo` (the full-width model, a few thousand steps) on a CUDA machine, `demo` elsewhere.
 DEMO_PRESET ?= $(if $(filter 1,$(HAS_CUDA)),gpu-demo,demo)

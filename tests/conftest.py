@@ -43,12 +43,13 @@ def working_folders_digest(root: Path = ROOT) -> dict[str, str]:
 
 
 def pytest_sessionstart(session):
-    session.config._working_folders = working_folders_digest()
+    if not hasattr(session.config, "workerinput"):      # the controller checks; xdist workers need no digest
+        session.config._working_folders = working_folders_digest()
 
 
 def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, "_working_folders", None)
-    if before is None or hasattr(session.config, "workerinput"):      # xdist workers: the controller checks
+    if before is None:
         return
     after = working_folders_digest()
     changed = sorted(set(before) ^ set(after) | {name for name in set(before) & set(after) if before[name] != after[name]})

@@ -192,6 +192,26 @@ def test_controllability_excludes_walls_and_fails_a_lost_paddle():
     assert (right["scored"], right["excluded_at_wall"], right["success"]) == (3, 1, pytest.approx(2 / 3))
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_rollout_gif_shows_each_panels_pixels(tmp_path, channels):
+    """Every GIF frame is the panels side by side, each pixel as the frame had it (rounded to 8 bits,
+    scaled GIF_SCALE times): gray models' GIFs are written as gray frames, RGB ones as colour."""
+    from control.figures import GAP_PX, GIF_SCALE, write_gif
+
+    generator = torch.Generator().manual_seed(0)
+    # few distinct values per frame, as game frames have: a GIF palette holds 256 colours
+    panels = [torch.randint(0, 6, (3, channels, 20, 16), generator=generator) / 5 for _ in range(2)]
+    gif = Image.open(write_gif(tmp_path / "rollout.gif", panels))
+    assert gif.n_frames == 3 and gif.size == (GIF_SCALE * (2 * 16 + GAP_PX), GIF_SCALE * 20)
+    for t in range(3):
+        gif.seek(t)
+        shown = np.asarray(gif.convert("RGB"))[::GIF_SCALE, ::GIF_SCALE]
+        for index, panel in enumerate(panels):
+            want = (panel[t] * 255).round().to(torch.uint8).permute(1, 2, 0).expand(20, 16, 3).numpy()
+            left = index * (16 + GAP_PX)
+            assert np.array_equal(shown[:, left:left + 16], want), (channels, t, index)
+
+
 def test_rollout_cli_writes_report_gifs_and_figures(tiny_checkpoint, controller_path, latent_dir, tmp_path, capsys):
     out = tmp_path / "play"
     code = play.main(["rollout", "--checkpoint", str(tiny_checkpoint), "--controller", str(controller_path),
