@@ -1,4 +1,4 @@
-"""Playing forward on a CPU: the two levers that made the demo's rollouts and controller cheaper,
+"""Playing forward on a CPU: the levers that made the demo's rollouts and controller cheaper,
 each beside what it replaced, alternating in one process (medians).
 
     python -m bench play
@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from bench.common import median_ms
 from control.figures import write_gif
