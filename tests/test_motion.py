@@ -180,7 +180,7 @@ def test_shift_model_keeps_the_api_and_learns_a_move():
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    assert float(loss) < 0.5 * first
+    assert loss.item() < 0.5 * first
     model.eval()
     codes = model.encode(cur, nxt)
     pred = model.decode(cur, codes)
