@@ -79,18 +79,19 @@ def measure(width: float, batch: int, compile: bool = False, bf16: bool = False,
 
 # (row, variant, fields changed on top, channels_last): the ablation's variants (model/config.py VARIANTS)
 MODEL_OPTIONS = [
-    ("two rounds ago: residual output, VQ", "vq-residual", {}, False),
+    ("three rounds ago: residual output, VQ", "vq-residual", {}, False),
     ("shift decoder, VQ", "vq-shift", {}, False),
-    ("shift decoder, FSQ (the default)", "default", {}, False),
-    ("the default, channels_last (as train.py runs it)", "default", {}, True),
-    ("the default, codes FiLM the bottleneck only (latent_every_stage=false)", "default",
+    ("shift decoder, FSQ on every stage (fsq-shift: the default until the move prior)", "fsq-shift", {}, False),
+    ("fsq-shift, channels_last (as train.py runs it)", "fsq-shift", {}, True),
+    ("fsq-shift, codes FiLM the bottleneck only (latent_every_stage=false)", "fsq-shift",
      {"latent_every_stage": False}, False),
-    ("the default, shifts chosen by source block (shift.indexed_by=source)", "default",
+    ("the default: that + the move prior (motion_weight=3e-5)", "default", {}, False),
+    ("fsq-shift, shifts chosen by source block (shift.indexed_by=source)", "fsq-shift",
      {"shift": {"indexed_by": "source"}}, False),
-    ("the same + the encoder's view moved up to 8 px (encoder_jitter=8)", "default",
+    ("the same + the encoder's view moved up to 8 px (encoder_jitter=8)", "fsq-shift",
      {"shift": {"indexed_by": "source"}, "encoder_jitter": 8}, False),
-    ("the default + frame t-1 as context", "context", {}, False),
-    ("the default + encoder matching features", "match", {}, False),
+    ("fsq-shift + frame t-1 as context", "context", {}, False),
+    ("fsq-shift + encoder matching features", "match", {}, False),
 ]
 
 

@@ -182,8 +182,10 @@ class ModelConfig:
     context: int = 0                      # 0: frames t, t+1 (seed) | 1: frame t-1 too
     # Frame t reaches the decoder at every resolution, so codes need not redraw the scene.
     decoder_skips: bool = True            # add the decoder's own frame-t features to each upsampling stage
-    # A paddle move need not survive five upsamplings from the 7x5 bottleneck.
-    latent_every_stage: bool = True       # FiLM every upsampling stage with its cell's code, not only the bottleneck
+    # The codes FiLM the decoder at its 7x5 bottleneck; True: every upsampling stage too (the default
+    # until the move prior; with the prior, the bottleneck alone drew the ball in 91 % of the demo's
+    # test pairs against 85 %, docs/model.md "A move prior").
+    latent_every_stage: bool = False
     # sigmoid: the seed's; residual: clamp(t + zero-initialised change), which starts as a copy of t
     # (33 dB); shift: frame t's blocks moved by whole pixels + change (model/motion.py), so moving
     # objects are copied, not redrawn (README "The model").
@@ -201,13 +203,17 @@ class ModelConfig:
     # few labelled pairs (TrainConfig.action_fraction sets it), LAOM-style.
     action_classes: int = 0               # actions the head tells apart (Breakout: 4); 0 = no head
     action_weight: float = 0.001          # its cross-entropy's weight: at 1 it swamps a recon loss near 1e-4
+    # The move prior (off: 0), no labels: a linear head on each cell's code predicts which way the
+    # content around the cell moved across, read from the pair's pixels (model/move_target.py), so
+    # the codes say the move's direction, not only where the paddle lands. Its squared error's weight.
+    motion_weight: float = 3e-5
 
     def __post_init__(self):
         for name, (kind, _, _) in PARTS.items():          # parts given as dicts (a checkpoint, --set)
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, kind(**value))
-        for name in ("width", "changed_pixel_weight", "action_weight"):
+        for name in ("width", "changed_pixel_weight", "action_weight", "motion_weight"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number (got {getattr(self, name)})")
         checks = [
@@ -225,6 +231,7 @@ class ModelConfig:
             (self.action_classes == 0 or 2 <= self.action_classes <= MAX_ACTION_CLASSES,
              f"action_classes must be 0 (no action head) or in [2, {MAX_ACTION_CLASSES}], got {self.action_classes}"),
             (self.action_weight >= 0, f"action_weight must be >= 0, got {self.action_weight}"),
+            (self.motion_weight >= 0, f"motion_weight must be >= 0, got {self.motion_weight}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -278,6 +285,9 @@ class ModelConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+        if "motion_weight" not in values:
+            # saved before the move prior existed: no such model had one
+            values = {**values, "motion_weight": 0.0}
         if isinstance(values.get("shift"), dict) and "indexed_by" not in values["shift"]:
             # saved before the field existed: every shift output then was a gather
             values = {**values, "shift": {**values["shift"], "indexed_by": "destination"}}
@@ -286,21 +296,25 @@ class ModelConfig:
 
 # The named variants, each as its changes to ModelConfig's defaults. "default" is the measured choice;
 # the others are the seed and what `make ablate` measures against it (README "Ablation").
+# The variants before the move prior FiLM'd every stage and had no prior: they keep the settings
+# they were measured with (docs/model.md), as FSQ_SHIFT's fields.
+FSQ_SHIFT = dict(latent_every_stage=True, motion_weight=0.0)
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     # the seed's model exactly: the encoder sees concat(t, t+1), the decoder frame t only through its
     # 7x5 stack and ends in a sigmoid, nearest-code VQ 256 x 128, plain MSE
     "seed": dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, output="sigmoid", shift=None,
-                 quantizer="vq", vq=VQConfig(), fsq=None, changed_pixel_weight=1.0),
-    # last round's default: t+1 = t + change, codes on every stage, nearest-code VQ
-    "vq-residual": dict(output="residual", shift=None, quantizer="vq", vq=VQConfig(), fsq=None),
-    "vq-shift": dict(quantizer="vq", vq=VQConfig(), fsq=None),
-    "fsq-shift": {},
-    "blocks-7x8": dict(shift=ShiftConfig(stage=1)),
-    "match": dict(encoder_match=True),
-    "context": dict(context=1),
+                 quantizer="vq", vq=VQConfig(), fsq=None, changed_pixel_weight=1.0, motion_weight=0.0),
+    # three rounds ago: t+1 = t + change, codes on every stage, nearest-code VQ
+    "vq-residual": dict(FSQ_SHIFT, output="residual", shift=None, quantizer="vq", vq=VQConfig(), fsq=None),
+    "vq-shift": dict(FSQ_SHIFT, quantizer="vq", vq=VQConfig(), fsq=None),
+    # the default until the move prior: the shift output, FSQ codes FiLM-ing every upsampling stage
+    "fsq-shift": dict(FSQ_SHIFT),
+    "blocks-7x8": dict(FSQ_SHIFT, shift=ShiftConfig(stage=1)),
+    "match": dict(FSQ_SHIFT, encoder_match=True),
+    "context": dict(FSQ_SHIFT, context=1),
     # Genie's split: frame t-1, a per-frame action code and grid dropout
-    "split": dict(context=1, action_code=ActionCodeConfig()),
+    "split": dict(FSQ_SHIFT, context=1, action_code=ActionCodeConfig()),
 }
 
 
@@ -309,7 +323,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 LEGACY_SEED = dict(encoder_input="pair", decoder_skips=False, latent_every_stage=False, residual_output=False,
                    changed_pixel_weight=1.0, context=0, motion="none", encoder_match=False, quantizer="vq",
                    motion_codes=False, codebook_size=256, fsq_levels="8,8,4", motion_max_x=24, motion_max_y=8,
-                   motion_stage=2)
+                   motion_stage=2, motion_weight=0.0)
 LEGACY_VQ = ("commitment_weight", "codebook_weight", "entropy_weight", "entropy_temperature", "reset_buffer")
 # training settings old checkpoints saved with the model's fields (the train config holds them too)
 LEGACY_TRAINING = ("reset_every", "grad_checkpoint")

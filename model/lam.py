@@ -8,6 +8,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.networks import Decoder, Encoder
 from model.fsq import ScalarQuantizer
+from model.move_target import horizontal_move_target
 from model.quantizer import Quantizer
 
 CHANGED = 0.5 / 255      # frames are 8-bit: any pixel whose value changed
@@ -24,6 +25,8 @@ class LatentActionModel(nn.Module):
         rows, cols = config.grid
         self.action_head = (nn.Linear(config.code_dim * rows * cols, config.action_classes)
                             if config.action_classes else None)
+        # the move prior (ModelConfig.motion_weight): each cell's code says which way its content moved
+        self.motion_head = nn.Conv2d(config.code_dim, 1, 1) if config.motion_weight else None
         # Genie's split (ModelConfig.action_code): one small code per frame, read from every cell's
         # encoder output, and the latent that stands in for a dropped grid.
         split = config.action_code
@@ -40,7 +43,7 @@ class LatentActionModel(nn.Module):
     def forward(self, cur: torch.Tensor, nxt: torch.Tensor, prev: torch.Tensor | None = None,
                 action: torch.Tensor | None = None, start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Frames (B, C, 210, 160) in [0, 1] -> {"pred": (B, C, 210, 160), "codes": (B, 7, 5) int64,
-        "loss": total, "recon", "commitment", "codebook", "entropy", "action"}. `prev` is frame t-1
+        "loss": total, "recon", "commitment", "codebook", "entropy", "action", "motion"}. `prev` is frame t-1
         (see `previous_frame`); `action` int64 (B,) the recorded actions of labelled pairs (-1 where
         none), which train the action head when the model has one; `start` the frame the decoder
         moves, when it is not frame t itself (training on the model's own frames: the codes come
@@ -53,7 +56,9 @@ class LatentActionModel(nn.Module):
                             prev)
         recon = self.reconstruction_loss(pred, cur, nxt)
         losses["action"] = self.action_loss(quantised, action)
-        total = recon + losses["commitment"] + losses["codebook"] + losses["entropy"] + losses["action"]
+        losses["motion"] = self.motion_loss(quantised, cur, nxt)
+        total = (recon + losses["commitment"] + losses["codebook"] + losses["entropy"] + losses["action"]
+                 + losses["motion"])
         extra = {} if action_codes is None else {"action_codes": action_codes}
         return {"pred": pred, "codes": codes, "loss": total, "recon": recon, **losses, **extra}
 
@@ -90,6 +95,17 @@ class LatentActionModel(nn.Module):
         labelled = (action >= 0).float()
         per_pair = F.cross_entropy(logits, action.clamp(min=0), reduction="none")
         return self.config.action_weight * (per_pair * labelled).sum() / labelled.sum().clamp(min=1)
+
+    def motion_loss(self, quantised: torch.Tensor, cur: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        """The move prior's weighted squared error (0 without the head): a 1 x 1 conv reads each
+        cell's quantised vector and says which way the content around the cell moved across, the
+        target read from the recorded pair's pixels (model/move_target.py), over the cells where
+        something moved. Its gradient reaches the codes through the straight-through estimator."""
+        if self.motion_head is None:
+            return quantised.new_zeros((), dtype=torch.float32)
+        target, moved = horizontal_move_target(cur, nxt, self.config.grid)
+        guess = self.motion_head(quantised.float())[:, 0]
+        return self.config.motion_weight * (((guess - target).pow(2) * moved).sum() / moved.sum().clamp(min=1))
 
     def reconstruction_loss(self, pred: torch.Tensor, cur: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
         """MSE, with pixels that changed between t and t+1 weighted by changed_pixel_weight: plain MSE

@@ -15,7 +15,7 @@ from model.networks import fold_layouts_when_compiled
 from training.config import TrainConfig
 from training.runtime import Runtime, all_sum
 
-LOSS_TERMS = ("loss", "recon", "commitment", "codebook", "entropy", "action")
+LOSS_TERMS = ("loss", "recon", "commitment", "codebook", "entropy", "action", "motion")
 
 
 # ------------------------------------------------------------------------------------ schedule
