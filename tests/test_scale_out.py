@@ -160,7 +160,9 @@ def assert_same_numbers(mine, theirs, where: str = "metrics") -> None:
         for i, (a, b) in enumerate(zip(mine, theirs)):
             assert_same_numbers(a, b, f"{where}[{i}]")
     elif isinstance(theirs, float):
-        assert mine == pytest.approx(theirs, rel=1e-6, abs=1e-9), where
+        # ΔPSNR is a difference of two PSNRs near 30 dB: its rounding is theirs (~1e-6 x 30 dB), not a
+        # millionth of a difference that a tiny model leaves near 0.2 dB (AVX2 kernels: 5e-7 dB apart)
+        assert mine == pytest.approx(theirs, rel=1e-6, abs=1e-4 if where.endswith("delta_psnr") else 1e-9), where
     else:
         assert mine == theirs, where
 
