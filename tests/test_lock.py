@@ -78,6 +78,7 @@ def test_a_forked_child_does_not_hold_its_parents_lock(tmp_path):
         with FolderLock(out):                                          # free at once, the child still alive
             assert os.waitpid(child, os.WNOHANG) == (0, 0)
     finally:
+        os.kill(child, signal.SIGKILL)                                 # not 3 s of waiting for it
         os.waitpid(child, 0)
 
 

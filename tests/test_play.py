@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -378,15 +377,13 @@ def test_an_idle_connection_is_closed_after_the_timeout(episodes):
 
     server = start_server(paddle_game(episodes), idle_timeout=0.5)
     try:
+        # recv waits for the server to close the socket; one it left open would time out (an error)
         with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as silent:
-            began = time.perf_counter()
             assert silent.recv(1024) == b""                            # closed by the server, no answer
-            assert time.perf_counter() - began < 5
         kept_alive = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
         kept_alive.request("GET", "/api/state")
         assert kept_alive.getresponse().read()
-        time.sleep(1.5)                                                # idle after one request
-        assert kept_alive.sock.recv(1024) == b""
+        assert kept_alive.sock.recv(1024) == b""                       # closed once idle after one request
         kept_alive.close()
     finally:
         server.shutdown()
